@@ -1,0 +1,1 @@
+"""Small shared helpers for the five method scripts: datasets, transforms, metrics, weight files, run plumbing."""
