@@ -1,0 +1,462 @@
+"""
+Dataset readers shared by the five method scripts, plus a DataLoader helper.
+
+Three on-disk formats (examples in data/README.md, "On-disk formats"):
+  1. classification split JSON, as CoOp / CILMP write it:
+       {"train": [[relpath, label, classname], ...], "val": [...], "test": [...]}
+     -> read_split(), classnames_from_split(), ClassificationDataset
+  2. image-report CSV, as ALTA uses it: columns image_path, report and optionally auxview_image_path,
+     last_image_path, last_auxview_image_path ("-1" or empty = that view is missing)
+     -> ImageReportDataset
+  3. CheXpert-style multi-label CSV: a Path column plus one column per finding holding 1 / 0 / -1 / blank
+     -> MultiLabelDataset, caption_from_labels()
+
+Relative image paths are resolved against `root`; with root=None, against the folder of the split/CSV file.
+Every problem with the user's files raises DataError with a message naming the file and what is wrong.
+Only the csv/json modules, numpy, PIL and torch are used (no pandas, no torchvision).
+"""
+
+import csv
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+
+from common.transforms import ToTensor
+
+
+class DataError(Exception):
+    """A problem with the user's data (missing file, bad column, bad label, ...). The message says which file."""
+
+
+SPLIT_NAMES = ("train", "val", "test")
+
+# -----------------------------------------------------------------------------
+# small helpers
+
+
+def _find_file(path, root, what):
+    """Locate a split/CSV file: as given (absolute or relative to the cwd), else relative to `root`."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    tried = [str(p)]
+    if root is not None and not p.is_absolute():
+        q = Path(root) / p
+        if q.is_file():
+            return q
+        tried.append(str(q))
+    raise DataError(f"{what} not found: {' or '.join(tried)}")
+
+
+def _image_base(root, file_path):
+    """Folder that relative image paths are resolved against: root, or the split/CSV file's folder."""
+    return Path(root) if root is not None else Path(file_path).parent
+
+
+def _check_first_image(root, relpath, file_path):
+    """Check one image up front: a wrong root then fails at startup, not an hour into training."""
+    first = Path(root) / relpath
+    if not first.is_file():
+        raise DataError(f"{file_path}: first image not found at {first} "
+                        f"(relative paths are resolved against {root}; is root right?)")
+
+
+def load_image(path):
+    """
+    Open an image file as an RGB PIL image. Grayscale (X-rays) is replicated to 3 channels; 16-bit grayscale
+    (some PNG/TIFF exports) is mapped to 8 bits by dividing by 257, i.e. the full 16-bit range -> 0..255.
+    NOTE PIL's own convert("RGB") would instead clip every 16-bit value above 255 to white.
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise DataError(f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()  # PIL opens lazily; force the decode here so a truncated file fails now, with our message
+            if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+                a = np.asarray(img).astype(np.float64)
+                a = np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8)
+                return Image.fromarray(a).convert("RGB")
+            if img.mode == "F":
+                raise DataError(f"cannot read image {path}: 32-bit float images are not supported; "
+                                "convert it to 8-bit PNG/JPEG first")
+            return img.convert("RGB")
+    except DataError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        # `from None`: the user needs the file name and PIL's one-line reason, not PIL's internals
+        raise DataError(f"cannot read image {path}: {e}") from None
+
+
+# -----------------------------------------------------------------------------
+# 1. classification split JSON (CoOp / CILMP)
+
+
+def read_split(path):
+    """
+    Read a CoOp-style split JSON -> {"train": [(relpath, label, classname)], "val": [...], "test": [...]}.
+    A missing "val" (or "test"/"train") key becomes an empty list; CoOp-style callers then validate on "test"
+    (see val_split_name). Labels and class names are checked for consistency across the whole file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"split file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a UTF-8 text file") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: expected a JSON object with keys {list(SPLIT_NAMES)}, got {type(raw).__name__}")
+    unknown = [k for k in raw if k not in SPLIT_NAMES]
+    if unknown:
+        raise DataError(f"{path}: unknown key(s) {unknown}; expected keys {list(SPLIT_NAMES)}")
+    split = {}
+    for name in SPLIT_NAMES:
+        entries = raw.get(name, [])
+        if not isinstance(entries, list):
+            raise DataError(f"{path}: \"{name}\" must be a list of [relpath, label, classname], "
+                            f"got {type(entries).__name__}")
+        items = []
+        for i, e in enumerate(entries):
+            ok = (isinstance(e, (list, tuple)) and len(e) == 3 and isinstance(e[0], str) and e[0] != ""
+                  and isinstance(e[1], int) and not isinstance(e[1], bool) and isinstance(e[2], str))
+            if not ok:
+                raise DataError(f"{path}: {name}[{i}] = {json.dumps(e)[:200]} is not "
+                                "[relpath (non-empty string), label (int), classname (string)]")
+            items.append((e[0], e[1], e[2]))
+        split[name] = items
+    if not any(split.values()):
+        raise DataError(f"{path}: all splits are empty")
+    classnames_from_split(split, source=path)  # validate now, so a bad file fails at read time
+    return split
+
+
+def classnames_from_split(split, source="split"):
+    """
+    Class names ordered by label, read from every entry of every split. Raises DataError if a label has two
+    different names, or if the labels are not exactly 0..C-1 (a gap usually means a class was dropped from the
+    file, and every later label would silently point at the wrong prompt).
+    """
+    names = {}  # label -> (classname, where first seen)
+    for split_name, items in split.items():
+        for i, (_, label, classname) in enumerate(items):
+            if label not in names:
+                names[label] = (classname, f"{split_name}[{i}]")
+            elif names[label][0] != classname:
+                raise DataError(f"{source}: label {label} is named {names[label][0]!r} in {names[label][1]} "
+                                f"but {classname!r} in {split_name}[{i}]")
+    if not names:
+        raise DataError(f"{source}: no entries, so no class names")
+    labels = sorted(names)
+    if labels != list(range(len(labels))):
+        missing = sorted(set(range(max(max(labels) + 1, 0))) - set(labels))
+        bad = [l for l in labels if l < 0]
+        raise DataError(f"{source}: labels must be 0..C-1 with none missing; found {labels[:20]}"
+                        + (f", missing {missing[:20]}" if missing else "")
+                        + (f", negative {bad[:20]}" if bad else ""))
+    return [names[l][0] for l in labels]
+
+
+def val_split_name(split):
+    """"val" if the split has validation entries, else "test" (CoOp falls back to test when val is empty)."""
+    return "val" if split.get("val") else "test"
+
+
+class ClassificationDataset(Dataset):
+    """
+    One split ("train" / "val" / "test") of a classification split JSON. Item: (image (C, H, W), label int).
+    Attributes: classnames (from the whole file, ordered by label), labels (np.int64 (N,)), items
+    [(relpath, label, classname)], root (folder the relpaths are relative to; None = the JSON's folder).
+    transform=None gives ToTensor() only (images of different sizes then won't batch: pass eval_transform).
+    """
+
+    def __init__(self, root, split_file, split="train", transform=None):
+        self.split_file = _find_file(split_file, root, "split file")
+        if split not in SPLIT_NAMES:
+            raise DataError(f"{self.split_file}: unknown split {split!r}; choose one of {list(SPLIT_NAMES)}")
+        splits = read_split(self.split_file)
+        self.items = splits[split]
+        if not self.items:
+            hint = " (no validation entries: use split='test' as CoOp does, see val_split_name)" if split == "val" else ""
+            raise DataError(f"{self.split_file}: split {split!r} is empty{hint}")
+        self.split = split
+        self.classnames = classnames_from_split(splits, source=self.split_file)
+        self.labels = np.array([label for _, label, _ in self.items], dtype=np.int64)  # (N,)
+        self.root = _image_base(root, self.split_file)
+        self.transform = transform if transform is not None else ToTensor()
+        _check_first_image(self.root, self.items[0][0], self.split_file)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        relpath, label, _ = self.items[i]
+        return self.transform(load_image(self.root / relpath)), label
+
+
+# -----------------------------------------------------------------------------
+# CSV reading shared by formats 2 and 3
+
+
+def _read_csv(path, required, what):
+    """Read a CSV with a header row -> (header, [(line_number, row dict)]). Checks the required columns."""
+    try:
+        # utf-8-sig: Excel puts a BOM in front of the first column name, which would then not match "Path"
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"{path}: {what} is empty (no header row); expected columns {required}")
+            header = [h.strip() for h in header]
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise DataError(f"{path}: missing column(s) {missing}; expected columns {required} "
+                                f"(found {header})")
+            rows = []
+            for fields in reader:
+                if not fields or all(not x.strip() for x in fields):
+                    continue  # blank line
+                if len(fields) != len(header):
+                    raise DataError(f"{path}: line {reader.line_num} has {len(fields)} fields but the header "
+                                    f"has {len(header)} (an unquoted comma in a report?)")
+                rows.append((reader.line_num, dict(zip(header, fields))))
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a UTF-8 text file") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: malformed CSV: {e}") from None
+    if not rows:
+        raise DataError(f"{path}: {what} has a header but no data rows")
+    return header, rows
+
+
+# -----------------------------------------------------------------------------
+# 2. image-report CSV (ALTA)
+
+VIEW_COLUMNS = ("auxview_image_path", "last_image_path", "last_auxview_image_path")
+
+
+def _view_path(value):
+    """A view column's cell -> path string, or None when the view is missing ("-1" or empty)."""
+    value = (value or "").strip()
+    return None if value in ("", "-1") else value
+
+
+class ImageReportDataset(Dataset):
+    """
+    Image-report pairs. Item: {"image": (C, H, W), "report": str}. With multiview=True also "auxview",
+    "last_image", "last_auxview" (the other view of this study, and both views of the patient's previous
+    study; zeros shaped like "image" when missing) and "has_auxview", "has_last", "has_last_auxview" (bool
+    tensors). The view columns are optional: an absent column means that view is missing everywhere.
+    Use a transform with a fixed output size (eval_transform / train_transform) or the views won't batch.
+    """
+
+    def __init__(self, root, csv_path, transform=None, multiview=False):
+        self.csv_path = _find_file(csv_path, root, "image-report CSV")
+        _, rows = _read_csv(self.csv_path, ["image_path", "report"], "image-report CSV")
+        self.root = _image_base(root, self.csv_path)
+        self.transform = transform if transform is not None else ToTensor()
+        self.multiview = multiview
+        self.items = []
+        for line, row in rows:
+            image_path = row["image_path"].strip()
+            if _view_path(image_path) is None:
+                raise DataError(f"{self.csv_path}: line {line}: image_path is empty or -1 (the main view is required)")
+            item = {"image_path": image_path, "report": row["report"]}
+            for col in VIEW_COLUMNS:
+                item[col] = _view_path(row.get(col))
+            self.items.append(item)
+        self.reports = [it["report"] for it in self.items]
+        _check_first_image(self.root, self.items[0]["image_path"], self.csv_path)
+
+    def __len__(self):
+        return len(self.items)
+
+    def _load(self, relpath):
+        return self.transform(load_image(self.root / relpath))
+
+    def __getitem__(self, i):
+        item = self.items[i]
+        image = self._load(item["image_path"])
+        out = {"image": image, "report": item["report"]}
+        if self.multiview:
+            for key, col, flag in (("auxview", "auxview_image_path", "has_auxview"),
+                                   ("last_image", "last_image_path", "has_last"),
+                                   ("last_auxview", "last_auxview_image_path", "has_last_auxview")):
+                path = item[col]
+                out[key] = self._load(path) if path is not None else torch.zeros_like(image)
+                out[flag] = torch.tensor(path is not None)
+        return out
+
+
+# -----------------------------------------------------------------------------
+# 3. CheXpert-style multi-label CSV
+
+# the 14 label columns of CheXpert's train.csv / valid.csv, in the file's order
+CHEXPERT_FINDINGS = [
+    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
+    "Fracture", "Support Devices",
+]
+# columns that are not findings; findings=None takes every other column
+METADATA_COLUMNS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA")
+
+
+def _parse_label(cell):
+    """A finding cell -> 1.0, 0.0, -1.0, or None for blank. CheXpert writes "1.0"/"0.0"/"-1.0"; blank = not mentioned."""
+    s = cell.strip()
+    if s == "" or s.lower() == "nan":  # pandas writes NaN as "" (or "nan" with some float formats)
+        return None
+    try:
+        v = float(s)
+    except ValueError:
+        return "bad"
+    return v if v in (1.0, 0.0, -1.0) else "bad"
+
+
+class MultiLabelDataset(Dataset):
+    """
+    CheXpert-style multi-label CSV. Item: (image (C, H, W), labels float32 (F,), mask float32 (F,)).
+    The mask is 0 where a label should be ignored by the loss (and by metrics), 1 elsewhere.
+
+    uncertain: what -1 ("uncertain" in CheXpert) means: "zero" (U-Zeros: negative), "one" (U-Ones: positive),
+               or "ignore" (label 0, mask 0).
+    blank:     what an empty cell ("not mentioned in the report") means: "zero" (negative, mask 1; the usual
+               CheXpert convention and the default) or "ignore" (label 0, mask 0).
+    findings:  the label columns, in the order you want them; None = every column except Path and the
+               metadata columns Sex, Age, Frontal/Lateral, AP/PA.
+    Attributes: findings, labels (N, F) float32, mask (N, F) float32, paths [str], root.
+    """
+
+    def __init__(self, root, csv_path, findings=None, uncertain="zero", transform=None, blank="zero"):
+        if uncertain not in ("zero", "one", "ignore"):
+            raise ValueError(f"uncertain must be 'zero', 'one' or 'ignore', got {uncertain!r}")
+        if blank not in ("zero", "ignore"):
+            raise ValueError(f"blank must be 'zero' or 'ignore', got {blank!r}")
+        self.csv_path = _find_file(csv_path, root, "multi-label CSV")
+        required = ["Path"] + (list(findings) if findings is not None else [])
+        header, rows = _read_csv(self.csv_path, required, "multi-label CSV")
+        if findings is None:
+            findings = [c for c in header if c not in METADATA_COLUMNS]
+            if not findings:
+                raise DataError(f"{self.csv_path}: no finding columns besides {list(METADATA_COLUMNS)} "
+                                f"(found {header})")
+        self.findings = list(findings)
+        self.root = _image_base(root, self.csv_path)
+        self.transform = transform if transform is not None else ToTensor()
+        self.uncertain, self.blank = uncertain, blank
+
+        n, f = len(rows), len(self.findings)
+        self.labels = np.zeros((n, f), dtype=np.float32)  # (N, F)
+        self.mask = np.ones((n, f), dtype=np.float32)  # (N, F)
+        self.paths = []
+        for r, (line, row) in enumerate(rows):
+            path = row["Path"].strip()
+            if not path:
+                raise DataError(f"{self.csv_path}: line {line}: Path is empty")
+            self.paths.append(path)
+            for c, name in enumerate(self.findings):
+                v = _parse_label(row[name])
+                if v == "bad":
+                    raise DataError(f"{self.csv_path}: line {line}, column {name!r}: value {row[name]!r} is not "
+                                    "1, 0, -1 or blank (if this column is not a finding, pass findings=[...])")
+                if v is None:  # blank
+                    self.mask[r, c] = 0.0 if blank == "ignore" else 1.0
+                elif v == -1.0:  # uncertain
+                    self.labels[r, c] = 1.0 if uncertain == "one" else 0.0
+                    self.mask[r, c] = 0.0 if uncertain == "ignore" else 1.0
+                else:
+                    self.labels[r, c] = v
+        _check_first_image(self.root, self.paths[0], self.csv_path)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        image = self.transform(load_image(self.root / self.paths[i]))
+        return image, torch.from_numpy(self.labels[i].copy()), torch.from_numpy(self.mask[i].copy())
+
+    def caption(self, i):
+        """The label-derived caption of row i (see caption_from_labels)."""
+        return caption_from_labels(self.labels[i], self.findings)
+
+
+def caption_from_labels(values, findings, prefix="this is a chest x ray of a patient with "):
+    """
+    Caption built from labels, CLEFT-style: prefix + ", ".join(lower-cased positive findings), or
+    prefix + "no findings" when none is positive. Positive means value == 1 (after the uncertain policy);
+    0 and -1 are not positive. E.g. [1, 0, 1] for (Edema, Fracture, Cardiomegaly) ->
+    "this is a chest x ray of a patient with edema, cardiomegaly".
+    NOTE CLEFT itself joins with a space and no comma; identical captions (many "no findings") are in-batch
+    false negatives for a contrastive loss.
+    """
+    values = [float(v) for v in (values.tolist() if hasattr(values, "tolist") else values)]
+    if len(values) != len(findings):
+        raise ValueError(f"caption_from_labels: {len(values)} values but {len(findings)} findings")
+    positives = [name.lower() for name, v in zip(findings, values) if v == 1.0]
+    return prefix + (", ".join(positives) if positives else "no findings")
+
+
+# -----------------------------------------------------------------------------
+# DataLoader
+
+
+def _seed_worker(worker_id):
+    """
+    Seed numpy and `random` in each worker from torch's per-worker seed (base_seed + worker_id). Recent torch
+    does this itself; old versions did not, and forked workers then all drew the same numpy "random" numbers.
+    """
+    seed = torch.initial_seed()
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def make_loader(dataset, batch_size, shuffle, num_workers=0, drop_last=False, seed=0, collate_fn=None):
+    """
+    A DataLoader with the plumbing done once:
+    - torch.distributed initialised: DistributedSampler(shuffle, seed, drop_last), so each rank gets its own
+      1/world_size of the data. Call set_epoch(loader, epoch) at the start of every epoch or every epoch
+      repeats epoch 0's order. NOTE without drop_last it pads by repeating samples so all ranks get the same
+      count: eval metrics then count a few samples twice.
+    - otherwise: RandomSampler with its own torch.Generator seeded by `seed` when shuffle, else in order.
+    - workers: the per-worker seeds come from a generator seeded by (seed, rank), so runs are reproducible and
+      ranks don't draw identical augmentations; numpy/random are seeded per worker too. With num_workers=0 the
+      transforms draw from torch's global RNG: call torch.manual_seed once at the start of the run.
+    - pin_memory when CUDA is available; persistent workers when num_workers > 0.
+    """
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    if distributed:
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    elif shuffle:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+    else:
+        sampler = SequentialSampler(dataset)
+    worker_gen = torch.Generator().manual_seed(seed * 1_000_003 + rank)  # also keeps the global RNG untouched
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=drop_last,
+        worker_init_fn=_seed_worker,
+        generator=worker_gen,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def set_epoch(loader, epoch):
+    """Tell the loader's sampler which epoch it is (needed by DistributedSampler to reshuffle); no-op otherwise."""
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)

@@ -1,0 +1,279 @@
+"""
+Image transforms with PIL + torch only (no torchvision), written to match torchvision's PIL code path.
+
+The CLIP/CoOp recipe every method here uses:
+    train: RandomResizedCrop(size, scale=(0.08, 1), bicubic) -> RandomHorizontalFlip -> ToTensor -> Normalize
+    eval:  Resize(size) (shorter side, bicubic) -> CenterCrop(size) -> ToTensor -> Normalize
+
+Geometric transforms (Resize, CenterCrop, RandomResizedCrop) take and return PIL images; ToTensor turns a PIL
+image into a float (C, H, W) tensor in [0, 1]; Normalize works on that tensor. RandomHorizontalFlip and ToRGB
+accept either.
+
+All randomness comes from torch's global RNG (torch.rand / torch.randint / Tensor.uniform_), drawn in the same
+order as torchvision, so `torch.manual_seed(s)` makes a pipeline reproducible (and gives the same crop boxes as
+torchvision for the same seed), and DataLoader workers, which torch seeds per worker, get different streams.
+"""
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+# Per-channel (R, G, B) statistics. CLIP's are the ones OpenAI computed on its training set; use the ones the
+# pretrained vision tower was trained with, not the ones of your dataset.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF_MEAN = (0.5, 0.5, 0.5)  # maps [0, 1] to [-1, 1]; CLEFT uses this (even with a DINOv2 tower)
+HALF_STD = (0.5, 0.5, 0.5)
+
+# -----------------------------------------------------------------------------
+# helpers
+
+
+def _pair(size):
+    """int -> (size, size); (h, w) -> (h, w)."""
+    if isinstance(size, int):
+        return (size, size)
+    h, w = size
+    return (int(h), int(w))
+
+
+def _check_pil(img, name):
+    """Geometric transforms are PIL-only; fail loudly rather than silently doing something else on a tensor."""
+    if not isinstance(img, Image.Image):
+        raise TypeError(f"{name} expects a PIL image, got {type(img).__name__}; put it before ToTensor()")
+
+
+# -----------------------------------------------------------------------------
+# transforms
+
+
+class Compose:
+    """Apply transforms in order."""
+
+    def __init__(self, transforms):
+        self.transforms = list(transforms)
+
+    def __call__(self, x):
+        for t in self.transforms:
+            x = t(x)
+        return x
+
+    def __repr__(self):
+        inner = "".join(f"\n    {t!r}," for t in self.transforms)
+        return f"Compose({inner}\n)"
+
+
+class Resize:
+    """
+    Resize so the shorter side equals `size` (an int), keeping the aspect ratio, like torchvision's Resize(int):
+    the longer side is int(size * long / short), i.e. truncated, not rounded. With a (h, w) tuple, resize to
+    exactly that. Bicubic; PIL's resize antialiases when shrinking, as torchvision's PIL path does.
+    """
+
+    def __init__(self, size, interpolation=Image.BICUBIC):
+        self.size = size
+        self.interpolation = interpolation
+
+    def output_size(self, w, h):
+        """(new_w, new_h) for an input of width w and height h."""
+        if not isinstance(self.size, int):
+            th, tw = _pair(self.size)
+            return tw, th
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = self.size, int(self.size * long / short)
+        return (new_short, new_long) if w <= h else (new_long, new_short)
+
+    def __call__(self, img):
+        _check_pil(img, "Resize")
+        new_w, new_h = self.output_size(*img.size)
+        if (new_w, new_h) == img.size:
+            return img  # torchvision returns the input untouched too (no resampling blur)
+        return img.resize((new_w, new_h), self.interpolation)
+
+    def __repr__(self):
+        return f"Resize({self.size})"
+
+
+class CenterCrop:
+    """
+    Crop the centre (th, tw) box with torchvision's rounding: top = int(round((h - th) / 2)), and Python's round
+    is round-half-to-even: (7 - 2) / 2 = 2.5 -> 2, (6 - 3) / 2 = 1.5 -> 2, (3 - 2) / 2 = 0.5 -> 0.
+    If the image is smaller than the crop it is zero-padded first, the way torchvision does it.
+    """
+
+    def __init__(self, size):
+        self.size = _pair(size)
+
+    def __call__(self, img):
+        _check_pil(img, "CenterCrop")
+        th, tw = self.size
+        w, h = img.size
+        if th > h or tw > w:
+            # zero-pad to at least (th, tw); the extra pixel of an odd padding goes right/bottom, as in torchvision
+            left = (tw - w) // 2 if tw > w else 0
+            top = (th - h) // 2 if th > h else 0
+            padded = Image.new(img.mode, (max(w, tw), max(h, th)))
+            padded.paste(img, (left, top))
+            img, (w, h) = padded, padded.size
+        top = int(round((h - th) / 2.0))
+        left = int(round((w - tw) / 2.0))
+        return img.crop((left, top, left + tw, top + th))
+
+    def __repr__(self):
+        return f"CenterCrop({self.size})"
+
+
+class RandomResizedCrop:
+    """
+    torchvision's RandomResizedCrop: up to 10 attempts to sample a box whose area is a uniform fraction in `scale`
+    of the image and whose aspect ratio w/h is log-uniform in `ratio`; if none fits, take the central crop with
+    the aspect ratio clamped into `ratio`. The box is then resized to (size, size), bicubic.
+    NOTE scale=(0.08, 1) is aggressive (a crop can be 8% of the image); for small lesions you may want more.
+    """
+
+    def __init__(self, size, scale=(0.08, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0), interpolation=Image.BICUBIC):
+        self.size = _pair(size)
+        self.scale = scale
+        self.ratio = ratio
+        self.interpolation = interpolation
+
+    @staticmethod
+    def get_params(width, height, scale, ratio):
+        """Sample a crop box (top, left, h, w). Same RNG calls, in the same order, as torchvision's get_params."""
+        area = height * width
+        log_ratio = torch.log(torch.tensor(ratio))  # float32 on purpose: same numbers as torchvision
+        for _ in range(10):
+            target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+            aspect_ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+            w = int(round(math.sqrt(target_area * aspect_ratio)))
+            h = int(round(math.sqrt(target_area / aspect_ratio)))
+            if 0 < w <= width and 0 < h <= height:
+                top = torch.randint(0, height - h + 1, size=(1,)).item()
+                left = torch.randint(0, width - w + 1, size=(1,)).item()
+                return top, left, h, w
+        # fallback: central crop, aspect ratio clamped into [min(ratio), max(ratio)]
+        in_ratio = width / height
+        if in_ratio < min(ratio):
+            w = width
+            h = int(round(w / min(ratio)))
+        elif in_ratio > max(ratio):
+            h = height
+            w = int(round(h * max(ratio)))
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def __call__(self, img):
+        _check_pil(img, "RandomResizedCrop")
+        top, left, h, w = self.get_params(img.size[0], img.size[1], self.scale, self.ratio)
+        th, tw = self.size
+        return img.crop((left, top, left + w, top + h)).resize((tw, th), self.interpolation)
+
+    def __repr__(self):
+        return f"RandomResizedCrop({self.size}, scale={self.scale}, ratio={self.ratio})"
+
+
+class RandomHorizontalFlip:
+    """Mirror left-right with probability p. Works on a PIL image or a (..., H, W) tensor."""
+
+    def __init__(self, p=0.5):
+        self.p = p
+
+    def __call__(self, img):
+        if torch.rand(1).item() < self.p:
+            if isinstance(img, Image.Image):
+                return img.transpose(Image.FLIP_LEFT_RIGHT)
+            return img.flip(-1)
+        return img
+
+    def __repr__(self):
+        return f"RandomHorizontalFlip(p={self.p})"
+
+
+class ToRGB:
+    """
+    Make an image 3-channel: grayscale (or palette, RGBA, ...) PIL -> "RGB"; a (1, H, W) tensor -> (3, H, W).
+    CLIP-style towers expect 3 channels, and X-rays are usually stored as 1-channel grayscale.
+    """
+
+    def __call__(self, img):
+        if isinstance(img, Image.Image):
+            return img if img.mode == "RGB" else img.convert("RGB")
+        if img.dim() >= 3 and img.shape[-3] == 1:
+            return img.expand(*img.shape[:-3], 3, *img.shape[-2:]).contiguous()
+        return img
+
+    def __repr__(self):
+        return "ToRGB()"
+
+
+class ToTensor:
+    """PIL image -> float32 tensor (C, H, W); 8-bit images are scaled to [0, 1] (divided by 255)."""
+
+    def __call__(self, img):
+        _check_pil(img, "ToTensor")
+        a = np.array(img)  # (H, W) or (H, W, C); a writable copy (torch warns on read-only arrays)
+        if a.ndim == 2:
+            a = a[:, :, None]
+        x = torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))  # (C, H, W)
+        if a.dtype == np.uint8:
+            return x.float().div_(255.0)
+        if a.dtype == bool:
+            return x.float()
+        # 16/32-bit or float modes: keep the raw values, as torchvision does; load_image() already maps
+        # 16-bit files to 8-bit RGB, so this only happens if you open images yourself
+        return x.float()
+
+    def __repr__(self):
+        return "ToTensor()"
+
+
+class Normalize:
+    """(x - mean) / std per channel, on a float tensor (C, H, W) or (B, C, H, W)."""
+
+    def __init__(self, mean, std):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)  # (C, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        if (self.std <= 0).any():
+            raise ValueError(f"Normalize: std must be positive, got {std}")
+
+    def __call__(self, x):
+        if not torch.is_tensor(x) or not x.is_floating_point():
+            raise TypeError("Normalize expects a float tensor; put ToTensor() before it")
+        if x.shape[-3] != self.mean.shape[0]:
+            raise ValueError(f"Normalize: image has {x.shape[-3]} channels, mean/std have {self.mean.shape[0]}"
+                             " (grayscale image? add ToRGB())")
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def __repr__(self):
+        return f"Normalize(mean={tuple(self.mean.flatten().tolist())}, std={tuple(self.std.flatten().tolist())})"
+
+
+# -----------------------------------------------------------------------------
+# the CLIP / CoOp recipe
+
+
+def train_transform(size=224, mean=CLIP_MEAN, std=CLIP_STD):
+    """Training augmentation of CoOp/CILMP: random resized crop (scale 0.08-1, bicubic) + flip, then normalise."""
+    return Compose([
+        ToRGB(),
+        RandomResizedCrop(size, scale=(0.08, 1.0)),
+        RandomHorizontalFlip(),
+        ToTensor(),
+        Normalize(mean, std),
+    ])
+
+
+def eval_transform(size=224, mean=CLIP_MEAN, std=CLIP_STD):
+    """Deterministic evaluation pipeline: shorter side to `size` (bicubic), centre crop, normalise."""
+    return Compose([
+        ToRGB(),
+        Resize(size),
+        CenterCrop(size),
+        ToTensor(),
+        Normalize(mean, std),
+    ])

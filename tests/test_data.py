@@ -1,0 +1,404 @@
+"""
+Tests for common/data.py: every reader round-trips tiny files written here, every user mistake gives a DataError
+naming the file and the problem, and make_loader batches, is seeded, and uses a DistributedSampler under a
+(single-process gloo) torch.distributed group.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import Dataset, DistributedSampler, RandomSampler, SequentialSampler
+
+from common.data import (CHEXPERT_FINDINGS, _seed_worker, ClassificationDataset, DataError, ImageReportDataset, MultiLabelDataset,
+                         caption_from_labels, classnames_from_split, load_image, make_loader, read_split, set_epoch,
+                         val_split_name)
+from common.transforms import eval_transform
+
+
+def write_png(path, value, size=(6, 4), mode="RGB"):
+    """A small image whose pixels encode `value`, so a test can tell which file was loaded. Returns its array."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    a = np.stack([(x + value) % 256, (y + 2 * value) % 256, np.full_like(x, value % 256)], -1).astype(np.uint8)
+    if mode == "L":
+        a = a[:, :, 0]
+    Image.fromarray(a).save(path)
+    return a
+
+
+def write_split(path, obj):
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def as_chw(a):
+    """(H, W, 3) uint8 -> (3, H, W) float in [0, 1], what ToTensor must give."""
+    return torch.from_numpy(a.transpose(2, 0, 1).astype(np.float32) / 255.0)
+
+
+SPLIT = {
+    "train": [["img/a.png", 0, "melanoma"], ["img/b.png", 2, "nevus"], ["img/c.png", 0, "melanoma"]],
+    "val": [["img/d.png", 1, "keratosis"]],
+    "test": [["img/e.png", 2, "nevus"], ["img/f.png", 1, "keratosis"]],
+}
+
+
+@pytest.fixture
+def cls_dir(tmp_path):
+    arrays = {}
+    for i, name in enumerate("abcdef"):
+        arrays[f"img/{name}.png"] = write_png(tmp_path / "img" / f"{name}.png", 10 * i)
+    write_split(tmp_path / "split.json", SPLIT)
+    return tmp_path, arrays
+
+
+def assert_data_error(fn, *needles):
+    """fn() must raise DataError whose message contains every needle (file name, problem)."""
+    with pytest.raises(DataError) as e:
+        fn()
+    for n in needles:
+        assert str(n) in str(e.value), f"{n!r} not in {str(e.value)!r}"
+    return str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# classification split JSON
+
+
+def test_read_split_round_trip(cls_dir):
+    root, _ = cls_dir
+    split = read_split(root / "split.json")
+    assert split["train"] == [("img/a.png", 0, "melanoma"), ("img/b.png", 2, "nevus"), ("img/c.png", 0, "melanoma")]
+    assert split["val"] == [("img/d.png", 1, "keratosis")]
+    assert classnames_from_split(split) == ["melanoma", "keratosis", "nevus"]  # ordered by label
+    assert val_split_name(split) == "val"
+
+
+def test_missing_val_falls_back_to_test(tmp_path):
+    p = write_split(tmp_path / "s.json", {"train": SPLIT["train"], "test": SPLIT["test"]})
+    split = read_split(p)
+    assert split["val"] == [] and val_split_name(split) == "test"
+    write_png(tmp_path / "img/a.png", 0)
+    msg = assert_data_error(lambda: ClassificationDataset(tmp_path, p, "val"), p, "'val' is empty", "split='test'")
+    assert "test" in msg
+
+
+def test_classification_dataset_items(cls_dir):
+    root, arrays = cls_dir
+    ds = ClassificationDataset(root, root / "split.json", "test")
+    assert len(ds) == 2 and ds.classnames == ["melanoma", "keratosis", "nevus"]
+    assert ds.labels.dtype == np.int64 and ds.labels.tolist() == [2, 1]
+    x, y = ds[1]
+    assert y == 1 and torch.equal(x, as_chw(arrays["img/f.png"]))  # PNG is lossless: exact pixels
+    # root=None: relpaths are relative to the JSON's folder; split file relative to root is found too
+    ds2 = ClassificationDataset(None, root / "split.json", "train")
+    assert torch.equal(ds2[1][0], as_chw(arrays["img/b.png"])) and ds2[1][1] == 2
+    ds3 = ClassificationDataset(root, "split.json", "train", transform=eval_transform(4))
+    assert ds3[0][0].shape == (3, 4, 4)
+
+
+def test_classification_dataset_grayscale_becomes_rgb(tmp_path):
+    a = write_png(tmp_path / "g.png", 30, mode="L")
+    p = write_split(tmp_path / "s.json", {"train": [["g.png", 0, "x"]], "test": [["g.png", 0, "x"]]})
+    x, _ = ClassificationDataset(tmp_path, p, "train")[0]
+    assert x.shape == (3, 4, 6)
+    assert torch.equal(x[0], x[2]) and torch.equal(x[0], torch.from_numpy(a.astype(np.float32) / 255.0))
+
+
+@pytest.mark.parametrize("obj,needles", [
+    ([["a.png", 0, "x"]], ["expected a JSON object"]),
+    ({"training": []}, ["unknown key", "training", "'train', 'val', 'test'"]),
+    ({"train": {"a": 1}}, ['"train" must be a list']),
+    ({"train": [["a.png", "0", "x"]]}, ["train[0]", "label (int)"]),
+    ({"train": [["a.png", 0]]}, ["train[0]"]),
+    ({"train": [], "test": []}, ["all splits are empty"]),
+    ({"train": [["a.png", 0, "x"], ["b.png", 0, "y"]]}, ["label 0", "'x'", "'y'", "train[1]"]),
+    ({"train": [["a.png", 0, "x"], ["b.png", 2, "z"]]}, ["0..C-1", "missing [1]"]),
+    ({"train": [["a.png", -1, "x"], ["b.png", 0, "z"]]}, ["0..C-1", "negative [-1]"]),
+])
+def test_read_split_errors(tmp_path, obj, needles):
+    p = write_split(tmp_path / "bad.json", obj)
+    assert_data_error(lambda: read_split(p), p, *needles)
+
+
+def test_read_split_missing_and_malformed(tmp_path):
+    assert_data_error(lambda: read_split(tmp_path / "nope.json"), tmp_path / "nope.json", "not found")
+    p = tmp_path / "broken.json"
+    p.write_text('{"train": [\n ["a.png", 0, "x"],\n}')
+    assert_data_error(lambda: read_split(p), p, "malformed JSON", "line 3")
+    assert_data_error(lambda: ClassificationDataset(tmp_path, "nope.json"), "nope.json", "not found")
+
+
+def test_classification_dataset_bad_split_and_images(cls_dir):
+    root, _ = cls_dir
+    p = root / "split.json"
+    assert_data_error(lambda: ClassificationDataset(root, p, "valid"), p, "unknown split 'valid'")
+    # wrong root: caught at construction from the first image
+    assert_data_error(lambda: ClassificationDataset(root / "img", p, "train"), p, "first image not found",
+                      root / "img" / "img" / "a.png")
+    # a later image that is missing or not an image: caught when loaded, naming the image
+    (root / "img" / "e.png").write_bytes(b"this is not a png")
+    (root / "img" / "f.png").unlink()
+    ds = ClassificationDataset(root, p, "test")
+    assert_data_error(lambda: ds[0], root / "img" / "e.png", "cannot read image")
+    assert_data_error(lambda: ds[1], root / "img" / "f.png", "image not found")
+
+
+def test_load_image_16bit_and_truncated(tmp_path):
+    a16 = np.array([[0, 257 * 100], [65535, 257 * 3]], dtype=np.uint16)
+    Image.fromarray(a16).save(tmp_path / "x16.png")
+    img = load_image(tmp_path / "x16.png")
+    assert img.mode == "RGB"
+    # full 16-bit range mapped to 8 bits (PIL's own convert would clip all of these to 255)
+    assert np.asarray(img)[:, :, 0].tolist() == [[0, 100], [255, 3]]
+    write_png(tmp_path / "ok.png", 5, size=(64, 64))
+    data = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    assert_data_error(lambda: load_image(tmp_path / "cut.png"), tmp_path / "cut.png", "cannot read image")
+
+
+# -----------------------------------------------------------------------------
+# image-report CSV
+
+
+REPORT_CSV = (
+    "image_path,report,auxview_image_path,last_image_path,last_auxview_image_path\n"
+    'img/a.png,"Heart size normal, lungs clear.",img/b.png,img/c.png,-1\n'
+    'img/d.png,"Mild cardiomegaly.\nNo edema.",-1,,\n'
+)
+
+
+def test_image_report_round_trip(cls_dir):
+    root, arrays = cls_dir
+    (root / "reports.csv").write_text(REPORT_CSV)
+    ds = ImageReportDataset(root, root / "reports.csv")
+    assert len(ds) == 2 and ds.reports == ["Heart size normal, lungs clear.", "Mild cardiomegaly.\nNo edema."]
+    item = ds[0]
+    assert set(item) == {"image", "report"} and torch.equal(item["image"], as_chw(arrays["img/a.png"]))
+
+    mv = ImageReportDataset(None, root / "reports.csv", multiview=True)
+    a, b = mv[0], mv[1]
+    assert torch.equal(a["auxview"], as_chw(arrays["img/b.png"]))
+    assert torch.equal(a["last_image"], as_chw(arrays["img/c.png"]))
+    assert a["last_auxview"].shape == a["image"].shape and a["last_auxview"].abs().sum() == 0
+    assert [a[k].item() for k in ("has_auxview", "has_last", "has_last_auxview")] == [True, True, False]
+    assert [b[k].item() for k in ("has_auxview", "has_last", "has_last_auxview")] == [False, False, False]
+    assert a["has_auxview"].dtype == torch.bool
+    assert torch.equal(b["image"], as_chw(arrays["img/d.png"])) and b["auxview"].abs().sum() == 0
+    # batches stack, with the flags as (B,) bool tensors
+    batch = next(iter(make_loader(mv, batch_size=2, shuffle=False)))
+    assert batch["image"].shape == (2, 3, 4, 6) and batch["has_last"].tolist() == [True, False]
+    assert batch["report"][1] == "Mild cardiomegaly.\nNo edema."
+
+
+def test_image_report_without_view_columns(cls_dir):
+    root, _ = cls_dir
+    (root / "r.csv").write_text("report,image_path\nok,img/a.png\n")  # column order does not matter
+    item = ImageReportDataset(root, "r.csv", multiview=True)[0]
+    assert item["report"] == "ok" and item["has_auxview"].item() is False and item["last_image"].abs().sum() == 0
+
+
+@pytest.mark.parametrize("text,needles", [
+    ("image,text\nimg/a.png,x\n", ["missing column(s) ['image_path', 'report']", "expected columns"]),
+    ("", ["empty (no header row)", "image_path"]),
+    ("image_path,report\n", ["no data rows"]),
+    ("image_path,report\nimg/a.png,ok\nimg/b.png,a,b\n", ["line 3 has 3 fields", "header has 2"]),
+    ("image_path,report\n-1,ok\n", ["line 2", "image_path is empty or -1"]),
+])
+def test_image_report_errors(cls_dir, text, needles):
+    root, _ = cls_dir
+    p = root / "bad.csv"
+    p.write_text(text)
+    assert_data_error(lambda: ImageReportDataset(root, p), p, *needles)
+
+
+def test_image_report_missing_csv_and_image(cls_dir):
+    root, _ = cls_dir
+    assert_data_error(lambda: ImageReportDataset(root, "nope.csv"), "nope.csv", "not found")
+    p = root / "r.csv"
+    p.write_text("image_path,report\nimg/zzz.png,x\n")
+    assert_data_error(lambda: ImageReportDataset(root, p), p, "first image not found", "zzz.png")
+    p.write_text("image_path,report,auxview_image_path\nimg/a.png,x,img/zzz.png\n")
+    ds = ImageReportDataset(root, p, multiview=True)
+    assert_data_error(lambda: ds[0], root / "img" / "zzz.png", "image not found")
+
+
+# -----------------------------------------------------------------------------
+# multi-label CSV
+
+
+ML_CSV = (
+    "Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Cardiomegaly,Edema,Pleural Effusion\n"
+    "img/a.png,Female,68,Frontal,AP,1.0,,,0.0\n"
+    "img/b.png,Male,87,Frontal,AP,,-1.0,1.0,1.0\n"
+    "img/c.png,Male,40,Lateral,,0,-1,0,1\n"
+)
+
+
+@pytest.mark.parametrize("uncertain,blank,labels,mask", [
+    ("zero", "zero",
+     [[1, 0, 0, 0], [0, 0, 1, 1], [0, 0, 0, 1]], [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]]),
+    ("one", "zero",
+     [[1, 0, 0, 0], [0, 1, 1, 1], [0, 1, 0, 1]], [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]]),
+    ("ignore", "zero",
+     [[1, 0, 0, 0], [0, 0, 1, 1], [0, 0, 0, 1]], [[1, 1, 1, 1], [1, 0, 1, 1], [1, 0, 1, 1]]),
+    ("zero", "ignore",
+     [[1, 0, 0, 0], [0, 0, 1, 1], [0, 0, 0, 1]], [[1, 0, 0, 1], [0, 1, 1, 1], [1, 1, 1, 1]]),
+])
+def test_multilabel_policies(cls_dir, uncertain, blank, labels, mask):
+    root, arrays = cls_dir
+    (root / "f.csv").write_text(ML_CSV)
+    ds = MultiLabelDataset(root, root / "f.csv", uncertain=uncertain, blank=blank)
+    # findings=None: every column but Path and the metadata columns, in file order
+    assert ds.findings == ["No Finding", "Cardiomegaly", "Edema", "Pleural Effusion"]
+    assert ds.labels.tolist() == labels and ds.mask.tolist() == mask
+    x, y, m = ds[1]
+    assert torch.equal(x, as_chw(arrays["img/b.png"]))
+    assert y.dtype == torch.float32 and m.dtype == torch.float32 and y.shape == (4,)
+    assert y.tolist() == labels[1] and m.tolist() == mask[1]
+
+
+def test_multilabel_explicit_findings_and_captions(cls_dir):
+    root, _ = cls_dir
+    (root / "f.csv").write_text(ML_CSV)
+    ds = MultiLabelDataset(root, "f.csv", findings=["Edema", "Cardiomegaly"], uncertain="one")
+    assert ds.labels.tolist() == [[0, 0], [1, 1], [0, 1]]
+    assert ds.caption(1) == "this is a chest x ray of a patient with edema, cardiomegaly"
+    assert ds.caption(0) == "this is a chest x ray of a patient with no findings"
+    assert caption_from_labels(torch.tensor([1.0, -1.0, 0.0]), ["Edema", "Fracture", "Lung Lesion"]) == \
+        "this is a chest x ray of a patient with edema"
+    assert caption_from_labels([0, 1], ["A B", "Pleural Effusion"], prefix="xray: ") == "xray: pleural effusion"
+    with pytest.raises(ValueError):
+        caption_from_labels([1, 0], ["Edema"])
+
+
+def test_chexpert_findings():
+    assert len(CHEXPERT_FINDINGS) == 14 and len(set(CHEXPERT_FINDINGS)) == 14
+    assert CHEXPERT_FINDINGS[0] == "No Finding" and CHEXPERT_FINDINGS[-1] == "Support Devices"
+    assert CHEXPERT_FINDINGS[10] == "Pleural Effusion"
+
+
+@pytest.mark.parametrize("text,kwargs,needles", [
+    ("Path,Edema\nimg/a.png,2\n", {}, ["line 2", "'Edema'", "'2'", "not 1, 0, -1 or blank"]),
+    ("Path,Study\nimg/a.png,study1\n", {}, ["'Study'", "pass findings="]),
+    ("Path,Edema\nimg/a.png,1\n", {"findings": ["Edema", "Fracture"]},
+     ["missing column(s) ['Fracture']", "expected columns ['Path', 'Edema', 'Fracture']"]),
+    ("Image,Edema\nimg/a.png,1\n", {}, ["missing column(s) ['Path']"]),
+    ("Path,Sex,AP/PA\nimg/a.png,Male,PA\n", {}, ["no finding columns"]),
+    ("Path,Edema\n,1\n", {}, ["line 2", "Path is empty"]),
+])
+def test_multilabel_errors(cls_dir, text, kwargs, needles):
+    root, _ = cls_dir
+    p = root / "bad.csv"
+    p.write_text(text)
+    assert_data_error(lambda: MultiLabelDataset(root, p, **kwargs), p, *needles)
+    with pytest.raises(ValueError, match="uncertain"):
+        MultiLabelDataset(root, p, uncertain="maybe")
+
+
+def test_csv_with_bom_and_non_utf8(cls_dir):
+    root, _ = cls_dir
+    p = root / "bom.csv"
+    p.write_bytes("\ufeffPath,Edema\nimg/a.png,1\n".encode("utf-8"))  # Excel-style BOM before "Path"
+    assert MultiLabelDataset(root, p).labels.tolist() == [[1.0]]
+    p.write_bytes(b"Path,Edema\nimg/\xff\xfe.png,1\n")
+    assert_data_error(lambda: MultiLabelDataset(root, p), p, "not a UTF-8 text file")
+
+
+# -----------------------------------------------------------------------------
+# make_loader
+
+
+class RandomDraws(Dataset):
+    """Item i -> (i, torch draw, numpy draw, random draw): shows the order and the per-worker RNG streams."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        import random
+        return i, torch.rand(1).item(), float(np.random.rand()), random.random()
+
+
+def test_make_loader_batches_and_order(cls_dir):
+    root, arrays = cls_dir
+    ds = ClassificationDataset(root, root / "split.json", "train")
+    loader = make_loader(ds, batch_size=2, shuffle=False)
+    assert isinstance(loader.sampler, SequentialSampler)
+    batches = list(loader)
+    assert len(batches) == 2 and batches[0][0].shape == (2, 3, 4, 6) and batches[0][1].tolist() == [0, 2]
+    assert torch.equal(batches[1][0][0], as_chw(arrays["img/c.png"]))
+    assert len(list(make_loader(ds, batch_size=2, shuffle=False, drop_last=True))) == 1
+    assert loader.pin_memory == torch.cuda.is_available()
+
+
+def test_make_loader_shuffle_is_seeded():
+    ds = list(range(8))  # item i is just i: no RNG use in the dataset itself
+
+    def order(seed, epochs=2):
+        loader = make_loader(ds, batch_size=3, shuffle=True, seed=seed)
+        assert isinstance(loader.sampler, RandomSampler)
+        return [[int(i) for b in loader for i in b] for _ in range(epochs)]
+
+    a = order(0)
+    assert a == order(0)  # same seed, same orders epoch after epoch
+    assert sorted(a[0]) == list(range(8)) and a[0] != a[1]  # a permutation, reshuffled each epoch
+    assert order(1) != a
+    state = torch.get_rng_state()
+    order(0)
+    assert torch.equal(state, torch.get_rng_state())  # the loader's own generators leave the global RNG alone
+
+
+def test_make_loader_workers_are_seeded():
+    ds = RandomDraws()
+
+    def draws(seed):
+        loader = make_loader(ds, batch_size=2, shuffle=False, num_workers=2, seed=seed)
+        assert loader.persistent_workers
+        out = [tuple(float(v) for v in row) for b in loader for row in zip(*b)]
+        del loader
+        return out
+
+    a = draws(0)
+    assert a == draws(0) and a != draws(1)
+    # batches 0 and 1 come from different workers: their torch, numpy and random streams must all differ
+    assert a[0][0] == 0 and a[2][0] == 2
+    assert all(a[0][k] != a[2][k] for k in (1, 2, 3))
+
+
+def test_seed_worker_seeds_numpy_and_random():
+    import random
+    torch.manual_seed(2**40 + 7)  # inside a worker, torch.initial_seed() is base_seed + worker_id
+    _seed_worker(0)
+    got = (np.random.rand(), random.random())
+    np.random.seed((2**40 + 7) % 2**32)
+    random.seed(2**40 + 7)
+    assert got == (np.random.rand(), random.random())
+
+
+def test_make_loader_distributed_sampler(tmp_path):
+    assert not dist.is_initialized()
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        ds = RandomDraws()
+        loader = make_loader(ds, batch_size=4, shuffle=True, seed=3)
+        assert isinstance(loader.sampler, DistributedSampler) and loader.sampler.seed == 3
+        epoch = lambda e: (set_epoch(loader, e), [int(i) for b in loader for i in b[0]])[1]
+        e0, e1 = epoch(0), epoch(1)
+        assert sorted(e0) == list(range(8)) and e0 != e1 and epoch(0) == e0  # set_epoch reshuffles, reproducibly
+        # DistributedSampler's order is torch.randperm(8) from a generator seeded with seed + epoch
+        g = torch.Generator()
+        g.manual_seed(3 + 1)
+        assert e1 == torch.randperm(8, generator=g).tolist()
+        plain = make_loader(ds, batch_size=4, shuffle=False)
+        assert isinstance(plain.sampler, DistributedSampler) and [int(i) for b in plain for i in b[0]] == list(range(8))
+    finally:
+        dist.destroy_process_group()
+    assert not dist.is_initialized()
+    set_epoch(make_loader(RandomDraws(), 2, shuffle=True), 5)  # no set_epoch on RandomSampler: a no-op
