@@ -325,6 +325,7 @@ def randomise_norms_and_biases(model: torch.nn.Module, seed: int) -> None:
 
 
 def folder_size(path: Path) -> int:
+    """Total bytes of the files directly in path."""
     return sum(f.stat().st_size for f in path.iterdir())
 
 
