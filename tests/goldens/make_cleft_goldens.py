@@ -15,7 +15,7 @@ It writes
 
 Everything is fp32, eval mode (dropout off), eager attention, fixed seeds. Every parameter is randomised
 (LayerNorm weights and biases, LayerScale, biases, register tokens, LoRA B, IA3 vectors, prefix) so that a key-map
-bug cannot hide behind a default value of 0 or 1. The versions used are stored in each io.safetensors' metadata.
+bug cannot hide behind a default value of 0 or 1. The versions used are stored in each io.safetensors' metadata (key "versions").
 """
 import json
 import os
@@ -119,8 +119,9 @@ def fresh_dir(path):
 
 
 def save_io(path, tensors):
+    # one metadata entry: safetensors writes a multi-key metadata dict in hash order, which changes run to run
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path / "io.safetensors"),
-              metadata=VERSIONS)
+              metadata={"versions": json.dumps(VERSIONS, sort_keys=True)})
 
 
 def gpt2_inputs(tok, T=16):
@@ -260,7 +261,7 @@ def make_peft(tok):
         if folder == "cleft_lora":
             # peft's own merge, as a reference for our merge(): Conv1D weight (in, out) + (B A)^T * alpha/r
             model.merge_adapter()
-            io["merged_c_attn_weight_0"] = model.get_base_model().transformer.h[0].attn.c_attn.base_layer.weight
+            io["merged_c_attn_weight_0"] = model.get_base_model().transformer.h[0].attn.c_attn.base_layer.weight.clone()
             io["merged_last_hidden_state"] = transformer_output(model, ids, mask)
             model.unmerge_adapter()
         out = fresh_dir(GOLD / folder)
@@ -270,6 +271,9 @@ def make_peft(tok):
         cfg_path = out / "adapter_config.json"  # peft writes the absolute base path; keep the file machine-neutral
         acfg = json.loads(cfg_path.read_text())
         acfg["base_model_name_or_path"] = "cleft_gpt2_scaled"
+        for k in ("target_modules", "feedforward_modules"):  # peft stores these sets in hash order
+            if isinstance(acfg.get(k), list):
+                acfg[k] = sorted(acfg[k])
         cfg_path.write_text(json.dumps(acfg, indent=2, sort_keys=True) + "\n")
         save_io(out, io)
         print(folder, "trainable", sum(p.numel() for p in model.parameters() if p.requires_grad))
