@@ -117,11 +117,13 @@ DERM7PT_MAP = {
 # reading the source
 
 
-def find_dir(src, candidates, dataset, expected):
-    """First of src/<candidate> that is a folder; DataError naming what was expected otherwise."""
+def find_dir(src, candidates, dataset, expected, marker=None):
+    """First src/<candidate> folder (holding `marker`, when given); DataError naming what was expected otherwise.
+
+    The candidates cover the usual ways an archive unpacks (with or without its top folder)."""
     for c in candidates:
         p = src / c if c else src
-        if p.is_dir():
+        if p.is_dir() and (marker is None or (p / marker).exists()):
             return p
     raise DataError(f"{dataset}: {src} does not look like the official download: expected {expected}. "
                     f"Point --src at the folder you unpacked it into (see data/README.md).")
@@ -428,7 +430,7 @@ def prepare_dermamnist(src, out, *, seed=0, copy=False, max_side=None):
 def prepare_derm7pt(src, out, *, seed=0, copy=False, max_side=None):
     """Derm7pt release_v0: meta/meta.csv + meta/{train,valid,test}_indexes.csv; dermoscopic image per case."""
     name, names = "derm7pt", CLASSNAMES["derm7pt"]
-    root = find_dir(src, ["", "release_v0"], name, "meta/meta.csv and images/")
+    root = find_dir(src, ["", "release_v0"], name, "meta/meta.csv and images/", marker="meta")
     meta = root / "meta" / "meta.csv"
     if not meta.is_file() or not (root / "images").is_dir():
         raise DataError(f"derm7pt: expected meta/meta.csv, meta/train_indexes.csv and images/ under {root}")
@@ -507,7 +509,8 @@ def _class_folders(root, folder_to_class, dataset):
 def prepare_kvasir(src, out, *, seed=0, copy=False, max_side=None):
     """Kvasir v2: 8 class folders of 1000 JPEGs; seeded stratified 70/30 (5600/2400)."""
     name, names = "kvasir", CLASSNAMES["kvasir"]
-    root = find_dir(src, ["kvasir-dataset-v2", ""], name, "kvasir-dataset-v2/<8 class folders>")
+    root = find_dir(src, ["kvasir-dataset-v2", ""], name, "kvasir-dataset-v2/<8 class folders>",
+                    marker="polyps")
     folders = {c.replace(" ", "-"): i for i, c in enumerate(names)}
     paths, labels = _class_folders(root, folders, name)
     return _write_seeded(name, root, out, paths, labels, names, seed, copy, max_side,
@@ -576,7 +579,8 @@ def prepare_cpn_x_ray(src, out, *, seed=0, copy=False, max_side=None):
 def prepare_chaoyang(src, out, *, seed=0, copy=False, max_side=None):
     """Chaoyang: train.json / test.json lists of {"name": relpath, "label": 0-3}; official split."""
     name, names = "chaoyang", CLASSNAMES["chaoyang"]
-    root = find_dir(src, ["", "chaoyang-data"], name, "train.json, test.json, train/ and test/")
+    root = find_dir(src, ["", "chaoyang-data"], name, "train.json, test.json, train/ and test/",
+                    marker="train.json")
     raw = {"val": []}
     for split in ("train", "test"):
         path = root / f"{split}.json"
@@ -632,7 +636,8 @@ def prepare_adam(src, out, *, seed=0, copy=False, max_side=None):
     split 50/50 (seeded, stratified) and prepare.json says so.
     """
     name, names = "adam", CLASSNAMES["adam"]
-    root = find_dir(src, ["", "ADAM", "AMD"], name, "Training400/AMD/ and Training400/Non-AMD/")
+    root = find_dir(src, ["", "ADAM", "AMD", "iChallenge-AMD"], name,
+                    "Training400/AMD/ and Training400/Non-AMD/", marker="Training400")
     folders = {"Non-AMD": 0, "AMD": 1}
     if not (root / "Training400").is_dir():
         raise DataError(f"adam: expected Training400/AMD/ and Training400/Non-AMD/ in {root}")
@@ -678,6 +683,7 @@ def prepare_odir(src, out, *, seed=0, copy=False, max_side=None):
 # chest X-ray converters (cleft.py, adaptor.py, alta.py)
 
 CHEXPERT_META = ["Sex", "Age", "Frontal/Lateral", "AP/PA"]
+CHEXPERT_5X200_N = 200  # images per class in CheXpert-5x200 (GLoRIA); a name so tests can use a tiny mock
 
 
 def _chexpert_5x200(rows, seed):
@@ -691,17 +697,18 @@ def _chexpert_5x200(rows, seed):
     for target in CLASSNAMES["chexpert5x200"]:
         pool = [i for i, r in enumerate(rows) if r["Frontal/Lateral"] == "Frontal" and value(r, target) == 1.0
                 and all(value(r, f) == 0.0 for f in others if f != target)]
-        if len(pool) < 200:
+        if len(pool) < CHEXPERT_5X200_N:
             raise DataError(f"chexpert: only {len(pool)} frontal images have {target} as their only finding; "
-                            f"CheXpert-5x200 needs 200 (is this the full train.csv?)")
-        blocks.append(sorted(np.asarray(pool)[rng.permutation(len(pool))[:200]].tolist()))
+                            f"CheXpert-5x200 needs {CHEXPERT_5X200_N} (is this the full train.csv?)")
+        blocks.append(sorted(np.asarray(pool)[rng.permutation(len(pool))[:CHEXPERT_5X200_N]].tolist()))
     return blocks
 
 
 def prepare_chexpert(src, out, *, seed=0, copy=False, max_side=None):
     """CheXpert v1.0 (or -small): train.csv / valid.csv -> multi-label CSVs + the CheXpert-5x200 test set."""
     name = "chexpert"
-    root = find_dir(src, ["", "CheXpert-v1.0-small", "CheXpert-v1.0"], name, "train.csv, valid.csv, train/, valid/")
+    root = find_dir(src, ["", "CheXpert-v1.0-small", "CheXpert-v1.0"], name,
+                    "train.csv, valid.csv, train/, valid/", marker="train.csv")
     if not (root / "train.csv").is_file() or not (root / "valid.csv").is_file():
         raise DataError(f"chexpert: expected train.csv and valid.csv (and train/, valid/) in {root}")
     header = ["Path"] + CHEXPERT_META + CHEXPERT_FINDINGS
@@ -724,11 +731,12 @@ def prepare_chexpert(src, out, *, seed=0, copy=False, max_side=None):
         test = [line(tables["train"][i]) for b in blocks for i in b]
         o.write_csv("chexpert_5x200.csv", header, test)
         names = CLASSNAMES["chexpert5x200"]
-        split = {"train": [], "val": [], "test": [(row[0], k, names[k]) for k, b in enumerate(blocks) for row in
-                                                  test[k * 200:(k + 1) * 200]]}
+        n = CHEXPERT_5X200_N
+        split = {"train": [], "val": [], "test": [(row[0], k, names[k]) for k in range(len(blocks))
+                                                  for row in test[k * n:(k + 1) * n]]}
         o.write_json("split_chexpert5x200.json", split_json(name, split, names))
         summary = {"counts": {"train": {"images": len(train)}, "valid": {"images": len(tables["valid"])},
-                              "chexpert_5x200": {n: 200 for n in names}},
+                              "chexpert_5x200": {c: n for c in names}},
                    "notes": ["chexpert_5x200 = GLoRIA's rule (frontal, the finding is the only positive among the "
                              f"13 non-'No Finding' columns, blank = 0), 200 per class, seed {seed}; removed from "
                              "train.csv", "valid.csv = the official 234-image validation set"]}
@@ -741,7 +749,7 @@ def dicom_to_uint8(pixels, photometric="MONOCHROME2"):
     a = np.asarray(pixels, dtype=np.float64)
     a = a - min(a.min(), 0.0)  # signed data: shift so the darkest value is 0
     peak = a.max()
-    a = np.zeros_like(a) if peak == 0 else a * (255.0 / peak)
+    a = np.zeros_like(a) if peak == 0 else a * 255.0 / peak  # multiply first: exact for integer pixels
     a = np.clip(np.round(a), 0, 255).astype(np.uint8)
     return 255 - a if photometric == "MONOCHROME1" else a
 
@@ -931,7 +939,7 @@ def prepare_ct_rate(src, out, *, seed=0, copy=False, max_side=None):
     """
     name = "ct-rate"
     root = find_dir(src, ["dataset", ""], name, "dataset/{train_fixed or train}/, radiology_text_reports/, "
-                    "multi_abnormality_labels/ and metadata/")
+                    "multi_abnormality_labels/ and metadata/", marker="metadata")
     v2 = (root / "train_fixed").is_dir() or (root / "valid_fixed").is_dir()
     files = {
         "train": ("train_fixed" if v2 else "train", "radiology_text_reports/train_reports.csv",
