@@ -72,10 +72,35 @@ def corpus():
             b, s, t = borders[(i + j) % 2], sizes[(i * j) % 2], textures[(i + 2 * j) % 2]
             lines.append(f"a {s} {c} {t} lesion with {b} borders, a photo of {les}.")
         lines.append(f"a dermoscopy image of {les}")
+    # the demo's reports and class descriptions (common/demo.py), so demo captions stay short in tokens
+    heads = ["Clinical photograph shows", "There is", "Image demonstrates"]
+    sizes2 = ["large", "moderately large", "small", "medium-sized"]
+    colours2 = ["black", "dark brown", "brown", "tan", "pink", "red", "purple"]
+    what = ["lesion", "pigmented lesion", "skin lesion"]
+    borders2 = ["with an irregular, notched border", "with a possibly irregular border",
+                "with a smooth, well-defined border"]
+    textures2 = ["and a speckled, variegated texture", "and a slightly mottled texture", "and a uniform texture"]
+    vessels = ["Red branching vessels are visible.", "Possible fine red vessels.", "No vessels are seen."]
+    impress = ["Appearance is most consistent with {}.", "Findings suggest {}.", "Impression: {}."]
+    for i in range(84):
+        les = lesions[i % 6]
+        line = (f"{heads[i % 3]} a {sizes2[i % 4]}, {colours2[i % 7]} {what[(i // 3) % 3]}"
+                + (f" measuring about {4 + i % 5} mm " if i % 2 else " ") + f"{borders2[(i // 2) % 3]} "
+                + f"{textures2[(i // 5) % 3]}. {vessels[(i // 7) % 3]}")
+        if i % 4 == 0:
+            line += f" Compared with the prior image the lesion has enlarged by about {10 + i % 30}%"
+            line += " and its border has become more irregular." if i % 8 == 0 else "."
+        lines.append(line + " " + impress[i % 3].format(les))
+    lines += ["a large dark brown or black lesion, an irregular, notched border, a speckled, variegated texture "
+              "with several shades", "a small, round brown lesion, a smooth, regular border, a uniform texture",
+              "a pink, pearly lesion, visible red branching vessels, a fairly smooth border",
+              "a tan to brown, stuck-on lesion, a speckled, crumbly texture, a moderately irregular border",
+              "a small pink or brown nodule, a smooth border, a uniform texture",
+              "a red or purple lesion, a smooth, round border, a small to medium size"]
     return lines
 
 
-def train_tokenizer(path, vocab_size=640):
+def train_tokenizer(path, vocab_size=1024):
     """Byte-level BPE exactly in GPT-2's format (ByteLevel pre-tokenizer, decoder and post-processor, no unk), then
     <|endoftext|> appended as the LAST id, as in GPT-2 (50256) and BioMedLM (28895)."""
     tok = Tokenizer(models.BPE())
