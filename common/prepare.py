@@ -1041,10 +1041,10 @@ def counts_table(name, summary):
     """Lines of a 'split | class | ours | paper' table."""
     paper = PAPER_COUNTS.get(name, {})
     per_class = paper.get("per_class", {})
-    lines = [f"{'split':<16} {'class':<48} {'ours':>8} {'paper':>8}"]
+    lines = [f"{'split':<16} {'class':<48} {'ours':>8} {'paper':>8}"]  # paper: blank = not given
     for split, by_class in summary["counts"].items():
-        if not isinstance(by_class, dict):
-            continue
+        if not isinstance(by_class, dict) or not any(by_class.values()):
+            continue  # e.g. the empty "val" of the train/test-only datasets
         for k, (cls, n) in enumerate(by_class.items()):
             ref = per_class.get(split, [None] * len(by_class))[k] if split in per_class else None
             lines.append(f"{split:<16} {str(cls)[:48]:<48} {n:>8} {'' if ref is None else ref:>8}")
