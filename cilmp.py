@@ -1,0 +1,1213 @@
+"""CILMP: Conditional Intervention of Large Language Models for Prompt tuning, in one file.
+
+Paper: Du, Yu, Wang. "Conditional Intervention of Large Language Models for Prompt Tuning" (IEEE TMI 2025,
+arXiv 2511.12639). Official code: usr922/cilmp (a PromptSRC/Dassl fork). This file re-implements it from the
+paper plus the facts of the official code, hand-written in PyTorch: CLIP ViT-B/16, a Llama decoder, LoReFT.
+
+The idea in four lines:
+  1. Ask an LLM "In an image, describe the distinctive visual features of {class}." and keep, for every layer,
+     the hidden state of the last token of its answer: P_c in R^{L x D_L} (L = 32 layers, D_L = 4096). Once.
+  2. Edit P_c inside a rank-r subspace with interventions conditioned on the image (Eq. 11-13):
+        v  = image feature,  u = W2 W1 v,  rd = u (.) h             relationship descriptor, Eq. (12)
+        I(h) = h + (W_s [h ; rd] + b - R^T h) R                       conditional LoReFT, Eq. (13)
+     on the first p and last s positions of P_c, and project all L positions to CLIP's width (Eq. 10).
+  3. Insert them as tokens into CLIP's text prompt "[SOS] [ctx x4] [LLM x L] {class} . [EOT]", with deep
+     prompts in both towers (text ctx and vision VPT replaced at blocks 1..11, LLM slots re-written at every
+     block by that block's own interventions).
+  4. Classify with CLIP's frozen logit scale x cosine, cross-entropy. Only prompts + interventions train (3.85M).
+
+Run it:
+    python cilmp.py                                         # demo: synthetic lesions, tiny CLIP + tiny Llama, CPU
+    python cilmp.py --data isic --llm llama3-8b             # the paper's setting (data/README.md for the data)
+    python cilmp.py --data isic --llm llama3-8b --seeds 1,2,3            # mean +- std over seeds, as reported
+    torchrun --nproc_per_node 4 cilmp.py --data isic --llm llama3-8b     # DDP
+    python cilmp.py --data isic --resume runs/cilmp/isic/<time>          # continue a killed run
+    python cilmp.py --data isic --eval-only --resume runs/cilmp/isic/<time>
+    python cilmp.py --bench                                 # real-size step time / MFU with random weights
+Ablations (paper Tables): --no-rd, --no-conditional (plain LoReFT, Eq. 11), --no-intervention (projection only);
+sizes: --prefix-len --suffix-len --rank --n-ctx.
+
+Where this file departs from the official code (each also noted where it happens):
+  - frozen CLIP runs under bf16 autocast on CUDA with fp32 trainables; the official code is pure fp16 SGD without
+    loss scaling (its fp32/amp paths crash). fp16 + GradScaler is offered with --precision fp16.
+  - the LLM representations are computed here (the official repo ships neither them nor the code).
+  - Gaussian prompt aggregation (GPA) averages the prompt tensors only; the official code also scales and sums
+    the frozen fp16 CLIP weights every epoch (a no-op up to rounding) and keeps interventions at the last epoch,
+    which we keep too.
+  - text sequences are cut at the longest EOT + 1 instead of padded to 77 (exact: the text tower is causal).
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import metrics as M
+from common import run as R
+from common.data import ClassificationDataset, DataError, make_loader
+from common.transforms import CLIP_MEAN, CLIP_STD, eval_transform, train_transform
+from common.weights import WeightsError, check_keys, load_config, read_safetensors, resolve, tensor_index
+
+REPO = Path(__file__).resolve().parent
+
+# ----------------------------------------------------------------------------------------------------------
+# Configs and presets
+
+
+@dataclass
+class CLIPConfig:
+    embed_dim: int = 512          # joint image-text space
+    image_size: int = 224
+    patch_size: int = 16
+    vision_width: int = 768
+    vision_layers: int = 12
+    vision_heads: int = 12
+    vision_mlp: int = 3072
+    context_length: int = 77
+    vocab_size: int = 49408
+    text_width: int = 512
+    text_layers: int = 12
+    text_heads: int = 8
+    text_mlp: int = 2048
+    eps: float = 1e-5
+
+
+@dataclass
+class LlamaConfig:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8           # grouped-query attention: 4 query heads share one key/value head
+    ffn_dim: int = 14336
+    vocab_size: int = 128256
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: dict | None = None
+    max_seq_len: int = 8192
+    tie_embeddings: bool = False
+
+
+@dataclass
+class CILMPConfig:
+    n_ctx: int = 4                # text context tokens (paper: 4, initialised from "a photo of a")
+    n_vpt: int = 4                # vision prompt tokens
+    depth: int = 12               # prompt depth in both towers (input + blocks 1..11)
+    prefix_len: int = 4           # p: LLM positions edited by the prefix intervention
+    suffix_len: int = 4           # s: LLM positions edited by the suffix intervention
+    rank: int = 8                 # r: LoReFT subspace and projection rank
+    dropout: float = 0.1          # on the whole intervention output, as in the official code
+    mode: str = "conditional"     # conditional | no-rd | plain (Eq. 11) | none (projection only)
+
+
+CLIP_PRESETS = {
+    "vit-b16": dict(repo="openai/clip-vit-base-patch16", config=CLIPConfig()),
+    "tiny": dict(repo=None, config=CLIPConfig(embed_dim=128, image_size=64, patch_size=8, vision_width=128,
+                                              vision_layers=4, vision_heads=4, vision_mlp=512, vocab_size=None,
+                                              text_width=128, text_layers=4, text_heads=4, text_mlp=512)),
+}
+
+LLM_PRESETS = {  # the four LLMs of the paper's LLM table, plus a random tiny one for the demo
+    "llama3-8b": dict(repo="meta-llama/Meta-Llama-3-8B-Instruct", chat="llama3"),
+    "llama2-7b": dict(repo="meta-llama/Llama-2-7b-chat-hf", chat="llama2"),
+    "openbiollm-8b": dict(repo="aaditya/Llama3-OpenBioLLM-8B", chat="llama3"),
+    "medllama3-8b": dict(repo="ProbeMedicalYonseiMAILab/medllama3-v20", chat="llama3"),
+    "tiny": dict(repo=None, chat="llama3", config=LlamaConfig(dim=64, n_layers=10, n_heads=4, n_kv_heads=2,
+                                                              ffn_dim=176, vocab_size=None, max_seq_len=512)),
+}
+
+# Class names are the prompts' words: they must match the split file (its third column) and name the cached
+# LLM representations. Lists from the official code's dataset classes (reference notes, §1.6).
+DATASETS = {
+    "demo": dict(split="split_demo.json", classes=None, get="built in: python -m common.demo"),
+    "isic": dict(split="split_isic.json", get="ISIC 2018 Task 3 (challenge.isic-archive.com)", classes=[
+        "Melanoma", "Melanocytic nevus", "Basal cell carcinoma", "Actinic keratosis", "Benign keratosis",
+        "Dermatofibroma", "Vascular lesion"]),
+    "dermamnist": dict(split="split_dermamnist.json", get="MedMNIST v2 dermamnist.npz (medmnist.com)", classes=[
+        "actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma", "benign keratosis-like lesions",
+        "dermatofibroma", "melanoma", "melanocytic nevi", "vascular lesions"]),
+    "derm7pt": dict(split="split_derm7pt.json", get="Derm7pt release_v0 (derm.cs.sfu.ca)",
+                    classes=["carcinoma", "keratosis", "melanoma", "miscellaneous", "nevus"]),
+    "adam": dict(split="split_adam.json", get="ADAM challenge (amd.grand-challenge.org)",
+                 classes=["normal fundus", "fundus with age-related macular degeneration"]),
+    "aptos2019": dict(split="split_aptos2019.json", get="APTOS 2019 Blindness Detection (kaggle)", classes=[
+        "no diabetic retinopathy", "mild diabetic retinopathy", "moderate diabetic retinopathy",
+        "severe diabetic retinopathy", "proliferative diabetic retinopathy"]),
+    "odir": dict(split="split_odir.json", get="ODIR-5K (kaggle / odir2019.grand-challenge.org)", classes=[
+        "normal", "diabetes", "glaucoma", "cataract", "age related macular degeneration", "hypertension",
+        "pathological myopia", "other diseases or abnormalities"]),
+    "kvasir": dict(split="split_kvasir.json", get="Kvasir v2 (datasets.simula.no/kvasir)", classes=[
+        "dyed lifted polyps", "dyed resection margins", "esophagitis", "normal cecum", "normal pylorus",
+        "normal z-line", "polyps", "ulcerative colitis"]),
+    "pneumonia": dict(split="split_pneumonia.json", get="Kermany chest_xray (data.mendeley.com/datasets/rscbjbr9sj)",
+                      classes=["normal", "bacteria pneumonia", "virus pneumonia"]),
+    "cpn-x-ray": dict(split="split_cpn-x-ray.json", get="CPN-X-ray (data.mendeley.com/datasets/dvntn9yhd2)",
+                      classes=["normal", "covid", "pneumonia"]),
+    "chaoyang": dict(split="split_chaoyang.json", get="Chaoyang (bupt-ai-cz.github.io/HSA-NRL)",
+                     classes=["normal", "serrated", "adenocarcinoma", "adenoma"]),
+    "fetal-us": dict(split="split_fetal-us.json", get="FETAL_PLANES_DB (zenodo.org/record/3904280)", classes=[
+        "Fetal brain", "Fetal femur", "Fetal abdomen", "Fetal thorax", "Maternal cervix", "Other planes"]),
+}
+
+# The paper's recipe (Sec. 4.2 + official config vit_b16.yaml); the demo shortens it.
+PAPER_RECIPE = dict(epochs=100, batch_size=64, lr=0.0025, momentum=0.9, weight_decay=5e-4, warmup_lr=1e-5,
+                    image_size=224, clip="vit-b16", llm="llama3-8b")
+DEMO_RECIPE = dict(epochs=12, batch_size=32, lr=0.01, momentum=0.9, weight_decay=5e-4, warmup_lr=1e-3,
+                   image_size=64, clip="tiny", llm="tiny")
+QUESTION = "In an image, describe the distinctive visual features of {}."
+
+# ----------------------------------------------------------------------------------------------------------
+# Model blocks: CLIP (OpenAI layout: pre-LN, QuickGELU, fused qkv) and Llama
+
+
+class QuickGELU(nn.Module):
+    # CLIP was trained with x * sigmoid(1.702 x), not exact GELU; swapping them costs accuracy silently.
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width: int, heads: int, mlp: int, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.ln_1 = nn.LayerNorm(width, eps=eps)
+        self.qkv = nn.Linear(width, 3 * width)      # HF stores q, k, v separately; the key map concatenates
+        self.out_proj = nn.Linear(width, width)
+        self.ln_2 = nn.LayerNorm(width, eps=eps)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp), QuickGELU(), nn.Linear(mlp, width))
+
+    def attn(self, x, causal: bool):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)                            # (B, nh, T, hs)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def forward(self, x, causal: bool = False):
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class CLIP(nn.Module):
+    """OpenAI CLIP with the hooks CILMP needs: extra vision tokens and per-block token replacement.
+
+    encode_image / encode_text return projected, unnormalised features (= HF get_image/text_features)."""
+
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.cfg = cfg
+        W, grid = cfg.vision_width, cfg.image_size // cfg.patch_size
+        self.conv1 = nn.Conv2d(3, W, cfg.patch_size, cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.zeros(W))
+        self.vision_pos = nn.Parameter(torch.zeros(grid * grid + 1, W))
+        self.ln_pre = nn.LayerNorm(W, eps=cfg.eps)
+        self.vision_blocks = nn.ModuleList(ResidualAttentionBlock(W, cfg.vision_heads, cfg.vision_mlp, cfg.eps)
+                                           for _ in range(cfg.vision_layers))
+        self.ln_post = nn.LayerNorm(W, eps=cfg.eps)
+        self.visual_proj = nn.Parameter(torch.zeros(W, cfg.embed_dim))
+        d = cfg.text_width
+        self.token_embedding = nn.Embedding(cfg.vocab_size, d)
+        self.text_pos = nn.Parameter(torch.zeros(cfg.context_length, d))
+        self.text_blocks = nn.ModuleList(ResidualAttentionBlock(d, cfg.text_heads, cfg.text_mlp, cfg.eps)
+                                         for _ in range(cfg.text_layers))
+        self.ln_final = nn.LayerNorm(d, eps=cfg.eps)
+        self.text_proj = nn.Parameter(torch.zeros(d, cfg.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(100.0)))  # pretrained value ~ln(100); frozen here
+
+    def init_random(self, seed: int = 0):
+        """Random weights for the demo / bench (no pretrained CLIP needed). Std follows OpenAI's init."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("logit_scale"):
+                continue
+            if p.ndim == 1 and ("ln" in name or "norm" in name) and name.endswith("weight"):
+                p.data.fill_(1.0)
+            elif p.ndim == 1:
+                p.data.zero_() if name.endswith("bias") else p.data.normal_(0, 0.02, generator=g)
+            else:
+                p.data.normal_(0, 0.02, generator=g)
+        return self
+
+    def encode_image(self, pixels, vpt=None, deep_vpt=None):
+        """pixels (B, 3, H, W) -> (B, E). vpt (n, W) appended after the patches; deep_vpt[i-1] replaces them
+        before block i (i >= 1), the MaPLe / PromptSRC "IVLP" deep prompting CILMP inherits."""
+        x = self.conv1(pixels.to(self.conv1.weight.dtype))                # (B, W, g, g)
+        x = x.flatten(2).transpose(1, 2)                                  # (B, N, W)
+        cls = self.class_embedding.expand(x.shape[0], 1, -1).to(x.dtype)
+        x = torch.cat([cls, x], 1) + self.vision_pos.to(x.dtype)          # (B, 1 + N, W)
+        n = 0
+        if vpt is not None:  # appended after the position embedding: prompt tokens carry no position
+            n = vpt.shape[0]
+            x = torch.cat([x, vpt.to(x.dtype).expand(x.shape[0], -1, -1)], 1)   # (B, 1 + N + n, W)
+        x = self.ln_pre(x)
+        for i, blk in enumerate(self.vision_blocks):
+            if i > 0 and deep_vpt is not None:
+                x = torch.cat([x[:, :-n], deep_vpt[i - 1].to(x.dtype).expand(x.shape[0], -1, -1)], 1)
+            x = blk(x)
+        return self.ln_post(x[:, 0]) @ self.visual_proj.to(x.dtype)       # CLS pooling, (B, E)
+
+    def encode_text(self, token_ids):
+        """token_ids (N, T) with SOS ... EOT, any padding after EOT -> (N, E), pooled at argmax(ids) = EOT,
+        exactly as OpenAI CLIP (EOT has the largest id in CLIP's vocabulary)."""
+        x = self.token_embedding(token_ids)
+        return self.encode_text_embeddings(x, token_ids.argmax(-1))
+
+    def encode_text_embeddings(self, x, eot, deep=None):
+        """x (N, T, d) input embeddings, eot (N,) pooling index. deep(i, x) -> x lets CILMP overwrite prompt
+        slots before block i >= 1. Deep tokens get no position embedding: only the input layer adds it."""
+        x = x + self.text_pos[:x.shape[1]].to(x.dtype)
+        for i, blk in enumerate(self.text_blocks):
+            if i > 0 and deep is not None:
+                x = deep(i, x)
+            x = blk(x, causal=True)
+        x = self.ln_final(x)
+        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_proj.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 then cast back before the weight, the order HF Llama uses (matters in bf16)
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rope_frequencies(cfg: LlamaConfig, device=None):
+    """Inverse frequencies of the rotary embedding, with the Llama-3.1 style frequency-dependent scaling
+    ("rope_type": "llama3") or plain "linear" scaling when config.json asks for it."""
+    hd = cfg.dim // cfg.n_heads
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd))
+    sc = cfg.rope_scaling or {}
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    if kind == "linear":
+        inv = inv / sc["factor"]
+    elif kind == "llama3":
+        factor, lo, hi, old = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"], \
+            sc["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)      # long wavelengths: fully scaled
+        smooth = (old / wavelen - lo) / (hi - lo)
+        mid = (wavelen >= old / hi) & (wavelen <= old / lo)               # in between: interpolate
+        inv = torch.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    elif kind != "default":
+        raise WeightsError(f"rope_scaling type {kind!r} is not supported by this file (default, linear, llama3)")
+    return inv
+
+
+def apply_rope(x, cos, sin):
+    # HF "half-split" layout: rotate (x1, x2) = (first half, second half) of each head. HF safetensors are stored
+    # for this layout, so q/k need no permutation (gpt-fast's interleaved layout would need one).
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.nh, self.nkv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.dim // cfg.n_heads
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.wq = nn.Linear(cfg.dim, self.nh * self.hd, bias=False)
+        self.wk = nn.Linear(cfg.dim, self.nkv * self.hd, bias=False)
+        self.wv = nn.Linear(cfg.dim, self.nkv * self.hd, bias=False)
+        self.wo = nn.Linear(self.nh * self.hd, cfg.dim, bias=False)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.w_gate = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w_up = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w_down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, cache=None, pos=0):
+        B, T, _ = x.shape
+        h = self.attn_norm(x)
+        q = self.wq(h).view(B, T, self.nh, self.hd).transpose(1, 2)         # (B, nh, T, hd)
+        k = self.wk(h).view(B, T, self.nkv, self.hd).transpose(1, 2)        # (B, nkv, T, hd)
+        v = self.wv(h).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # write this chunk into the preallocated cache, attend over everything so far
+            cache[0][:, :, pos:pos + T], cache[1][:, :, pos:pos + T] = k, v
+            k, v = cache[0][:, :, :pos + T], cache[1][:, :, :pos + T]
+        rep = self.nh // self.nkv  # grouped-query attention: each kv head serves `rep` query heads
+        k = k[:, :, None].expand(-1, -1, rep, -1, -1).reshape(B, self.nh, -1, self.hd)
+        v = v[:, :, None].expand(-1, -1, rep, -1, -1).reshape(B, self.nh, -1, self.hd)
+        # with a cache and T > 1 (prefill at pos > 0) is_causal would align wrongly; we only prefill at pos 0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        x = x + self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        h = self.mlp_norm(x)
+        return x + self.w_down(F.silu(self.w_gate(h)) * self.w_up(h))     # SwiGLU
+
+
+class Llama(nn.Module):
+    """A Llama-2/3 decoder that returns every layer's hidden states, with a KV cache for greedy generation."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.setup_rope()
+
+    def setup_rope(self, device=None):
+        # NOTE footgun: built under torch.device("meta") these buffers hold no data; from_pretrained calls this
+        # again on the real device after loading.
+        self.register_buffer("inv_freq", rope_frequencies(self.cfg, device), persistent=False)
+
+    def rope(self, pos: int, T: int, dtype):
+        t = torch.arange(pos, pos + T, device=self.inv_freq.device, dtype=torch.float32)
+        f = torch.outer(t, self.inv_freq)                                   # (T, hd/2)
+        emb = torch.cat([f, f], -1)                                         # (T, hd)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, ids, cache=None, pos=0, all_hidden=False):
+        x = self.embed(ids)                                                 # (B, T, D)
+        cos, sin = self.rope(pos, ids.shape[1], x.dtype)
+        hidden = [x]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, None if cache is None else cache[i], pos)
+            hidden.append(x)
+        x = self.norm(x)
+        hidden[-1] = x  # HF convention: the last entry of hidden_states is AFTER the final norm
+        return (torch.stack(hidden) if all_hidden else x)
+
+    @torch.no_grad()
+    def hidden_states(self, ids):
+        """(B, T) -> (n_layers + 1, B, T, D), equal to HF LlamaModel(output_hidden_states=True).hidden_states."""
+        return self(ids, all_hidden=True)
+
+    @torch.no_grad()
+    def generate(self, ids, max_new_tokens: int, stop_ids=()):
+        """Greedy decoding of one prompt (1, T) with a KV cache. Returns the new token ids (list)."""
+        T = ids.shape[1]
+        p = self.embed.weight
+        shape = (1, self.cfg.n_kv_heads, T + max_new_tokens, self.cfg.dim // self.cfg.n_heads)
+        cache = [(torch.zeros(shape, dtype=p.dtype, device=p.device), torch.zeros(shape, dtype=p.dtype, device=p.device))
+                 for _ in self.layers]
+        out, pos, x = [], 0, ids
+        for _ in range(max_new_tokens):
+            h = self(x, cache=cache, pos=pos)
+            nxt = int(self.lm_head(h[:, -1]).argmax(-1))
+            pos += x.shape[1]
+            out.append(nxt)
+            if nxt in stop_ids:
+                break
+            x = torch.tensor([[nxt]], device=ids.device)
+        return out
+
+# ----------------------------------------------------------------------------------------------------------
+# The method: conditional LoReFT interventions on LLM representations, turned into deep CLIP prompts
+
+
+class Intervention(nn.Module):
+    """Conditional LoReFT on one segment of the LLM representation (paper Eq. 11-13).
+
+        plain (Eq. 11):           I(h) = h + (W h + b - h R) R^T
+        conditional (Eq. 12-13):  u = W2 (W1 v),  rd = u (.) h,   I(h) = h + (W_s [h ; rd] + b - h R) R^T
+        no-rd (ablation):         the same with u in place of rd (image-conditioned, no matching prior)
+
+    R (D, r) starts orthogonal but is a free parameter, as in the official code (pyreft instead keeps it
+    orthogonal with a parametrisation). W1: 512 -> r and W2: r -> D have no activation in between. Dropout hits
+    the whole output, residual h included (official behaviour; it makes the intervention noisy at train time).
+    Official names: rotate_layer = R, learned_source = W_s, image_feature_learned_weight = (W1, W2).
+    """
+
+    def __init__(self, d_llm: int, d_img: int, rank: int, dropout: float, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.R = nn.Parameter(nn.init.orthogonal_(torch.empty(d_llm, rank)))
+        self.W_s = nn.Linear(d_llm if mode == "plain" else 2 * d_llm, rank)
+        if mode != "plain":
+            self.W1, self.W2 = nn.Linear(d_img, rank), nn.Linear(rank, d_llm)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h, v):
+        """h (C, n, D) raw LLM states of n positions, v (B, d_img) normalised image features -> (B, C, n, D)."""
+        D = h.shape[-1]
+        s = h @ self.W_s.weight[:, :D].T + self.W_s.bias                     # (C, n, r)
+        if self.mode == "conditional":
+            u = self.W2(self.W1(v))                                           # (B, D)
+            # W_rd (u (.) h) without materialising rd (B, C, n, D): fold u into the weight instead
+            s = s + torch.einsum("cnd,brd->bcnr", h, u[:, None, :] * self.W_s.weight[None, :, D:])
+        elif self.mode == "no-rd":
+            u = self.W2(self.W1(v))
+            s = s + (u @ self.W_s.weight[:, D:].T)[:, None, None, :]          # (B, 1, 1, r)
+        else:  # plain LoReFT does not see the image: compute once per class, share across the batch
+            return self.dropout(h + (s - h @ self.R) @ self.R.T).expand(v.shape[0], -1, -1, -1)
+        delta = (s - h @ self.R) @ self.R.T                                   # (B, C, n, D)
+        return self.dropout(h + delta)
+
+
+class LowRankProj(nn.Module):
+    """Eq. (10): D_L -> d as a rank-r factorisation, y = x A^T B^T. Both factors kaiming-uniform and no alpha/r
+    scale: the official "LoRA projection" is a plain factorised linear map, not a LoRA delta."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int):
+        super().__init__()
+        self.A, self.B = nn.Linear(d_in, rank, bias=False), nn.Linear(rank, d_out, bias=False)
+
+    def forward(self, x):
+        return self.B(self.A(x))
+
+
+class LLMTokens(nn.Module):
+    """One set of (prefix intervention, suffix intervention, projection): the L LLM prompt tokens of one layer."""
+
+    def __init__(self, d_llm: int, d_txt: int, d_img: int, cfg: CILMPConfig):
+        super().__init__()
+        self.p, self.s = cfg.prefix_len, cfg.suffix_len
+        if cfg.mode != "none":
+            self.prefix = Intervention(d_llm, d_img, cfg.rank, cfg.dropout, cfg.mode)
+            self.suffix = Intervention(d_llm, d_img, cfg.rank, cfg.dropout, cfg.mode)
+        self.proj = LowRankProj(d_llm, d_txt, cfg.rank)
+
+    def forward(self, P, v):
+        """P (C, L, D_L) raw representations, v (B, d_img) -> (B, C, L, d) prompt tokens."""
+        B, (C, L, _) = v.shape[0], P.shape
+        if not hasattr(self, "prefix"):  # --no-intervention: projection only, the same for every image
+            return self.proj(P).expand(B, -1, -1, -1)
+        p, s = self.p, self.s
+        mid = self.proj(P[:, p:L - s]).expand(B, -1, -1, -1)                 # untouched positions (B, C, m, d)
+        return torch.cat([self.proj(self.prefix(P[:, :p], v)), mid, self.proj(self.suffix(P[:, L - s:], v))], 2)
+
+
+class CILMP(nn.Module):
+    """Frozen CLIP + the trainable prompt learner. forward(pixels) -> logits (B, C)."""
+
+    def __init__(self, clip: CLIP, reps: torch.Tensor, suffix_ids: torch.Tensor, eot: torch.Tensor,
+                 ctx_init_ids: torch.Tensor, cfg: CILMPConfig):
+        super().__init__()
+        self.clip, self.cfg = clip, cfg
+        clip.requires_grad_(False)  # frozen: no weight grads, no optimizer state (activations still backprop)
+        C, L, D_L = reps.shape
+        assert L >= cfg.prefix_len + cfg.suffix_len, f"LLM representations have {L} positions < prefix + suffix"
+        d, W, E = clip.cfg.text_width, clip.cfg.vision_width, clip.cfg.embed_dim
+        self.L = L
+        # fixed inputs as buffers (so .to(device) moves them and checkpoints don't need them)
+        self.register_buffer("reps", reps.float(), persistent=False)                          # (C, L, D_L)
+        with torch.no_grad():
+            emb = clip.token_embedding.weight
+            self.register_buffer("sos", emb[ctx_init_ids[:1]].float().clone(), persistent=False)   # (1, d)
+            self.register_buffer("suffix", emb[suffix_ids].float().clone(), persistent=False)      # (C, S, d)
+            ctx = emb[ctx_init_ids[1:1 + cfg.n_ctx]].float().clone()
+        self.register_buffer("eot", eot, persistent=False)                                    # (C,)
+        # text context: layer 0 from the words "a photo of a", deeper layers N(0, 0.02) (paper Sec. 4.2)
+        if ctx.shape[0] < cfg.n_ctx:
+            ctx = torch.cat([ctx, torch.randn(cfg.n_ctx - ctx.shape[0], d) * 0.02])
+        self.ctx = nn.Parameter(ctx)                                                          # (n_ctx, d)
+        self.deep_ctx = nn.Parameter(torch.randn(cfg.depth - 1, cfg.n_ctx, d) * 0.02)
+        self.vpt = nn.Parameter(torch.randn(cfg.n_vpt, W) * 0.02)
+        self.deep_vpt = nn.Parameter(torch.randn(cfg.depth - 1, cfg.n_vpt, W) * 0.02)
+        self.llm_tokens = nn.ModuleList(LLMTokens(D_L, d, E, cfg) for _ in range(cfg.depth))
+
+    def trainable_state(self):
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("clip.")}
+
+    def forward(self, pixels):
+        clip, B, n = self.clip, pixels.shape[0], self.cfg.n_ctx
+        C, L = self.reps.shape[:2]
+        f = clip.encode_image(pixels, self.vpt, self.deep_vpt)                              # (B, E)
+        v = F.normalize(f.float(), dim=-1)
+        # Every image gets its own C prompts: B*C text sequences. The text tower is causal, so everything after
+        # the longest EOT is dead weight: cut there (exact, and ~2x less text compute than padding to 77).
+        T = int(self.eot.max()) + 1
+        S = T - 1 - n - L
+        llm0 = self.llm_tokens[0](self.reps, v)                                             # (B, C, L, d)
+        x = torch.cat([self.sos.expand(B, C, 1, -1), self.ctx.expand(B, C, n, -1), llm0,
+                       self.suffix[None, :, :S].expand(B, -1, -1, -1)], 2).flatten(0, 1)    # (B*C, T, d)
+
+        def deep(i, x):  # before block i: new ctx in slots 1..n, this block's own LLM tokens in the next L slots
+            llm = self.llm_tokens[i](self.reps, v).flatten(0, 1).to(x.dtype)               # (B*C, L, d)
+            ctx = self.deep_ctx[i - 1].to(x.dtype).expand(x.shape[0], -1, -1)
+            return torch.cat([x[:, :1], ctx, llm, x[:, 1 + n + L:]], 1)
+
+        depth = self.cfg.depth
+        t = clip.encode_text_embeddings(x, self.eot.repeat(B), deep if depth > 1 else None)  # (B*C, E)
+        t = F.normalize(t.float(), dim=-1).view(B, C, -1)
+        return clip.logit_scale.exp() * torch.einsum("be,bce->bc", v, t)                     # (B, C)
+
+
+def gpa_weights(epochs: int, sigma_frac: float = 0.3):
+    """Gaussian prompt aggregation weights (PromptSRC): w_e ~ N(e; mu=E, sigma=0.3 E), e = 1..E, sum 1.
+    The official config is mu=100, sigma=30 for 100 epochs; we scale sigma with E so short runs behave alike."""
+    e = np.arange(1, epochs + 1)
+    w = np.exp(-0.5 * ((e - epochs) / (sigma_frac * epochs)) ** 2)
+    return (w / w.sum()).tolist()
+
+
+GPA_KEYS = ("ctx", "deep_ctx", "vpt", "deep_vpt")  # prompt tensors only; interventions keep their last value
+
+# ----------------------------------------------------------------------------------------------------------
+# Weight loading: HF safetensors -> our modules through explicit key maps
+
+# HF openai/clip-vit-base-patch16 -> ours. "{}" stands for one dotted component (a layer index, or weight/bias).
+# ("name", "T"): transpose (HF keeps projections as nn.Linear weights, OpenAI CLIP as x @ P).
+# ("name", "q"|"k"|"v"): one third of our fused qkv. None: a key we drop on purpose.
+CLIP_MAP = {
+    "vision_model.embeddings.patch_embedding.weight": "conv1.weight",
+    "vision_model.embeddings.class_embedding": "class_embedding",
+    "vision_model.embeddings.position_embedding.weight": "vision_pos",
+    "vision_model.pre_layrnorm.{}": "ln_pre.{}",          # sic: HF's spelling
+    "vision_model.post_layernorm.{}": "ln_post.{}",
+    "visual_projection.weight": ("visual_proj", "T"),
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "text_pos",
+    "text_model.final_layer_norm.{}": "ln_final.{}",
+    "text_projection.weight": ("text_proj", "T"),
+    "logit_scale": "logit_scale",
+    "vision_model.embeddings.position_ids": None,         # a buffer some exports include
+    "text_model.embeddings.position_ids": None,
+}
+for _tower, _ours in (("vision_model", "vision_blocks"), ("text_model", "text_blocks")):
+    _pre = f"{_tower}.encoder.layers.{{}}."
+    CLIP_MAP |= {
+        _pre + "self_attn.q_proj.{}": (f"{_ours}.{{}}.qkv.{{}}", "q"),
+        _pre + "self_attn.k_proj.{}": (f"{_ours}.{{}}.qkv.{{}}", "k"),
+        _pre + "self_attn.v_proj.{}": (f"{_ours}.{{}}.qkv.{{}}", "v"),
+        _pre + "self_attn.out_proj.{}": f"{_ours}.{{}}.out_proj.{{}}",
+        _pre + "layer_norm1.{}": f"{_ours}.{{}}.ln_1.{{}}",
+        _pre + "layer_norm2.{}": f"{_ours}.{{}}.ln_2.{{}}",
+        _pre + "mlp.fc1.{}": f"{_ours}.{{}}.mlp.0.{{}}",
+        _pre + "mlp.fc2.{}": f"{_ours}.{{}}.mlp.2.{{}}",
+    }
+
+LLAMA_MAP = {
+    "model.embed_tokens.weight": "embed.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "lm_head.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.wq.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.wk.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.wv.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.wo.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.w_gate.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.w_up.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.w_down.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attn_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.mlp_norm.weight",
+    "model.layers.{}.self_attn.rotary_emb.inv_freq": None,   # old exports saved the buffer; we recompute it
+}
+
+
+def map_key(key: str, key_map: dict):
+    """Checkpoint key -> (our key or None, transform) via a template map, or False when no template matches."""
+    for src, dst in key_map.items():
+        parts = src.split("{}")
+        if len(parts) == 1:
+            vals = [] if key == src else None
+        else:  # match the literal pieces left to right; each {} takes exactly one dotted component
+            vals, rest = [], key
+            for j, lit in enumerate(parts):
+                if j == 0:
+                    if not rest.startswith(lit):
+                        vals = None
+                        break
+                    rest = rest[len(lit):]
+                    continue
+                cut = rest.find(".") if lit else len(rest)
+                cut = len(rest) if cut < 0 else cut
+                if cut == 0 or not rest[cut:].startswith(lit):
+                    vals = None
+                    break
+                vals.append(rest[:cut])
+                rest = rest[cut + len(lit):]
+            if vals is not None and rest:
+                vals = None
+        if vals is None:
+            continue
+        if dst is None:
+            return None, None
+        name, how = dst if isinstance(dst, tuple) else (dst, None)
+        return name.format(*vals), how
+    return False
+
+
+def load_state(model: nn.Module, folder: Path, key_map: dict, dtype=None):
+    """Read safetensors lazily, rename through key_map, check every key and shape against `model`, then
+    load_state_dict(assign=True) so a model built on the meta device gets the tensors without a second copy."""
+    sd, found, qkv = {}, {}, {}
+    for k, t in read_safetensors(folder, dtype=dtype).items():
+        m = map_key(k, key_map)
+        if m is False:
+            found[k] = tuple(t.shape)             # unknown: check_keys reports it as unexpected
+            continue
+        name, how = m
+        if name is None:
+            continue
+        if how in ("q", "k", "v"):
+            qkv.setdefault(name, {})[how] = t
+            continue
+        sd[name] = t.T.contiguous() if how == "T" else t
+    for name, parts in qkv.items():               # fuse q, k, v (only when all three are present)
+        if set(parts) == {"q", "k", "v"} and len({p.shape[1:] for p in parts.values()}) == 1:
+            sd[name] = torch.cat([parts["q"], parts["k"], parts["v"]], 0)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if getattr(model, "cfg", None) is not None and getattr(model.cfg, "tie_embeddings", False):
+        expected.pop("lm_head.weight", None)      # tied: the checkpoint has only the embedding
+    check_keys(expected, found | {k: tuple(v.shape) for k, v in sd.items()}, source=str(folder))
+    model.load_state_dict(sd, strict=False, assign=True)
+    return model
+
+
+def clip_config_from_hf(hf: dict) -> CLIPConfig:
+    v, t = hf["vision_config"], hf["text_config"]
+    for c in (v, t):
+        if c.get("hidden_act", "quick_gelu") != "quick_gelu":
+            raise WeightsError(f"CLIP hidden_act {c['hidden_act']!r}: this file implements OpenAI's quick_gelu only")
+    return CLIPConfig(embed_dim=hf.get("projection_dim", 512), image_size=v["image_size"], patch_size=v["patch_size"],
+                      vision_width=v["hidden_size"], vision_layers=v["num_hidden_layers"],
+                      vision_heads=v["num_attention_heads"], vision_mlp=v["intermediate_size"],
+                      text_mlp=t["intermediate_size"], context_length=t.get("max_position_embeddings", 77),
+                      vocab_size=t.get("vocab_size", 49408), text_width=t["hidden_size"],
+                      text_layers=t["num_hidden_layers"], text_heads=t["num_attention_heads"],
+                      eps=v.get("layer_norm_eps", 1e-5))
+
+
+def llama_config_from_hf(hf: dict) -> LlamaConfig:
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise WeightsError("this Llama checkpoint uses attention/mlp biases, which this file does not implement")
+    return LlamaConfig(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
+                       n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+                       ffn_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"], norm_eps=hf["rms_norm_eps"],
+                       rope_theta=hf.get("rope_theta", 10000.0), rope_scaling=hf.get("rope_scaling"),
+                       max_seq_len=hf.get("max_position_embeddings", 4096),
+                       tie_embeddings=hf.get("tie_word_embeddings", False))
+
+
+def load_clip(path, dtype=None) -> CLIP:
+    """HF CLIPModel folder (config.json + *.safetensors) -> our CLIP, built on the meta device, every key checked."""
+    folder = resolve(path)
+    with torch.device("meta"):
+        model = CLIP(clip_config_from_hf(load_config(folder)))
+    return load_state(model, folder, CLIP_MAP, dtype)
+
+
+def load_llama(path, dtype=torch.bfloat16, device="cpu") -> Llama:
+    """HF LlamaForCausalLM folder (sharded or not) -> our Llama in `dtype`, one copy in memory (meta + assign)."""
+    folder = resolve(path)
+    cfg = llama_config_from_hf(load_config(folder))
+    with torch.device("meta"):
+        model = Llama(cfg)
+    # tied embeddings: some exports still write lm_head.weight (a copy of the embedding); drop it
+    load_state(model, folder, LLAMA_MAP | ({"lm_head.weight": None} if cfg.tie_embeddings else {}), dtype)
+    if model.cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    model.setup_rope("cpu")
+    return model.to(device).eval()
+
+# ----------------------------------------------------------------------------------------------------------
+# LLM representations (paper Sec. 3.2.1): ask, answer greedily, keep the last token of every layer
+
+
+def chat_ids(tok, question: str, chat: str) -> list[int]:
+    """The instruct models' own chat formats, written out (no jinja): the user turn, then the assistant header."""
+    if chat == "llama3":
+        text = (f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{question}<|eot_id|>"
+                f"<|start_header_id|>assistant<|end_header_id|>\n\n")
+        return tok.encode(text, add_special_tokens=False).ids
+    if chat == "llama2":  # "<s>[INST] q [/INST]"; the sentencepiece tokenizer adds <s> itself
+        return tok.encode(f"[INST] {question.strip()} [/INST]", add_special_tokens=True).ids
+    raise ValueError(f"unknown chat format {chat!r}")
+
+
+def stop_ids(tok, chat: str) -> list[int]:
+    names = ["<|eot_id|>", "<|end_of_text|>"] if chat == "llama3" else ["</s>"]
+    return [i for i in (tok.token_to_id(n) for n in names) if i is not None]
+
+
+@torch.no_grad()
+def llm_representations(llm: Llama, tok, classnames, chat: str, max_new_tokens: int = 128, log=print):
+    """-> (C, n_layers, D) float32 tensor and the C generated descriptions.
+
+    For each class: chat-format the question, generate greedily, append the end-of-turn token if the answer was
+    cut at max_new_tokens, re-run the whole sequence and keep the last token's hidden state after every layer
+    (hidden_states[1:], the last one after the final norm as HF returns it). One class at a time: C is small and
+    this runs once per (LLM, dataset, prompt), never during training."""
+    dev, stops = llm.embed.weight.device, stop_ids(tok, chat)
+    reps, texts = [], []
+    for i, name in enumerate(classnames):
+        t0 = time.time()
+        ids = torch.tensor([chat_ids(tok, QUESTION.format(name), chat)], device=dev)
+        new = llm.generate(ids, max_new_tokens, stops)
+        if stops and (not new or new[-1] not in stops):
+            new.append(stops[0])
+        full = torch.cat([ids, torch.tensor([new], device=dev)], 1)
+        reps.append(llm.hidden_states(full)[1:, 0, -1].float().cpu())          # (n_layers, D)
+        texts.append(tok.decode(new, skip_special_tokens=True).strip())
+        log(f"  [{i + 1}/{len(classnames)}] {name}: {len(new)} tokens, {time.time() - t0:.1f}s")
+    return torch.stack(reps), texts
+
+
+def get_representations(args, classnames, dist_info: R.Dist):
+    """Cached per (LLM, dataset classes, question): cache/llm_reps/<llm>/<key>.safetensors + .json beside it.
+    Rank 0 computes, the others wait and read."""
+    from safetensors.torch import load_file, save_file
+    key = hashlib.sha1(json.dumps([args.llm, args.llm_path, classnames, QUESTION, args.max_new_tokens,
+                                   args.seed if args.llm == "tiny" else 0]).encode()).hexdigest()[:12]
+    path = Path(args.cache_dir) / "llm_reps" / args.llm / f"{args.data}-{key}.safetensors"
+    if not path.exists() and dist_info.is_main:
+        print(f"LLM representations: {args.llm} on {len(classnames)} classes (once; cached at {path})")
+        if args.llm == "tiny":
+            cfg = LLM_PRESETS["tiny"]["config"]
+            tok = load_tokenizer(REPO / "common" / "tokenizers" / "llama_tiny.json")
+            cfg = LlamaConfig(**(asdict(cfg) | {"vocab_size": tok.get_vocab_size()}))
+            torch.manual_seed(args.seed)
+            llm = Llama(cfg).eval()
+            for p in llm.parameters():  # default init is too tame for a random "LLM" to say different things
+                nn.init.normal_(p, 0, 0.5) if p.ndim > 1 else None
+        else:
+            folder = resolve(args.llm_path or LLM_PRESETS[args.llm]["repo"])
+            tok = load_tokenizer(folder / "tokenizer.json")
+            dtype = torch.bfloat16 if args.device != "cpu" or args.llm_dtype == "bf16" else torch.float32
+            llm = load_llama(folder, dtype=dtype, device=dist_info.device)
+        reps, texts = llm_representations(llm, tok, classnames, LLM_PRESETS[args.llm]["chat"], args.max_new_tokens)
+        del llm
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"reps": reps.contiguous()}, str(tmp))
+        json_path = path.with_suffix(".json")
+        json_path.write_text(json.dumps({"llm": args.llm, "question": QUESTION, "classes": classnames,
+                                         "descriptions": texts}, indent=2) + "\n")
+        os.replace(tmp, path)
+        for name, text in list(zip(classnames, texts))[:3]:
+            print(f"  {name!r}: {text[:200]!r}{'...' if len(text) > 200 else ''}")
+        print(f"  (all descriptions: {json_path})")
+    if dist_info.enabled:
+        torch.distributed.barrier()
+    return load_file(str(path))["reps"]
+
+
+def load_tokenizer(path):
+    from tokenizers import Tokenizer
+    if not Path(path).exists():
+        raise WeightsError(f"{path}: tokenizer.json not found (it ships with the HF checkpoint folder)")
+    return Tokenizer.from_file(str(path))
+
+
+def prompt_tokens(tok, classnames, n_ctx: int, L: int, context_length: int):
+    """Token ids for the fixed parts of "[SOS] [ctx x n_ctx] [LLM x L] {class}. [EOT]" with CLIP's tokenizer.
+
+    -> ctx_init_ids ([SOS] + "a photo of a" ids), suffix_ids (C, S) = "{class}." + [EOT] (padded with EOT),
+       eot (C,) = EOT position in the full sequence = 1 + n_ctx + L + len(class tokens) + 1."""
+    init = tok.encode("a photo of a").ids                       # [SOS] a photo of a [EOT]
+    sos, eot_id = init[0], init[-1]
+    suffix = [tok.encode(name.replace("_", " ") + ".").ids[1:] for name in classnames]  # drop SOS, keep EOT
+    S = max(len(s) for s in suffix)
+    eot = torch.tensor([1 + n_ctx + L + len(s) - 1 for s in suffix])
+    if int(eot.max()) + 1 > context_length:
+        longest = classnames[int(eot.argmax())]
+        raise DataError(f"prompt for class {longest!r} needs {int(eot.max()) + 1} tokens > CLIP's {context_length}: "
+                        f"shorten the class name or use fewer LLM positions")
+    suffix_ids = torch.tensor([s + [eot_id] * (S - len(s)) for s in suffix])
+    return torch.tensor(init[:-1]), suffix_ids, eot
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data wiring
+
+
+def data_help(name: str, root: Path) -> str:
+    d = DATASETS[name]
+    return (f"dataset {name!r} not found: expected {root / d['split']}.\n"
+            f"  1. download: {d['get']}\n"
+            f"  2. prepare:  python -m common.prepare {name} --src /path/to/the/download   (writes {root})\n"
+            f"  details: data/README.md, section '{name}'")
+
+
+def preflight(args):
+    """Check data and weights before any work, and report everything that is missing in one message."""
+    problems = []
+    root = Path(args.data_dir or REPO / "data" / args.data)
+    if args.data != "demo" and not (root / DATASETS[args.data]["split"]).exists():
+        problems.append(data_help(args.data, root))
+    if args.clip != "tiny":
+        try:
+            resolve(args.clip_path or CLIP_PRESETS[args.clip]["repo"])
+        except WeightsError as e:
+            problems.append(f"CLIP weights ({args.clip}): {e}")
+    cached = list((Path(args.cache_dir) / "llm_reps" / args.llm).glob(f"{args.data}-*.safetensors"))
+    if args.llm != "tiny" and not cached:
+        try:
+            resolve(args.llm_path or LLM_PRESETS[args.llm]["repo"])
+        except WeightsError as e:
+            problems.append(f"LLM weights ({args.llm}, needed once to compute the class representations): {e}")
+    if problems:
+        raise DataError("\n\n".join(problems))
+
+
+def build_data(args, image_size: int):
+    root = Path(args.data_dir or REPO / "data" / args.data)
+    if args.data == "demo":
+        from common.demo import ensure_demo
+        ensure_demo(root)
+    split_file = root / DATASETS[args.data]["split"]
+    if not split_file.exists():
+        raise DataError(data_help(args.data, root))
+    train = ClassificationDataset(root, split_file, "train", train_transform(image_size, CLIP_MEAN, CLIP_STD))
+    test = ClassificationDataset(root, split_file, "test", eval_transform(image_size, CLIP_MEAN, CLIP_STD))
+    want = DATASETS[args.data]["classes"]
+    if want is not None and [c.lower() for c in train.classnames] != [c.lower() for c in want]:
+        print(f"note: class names in {split_file} differ from the paper's: {train.classnames} vs {want}; "
+              "using the file's (they are the prompt words)")
+    return train, test
+
+
+def build_clip(args):
+    """-> (frozen CLIP, CLIP tokenizer). tiny: random weights with a fixed seed (it plays the "pretrained" model,
+    so it must not change with --seed) and the small CLIP-format tokenizer shipped in common/tokenizers."""
+    if args.clip == "tiny":
+        tok = load_tokenizer(REPO / "common" / "tokenizers" / "clip_tiny.json")
+        cfg = CLIPConfig(**(asdict(CLIP_PRESETS["tiny"]["config"]) | {"vocab_size": tok.get_vocab_size()}))
+        return CLIP(cfg).init_random(seed=0), tok
+    folder = resolve(args.clip_path or CLIP_PRESETS[args.clip]["repo"])
+    return load_clip(folder), load_tokenizer(folder / "tokenizer.json")
+
+
+def build_model(args, clip, tok, classnames, reps) -> CILMP:
+    mode = ("none" if args.no_intervention else "plain" if args.no_conditional else
+            "no-rd" if args.no_rd else "conditional")
+    cfg = CILMPConfig(n_ctx=args.n_ctx, prefix_len=args.prefix_len, suffix_len=args.suffix_len, rank=args.rank,
+                      dropout=args.dropout, mode=mode)
+    ctx_ids, suffix_ids, eot = prompt_tokens(tok, classnames, cfg.n_ctx, reps.shape[1], clip.cfg.context_length)
+    torch.manual_seed(args.seed)  # trainable init depends on the seed only (not on what ran before)
+    return CILMP(clip, reps, suffix_ids, eot, ctx_ids, cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+
+def lr_at(epoch: int, args) -> float:
+    """Dassl's schedule as the official config sets it: `warmup_epochs` at a constant warmup_lr, then cosine
+    decay stepped once per epoch over the remaining epochs (epoch e >= w: lr * (1 + cos(pi (e - w) / E)) / 2)."""
+    if epoch < args.warmup_epochs:
+        return args.warmup_lr
+    return args.lr * 0.5 * (1 + math.cos(math.pi * (epoch - args.warmup_epochs) / args.epochs))
+
+
+def reseed_loader(loader, epoch: int, seed: int):
+    """Make epoch e's shuffle and worker seeds a function of (seed, e) only, so --resume replays them exactly."""
+    from common.data import set_epoch
+    set_epoch(loader, epoch)                                  # DistributedSampler
+    g = getattr(loader.sampler, "generator", None)
+    if g is not None:
+        g.manual_seed(seed * 1000 + epoch)                    # single-process RandomSampler
+    if loader.generator is not None:
+        loader.generator.manual_seed(seed * 1000 + epoch + 7)
+
+
+def train(args, D: R.Dist, run_dir: Path):
+    R.seed_everything(args.seed, D.rank)
+    clip, tok = build_clip(args)
+    train_ds, test_ds = build_data(args, clip.cfg.image_size)
+    classnames = train_ds.classnames
+    reps = get_representations(args, classnames, D)                                  # (C, L, D_L)
+    model = build_model(args, clip, tok, classnames, reps).to(D.device)
+    if args.precision != "fp32":  # frozen tower stored in the compute dtype; trainables stay fp32
+        model.clip.to(R.PRECISIONS[args.precision])
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in params)
+    if D.is_main:
+        print(f"CILMP: {n_train:,} trainable parameters ({cfg_summary(model)}); CLIP frozen "
+              f"({sum(p.numel() for p in model.clip.parameters()):,})")
+    # SGD on every trainable tensor with the same weight decay, as Dassl does
+    opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    scaler = R.make_scaler(args.precision, D.device)
+    net = model
+    if D.enabled:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[D.device.index] if D.device.type == "cuda" else None)
+    if args.compile:
+        net = torch.compile(net)
+    loader = make_loader(train_ds, args.batch_size, shuffle=True, num_workers=args.num_workers,
+                         drop_last=D.enabled, seed=args.seed)
+    gpa_w = gpa_weights(args.epochs)
+    gpa = {k: torch.zeros_like(getattr(model, k)) for k in GPA_KEYS}
+    start, step = 0, 0
+    if args.resume:
+        ck = R.load_checkpoint(run_dir)
+        if ck is not None:
+            tensors, state = ck
+            model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("gpa.")}, strict=False)
+            gpa = {k: tensors["gpa." + k].to(D.device) for k in GPA_KEYS}
+            opt.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            R.set_rng_state(state["rng"][D.rank] if isinstance(state["rng"], list) else state["rng"])
+            start, step = state["epoch"], state["step"]
+            if D.is_main:
+                print(f"resumed from {run_dir}/ckpt at epoch {start}, step {step}")
+    log = R.JsonlLog(run_dir / "metrics.jsonl", D.is_main)
+    total = args.epochs * len(loader) if args.steps is None else min(args.steps, args.epochs * len(loader))
+    prog = R.Progress(total, "train", D.is_main, every=args.print_every, start=step)
+    for epoch in range(start, args.epochs):
+        if step >= total:
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_at(epoch, args)
+        reseed_loader(loader, epoch, args.seed)
+        net.train()
+        for x, y in loader:
+            x, y = x.to(D.device, non_blocking=True), y.to(D.device, non_blocking=True)
+            with R.autocast(D.device, args.precision):
+                logits = net(x)                                                  # (B, C)
+            loss = F.cross_entropy(logits.float(), y)
+            seen = loss.detach().clone()
+            if D.enabled:  # every rank must stop together, or the others hang in the next all-reduce
+                torch.distributed.all_reduce(seen)
+            R.check_finite(seen, step)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            step += 1
+            if step % args.log_every == 0 or step == total:
+                log.log(step=step, epoch=epoch, loss=loss.item(), lr=opt.param_groups[0]["lr"])
+            prog.update(1, epoch=epoch, loss=loss.item(), lr=opt.param_groups[0]["lr"])
+            if step >= total:
+                break
+        with torch.no_grad():  # Gaussian prompt aggregation: a weighted running sum of the prompt tensors
+            for k in GPA_KEYS:
+                gpa[k] += gpa_w[epoch] * getattr(model, k).detach()
+        rng = R.rng_state()
+        if D.enabled:
+            box = [None] * D.world_size
+            torch.distributed.all_gather_object(box, rng)
+            rng = box
+        if D.is_main:
+            R.save_checkpoint(run_dir, model.trainable_state() | {"gpa." + k: v for k, v in gpa.items()},
+                              {"epoch": epoch + 1, "step": step, "optimizer": opt.state_dict(),
+                               "scaler": scaler.state_dict(), "rng": rng})
+        if D.enabled:
+            torch.distributed.barrier()
+    finished = step >= total or args.epochs == 0
+    if finished and step == args.epochs * len(loader):  # GPA only for a complete schedule (weights sum to 1)
+        with torch.no_grad():
+            for k in GPA_KEYS:
+                getattr(model, k).copy_(gpa[k])
+    if D.is_main:
+        from safetensors.torch import save_file
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.trainable_state().items()},
+                  str(run_dir / "trainable.safetensors"))
+    return model, test_ds
+
+
+def cfg_summary(model: CILMP) -> str:
+    c = model.cfg
+    return (f"mode {c.mode}, L {model.L}, prefix {c.prefix_len}, suffix {c.suffix_len}, rank {c.rank}, "
+            f"n_ctx {c.n_ctx}, depth {c.depth}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(model: CILMP, ds, args, device) -> dict:
+    """Test-set logits -> ACC, macro-F1, AUROC (one-vs-rest macro on softmax), Cohen's kappa (unweighted and
+    quadratic), per-class table and confusion matrix, all from common/metrics."""
+    model.eval()
+    loader = make_loader(ds, args.eval_batch_size, shuffle=False, num_workers=args.num_workers)
+    ys, probs = [], []
+    for x, y in loader:
+        with R.autocast(device, args.precision):
+            logits = model(x.to(device))
+        probs.append(logits.float().softmax(-1).cpu())
+        ys.append(y)
+    p, y = torch.cat(probs).numpy(), torch.cat(ys).numpy()
+    return M.classification_report(y, p.argmax(1), p, ds.classnames)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Benchmark: real-size models with random weights
+
+
+def run_bench(args, D: R.Dist):
+    """One CILMP train step at the paper's size (ViT-B/16 CLIP, 32 x 4096 LLM representations, C = 7), and the
+    vision tower alone (the block ../shared/bench/hf_baselines.py --which vit-lora times with HF + peft)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    dev, B, C = D.device, args.batch_size or 8, 7
+    precisions = [args.precision] if args.precision_given else (["bf16"] if dev.type == "cuda" else ["fp32", "bf16"])
+    torch.manual_seed(0)
+    clip = CLIP(CLIPConfig()).init_random(0)
+    reps = torch.randn(C, 32, 4096)
+    ctx_ids = torch.tensor([49406, 320, 1125, 539, 320])                  # SOS "a photo of a" in CLIP's vocab
+    suffix_ids = torch.randint(1000, 40000, (C, 6))
+    suffix_ids[:, 4:] = 49407                                             # "{3-token name} ." then EOT
+    eot = torch.full((C,), 1 + 4 + 32 + 4)
+    rows = []
+    for prec in precisions:
+        model = CILMP(clip, reps, suffix_ids, eot, ctx_ids, CILMPConfig()).to(dev)
+        if prec != "fp32":
+            model.clip.to(R.PRECISIONS[prec])
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+        x, y = torch.randn(B, 3, 224, 224, device=dev), torch.randint(0, C, (B,), device=dev)
+
+        def step_full():
+            with R.autocast(dev, prec):
+                loss = F.cross_entropy(model(x).float(), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        def step_vision():
+            with R.autocast(dev, prec):
+                f = model.clip.encode_image(x, model.vpt, model.deep_vpt)
+            f.float().pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for name, fn in (("CILMP train step", step_full), ("CLIP ViT-B/16 vision + deep VPT", step_vision)):
+            with FlopCounterMode(display=False) as fc:
+                fn()
+            r = R.bench(fn, items=B, flops_per_step=fc.get_total_flops(), device=dev, dtype=R.PRECISIONS[prec],
+                        warmup=1, steps=args.bench_steps)
+            rows.append(dict(what=name, precision=prec, batch=B, **r))
+            print(f"{name:34s} {prec:5s} B={B} | step {r['step_ms']:8.1f} ms | {r['items_per_s']:7.2f} img/s | "
+                  f"{r['tflops']:.3f} TFLOP/s | MFU {100 * r['mfu']:5.1f}% of measured matmul peak "
+                  f"{r['matmul_peak_tflops']:.2f} TFLOP/s | peak mem {r['peak_mem_mb']:.0f} MB", flush=True)
+        print(f"trainable parameters at this size: {sum(p.numel() for p in params):,}")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="CILMP: conditional intervention of LLM representations for prompt "
+                                "tuning of CLIP (defaults: the paper's recipe on real data, a short demo on "
+                                "--data demo).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # data and run
+    p.add_argument("--data", default="demo", choices=list(DATASETS), help="dataset preset (data/README.md)")
+    p.add_argument("--data-dir", default=None, help="dataset folder (default data/<data>)")
+    p.add_argument("--out", default=None, help="run folder (default runs/cilmp/<data>/<time>)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (paper: 100; demo: 12)")
+    p.add_argument("--steps", type=int, default=None, help="stop after this many optimizer steps (for smoke runs)")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch per process (paper: 64)")
+    p.add_argument("--eval-batch-size", type=int, default=100, help="evaluation batch (official: 100)")
+    p.add_argument("--lr", type=float, default=None, help="SGD learning rate (paper: 0.0025)")
+    p.add_argument("--warmup-lr", type=float, default=None, help="constant lr of the warm-up epochs (paper: 1e-5)")
+    p.add_argument("--warmup-epochs", type=int, default=1, help="constant-lr warm-up epochs before the cosine")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay on all trainables (Dassl)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="compute precision (default bf16 on CUDA, fp32 on CPU); fp16 adds a GradScaler")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=1, help="random seed")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 1,2,3: one run each, then mean +- std")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--eval-only", action="store_true", help="evaluate the weights of --resume RUN_DIR, no training")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow first step)")
+    p.add_argument("--bench", action="store_true", help="time a train step at the paper's size with random weights")
+    p.add_argument("--bench-steps", type=int, default=3, help="timed steps for --bench (median reported)")
+    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default 8 on CUDA, 0 on CPU)")
+    p.add_argument("--log-every", type=int, default=10, help="write the loss to metrics.jsonl every N steps")
+    p.add_argument("--print-every", type=float, default=10.0, help="seconds between progress lines")
+    # models
+    p.add_argument("--clip", choices=list(CLIP_PRESETS), default=None, help="CLIP preset (real data: vit-b16)")
+    p.add_argument("--clip-path", default=None, help="HF CLIP folder or repo id (overrides the preset's repo)")
+    p.add_argument("--llm", choices=list(LLM_PRESETS), default=None, help="LLM preset (real data: llama3-8b)")
+    p.add_argument("--llm-path", default=None, help="HF Llama folder or repo id (overrides the preset's repo)")
+    p.add_argument("--llm-dtype", choices=["bf16", "fp32"], default="bf16", help="LLM weights dtype on CPU")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="LLM answer length (paper: 128; demo: 24)")
+    p.add_argument("--cache-dir", default=str(REPO / "cache"), help="where LLM representations are cached")
+    # method
+    p.add_argument("--n-ctx", type=int, default=4, help="learnable text context tokens")
+    p.add_argument("--prefix-len", type=int, default=4, help="LLM positions edited by the prefix intervention (p)")
+    p.add_argument("--suffix-len", type=int, default=4, help="LLM positions edited by the suffix intervention (s)")
+    p.add_argument("--rank", type=int, default=8, help="LoReFT subspace / projection rank (r)")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout on the intervention output")
+    p.add_argument("--no-rd", action="store_true", help="ablation: condition on the image without the relationship descriptor")
+    p.add_argument("--no-conditional", action="store_true", help="ablation: plain LoReFT (Eq. 11)")
+    p.add_argument("--no-intervention", action="store_true", help="ablation: project the LLM representations only")
+    args = p.parse_args(argv)
+    recipe = DEMO_RECIPE if args.data == "demo" else PAPER_RECIPE
+    for k in ("epochs", "batch_size", "lr", "warmup_lr", "clip", "llm"):
+        if getattr(args, k) is None:
+            setattr(args, k, recipe[k])
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 24 if args.llm == "tiny" else 128
+    args.precision_given = args.precision is not None
+    cuda = torch.cuda.is_available() and (args.device is None or args.device.startswith("cuda"))
+    args.device = args.device or ("cuda" if cuda else "cpu")
+    if args.precision is None:
+        args.precision = "bf16" if cuda else "fp32"
+    if args.num_workers is None:
+        args.num_workers = 8 if cuda else 0
+    if args.eval_only and not args.resume:
+        p.error("--eval-only needs --resume RUN_DIR (the run whose weights to evaluate)")
+    return args
+
+
+def run_one(args, D: R.Dist) -> dict:
+    preflight(args)
+    run_dir = Path(args.resume) if args.resume else R.make_run_dir("cilmp", args.data, args.out, vars(args), D.is_main)
+    if args.eval_only:
+        from safetensors.torch import load_file
+        clip, tok = build_clip(args)
+        train_ds, test_ds = build_data(args, clip.cfg.image_size)
+        reps = get_representations(args, train_ds.classnames, D)
+        model = build_model(args, clip, tok, train_ds.classnames, reps).to(D.device)
+        final = run_dir / "trainable.safetensors"
+        if not final.exists():
+            raise DataError(f"{final} not found: the run in {run_dir} has not finished (resume it first)")
+        model.load_state_dict(load_file(str(final), device=str(D.device)), strict=False)
+    else:
+        model, test_ds = train(args, D, run_dir)
+    if not D.is_main:
+        return {}
+    report = evaluate(model, test_ds, args, D.device)
+    (run_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(M.format_table(report))
+    print(f"run folder: {run_dir}")
+    return report
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    D = R.setup_distributed(args.device)
+    try:
+        if args.bench:
+            run_bench(args, D)
+            return 0
+        if args.seeds:
+            seeds, reports = [int(s) for s in args.seeds.split(",")], []
+            base = Path(args.out) if args.out else None
+            for s in seeds:
+                args.seed = s
+                args.out = str(base / f"seed{s}") if base else None
+                reports.append(run_one(args, D))
+            if D.is_main:
+                keys = ["acc", "f1_macro", "auroc", "kappa", "kappa_quadratic"]
+                summary = {k: {"mean": float(np.mean([r[k] for r in reports])),
+                               "std": float(np.std([r[k] for r in reports]))} for k in keys}
+                print("over seeds " + ", ".join(map(str, seeds)) + ": " +
+                      "  ".join(f"{k} {100 * v['mean']:.2f} +- {100 * v['std']:.2f}" for k, v in summary.items()))
+                if base:
+                    base.mkdir(parents=True, exist_ok=True)
+                    (base / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        else:
+            run_one(args, D)
+        return 0
+    except (DataError, WeightsError) as e:  # user-fixable: a message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except R.NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        R.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
