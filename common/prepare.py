@@ -236,7 +236,8 @@ class Output:
     """
 
     def __init__(self, out, src, copy=False, max_side=None, link_raw=True):
-        self.out, self.src = Path(out), Path(src).resolve()
+        # abspath, not resolve(): symlinks inside the download stay as they are (and it is cheap per image)
+        self.out, self.src = Path(out), Path(os.path.abspath(src))
         self.copy, self.max_side = copy or bool(max_side), max_side
         self.link_raw = link_raw
         self.tmp = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
@@ -244,8 +245,9 @@ class Output:
 
     def __enter__(self):
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        for old in self.out.parent.glob(f".{self.out.name}.partial-*"):  # left by a killed run
-            shutil.rmtree(old, ignore_errors=True)
+        for pattern in (f".{self.out.name}.partial-*", f".{self.out.name}.old-*"):  # left by a killed run
+            for old in self.out.parent.glob(pattern):
+                shutil.rmtree(old, ignore_errors=True)
         self.tmp.mkdir()
         if self.link_raw and not self.copy:
             os.symlink(self.src, self.tmp / "raw", target_is_directory=True)
@@ -265,7 +267,7 @@ class Output:
     def place(self, path):
         """Reference a source file from data/NAME; copies (and shrinks) it with --copy / --max-side."""
         path = Path(path)
-        rel = Path(os.path.relpath(path.resolve(), self.src))
+        rel = Path(os.path.relpath(os.path.abspath(path), self.src))
         if rel.parts and rel.parts[0] == "..":
             raise DataError(f"{path} is outside the source folder {self.src}")
         if self.copy:
@@ -1073,8 +1075,11 @@ def run(name, src, out=None, *, seed=0, copy=False, max_side=None, force=False):
             return json.loads((out / "prepare.json").read_text())
         raise DataError(f"{out} exists but has no prepare.json (not ours, or an old layout); "
                         f"remove it or pass --force")
-    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+    s, o = src.resolve(), out.resolve()
+    if o == s or s in o.parents:
         raise DataError(f"--out {out} is inside --src {src}: the source is never modified; choose another --out")
+    if o in s.parents:
+        raise DataError(f"--src {src} is inside --out {out}, which a rebuild replaces; move the download first")
     return CONVERTERS[name](src, out, seed=seed, copy=copy, max_side=max_side)
 
 
