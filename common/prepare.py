@@ -167,6 +167,14 @@ def read_csv(path, required=(), delimiter=None):
     return rows
 
 
+def number(value, where, kind=float):
+    """kind(value), or DataError naming where the bad cell is (no bare ValueError from deep inside)."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise DataError(f"{where}: expected a number, got {value!r}") from None
+
+
 def check_exists(paths, dataset, limit=5):
     """DataError listing (the first few) missing files: a partial download should fail before any writing."""
     missing = [str(p) for p in paths if not os.path.isfile(p)]
@@ -373,7 +381,7 @@ def prepare_isic(src, out, *, seed=0, copy=False, max_side=None):
         rows = read_csv(gt, ["image"] + cols)
         out_rows = []
         for r in rows:
-            onehot = [float(r[c]) for c in cols]
+            onehot = [number(r[c], f"{gt}, image {r['image']}, column {c}") for c in cols]
             if sorted(onehot) != [0.0] * 6 + [1.0]:
                 raise DataError(f"{gt}: image {r['image']} is not one-hot over {cols}: {onehot}")
             out_rows.append((folder / f"{r['image']}.jpg", onehot.index(1.0)))
@@ -391,7 +399,9 @@ def prepare_isic(src, out, *, seed=0, copy=False, max_side=None):
 
 
 def _medmnist_npz(src, flag):
-    """The MedMNIST npz for `flag` (any size variant), whether --src is the file or its folder."""
+    """The MedMNIST npz for `flag` (any size variant), whether --src is the file or its folder.
+
+    With several sizes in one folder the first by name (the 28x28 one) wins: pass the file you want as --src."""
     if src.is_file():
         return src
     hits = sorted(src.glob(f"{flag}*.npz"))
@@ -439,7 +449,7 @@ def prepare_derm7pt(src, out, *, seed=0, copy=False, max_side=None):
     rows = read_csv(meta, ["diagnosis", "derm"])
     items_raw = {}
     for split, fname in (("train", "train_indexes.csv"), ("val", "valid_indexes.csv"), ("test", "test_indexes.csv")):
-        idx = [int(r["indexes"]) for r in read_csv(root / "meta" / fname, ["indexes"])]
+        idx = [number(r["indexes"], root / "meta" / fname, int) for r in read_csv(root / "meta" / fname, ["indexes"])]
         bad = [i for i in idx if not 0 <= i < len(rows)]
         if bad:
             raise DataError(f"{root / 'meta' / fname}: indexes {bad[:5]} outside meta.csv's {len(rows)} rows")
@@ -467,7 +477,7 @@ def prepare_aptos2019(src, out, *, seed=0, copy=False, max_side=None):
     rows = read_csv(csv_path, ["id_code", "diagnosis"])
     paths, labels = [], []
     for r in rows:
-        y = int(r["diagnosis"])
+        y = number(r["diagnosis"], f"{csv_path}, id_code {r['id_code']}", int)
         if not 0 <= y < len(names):
             raise DataError(f"{csv_path}: diagnosis {y} for {r['id_code']} outside 0..4")
         paths.append(img_dir / f"{r['id_code']}.png")

@@ -203,6 +203,9 @@ def test_isic_bad_ground_truth(tmp_path):
     write_csv(gt, ["image"] + ISIC_COLS, [["ISIC_0000007"] + ["1.0", "1.0"] + ["0.0"] * 5])
     with pytest.raises(DataError, match="not one-hot"):
         prepare.run("isic", src, tmp_path / "isic")
+    write_csv(gt, ["image"] + ISIC_COLS, [["ISIC_0000007"] + ["yes"] + ["0.0"] * 6])
+    with pytest.raises(DataError, match="ISIC_0000007, column MEL: expected a number, got 'yes'"):
+        prepare.run("isic", src, tmp_path / "isic")
     write_csv(gt, ["image"] + ISIC_COLS, [["ISIC_0000777"] + ["1.0"] + ["0.0"] * 6])
     with pytest.raises(DataError, match="missing, e.g."):
         prepare.run("isic", src, tmp_path / "isic")
