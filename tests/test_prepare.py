@@ -463,12 +463,19 @@ def test_chexpert_5x200(tmp_path, monkeypatch):
     assert len(MultiLabelDataset(out, out / "valid.csv")) == 3
     split = ClassificationDataset(out, out / "split_chexpert5x200.json", "test")
     assert split.classnames == five and split.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
-    import cleft  # the files cleft.py reads for --data chexpert are the ones written here
-    d = cleft.DATASETS["chexpert"]
-    assert all((out / f).is_file() for f in (*d["pairs"], d["split"], *d["five"]))
     monkeypatch.setattr(prepare, "CHEXPERT_5X200_N", 4)
     with pytest.raises(DataError, match="only 3 frontal images have Atelectasis"):
         prepare.run("chexpert", root, tmp_path / "c2")
+
+
+def test_cleft_reads_the_files_written_here():
+    # the contract with cleft.py: the files its --data chexpert / rsna presets open are the ones the converters
+    # write (train.csv, valid.csv, split_chexpert5x200.json; split_rsna.json; see the two tests around this one)
+    import cleft
+    d = cleft.DATASETS["chexpert"]
+    assert (d["dir"], *d["pairs"], d["split"], *d["five"]) == (
+        "chexpert", "train.csv", "valid.csv", "split_chexpert5x200.json", "train.csv", "valid.csv")
+    assert (cleft.DATASETS["rsna"]["dir"], cleft.DATASETS["rsna"]["split"]) == ("rsna", "split_rsna.json")
 
 
 def test_dicom_to_uint8_numbers():
@@ -504,8 +511,6 @@ def test_rsna(tmp_path, monkeypatch):
     ds = ClassificationDataset(out, out / "split_rsna.json", "train")
     x, _ = ds[0]
     assert float(x.max()) == 1.0  # a uniform image scales to 255
-    import cleft
-    assert (out / cleft.DATASETS["rsna"]["split"]).is_file()
     ml = MultiLabelDataset(out, out / "test.csv")
     assert ml.findings == ["Pneumonia"] and ml.labels.sum() == 1
     assert sorted(p.name for p in (out / "images").iterdir())[:2] == ["0000-pid.png", "0001-pid.png"]
