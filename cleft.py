@@ -1,0 +1,1534 @@
+"""CLEFT: language-image contrastive learning with an efficient LLM and prompt fine-tuning, in one file.
+
+Paper: Du, Chang, Dvornek. "CLEFT: Language-Image Contrastive Learning with Efficient Large Language Model and
+Prompt Fine-Tuning" (MICCAI 2024, arXiv 2407.21011). Official code: XYPB/CLEFT (Lightning + peft + torch.hub).
+Hand-written here in plain PyTorch: DINOv2 ViT-B/14 with registers, a GPT-2 family decoder (BioMedLM), and the
+three PEFT methods the paper compares (LoRA, IA3, prefix tuning).
+
+The idea:
+  1. Stage 1, contrastive pre-training. Image -> DINOv2 -> mean of all tokens before the final norm -> Linear(768,
+     512); caption -> frozen GPT-2 LLM + PEFT (LoRA on c_attn) -> hidden state at the first pad (EOS) token ->
+     Linear(D, 512). Symmetric InfoNCE with a learnable temperature:
+        s_ij = exp(t) <img_i, txt_j> / (|img_i| |txt_j|),   L = CE(s, arange) + CE(s^T, arange)
+  2. Stage 2, context prompts. 30 learnable input embeddings, initialised from the tokens of "this is a chest
+     x ray of a patient with ", are prepended to each class name; the encoders are frozen and the prompts learn
+     from a zero-shot classification cross-entropy (paper text). The official code instead trains the ViT with
+     InfoNCE in this stage: --prompt-objective infonce --train-vit.
+  3. Evaluation: zero-shot (class prompts), linear probe and full fine-tune of the ViT, ACC / AUROC / F1 / kappa.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from tokenizers.models import BPE
+from tokenizers.pre_tokenizers import ByteLevel
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import Dataset
+
+from common import metrics as M
+from common import run as R
+from common.data import (CHEXPERT_FINDINGS, ClassificationDataset, DataError, ImageReportDataset, MultiLabelDataset,
+                         caption_from_labels, read_split, val_split_name)
+from common.transforms import (HALF_MEAN, HALF_STD, Compose, Normalize, RandomHorizontalFlip, RandomResizedCrop,
+                               ToRGB, ToTensor, eval_transform)
+from common.weights import WeightsError, check_keys, load_config, read_safetensors, resolve
+
+REPO = Path(__file__).resolve().parent
+
+# ----------------------------------------------------------------------------------------------------------
+# Configs and presets
+
+
+@dataclass
+class ViTConfig:
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    patch_size: int = 14
+    pos_grid: int = 37             # the checkpoint's position-embedding grid (518 / 14); resized to the input's
+    n_registers: int = 4
+    mlp_ratio: int = 4
+    eps: float = 1e-6
+    layerscale: float = 1.0        # LayerScale init (the pretrained values replace it)
+
+
+@dataclass
+class GPT2Config:
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    eps: float = 1e-5
+    scale_by_inverse_layer: bool = False  # HF scale_attn_by_inverse_layer_idx: scores also / (layer + 1)
+    dropout: float = 0.1                   # embd / attn / resid pdrop, all 0.1 in gpt2 and BioMedLM
+    eos_id: int = 50256                    # bos = eos = pad in GPT-2 and BioMedLM
+
+
+@dataclass
+class PEFTConfig:
+    method: str = "lora"           # lora | ia3 | prefix | none
+    r: int = 8                     # LoRA rank
+    alpha: int = 32                # LoRA scaling = alpha / r = 4
+    dropout: float = 0.1           # LoRA dropout on the adapter input
+    n_prefix: int = 20             # prefix tuning: virtual tokens per layer
+
+
+VIT_PRESETS = {
+    "dinov2-reg-b14": dict(repo="facebook/dinov2-with-registers-base", config=ViTConfig()),
+    "tiny": dict(repo=None, config=ViTConfig(dim=64, n_layers=4, n_heads=4, patch_size=8, pos_grid=8)),
+}
+LLM_PRESETS = {  # real sizes written out so --count-params / --bench need no download
+    "biomedlm": dict(repo="stanford-crfm/BioMedLM", config=GPT2Config(
+        vocab_size=28896, dim=2560, n_layers=32, n_heads=20, scale_by_inverse_layer=True, eos_id=28895)),
+    "gpt2": dict(repo="openai-community/gpt2", config=GPT2Config()),
+    "gpt2-medium": dict(repo="openai-community/gpt2-medium", config=GPT2Config(dim=1024, n_layers=24, n_heads=16)),
+    "tiny": dict(repo=None, tokenizer=REPO / "common" / "tokenizers" / "gpt2_tiny.json",
+                 config=GPT2Config(vocab_size=726, n_positions=128, dim=64, n_layers=4, n_heads=4, dropout=0.0,
+                                   eos_id=725)),
+}
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention, shared by both towers
+
+
+MANUAL_ATTENTION = False  # --attn manual: the explicit softmax(QK^T)V below, for reading and inspecting maps
+
+
+def attention(q, k, v, scale: float, mask=None, causal: bool = False, dropout: float = 0.0):
+    """q (B, nh, Tq, hs), k and v (B, nh, Tk, hs) -> (B, nh, Tq, hs). mask (B, 1, Tq, Tk) bool, True = may
+    attend. SDPA by default; the manual path is the same math and tested equal."""
+    if not MANUAL_ATTENTION:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
+                                              scale=scale)
+    att = (q @ k.transpose(-2, -1)) * scale                                  # (B, nh, Tq, Tk)
+    if causal:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf"))
+    att = F.dropout(att.float().softmax(-1).to(q.dtype), dropout, training=dropout > 0)
+    return att @ v
+
+# ----------------------------------------------------------------------------------------------------------
+# DINOv2 ViT with registers (names as in the official torch.hub model, so its checkpoints map one to one)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class ViTAttention(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.nh = cfg.n_heads
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)  # HF stores query, key, value apart; the key map stacks them
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.nh, C // self.nh).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, N, hs)
+        y = attention(q, k, v, scale=(C // self.nh) ** -0.5)                              # (B, nh, N, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, N, C))
+
+
+class ViTMLP(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.dim, cfg.mlp_ratio * cfg.dim)
+        self.fc2 = nn.Linear(cfg.mlp_ratio * cfg.dim, cfg.dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as DINOv2 was trained
+
+
+class ViTBlock(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.eps)
+        self.attn = ViTAttention(cfg)
+        self.ls1 = LayerScale(cfg.dim, cfg.layerscale)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.eps)
+        self.mlp = ViTMLP(cfg)
+        self.ls2 = LayerScale(cfg.dim, cfg.layerscale)
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class DINOv2(nn.Module):
+    """DINOv2 ViT with register tokens. forward(pixels) -> (tokens after the final norm, tokens before it), both
+    (B, 1 + R + h*w, D) in the order [CLS, registers, patches], equal to HF Dinov2WithRegistersModel's
+    last_hidden_state and hidden_states[-1]."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.dim
+        self.patch_embed = nn.Conv2d(3, D, cfg.patch_size, cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.register_tokens = nn.Parameter(torch.zeros(1, cfg.n_registers, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.pos_grid ** 2, D))
+        self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(D, eps=cfg.eps)
+
+    def init_random(self, seed: int = 0):
+        """Random weights for the demo / bench: trunc-normal(0.02) like DINOv2 / HF, LayerNorms at 1 / 0."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("gamma"):
+                p.data.fill_(self.cfg.layerscale)
+            elif "norm" in name:
+                p.data.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias") or name == "register_tokens":
+                p.data.zero_()
+            else:
+                p.data.copy_(torch.randn(p.shape, generator=g).clamp_(-2, 2) * 0.02)
+        return self
+
+    def pos_embed_for(self, h: int, w: int):
+        """Position embeddings for an (h, w) patch grid: the checkpoint's (G, G) grid resized with bicubic +
+        antialias in fp32, exactly as HF and the DINOv2 hub model do (hub: interpolate_offset 0, size=(h, w))."""
+        pos = self.pos_embed
+        G = self.cfg.pos_grid
+        if (h, w) == (G, G):
+            return pos
+        grid = pos[:, 1:].reshape(1, G, G, -1).permute(0, 3, 1, 2)                      # (1, D, G, G)
+        grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+        grid = grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, h * w, -1)               # (1, h*w, D)
+        return torch.cat([pos[:, :1], grid], 1)                                           # (1, 1 + h*w, D)
+
+    def forward(self, pixels):
+        B = pixels.shape[0]
+        x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype))                    # (B, D, h, w)
+        h, w = x.shape[-2:]
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x.flatten(2).transpose(1, 2)], 1)  # (B, 1 + h*w, D)
+        x = x + self.pos_embed_for(h, w)
+        # registers go in after the position embedding (they have none), right after CLS
+        x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]], 1)    # (B, 1 + R + h*w, D)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x), x
+
+# ----------------------------------------------------------------------------------------------------------
+# GPT-2 (pre-LN decoder, learned positions). Weights are nn.Linear (out, in): HF's Conv1D (in, out) is
+# transposed once at load time. Module names follow HF so peft adapter keys map one to one.
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, cfg: GPT2Config, layer: int):
+        super().__init__()
+        self.nh, self.dropout = cfg.n_heads, cfg.dropout
+        self.c_attn = nn.Linear(cfg.dim, 3 * cfg.dim)   # fused q, k, v: LoRA and IA3 attach here, as in peft
+        self.c_proj = nn.Linear(cfg.dim, cfg.dim)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        # BioMedLM sets scale_attn_by_inverse_layer_idx: scores are divided by sqrt(hs) AND by (layer + 1)
+        self.scale = (cfg.dim // cfg.n_heads) ** -0.5 / ((layer + 1) if cfg.scale_by_inverse_layer else 1)
+
+    def forward(self, x, mask, past=None):
+        """x (B, T, D); mask (B, 1, T, P + T) bool or None for plain causal; past = prefix (k, v), each
+        (B, nh, P, hs), prepended to this layer's keys and values (prefix tuning)."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).view(B, T, 3, self.nh, C // self.nh).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
+        if past is not None:
+            k, v = torch.cat([past[0].to(k.dtype), k], 2), torch.cat([past[1].to(v.dtype), v], 2)  # (B, nh, P+T, hs)
+        p = self.dropout if self.training else 0.0
+        y = attention(q, k, v, self.scale, mask=mask, causal=mask is None, dropout=p)          # (B, nh, T, hs)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.dim, 4 * cfg.dim)
+        self.c_proj = nn.Linear(4 * cfg.dim, cfg.dim)   # IA3 scales this layer's INPUT (peft "feedforward")
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2's "gelu_new"
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, cfg: GPT2Config, layer: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.dim, eps=cfg.eps)
+        self.attn = GPT2Attention(cfg, layer)
+        self.ln_2 = nn.LayerNorm(cfg.dim, eps=cfg.eps)
+        self.mlp = GPT2MLP(cfg)
+
+    def forward(self, x, mask, past=None):
+        x = x + self.attn(self.ln_1(x), mask, past)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2(nn.Module):
+    """GPT-2 / BioMedLM body without the LM head. forward -> hidden states after ln_f (B, T, D), equal to HF
+    GPT2Model(...).last_hidden_state (CLEFT replaces the LM head by identity, so these ARE its "logits")."""
+
+    def __init__(self, cfg: GPT2Config):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.wpe = nn.Embedding(cfg.n_positions, cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = nn.ModuleList(GPT2Block(cfg, i) for i in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.dim, eps=cfg.eps)
+        self.prefix = None        # PrefixKV when prefix tuning is on (add_peft)
+        self.grad_ckpt = False    # --grad-ckpt: recompute each block in backward (activation memory / n_layers)
+
+    def init_random(self, seed: int = 0, std: float = 0.02):
+        """Random weights for the demo / bench: N(0, std), residual projections / sqrt(2 n_layers) (GPT-2)."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if "ln" in name:
+                p.data.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias"):
+                p.data.zero_()
+            else:
+                s = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith("c_proj.weight") else std
+                p.data.copy_(torch.randn(p.shape, generator=g) * s)
+        return self
+
+    def forward(self, ids=None, attention_mask=None, embeds=None):
+        """ids (B, T) or embeds (B, T, D) (stage-2 prompts), attention_mask (B, T) 1 = real token. Right padding
+        assumed (pad = eos), so position ids are simply 0..T-1, shifted by P when a prefix is present
+        (HF GPT-2 starts positions at the past length)."""
+        x = self.wte(ids) if embeds is None else embeds                                  # (B, T, D)
+        B, T = x.shape[:2]
+        P = self.prefix.n if self.prefix is not None else 0
+        if P + T > self.cfg.n_positions:
+            raise ValueError(f"sequence of {P + T} tokens > n_positions {self.cfg.n_positions}")
+        x = self.drop(x + self.wpe(torch.arange(P, P + T, device=x.device)))
+        mask = None  # None = plain causal; padding or a prefix need an explicit (B, 1, T, P + T) mask
+        if attention_mask is not None or P:
+            keys = torch.ones(B, P + T, dtype=torch.bool, device=x.device)
+            if attention_mask is not None:
+                keys[:, P:] = attention_mask.bool()
+            causal = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)      # query t sees keys <= P+t
+            mask = causal[None, None] & keys[:, None, None, :]
+        pasts = self.prefix(B) if P else [None] * len(self.h)
+        for blk, past in zip(self.h, pasts):
+            if self.grad_ckpt and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, mask, past, use_reentrant=False)
+            else:
+                x = blk(x, mask, past)
+        return self.ln_f(x)
+
+# ----------------------------------------------------------------------------------------------------------
+# PEFT layers, one class each. Parameter names and shapes are peft's (minus its "base_model.model." prefix and
+# ".default" adapter name), so a peft adapter loads one to one through ADAPTER_MAP below.
+
+
+class LoRALinear(nn.Linear):
+    """LoRA (Hu et al. 2021) on a frozen linear layer:
+
+        y = W x + b + (alpha / r) * B A dropout(x),    A (r, in) kaiming-uniform, B (out, r) = 0
+
+    so the layer equals the pretrained one at step 0. merge() folds W <- W + (alpha/r) B A for inference."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
+        nn.Module.__init__(self)  # not nn.Linear.__init__: we take the pretrained W, b as they are (no copy)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)  # adapters stay fp32 under bf16
+        self.lora_A = nn.Linear(base.in_features, r, **kw)                     # nn.Linear init = kaiming-uniform(a=sqrt 5)
+        self.lora_B = nn.Linear(r, base.out_features, **kw)
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_dropout = nn.Dropout(dropout)
+        self.scaling = alpha / r
+        self.merged = False
+
+    def delta(self):
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling                  # (out, in)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)                                          # W x + b
+        if self.merged:
+            return y
+        a = self.lora_A(self.lora_dropout(x).to(self.lora_A.weight.dtype))              # A dropout(x)  (..., r)
+        return y + (self.lora_B(a) * self.scaling).to(y.dtype)                           # + (alpha/r) B A x
+
+    @torch.no_grad()
+    def merge(self):
+        if self.merged:
+            raise RuntimeError("LoRA already merged; merging twice would add B A twice")
+        self.weight += self.delta().to(self.weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if not self.merged:
+            raise RuntimeError("LoRA is not merged")
+        self.weight -= self.delta().to(self.weight.dtype)
+        self.merged = False
+
+
+class IA3Linear(nn.Linear):
+    """(IA)^3 (Liu et al. 2022) on a frozen linear layer, as peft does it:
+
+        attention (c_attn):        y = (W x + b) * l,   l (out, 1)   -- q, k AND v are scaled (the paper: k, v)
+        feed-forward (mlp.c_proj): y = W (x * l) + b,   l (1, in)
+
+    with l initialised to ones (the layer equals the pretrained one at step 0)."""
+
+    def __init__(self, base: nn.Linear, feedforward: bool):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.feedforward = feedforward
+        shape = (1, base.in_features) if feedforward else (base.out_features, 1)
+        self.ia3_l = nn.Parameter(torch.ones(shape, device=base.weight.device))
+        self.merged = False
+
+    def forward(self, x):
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        l = self.ia3_l.flatten()
+        if self.feedforward:
+            return F.linear((x * l).to(x.dtype), self.weight, self.bias)                # W (x * l) + b
+        y = F.linear(x, self.weight, self.bias)
+        return (y * l).to(y.dtype)                                                       # (W x + b) * l
+
+    @torch.no_grad()
+    def merge(self):
+        if self.merged:
+            raise RuntimeError("IA3 already merged")
+        l = self.ia3_l.to(self.weight.dtype)
+        if self.feedforward:
+            self.weight *= l                    # W (x * l) = (W * l_row) x
+        else:
+            self.weight *= l                    # (W x + b) * l = (l_col * W) x + l * b
+            if self.bias is not None:
+                self.bias *= l.flatten()
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if not self.merged:
+            raise RuntimeError("IA3 is not merged")
+        l = self.ia3_l.to(self.weight.dtype) + 1e-8  # peft's guard against dividing by zero
+        self.weight /= l
+        if not self.feedforward and self.bias is not None:
+            self.bias /= l.flatten()
+        self.merged = False
+
+
+class PrefixKV(nn.Module):
+    """Prefix tuning (Li & Liang 2021) without the reparametrisation MLP (peft prefix_projection=False):
+
+        every layer i attends to [K_i^prefix ; K_i] and [V_i^prefix ; V_i],  K/V^prefix learned (P, D) each
+
+    stored as one embedding table (P, n_layers * 2 * D) laid out [layer0 k, layer0 v, layer1 k, ...], peft's
+    layout; N(0, 1) init like peft's nn.Embedding. Positions of the real tokens then start at P."""
+
+    def __init__(self, n: int, cfg: GPT2Config, device=None):
+        super().__init__()
+        self.n, self.L, self.nh, self.hs = n, cfg.n_layers, cfg.n_heads, cfg.dim // cfg.n_heads
+        self.embedding = nn.Embedding(n, cfg.n_layers * 2 * cfg.dim, device=device)
+
+    def forward(self, B: int):
+        kv = self.embedding.weight.view(self.n, 2 * self.L, self.nh, self.hs).permute(1, 2, 0, 3)  # (2L, nh, P, hs)
+        kv = kv.unsqueeze(1).expand(-1, B, -1, -1, -1)                                             # (2L, B, nh, P, hs)
+        return [(kv[2 * i], kv[2 * i + 1]) for i in range(self.L)]
+
+
+def add_peft(llm: GPT2, cfg: PEFTConfig) -> GPT2:
+    """Put the PEFT method into a (loaded) GPT2, in place, with the targets of the official code (peft's
+    defaults for gpt2): LoRA on attn.c_attn; IA3 on attn.c_attn (output) and mlp.c_proj (input); a prefix."""
+    for blk in llm.h:
+        if cfg.method == "lora":
+            blk.attn.c_attn = LoRALinear(blk.attn.c_attn, cfg.r, cfg.alpha, cfg.dropout)
+        elif cfg.method == "ia3":
+            blk.attn.c_attn = IA3Linear(blk.attn.c_attn, feedforward=False)
+            blk.mlp.c_proj = IA3Linear(blk.mlp.c_proj, feedforward=True)
+    if cfg.method == "prefix":
+        llm.prefix = PrefixKV(cfg.n_prefix, llm.cfg, device=llm.wte.weight.device)
+    elif cfg.method not in ("lora", "ia3", "none"):
+        raise ValueError(f"unknown PEFT method {cfg.method!r} (lora, ia3, prefix, none)")
+    return llm
+
+
+def is_adapter(name: str) -> bool:
+    """The filter that says which parameters are the PEFT method's (the only LLM tensors stage 1 trains)."""
+    return "lora_" in name or "ia3_l" in name or "prefix." in name
+
+
+def mark_only_adapter_trainable(model: nn.Module) -> nn.Module:
+    """requires_grad only on adapter parameters. Frozen weights then build no autograd graph of their own."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_adapter(name))
+    return model
+
+
+def adapter_state_dict(model: nn.Module) -> dict:
+    return {k: v for k, v in model.state_dict().items() if is_adapter(k)}
+
+
+def set_merged(model: nn.Module, merged: bool):
+    """Merge (or unmerge) every LoRA / IA3 layer of the model, e.g. to evaluate without the adapter overhead."""
+    for m in model.modules():
+        if isinstance(m, (LoRALinear, IA3Linear)) and m.merged != merged:
+            m.merge() if merged else m.unmerge()
+
+# ----------------------------------------------------------------------------------------------------------
+# The method: two towers, projections, a learnable temperature, and the stage-2 context prompt
+
+
+class CLEFT(nn.Module):
+    """forward(pixels, ids, mask) -> (image embeddings (B, E), text embeddings (N, E), exp(temperature)), both
+    L2-normalised; the logits of the contrastive loss are scale * img @ txt^T."""
+
+    def __init__(self, vit: DINOv2, llm: GPT2, emb_dim: int = 512):
+        super().__init__()
+        self.vit, self.llm = vit, llm
+        self.img_proj = nn.Linear(vit.cfg.dim, emb_dim)   # official --linear_proj (the README runs use it)
+        self.txt_proj = nn.Linear(llm.cfg.dim, emb_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.ctx = None  # stage 2: (n_ctx, D) learned input embeddings put in front of every class name
+
+    def add_context(self, init_ids: torch.Tensor):
+        """Stage 2: learnable context embeddings initialised from the LLM's embeddings of init_ids (n_ctx,)."""
+        with torch.no_grad():
+            self.ctx = nn.Parameter(self.llm.wte.weight[init_ids].float().clone())         # (n_ctx, D)
+
+    def image_features(self, pixels):
+        """CLEFT's --pool_feat: the mean of ALL tokens (CLS, registers, patches) before the final LayerNorm.
+        The official comment says "following FLIP, patch features"; CLS and registers are in the mean too."""
+        return self.vit(pixels)[1].mean(1)                                                # (B, Dv)
+
+    def encode_image(self, pixels):
+        return F.normalize(self.img_proj(self.image_features(pixels)).float(), dim=-1)   # (B, E)
+
+    def encode_text(self, ids, mask):
+        """ids, mask (N, T), right-padded with eos. The text embedding is the hidden state at the first pad, i.e.
+        the position right after the last real token (pad = eos, and its query sees exactly the real tokens).
+        NOTE the official code takes index -k for k trailing pads, so a caption filling all T tokens pools token 0;
+        we pool the last real token instead."""
+        emb = None
+        if self.ctx is not None:  # [ctx_1 .. ctx_n, name tokens, pads]: positions run over the whole sequence
+            N = ids.shape[0]
+            emb = torch.cat([self.ctx.to(self.llm.wte.weight.dtype).expand(N, -1, -1), self.llm.wte(ids)], 1)
+            mask = torch.cat([mask.new_ones(N, self.ctx.shape[0]), mask], 1)
+        h = self.llm(ids if emb is None else None, mask, embeds=emb)                     # (N, T', D)
+        last = mask.sum(1).clamp(max=h.shape[1] - 1)                                      # first pad, or last token
+        pooled = h[torch.arange(h.shape[0], device=h.device), last]                      # (N, D)
+        return F.normalize(self.txt_proj(pooled).float(), dim=-1)                        # (N, E)
+
+    def forward(self, pixels, ids, mask):
+        return self.encode_image(pixels), self.encode_text(ids, mask), self.logit_scale.exp()
+
+
+def contrastive_loss(img, txt, scale):
+    """Symmetric InfoNCE over the batch of ALL ranks: features are gathered with gradient (the official code uses
+    only the per-GPU batch of 72 as negatives; DDP here gives the same loss and update as one process on the
+    whole batch). Summed, not averaged, as in the official code (CLIP averages: only the scale differs).
+        logits = scale * img @ txt^T,   L = CE(logits, arange) + CE(logits^T, arange)"""
+    img, txt = R.gather_with_grad(img), R.gather_with_grad(txt)                          # (N, E) all ranks
+    logits = scale * img @ txt.t()                                                        # (N, N)
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)
+
+
+def build_model(spec: dict, device="cpu") -> CLEFT:
+    """A CLEFT from a model spec (the --vit/--llm/--peft choices; saved as model.json in every run). Pretrained
+    towers come from their HF folders; "tiny" towers get fixed random weights (seed 0, independent of --seed:
+    they play the pretrained model). Built on `device` ("meta" for counting parameters without memory)."""
+    vit_p, llm_p = VIT_PRESETS[spec["vit"]], LLM_PRESETS[spec["llm"]]
+    dev = torch.device(device)
+    if spec["vit"] == "tiny" or dev.type == "meta" or spec.get("random"):
+        with dev:
+            vit = DINOv2(vit_p["config"])
+        vit = vit if dev.type == "meta" else vit.init_random(0)
+    else:
+        vit = load_dinov2(spec.get("vit_path") or vit_p["repo"])
+    if spec["llm"] == "tiny" or dev.type == "meta" or spec.get("random"):
+        cfg = llm_p["config"]
+        if spec["llm"] == "tiny":  # the vocabulary comes from the tokenizer file
+            cfg = replace(cfg, vocab_size=load_tokenizer(spec).get_vocab_size())
+        with dev:
+            llm = GPT2(cfg)
+        # the tiny stand-in "pretrained" LLM gets std 1/sqrt(dim), so its random attention actually mixes tokens
+        llm = llm if dev.type == "meta" else llm.init_random(0, cfg.dim ** -0.5 if spec["llm"] == "tiny" else 0.02)
+    else:
+        llm = load_gpt2(spec.get("llm_path") or llm_p["repo"])
+    torch.manual_seed(spec.get("seed", 0))  # adapter / projection init depends on the seed only
+    add_peft(llm, PEFTConfig(spec["peft"], r=spec.get("r", 8), alpha=spec.get("alpha", 32),
+                             dropout=spec.get("lora_dropout", 0.1), n_prefix=spec.get("n_prefix", 20)))
+    with dev:
+        model = CLEFT(vit, llm, spec.get("emb_dim", 512))
+    return model
+
+# ----------------------------------------------------------------------------------------------------------
+# Weight loading: HF safetensors -> our modules through literal key maps. "{}" is a layer index (or the
+# weight/bias suffix); None drops a key; "T" transposes Conv1D (in, out) into nn.Linear (out, in); "q"/"k"/"v"
+# are stacked on dim 0 into one fused qkv tensor.
+
+DINOV2_MAP = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.register_tokens": "register_tokens",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.{}": "patch_embed.{}",
+    "embeddings.mask_token": None,                   # only used by masked-image pre-training
+    "encoder.layer.{}.norm1.{}": "blocks.{}.norm1.{}",
+    "encoder.layer.{}.attention.attention.query.{}": ("blocks.{}.attn.qkv.{}", "q"),
+    "encoder.layer.{}.attention.attention.key.{}": ("blocks.{}.attn.qkv.{}", "k"),
+    "encoder.layer.{}.attention.attention.value.{}": ("blocks.{}.attn.qkv.{}", "v"),
+    "encoder.layer.{}.attention.output.dense.{}": "blocks.{}.attn.proj.{}",
+    "encoder.layer.{}.layer_scale1.lambda1": "blocks.{}.ls1.gamma",
+    "encoder.layer.{}.norm2.{}": "blocks.{}.norm2.{}",
+    "encoder.layer.{}.mlp.fc1.{}": "blocks.{}.mlp.fc1.{}",
+    "encoder.layer.{}.mlp.fc2.{}": "blocks.{}.mlp.fc2.{}",
+    "encoder.layer.{}.layer_scale2.lambda1": "blocks.{}.ls2.gamma",
+    "layernorm.{}": "norm.{}",
+}
+
+GPT2_MAP = {  # keys of `gpt2` files; BioMedLM's (GPT2LMHeadModel) carry a "transformer." prefix, stripped first
+    "wte.weight": "wte.weight",
+    "wpe.weight": "wpe.weight",
+    "h.{}.ln_1.{}": "h.{}.ln_1.{}",
+    "h.{}.attn.c_attn.weight": ("h.{}.attn.c_attn.weight", "T"),
+    "h.{}.attn.c_attn.bias": "h.{}.attn.c_attn.bias",
+    "h.{}.attn.c_proj.weight": ("h.{}.attn.c_proj.weight", "T"),
+    "h.{}.attn.c_proj.bias": "h.{}.attn.c_proj.bias",
+    "h.{}.ln_2.{}": "h.{}.ln_2.{}",
+    "h.{}.mlp.c_fc.weight": ("h.{}.mlp.c_fc.weight", "T"),
+    "h.{}.mlp.c_fc.bias": "h.{}.mlp.c_fc.bias",
+    "h.{}.mlp.c_proj.weight": ("h.{}.mlp.c_proj.weight", "T"),
+    "h.{}.mlp.c_proj.bias": "h.{}.mlp.c_proj.bias",
+    "ln_f.{}": "ln_f.{}",
+    "h.{}.attn.bias": None,                          # the causal-mask buffer old checkpoints saved
+    "h.{}.attn.masked_bias": None,
+    "lm_head.weight": None,                          # tied to wte, and CLEFT drops the LM head anyway
+}
+
+ADAPTER_MAP = {  # peft adapter_model.safetensors -> ours (task CAUSAL_LM on GPT2LMHeadModel, the official setup)
+    "base_model.model.transformer.h.{}.attn.c_attn.lora_A.weight": "h.{}.attn.c_attn.lora_A.weight",
+    "base_model.model.transformer.h.{}.attn.c_attn.lora_B.weight": "h.{}.attn.c_attn.lora_B.weight",
+    "base_model.model.transformer.h.{}.attn.c_attn.ia3_l": "h.{}.attn.c_attn.ia3_l",
+    "base_model.model.transformer.h.{}.mlp.c_proj.ia3_l": "h.{}.mlp.c_proj.ia3_l",
+    "prompt_embeddings": "prefix.embedding.weight",
+}
+
+
+def _template_regex(template: str):
+    return re.compile("^" + re.escape(template).replace(r"\{\}", r"([^.]+)") + "$")
+
+
+def remap(raw: dict, key_map: dict, source: str):
+    """{checkpoint key: tensor} -> ({our key: tensor}, {unmatched checkpoint key: tensor}) through key_map.
+    Fused q/k/v parts are stacked in q, k, v order. Unmatched keys are reported by check_keys as unexpected."""
+    rules = [(_template_regex(src), dst) for src, dst in key_map.items()]
+    out, parts, unexpected = {}, {}, {}
+    for key, t in raw.items():
+        for rx, dst in rules:
+            m = rx.match(key)
+            if m is None:
+                continue
+            if dst is not None:
+                name, how = dst if isinstance(dst, tuple) else (dst, None)
+                name = name.format(*m.groups())
+                if how in ("q", "k", "v"):
+                    parts.setdefault(name, {})[how] = t
+                else:
+                    out[name] = t.t().contiguous() if how == "T" else t
+            break
+        else:
+            unexpected[key] = t
+    for name, p in parts.items():
+        missing = [s for s in "qkv" if s not in p]
+        if missing:
+            raise WeightsError(f"{source}: {name} needs query, key and value; missing {missing}")
+        out[name] = torch.cat([p["q"], p["k"], p["v"]], 0)
+    return out, unexpected
+
+
+def load_into(model: nn.Module, raw: dict, key_map: dict, source: str, expected=None):
+    """Remap, check every key and shape against `expected` ({name: tensor}, default model.state_dict()), load
+    with assign=True (so a model built on the meta device gets the checkpoint's tensors without a copy)."""
+    sd, unexpected = remap(raw, key_map, source)
+    expected = model.state_dict() if expected is None else expected
+    check_keys(expected, sd | unexpected, source=source)
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model
+
+
+def vit_config_from_hf(hf: dict) -> ViTConfig:
+    if hf.get("use_swiglu_ffn") or hf.get("hidden_act", "gelu") != "gelu":
+        raise WeightsError("this file implements the GELU-MLP DINOv2 (ViT-S/B/L); SwiGLU (ViT-g) is not supported")
+    return ViTConfig(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
+                     patch_size=hf["patch_size"], pos_grid=hf["image_size"] // hf["patch_size"],
+                     n_registers=hf.get("num_register_tokens", 0), mlp_ratio=hf.get("mlp_ratio", 4),
+                     eps=hf.get("layer_norm_eps", 1e-6), layerscale=hf.get("layerscale_value", 1.0))
+
+
+def gpt2_config_from_hf(hf: dict) -> GPT2Config:
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise WeightsError(f"GPT-2 activation {act!r}: this file implements gelu_new (tanh GELU) only")
+    if not hf.get("scale_attn_weights", True) or hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+        raise WeightsError("GPT-2 config with scale_attn_weights=False or a non-4x n_inner is not supported")
+    # reorder_and_upcast_attn only changes how fp16 scores are computed (fp32 here anyway): ignored on purpose
+    eos = hf.get("eos_token_id", hf["vocab_size"] - 1)
+    return GPT2Config(vocab_size=hf["vocab_size"], n_positions=hf["n_positions"], dim=hf["n_embd"],
+                      n_layers=hf["n_layer"], n_heads=hf["n_head"], eps=hf.get("layer_norm_epsilon", 1e-5),
+                      scale_by_inverse_layer=hf.get("scale_attn_by_inverse_layer_idx", False),
+                      dropout=hf.get("resid_pdrop", 0.1), eos_id=eos if isinstance(eos, int) else eos[0])
+
+
+def load_dinov2(path, dtype=None) -> DINOv2:
+    """HF facebook/dinov2-with-registers-* folder -> DINOv2, every key and shape checked."""
+    folder = resolve(path)
+    with torch.device("meta"):
+        model = DINOv2(vit_config_from_hf(load_config(folder)))
+    return load_into(model, read_safetensors(folder, dtype=dtype), DINOV2_MAP, str(folder))
+
+
+def load_gpt2(path, dtype=None) -> GPT2:
+    """HF gpt2 / gpt2-medium / stanford-crfm/BioMedLM folder -> GPT2 (no adapter yet: add_peft after)."""
+    folder = resolve(path)
+    with torch.device("meta"):
+        model = GPT2(gpt2_config_from_hf(load_config(folder)))
+    raw = {k.removeprefix("transformer."): v for k, v in read_safetensors(folder, dtype=dtype).items()}
+    return load_into(model, raw, GPT2_MAP, str(folder))
+
+
+def load_adapter(llm: GPT2, path_or_sd, source: str = "adapter"):
+    """Load adapter tensors saved by peft (adapter_model.safetensors / a folder holding it) or by us
+    (adapter_state_dict) into an LLM that already has the matching add_peft layers."""
+    if isinstance(path_or_sd, dict):
+        raw = path_or_sd
+    else:
+        p = Path(path_or_sd)
+        source = str(p)
+        raw = read_safetensors(p / "adapter_model.safetensors" if p.is_dir() else p)
+    expected = adapter_state_dict(llm)
+    ours = {k: v for k, v in raw.items() if k in expected}  # already in our naming (adapter_state_dict)
+    sd, unexpected = remap({k: v for k, v in raw.items() if k not in ours}, ADAPTER_MAP, source)
+    sd |= ours
+    check_keys(expected, sd | unexpected, source=source)
+    with torch.no_grad():
+        for k, v in sd.items():
+            expected[k].copy_(v)  # state_dict tensors share storage with the parameters
+    return llm
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: datasets, captions, prompts, tokens
+
+CXR_PREFIX = "this is a chest x ray of a patient with "
+MAMMO_PREFIX = "this is a breast 2d full-field digital mammogram of a patient with "
+BIRADS = ["additional imaging required", "negative", "benign finding", "probably benign finding",
+          "suspicious abnormality", "highly suggestive of malignancy", "known biopsy-proven malignancy"]
+DENSITY = ["almost entirely fat", "scattered fibroglandular densities", "heterogeneously dense", "extremely dense"]
+PREPARE = "python -m common.prepare {} --src /path/to/the/download"
+DATASETS = {  # folder under data/, image-text pairs (stage 1), class split (stage 2 / evaluation), how to get it
+    "demo": dict(dir="demo", pairs=("reports_train.csv", "reports_val.csv"), split="split_demo.json",
+                 prefix="", get="built in: python -m common.demo"),
+    "chexpert": dict(dir="chexpert", pairs=("train.csv", "valid.csv"), split="split_chexpert5x200.json",
+                     five=("train.csv", "valid.csv"), prefix=CXR_PREFIX,
+                     get="CheXpert v1.0 (stanfordmlgroup.github.io/competitions/chexpert); " + PREPARE.format("chexpert")),
+    "chexpert5x200": dict(dir="chexpert", split="split_chexpert5x200.json", five=("train.csv", "valid.csv"),
+                          prefix=CXR_PREFIX, get="as for chexpert: " + PREPARE.format("chexpert")),
+    "rsna": dict(dir="rsna", split="split_rsna.json", prefix=CXR_PREFIX,
+                 get="RSNA Pneumonia Detection (kaggle.com/c/rsna-pneumonia-detection-challenge); "
+                     + PREPARE.format("rsna")),
+    "embed-birads": dict(dir="embed", split="split_embed-birads.json", prefix=MAMMO_PREFIX, classes=7,
+                         get="EMBED (Emory, by application: github.com/Emory-HITI/EMBED_Open_Data); write the split "
+                             "JSON yourself, labels 0..6 = BI-RADS 0..6 (format: data/README.md)"),
+    "embed-density": dict(dir="embed", split="split_embed-density.json", prefix=MAMMO_PREFIX, classes=4,
+                          get="EMBED (as embed-birads); labels 0..3 = density A..D (format: data/README.md)"),
+}
+
+
+def data_root(args) -> Path:
+    root = Path(args.data_dir or REPO / "data" / DATASETS[args.data]["dir"])
+    if args.data == "demo":
+        from common.demo import ensure_demo
+        ensure_demo(root)
+    return root
+
+
+def need(path: Path, args, what: str) -> Path:
+    """The data file, or a DataError saying what to get and where to put it."""
+    if not path.is_file():
+        raise DataError(f"{what} for --data {args.data} not found: {path}\n  get it: {DATASETS[args.data]['get']}\n"
+                        f"  (or point --data-dir at the folder holding it; formats: data/README.md)")
+    return path
+
+
+def image_transform(size: int, train: bool):
+    """Official test pipeline: resize + centre crop, Normalize(0.5, 0.5) (not ImageNet stats, although DINOv2 was
+    trained with them). For training we use a mild random resized crop + flip; the official Otsu crop, colour
+    jitter, blur and affine are not reproduced (common/transforms has no such ops)."""
+    if not train:
+        return eval_transform(size, HALF_MEAN, HALF_STD)
+    return Compose([ToRGB(), RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.9, 1.1)), RandomHorizontalFlip(),
+                    ToTensor(), Normalize(HALF_MEAN, HALF_STD)])
+
+
+class CaptionPairs(Dataset):
+    """(image, caption) pairs: the report column of an image-report CSV, or, for a CheXpert-style CSV, a caption
+    built from its labels: "this is a chest x ray of a patient with " + the positive findings (CLEFT has no
+    reports for CheXpert). Uncertain (-1) and blank count as negative, as in the official code."""
+
+    def __init__(self, root, csv_path, transform):
+        with open(csv_path, encoding="utf-8-sig") as f:
+            header = [h.strip() for h in f.readline().split(",")]
+        if "report" in header:
+            self.ds = ImageReportDataset(root, csv_path, transform)
+            self.captions = self.ds.reports
+        else:
+            self.ds = MultiLabelDataset(root, csv_path, CHEXPERT_FINDINGS, uncertain="zero", transform=transform)
+            self.captions = [caption_from_labels(v, CHEXPERT_FINDINGS) for v in self.ds.labels]
+
+    def __len__(self):
+        return len(self.captions)
+
+    def __getitem__(self, i):
+        item = self.ds[i]
+        return (item["image"] if isinstance(item, dict) else item[0]), self.captions[i]
+
+
+class OneOfClasses(Dataset):
+    """(image, label) from a CheXpert-style CSV: the rows whose only positive among `classnames` is one of them.
+    Our stand-in for the official (unreleased) train_cheXbert_95_five_classes.csv, for stage 2 and the linear
+    probe / fine-tune on CheXpert-5x200."""
+
+    def __init__(self, root, csv_path, classnames, transform):
+        self.ds = MultiLabelDataset(root, csv_path, classnames, uncertain="zero", transform=transform)
+        self.idx = np.flatnonzero(self.ds.labels.sum(1) == 1)
+        if len(self.idx) == 0:
+            raise DataError(f"{csv_path}: no row has exactly one positive among {classnames}")
+        self.labels, self.classnames = self.ds.labels[self.idx].argmax(1), list(classnames)
+
+    def __len__(self):
+        return len(self.idx)
+
+    def __getitem__(self, i):
+        return self.ds[self.idx[i]][0], int(self.labels[i])
+
+
+class Subset(Dataset):
+    """A fixed subset of a labelled dataset (--data-pct), keeping .labels and .classnames."""
+
+    def __init__(self, ds, idx):
+        self.ds, self.idx = ds, np.asarray(idx)
+        self.labels, self.classnames = np.asarray(ds.labels)[self.idx], ds.classnames
+
+    def __len__(self):
+        return len(self.idx)
+
+    def __getitem__(self, i):
+        return self.ds[int(self.idx[i])]
+
+
+def caption_sets(args, size: int):
+    """Stage-1 image-text pairs (train, val) of --data."""
+    d = DATASETS[args.data]
+    if "pairs" not in d:
+        raise DataError(f"--data {args.data} has no image-text pairs for contrastive pre-training; use --data "
+                        f"chexpert (or demo), or evaluate with --eval")
+    root = data_root(args)
+    tr, va = (need(root / f, args, "image-text CSV") for f in d["pairs"])
+    return CaptionPairs(root, tr, image_transform(size, True)), CaptionPairs(root, va, image_transform(size, False))
+
+
+def class_sets(args, size: int, train_tf=True):
+    """(train, val, test) classification sets of --data, each with .labels and .classnames. CheXpert: the test
+    set is CheXpert-5x200, train / val are the one-positive rows of train.csv / valid.csv (see OneOfClasses)."""
+    d, root = DATASETS[args.data], data_root(args)
+    split = need(root / d["split"], args, "split file")
+    tf_tr, tf_ev = image_transform(size, train_tf), image_transform(size, False)
+    test = ClassificationDataset(root, split, "test", tf_ev)
+    if "classes" in d and len(test.classnames) != d["classes"]:
+        raise DataError(f"{split}: --data {args.data} needs {d['classes']} classes, the file has {len(test.classnames)}")
+    if "five" in d:
+        tr, va = (need(root / f, args, "CheXpert CSV") for f in d["five"])
+        train, val = (OneOfClasses(root, f, test.classnames, t) for f, t in ((tr, tf_tr), (va, tf_ev)))
+    else:
+        train = ClassificationDataset(root, split, "train", tf_tr)
+        val = ClassificationDataset(root, split, val_split_name(read_split(split)), tf_ev)
+    if args.data_pct < 1.0:  # the official code: df.sample(frac, random_state=42)
+        n = max(1, round(args.data_pct * len(train)))
+        train = Subset(train, np.random.RandomState(42).permutation(len(train))[:n])
+    return train, val, test
+
+
+def class_texts(args, classnames, root: Path):
+    """-> (zero-shot prompts, class words). Prompts are the official ones (reference notes §2.4-2.5), except RSNA,
+    whose official positive prompt says "pneumothorax" for a pneumonia dataset: we say "pneumonia". The class
+    words are what stage 2 puts after its learned context (the prompts without their fixed prefix)."""
+    d = DATASETS[args.data]
+    if args.data == "embed-birads":
+        words = [f"birads score {k}: {desc}." for k, desc in enumerate(BIRADS)]
+    elif args.data == "embed-density":
+        words = [f"breast tissue density {k + 1}: {desc}." for k, desc in enumerate(DENSITY)]
+    elif args.data == "demo":  # the demo's class names are rare in its reports: describe the class instead
+        desc = json.loads((root / "classes.json").read_text())["descriptions"]   # (data/demo/classes.json)
+        words = [", ".join(desc[c]) for c in classnames]
+    else:
+        words = ["no findings" if c.lower() in ("normal", "no finding") else c.lower() for c in classnames]
+    return [d["prefix"] + w for w in words], words
+
+
+def load_tokenizer(spec: dict):
+    """The LLM's byte-level BPE: tokenizer.json, or vocab.json + merges.txt as older GPT-2 repos ship it."""
+    p = LLM_PRESETS[spec["llm"]]
+    if p.get("tokenizer") and not spec.get("llm_path"):
+        return Tokenizer.from_file(str(p["tokenizer"]))
+    folder = resolve(spec.get("llm_path") or p["repo"])
+    if (folder / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(folder / "tokenizer.json"))
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        tok = Tokenizer(BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
+        tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
+        return tok
+    raise WeightsError(f"{folder}: no tokenizer.json (or vocab.json + merges.txt) next to the weights")
+
+
+def clean(text: str) -> str:
+    """Lower-case words only, as the official code prepares captions (regex \\w+)."""
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def tokenize(tok, texts, length: int, eos: int, space: bool = False):
+    """texts -> ids, mask (N, length): no bos, no eos appended, right-padded with eos = pad (GPT-2 / BioMedLM).
+    space=True puts a leading space so words get their mid-sentence tokens (stage 2: they follow the context)."""
+    ids = torch.full((len(texts), length), eos, dtype=torch.long)
+    mask = torch.zeros((len(texts), length), dtype=torch.long)
+    for i, t in enumerate(texts):
+        e = tok.encode((" " if space else "") + clean(t)).ids[:length] or [eos]  # an empty text: just eos
+        ids[i, :len(e)], mask[i, :len(e)] = torch.tensor(e), 1
+    return ids, mask
+
+
+def context_ids(tok, text: str, n: int) -> torch.Tensor:
+    """peft PromptTuningInit.TEXT: the init text's tokens, repeated then cut to n."""
+    e = tok.encode(text).ids or [0]
+    return torch.tensor((e * (n // len(e) + 1))[:n])
+
+# ----------------------------------------------------------------------------------------------------------
+# Training: one step loop shared by both stages and the fine-tune evaluation
+
+
+def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
+    """CosineAnnealingWarmupRestarts (katsura-jp, one cycle) as the official code steps it: linear warm-up from
+    min_lr to lr, then cosine down to min_lr at `total`."""
+    if step < warmup:
+        return min_lr + (lr - min_lr) * step / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, D) -> list:
+    """Sample indices of one epoch for this rank, as a list of batches. A function of (seed, epoch) only, so
+    --resume can replay the order from any step without loading the skipped images. Global batch i is
+    order[i*B*W:(i+1)*B*W], rank r takes its r-th slice: gathered over ranks, that IS one process's batch."""
+    W = D.world_size
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    nb = n // (batch_size * W)
+    if nb == 0:
+        raise DataError(f"the training set has {n} items, fewer than one batch of {batch_size} x {W} ranks")
+    return order[:nb * batch_size * W].view(nb, W, batch_size)[:, D.rank].tolist()
+
+
+def trainable_state(model: nn.Module) -> dict:
+    return {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def finetuned_state(model: CLEFT) -> dict:
+    """Everything a run changed, i.e. all but the frozen pretrained LLM weights: what --init reloads."""
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("llm.") or is_adapter(k)}
+
+
+def load_tensors(model: nn.Module, tensors: dict, source: str):
+    """Load a subset of the model's tensors, each name and shape checked (unknown names are errors)."""
+    own = model.state_dict()
+    check_keys({k: own[k] for k in tensors if k in own}, tensors, source=source)
+    with torch.no_grad():
+        for k, v in tensors.items():
+            own[k].copy_(v)
+
+
+def train_steps(args, D, stage_dir: Path, model, net, opt, lr_fn, ds, loss_fn, total: int, after_step=None,
+                collate=None, desc="train"):
+    """Run `total` optimizer steps over `ds` (epochs as needed), resuming from stage_dir/ckpt if a checkpoint is
+    there. Checkpoints every --ckpt-every steps and at the end hold the trainable tensors, optimizer, scaler,
+    RNG and step: a killed run continues exactly where it stopped."""
+    scaler = R.make_scaler(args.precision, D.device)
+    step = 0
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    ck = R.load_checkpoint(stage_dir)
+    if ck is not None:
+        tensors, state = ck
+        load_tensors(model, tensors, f"checkpoint {stage_dir}")
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        R.set_rng_state(state["rng"][D.rank])
+        step = state["step"]
+        if D.is_main:
+            print(f"{desc}: resumed at step {step} from {stage_dir}/ckpt")
+    log = R.JsonlLog(stage_dir / "metrics.jsonl", D.is_main)
+    prog = R.Progress(total, desc, D.is_main, every=args.print_every, start=step)
+    nb = len(epoch_batches(len(ds), args.batch_size, args.seed, 0, D))
+    net.train()
+    while step < total:
+        epoch, skip = divmod(step, nb)
+        batches = epoch_batches(len(ds), args.batch_size, args.seed, epoch, D)[skip:]
+        # own generator: creating a DataLoader iterator draws a seed, and from the global RNG that would shift
+        # every later random number on --resume (which creates its iterator at another point of the stream)
+        g = torch.Generator().manual_seed(args.seed * 1000 + epoch + 7919 * D.rank)
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=args.num_workers, generator=g,
+                                             collate_fn=collate, pin_memory=D.device.type == "cuda")
+        for batch in loader:
+            lr = lr_fn(step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with R.autocast(D.device, args.precision):
+                loss = loss_fn(net, batch)
+            seen = loss.detach().float().clone()
+            if D.enabled:  # every rank must stop together, or the others hang in the next collective
+                torch.distributed.all_reduce(seen)
+            R.check_finite(seen, step)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            if after_step is not None:
+                after_step()
+            step += 1
+            if step % args.log_every == 0 or step == total:
+                log.log(step=step, epoch=epoch, loss=loss.item(), lr=lr)
+            prog.update(1, loss=loss.item(), lr=lr)
+            if step % args.ckpt_every == 0 or step == total:
+                rng = [R.rng_state()]
+                if D.enabled:
+                    rng = [None] * D.world_size
+                    torch.distributed.all_gather_object(rng, R.rng_state())
+                if D.is_main:
+                    R.save_checkpoint(stage_dir, trainable_state(model),
+                                      {"step": step, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                                       "rng": rng})
+                if D.enabled:
+                    torch.distributed.barrier()
+            if step >= total:
+                break
+    return step
+
+
+def wrap(model, args, D):
+    """DDP (gloo on CPU, nccl on CUDA) and torch.compile around the raw model; checkpoints use the raw one."""
+    net = model
+    if D.enabled:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[D.device.index] if D.device.type == "cuda" else None)
+    return torch.compile(net) if args.compile else net
+
+
+def set_trainable(model: nn.Module, names: list):
+    """requires_grad on the parameters whose name starts with one of `names` (or is an adapter, for "adapter").
+    The ViT's final norm stays frozen: CLEFT pools BEFORE it, so it gets no gradient (and DDP would complain)."""
+    for k, p in model.named_parameters():
+        p.requires_grad_((any(k.startswith(n) for n in names) or ("adapter" in names and is_adapter(k)))
+                         and not k.startswith("vit.norm."))
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def cast_frozen(model: nn.Module, precision: str):
+    """bf16/fp16 runs keep frozen weights in the compute dtype (half the memory) and trainables in fp32."""
+    if precision != "fp32":
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(R.PRECISIONS[precision])
+
+
+def stage_contrastive(args, D, stage_dir: Path, model: CLEFT, tok, size: int):
+    """Stage 1: InfoNCE between images and captions. Trains the ViT (unless --freeze-vit), the PEFT adapter,
+    both projections and the temperature, with AdamW + warm-up + cosine; logit scale clamped at 100."""
+    train_ds, _ = caption_sets(args, size)
+    params = set_trainable(model, (["vit."] if not args.freeze_vit else []) + ["adapter", "img_proj", "txt_proj",
+                                                                               "logit_scale"])
+    cast_frozen(model, args.precision)
+    # no weight decay on biases, norms, tokens, IA3 scales (their neutral value is 1) and the temperature
+    # (the official code decays the 0-dim temperature, by accident)
+    plain = lambda k, p: p.ndim < 2 or "ia3_l" in k or k.endswith(("cls_token", "register_tokens", "pos_embed"))
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for k, p in named if not plain(k, p)], "weight_decay": args.weight_decay},
+                             {"params": [p for k, p in named if plain(k, p)], "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.999))
+    eos, L = model.llm.cfg.eos_id, args.max_len
+
+    def loss_fn(net, batch):
+        x, captions = batch
+        ids, mask = tokenize(tok, captions, L, eos)
+        img, txt, scale = net(x.to(D.device), ids.to(D.device), mask.to(D.device))
+        return contrastive_loss(img, txt, scale)
+
+    def clamp():
+        with torch.no_grad():
+            model.logit_scale.clamp_(max=math.log(100))
+
+    if D.is_main:
+        print(f"stage 1 (contrastive): {len(train_ds)} pairs, {sum(p.numel() for p in params):,} trainable "
+              f"parameters, {args.steps} steps of {args.batch_size} x {D.world_size}")
+    lr_fn = lambda s: lr_at(s, args.steps, args.warmup, args.lr, args.min_lr)
+    train_steps(args, D, stage_dir, model, wrap(model, args, D), opt, lr_fn, train_ds, loss_fn, args.steps,
+                clamp, desc="stage 1")
+
+
+def stage_prompt(args, D, stage_dir: Path, model: CLEFT, tok, size: int):
+    """Stage 2: learn n_ctx context embeddings in front of the class words. Paper: frozen encoders, zero-shot
+    cross-entropy over the class prompts (--prompt-objective ce, the default). Official code: InfoNCE on the
+    captions with the ViT trained too (--prompt-objective infonce --train-vit). SGD + warm-up + cosine."""
+    root = data_root(args)
+    if model.ctx is None:
+        model.add_context(context_ids(tok, args.ctx_init or DATASETS[args.data]["prefix"] or "a photo of a",
+                                      args.n_ctx).to(model.llm.wte.weight.device))
+    names = ["ctx"] + (["vit.", "img_proj", "logit_scale"] if args.train_vit else [])
+    params = set_trainable(model, names)
+    cast_frozen(model, args.precision)
+    opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    eos = model.llm.cfg.eos_id
+    if args.prompt_objective == "ce":
+        train_ds = class_sets(args, size)[0]
+        words = class_texts(args, train_ds.classnames, root)[1]
+        ids, mask = (t.to(D.device) for t in tokenize(tok, words, max(len(tok.encode(" " + clean(w)).ids)
+                                                                       for w in words) + 1, eos, space=True))
+
+        def loss_fn(net, batch):
+            x, y = batch
+            img, txt, scale = net(x.to(D.device), ids, mask)                             # (B, E), (C, E)
+            return F.cross_entropy(scale * img @ txt.t(), y.to(D.device))                # (B, C) logits
+    else:
+        train_ds = caption_sets(args, size)[0]
+        prefix = clean(DATASETS[args.data]["prefix"])
+
+        def loss_fn(net, batch):  # official: the caption's label words only, after the learned context
+            x, captions = batch
+            words = [clean(c).removeprefix(prefix) for c in captions]
+            ids, mask = tokenize(tok, words, args.max_len - 1, eos, space=True)
+            img, txt, scale = net(x.to(D.device), ids.to(D.device), mask.to(D.device))
+            return contrastive_loss(img, txt, scale)
+
+    if D.is_main:
+        print(f"stage 2 (context prompt, {args.prompt_objective}): {len(train_ds)} images, "
+              f"{sum(p.numel() for p in params):,} trainable parameters, {args.steps} steps")
+    lr_fn = lambda s: lr_at(s, args.steps, args.warmup, args.lr, args.min_lr)
+    train_steps(args, D, stage_dir, model, wrap(model, args, D), opt, lr_fn, train_ds, loss_fn, args.steps,
+                desc="stage 2")
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation: zero-shot, linear probe, fine-tune; ACC / AUROC / macro-F1 / kappa from common/metrics
+
+
+def eval_loader(ds, args):
+    """The whole set in order, on whichever rank evaluates (no DistributedSampler: it would split it)."""
+    return torch.utils.data.DataLoader(ds, batch_size=args.eval_batch_size, num_workers=args.num_workers)
+
+
+def report(y, probs, classnames) -> dict:
+    """AUROC is one-vs-rest macro on softmax probabilities; with 2 classes that equals the binary AUC."""
+    return M.classification_report(y, probs.argmax(1), probs, classnames)
+
+
+@torch.no_grad()
+def zero_shot(args, D, model: CLEFT, tok, ds) -> dict:
+    """Classify by the most similar class prompt. With a stage-2 context: context + class words, else the
+    dataset's fixed prompts."""
+    model.eval()
+    prompts, words = class_texts(args, ds.classnames, data_root(args))
+    texts, space = (words, True) if model.ctx is not None else (prompts, False)
+    ids, mask = tokenize(tok, texts, args.max_len, model.llm.cfg.eos_id, space)
+    with R.autocast(D.device, args.precision):
+        txt = model.encode_text(ids.to(D.device), mask.to(D.device))                    # (C, E)
+        ys, probs = [], []
+        for x, y in eval_loader(ds, args):
+            img = model.encode_image(x.to(D.device))                                    # (B, E)
+            probs.append((model.logit_scale.exp() * img @ txt.t()).float().softmax(-1).cpu())
+            ys.append(y)
+    return report(torch.cat(ys).numpy(), torch.cat(probs).numpy(), ds.classnames)
+
+
+class Classifier(nn.Module):
+    """The ViT's pooled feature -> Linear(D, K): the official fine-tune / linear probe head (it replaces the
+    image projection)."""
+
+    def __init__(self, model: CLEFT, k: int):
+        super().__init__()
+        self.vit, self.head = model.vit, nn.Linear(model.vit.cfg.dim, k)
+
+    def forward(self, x):
+        return self.head(self.vit(x)[1].mean(1))
+
+
+@torch.no_grad()
+def predict(args, D, fn, ds):
+    ys, outs = [], []
+    for x, y in eval_loader(ds, args):
+        with R.autocast(D.device, args.precision):
+            outs.append(fn(x.to(D.device)).float().cpu())
+        ys.append(y)
+    return torch.cat(outs), torch.cat(ys)
+
+
+def linear_probe(args, D, model: CLEFT, sets) -> dict:
+    """Frozen ViT, features computed once (no augmentation), a linear head trained with AdamW on them."""
+    train, val, test = sets
+    model.eval()
+    feats = {n: predict(args, D, lambda x: model.image_features(x), ds) for n, ds in (("train", train), ("test", test))}
+    X, y = feats["train"][0].to(D.device), feats["train"][1].to(D.device)
+    head = nn.Linear(X.shape[1], len(train.classnames)).to(D.device)
+    opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    g = torch.Generator().manual_seed(args.seed)
+    for epoch in range(args.epochs):
+        for idx in torch.randperm(len(X), generator=g).split(args.batch_size):
+            loss = F.cross_entropy(head(X[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        probs = head(feats["test"][0].to(D.device)).softmax(-1).cpu()
+    return report(feats["test"][1].numpy(), probs.numpy(), test.classnames)
+
+
+def finetune(args, D, model: CLEFT, sets, run_dir: Path) -> dict:
+    """The whole ViT + a linear head, cross-entropy, AdamW + warm-up + cosine over --epochs."""
+    train, val, test = sets
+    clf = Classifier(model, len(train.classnames)).to(D.device)
+    set_trainable(clf, ["vit.", "head."])
+    opt = torch.optim.AdamW(clf.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    total = args.epochs * len(epoch_batches(len(train), args.batch_size, args.seed, 0, D))
+    loss_fn = lambda net, b: F.cross_entropy(net(b[0].to(D.device)), b[1].to(D.device))
+    lr_fn = lambda s: lr_at(s, total, min(args.warmup, total // 10), args.lr, args.min_lr)
+    train_steps(args, D, run_dir / "finetune", clf, wrap(clf, args, D), opt, lr_fn, train, loss_fn, total,
+                desc="fine-tune")
+    clf.eval()
+    logits, y = predict(args, D, clf, test)
+    return report(y.numpy(), logits.softmax(-1).numpy(), test.classnames)
+
+# ----------------------------------------------------------------------------------------------------------
+# Parameter count and benchmark at the paper's size (random weights, no download)
+
+BERT_BASE = 109_482_240  # bert-base-uncased BertModel with pooler: the text encoder of "vanilla CLIP" baselines
+
+
+def param_table(model: CLEFT) -> list:
+    """[(component, total, trainable)] for a model whose requires_grad flags are set (works on the meta device)."""
+    def count(prefix, adapters=None):
+        ps = [(k, p) for k, p in model.named_parameters() if k.startswith(prefix)
+              and (adapters is None or is_adapter(k) == adapters)]
+        return sum(p.numel() for _, p in ps), sum(p.numel() for _, p in ps if p.requires_grad)
+    rows = [("vision: DINOv2", *count("vit.")), ("text: LLM (frozen)", *count("llm.", False)),
+            ("text: PEFT adapter", *count("llm.", True)), ("image projection", *count("img_proj")),
+            ("text projection", *count("txt_proj")), ("temperature", *count("logit_scale"))]
+    return rows + [("total", sum(r[1] for r in rows), sum(r[2] for r in rows))]
+
+
+def count_params(args):
+    """--count-params: stage-1 trainables at the chosen presets, built on the meta device (no memory)."""
+    spec = model_spec(args)[0]
+    model = build_model(spec, device="meta")
+    set_trainable(model, (["vit."] if not args.freeze_vit else []) + ["adapter", "img_proj", "txt_proj", "logit_scale"])
+    rows = param_table(model)
+    print(f"CLEFT stage 1, --vit {spec['vit']} --llm {spec['llm']} --peft {spec['peft']}")
+    print(f"{'component':<22}{'total':>16}{'trainable':>14}")
+    for name, total, trainable in rows:
+        print(f"{name:<22}{total:>16,}{trainable:>14,}")
+    d = dict((r[0], r) for r in rows)
+    text = d["text: PEFT adapter"][2] + d["text projection"][2]
+    vit, img = d["vision: DINOv2"][2], d["image projection"][2]
+    clip = vit + BERT_BASE + img + (768 * 512 + 512)  # vanilla CLIP: this ViT + a fully trained BERT-base
+    print(f"trainable text side (adapter + projection): {text:,} = {100 * text / BERT_BASE:.1f}% of a BERT-base "
+          f"text encoder ({BERT_BASE:,}); total trainable {d['total'][2]:,} vs {clip:,} for the same ViT with a "
+          f"trained BERT-base (vanilla CLIP): {100 * (1 - d['total'][2] / clip):.0f}% fewer (paper: 39%)")
+    return rows
+
+
+def run_bench(args, D):
+    """Train-step time at real size with random weights: GPT-2 124M + LoRA r8 on c_attn (B 8, T 64, the
+    ../shared/bench/hf_baselines.py --which gpt2-lora workload: dropout 0.1 on, LoRA dropout 0, AdamW, loss =
+    mean square of the hidden states) and the DINOv2-B/14 tower trained in full as CLEFT does (B 8, 224 px)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    dev, B = D.device, args.batch_size or 8
+    precisions = [args.precision] if args.precision_given else ["fp32", "bf16"]
+    torch.manual_seed(0)
+    llm = add_peft(GPT2(LLM_PRESETS["gpt2"]["config"]).init_random(0), PEFTConfig("lora", dropout=0.0)).to(dev)
+    mark_only_adapter_trainable(llm)
+    vit = DINOv2(VIT_PRESETS["dinov2-reg-b14"]["config"]).init_random(0).to(dev)
+    ids = torch.randint(0, 50257, (B, 64), device=dev)
+    x = torch.randn(B, 3, 224, 224, device=dev)
+    rows = []
+    for prec in precisions:
+        for name, net, fn, items in (("GPT-2 124M + LoRA r8 (c_attn), T=64", llm, lambda: llm(ids), B * 64),
+                                     ("DINOv2-B/14 reg, full training, 224px", vit, lambda: vit(x)[0], B)):
+            opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+            net.train()
+
+            def step():
+                with R.autocast(dev, prec):
+                    out = fn()
+                out.float().pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            with FlopCounterMode(display=False) as fc:
+                step()
+            r = R.bench(step, items=items, flops_per_step=fc.get_total_flops(), device=dev,
+                        dtype=R.PRECISIONS[prec], warmup=1, steps=args.bench_steps)
+            rows.append(dict(what=name, precision=prec, batch=B, **r))
+            print(f"{name:40s} {prec:5s} B={B} | step {r['step_ms']:8.1f} ms | {r['items_per_s']:8.1f} items/s | "
+                  f"{r['tflops']:.3f} TFLOP/s | MFU {100 * r['mfu']:5.1f}% of measured matmul peak "
+                  f"{r['matmul_peak_tflops']:.2f} | peak mem {r['peak_mem_mb']:.0f} MB", flush=True)
+    print("compare: python ../shared/bench/hf_baselines.py --which gpt2-lora (and --which vit-lora, a CLIP ViT-B/16 "
+          "with LoRA: a lighter workload than training DINOv2-B/14 in full) --precision fp32|bf16")
+    return rows
+
+# ----------------------------------------------------------------------------------------------------------
+# main
+
+# The official README recipes (reference notes §2.3); the demo shortens and speeds them up for tiny random models.
+RECIPES = {
+    "contrastive": dict(steps=40000, batch_size=72, lr=4e-5, weight_decay=0.1, warmup=4000, min_lr=1e-8),
+    "prompt": dict(steps=8000, batch_size=72, lr=1e-4, weight_decay=1e-3, warmup=100, min_lr=1e-5),
+    "linear-probe": dict(epochs=50, batch_size=256, lr=1e-3, weight_decay=0.0, warmup=0, min_lr=0.0),
+    "finetune": dict(epochs=10, batch_size=72, lr=1e-5, weight_decay=0.05, warmup=100, min_lr=1e-8),
+}
+DEMO_RECIPES = {
+    "contrastive": dict(steps=150, batch_size=32, lr=5e-3, weight_decay=0.1, warmup=15, min_lr=1e-5),
+    "prompt": dict(steps=100, batch_size=32, lr=0.05, weight_decay=1e-3, warmup=10, min_lr=1e-4),
+    "linear-probe": dict(epochs=30, batch_size=128, lr=1e-2, weight_decay=0.0, warmup=0, min_lr=0.0),
+    "finetune": dict(epochs=3, batch_size=32, lr=1e-3, weight_decay=0.05, warmup=10, min_lr=1e-5),
+}
+TUNABLE = ("steps", "epochs", "batch_size", "lr", "weight_decay", "warmup", "min_lr")
+
+
+def recipe(args, what: str):
+    """A copy of args with the unset schedule flags filled from the recipe of `what` (flags given by the user
+    apply to every stage that runs)."""
+    a = argparse.Namespace(**vars(args))
+    r = (DEMO_RECIPES if args.data == "demo" else RECIPES)[what]
+    for k in TUNABLE:
+        if getattr(a, k) is None:
+            setattr(a, k, r.get(k))
+    return a
+
+
+def model_spec(args):
+    """-> (spec, folder of --init or None). With --init the architecture comes from that run's model.json."""
+    if args.init:
+        folder = stage_folder(Path(args.init))
+        return json.loads((folder / "model.json").read_text()), folder
+    return dict(vit=args.vit, vit_path=args.vit_path, llm=args.llm, llm_path=args.llm_path, peft=args.peft,
+                r=args.lora_r, alpha=args.lora_alpha, lora_dropout=args.lora_dropout, n_prefix=args.n_prefix,
+                emb_dim=args.emb_dim, seed=args.seed), None
+
+
+def stage_folder(path: Path) -> Path:
+    """A finished stage folder: the path itself, or its stage2/ (preferred) or stage1/ subfolder."""
+    for p in (path, path / "stage2", path / "stage1"):
+        if (p / "trainable.safetensors").is_file() and (p / "model.json").is_file():
+            return p
+    raise DataError(f"{path}: no finished stage here (expected trainable.safetensors + model.json in it or in its "
+                    f"stage1/ or stage2/ subfolder). Is the run finished? Continue it with --resume.")
+
+
+def load_stage(model: CLEFT, folder: Path):
+    """Load a finished stage's tensors (everything but the frozen pretrained LLM) into a fresh model."""
+    from safetensors.torch import load_file
+    tensors = load_file(str(folder / "trainable.safetensors"))
+    if "ctx" in tensors and model.ctx is None:
+        model.add_context(torch.zeros(tensors["ctx"].shape[0], dtype=torch.long, device=model.llm.wte.weight.device))
+    load_tensors(model, tensors, str(folder / "trainable.safetensors"))
+
+
+def finish_stage(model: CLEFT, spec: dict, folder: Path, D):
+    if D.is_main:
+        from safetensors.torch import save_file
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in finetuned_state(model).items()},
+                  str(folder / "trainable.safetensors"))
+        (folder / "model.json").write_text(json.dumps(spec, indent=2) + "\n")
+    if D.enabled:
+        torch.distributed.barrier()
+
+
+def evaluate(args, D, model: CLEFT, tok, run_dir: Path, what: str, size: int, tag: str = "") -> dict:
+    a = recipe(args, what) if what != "zero-shot" else args
+    train, val, test = class_sets(a, size, train_tf=what == "finetune")
+    if what == "zero-shot":
+        rep = zero_shot(a, D, model, tok, test)
+    elif what == "linear-probe":
+        rep = linear_probe(a, D, model, (train, val, test))
+    else:
+        rep = finetune(a, D, model, (train, val, test), run_dir)
+    if D.is_main:
+        name = f"{what}{tag}" + (f"_{args.data_pct:g}" if args.data_pct < 1 else "")
+        (run_dir / f"metrics_{name}.json").write_text(json.dumps(rep, indent=2) + "\n")
+        print(f"\n{what}{tag} on {args.data} test ({len(test)} images, {len(test.classnames)} classes"
+              f"{f', {len(train)} training images' if what != 'zero-shot' else ''}):")
+        print(M.format_table(rep))
+    return rep
+
+
+def run(args, D) -> dict:
+    run_dir = Path(args.resume) if args.resume else R.make_run_dir("cleft", args.data, args.out, vars(args), D.is_main)
+    if args.eval_only:  # the finished stages of --resume RUN_DIR, evaluated
+        args.init, args.eval = str(run_dir), args.eval or "zero-shot"
+    spec, init = model_spec(args)
+    if D.device.type == "cpu" and spec["vit"] == spec["llm"] == "tiny":
+        # tiny matrices: one thread is as fast as two on an idle CPU and 10-30x faster on a busy one (threads of
+        # a team wait for each other at every op)
+        torch.set_num_threads(1)
+    R.seed_everything(args.seed, D.rank)
+    model = build_model(spec).to(D.device)
+    tok = load_tokenizer(spec)
+    size = 224 if spec["vit"] != "tiny" else 64
+    model.llm.grad_ckpt = args.grad_ckpt
+    if init is not None:
+        load_stage(model, init)
+        if D.is_main:
+            print(f"loaded {init}")
+    if args.eval:
+        return evaluate(args, D, model, tok, run_dir, args.eval, size)
+    out = {}
+    stages = ["contrastive", "prompt"] if args.stage == "all" else [args.stage]
+    has_classes = (data_root(args) / DATASETS[args.data]["split"]).is_file()
+    for i, stage in enumerate(stages):
+        folder = run_dir / ("stage1" if stage == "contrastive" else "stage2")
+        if (folder / "trainable.safetensors").is_file():  # finished before a --resume
+            load_stage(model, folder)
+            if D.is_main:
+                print(f"{stage}: already finished in {folder}, loaded")
+        else:
+            a = recipe(args, stage)
+            R.seed_everything(args.seed, D.rank)
+            (stage_contrastive if stage == "contrastive" else stage_prompt)(a, D, folder, model, tok, size)
+            spec = spec | ({"n_ctx": int(model.ctx.shape[0])} if model.ctx is not None else {})
+            finish_stage(model, spec, folder, D)
+        if has_classes and D.is_main:  # the other ranks wait at the barrier
+            out[stage] = evaluate(args, D, model, tok, run_dir, "zero-shot", size, tag=f"_after_{stage}")
+        elif D.is_main:
+            print(f"(no class split {DATASETS[args.data]['split']} for --data {args.data}: zero-shot skipped)")
+        if D.enabled:
+            torch.distributed.barrier()
+    if D.is_main:
+        print(f"run folder: {run_dir}")
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="CLEFT: contrastive image-text pre-training with a PEFT-tuned LLM, then "
+                                "context-prompt learning (defaults: the official recipe on real data, a short demo on "
+                                "--data demo).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # data and run
+    p.add_argument("--data", default="demo", choices=list(DATASETS), help="dataset preset (data/README.md)")
+    p.add_argument("--data-dir", default=None, help="dataset folder (default data/<preset folder>)")
+    p.add_argument("--data-pct", type=float, default=1.0, help="fraction of the training set (linear probe, "
+                   "fine-tune, stage 2 ce): 0.01 / 0.1 / 1 in the paper")
+    p.add_argument("--out", default=None, help="run folder (default runs/cleft/<data>/<time>)")
+    p.add_argument("--stage", choices=["all", "contrastive", "prompt"], default=None,
+                   help="what to train (default: all on demo, contrastive otherwise)")
+    p.add_argument("--init", default=None, metavar="RUN_DIR", help="start from a finished run (its stage2/ or stage1/)")
+    p.add_argument("--eval", choices=["zero-shot", "linear-probe", "finetune"], default=None,
+                   help="evaluate the --init model on --data instead of training it")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per stage (official: 40k / 8k)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs of --eval linear-probe / finetune")
+    p.add_argument("--batch-size", type=int, default=None, help="batch per process (official: 72 per GPU)")
+    p.add_argument("--eval-batch-size", type=int, default=64, help="evaluation batch")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (official: 4e-5 AdamW / 1e-4 SGD)")
+    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (official: 0.1 / 1e-3)")
+    p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (official: 4000 / 100)")
+    p.add_argument("--min-lr", type=float, default=None, help="end of the cosine (official: 1e-8 / 1e-5)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="compute precision (default bf16 on CUDA, fp32 on CPU); frozen weights are stored in it")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.add_argument("--eval-only", action="store_true", help="evaluate the finished stages of --resume RUN_DIR")
+    p.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow first step)")
+    p.add_argument("--bench", action="store_true", help="time train steps at real size with random weights")
+    p.add_argument("--bench-steps", type=int, default=3, help="timed steps for --bench (median reported)")
+    p.add_argument("--count-params", action="store_true", help="print the parameter table (meta device) and exit")
+    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default 8 on CUDA, 0 on CPU)")
+    p.add_argument("--log-every", type=int, default=10, help="write the loss to metrics.jsonl every N steps")
+    p.add_argument("--print-every", type=float, default=10.0, help="seconds between progress lines")
+    # models
+    p.add_argument("--vit", choices=list(VIT_PRESETS), default=None, help="vision preset (real data: dinov2-reg-b14)")
+    p.add_argument("--vit-path", default=None, help="HF DINOv2 folder or repo id (overrides the preset's repo)")
+    p.add_argument("--llm", choices=list(LLM_PRESETS), default=None, help="LLM preset (real data: biomedlm)")
+    p.add_argument("--llm-path", default=None, help="HF GPT-2 folder or repo id (overrides the preset's repo)")
+    p.add_argument("--peft", choices=["lora", "ia3", "prefix", "none"], default="lora", help="PEFT method on the LLM")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (scaling alpha / r)")
+    p.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA dropout")
+    p.add_argument("--n-prefix", type=int, default=20, help="prefix tuning: virtual tokens")
+    p.add_argument("--emb-dim", type=int, default=512, help="joint embedding size")
+    p.add_argument("--max-len", type=int, default=64, help="caption tokens (official: 64)")
+    p.add_argument("--freeze-vit", action="store_true", help="stage 1: keep the ViT frozen (official: trained)")
+    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing of the LLM blocks")
+    p.add_argument("--attn", choices=["sdpa", "manual"], default="sdpa", help="attention kernel (same math)")
+    # stage 2
+    p.add_argument("--n-ctx", type=int, default=30, help="stage 2: learned context tokens")
+    p.add_argument("--ctx-init", default=None, help="stage 2: init text (default: the dataset's prompt prefix)")
+    p.add_argument("--prompt-objective", choices=["ce", "infonce"], default="ce",
+                   help="stage 2 loss: ce = zero-shot cross-entropy (paper), infonce on captions (official code)")
+    p.add_argument("--train-vit", action="store_true", help="stage 2: also train the ViT (official code)")
+    args = p.parse_args(argv)
+    demo = args.data == "demo"
+    args.vit = args.vit or ("tiny" if demo else "dinov2-reg-b14")
+    args.llm = args.llm or ("tiny" if demo else "biomedlm")
+    args.stage = args.stage or ("all" if demo else "contrastive")
+    args.precision_given = args.precision is not None
+    cuda = torch.cuda.is_available() and (args.device is None or args.device.startswith("cuda"))
+    args.device = args.device or ("cuda" if cuda else "cpu")
+    args.precision = args.precision or ("bf16" if cuda else "fp32")
+    args.num_workers = args.num_workers if args.num_workers is not None else (8 if cuda else 0)
+    if args.eval_only and not args.resume:
+        p.error("--eval-only needs --resume RUN_DIR (the run whose weights to evaluate)")
+    if args.eval and not args.init and not args.eval_only and args.eval == "zero-shot":
+        p.error("--eval zero-shot needs --init RUN_DIR (a trained CLEFT run)")
+    if not 0 < args.data_pct <= 1:
+        p.error("--data-pct must be in (0, 1]")
+    return args
+
+
+def main(argv=None):
+    global MANUAL_ATTENTION
+    args = parse_args(argv)
+    MANUAL_ATTENTION = args.attn == "manual"
+    D = R.setup_distributed(args.device)
+    try:
+        if args.count_params:
+            count_params(args)
+        elif args.bench:
+            run_bench(args, D)
+        else:
+            run(args, D)
+        return 0
+    except (DataError, WeightsError) as e:  # user-fixable: a message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except R.NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        R.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

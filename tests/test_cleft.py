@@ -1,0 +1,297 @@
+"""Tests for cleft.py: parity with transformers / peft (goldens made by tests/goldens/make_cleft_goldens.py),
+PEFT invariants, weight-loading errors, parameter counts, and end-to-end runs on the demo data (both stages,
+kill + --resume, 2-process DDP, missing data)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import cleft  # noqa: E402
+from common.weights import WeightsError  # noqa: E402
+
+GOLD = REPO / "tests" / "goldens"
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """cleft.run() drops to one thread for the tiny demo models; give the rest of the test session its threads back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+    cleft.MANUAL_ATTENTION = False
+
+
+def io(name):
+    return load_file(str(GOLD / name / "io.safetensors"))
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+# ----------------------------------------------------------------------------------------------------------
+# parity with HF transformers 5.23 / peft 0.21 (fp32, eval mode)
+
+
+def test_dinov2_matches_hf_including_pos_embed_interpolation():
+    model = cleft.load_dinov2(GOLD / "cleft_dinov2").eval()
+    g = io("cleft_dinov2")
+    assert model.cfg.pos_grid == 4 and model.cfg.n_registers == 4 and model.cfg.layerscale == 0.7
+    with torch.no_grad():
+        for k in "abc":  # 24x24 -> 6x6 grid, 20x28 -> 5x7 (non-square), 16x16 = the checkpoint's 4x4 grid
+            out, prenorm = model(g[f"pixel_values_{k}"])
+            assert out.shape == g[f"last_hidden_state_{k}"].shape
+            assert max_diff(out, g[f"last_hidden_state_{k}"]) < TOL
+            assert max_diff(prenorm.mean(1), g[f"pooled_prenorm_mean_{k}"]) < TOL
+
+
+@pytest.mark.parametrize("name", ["cleft_gpt2", "cleft_gpt2_scaled"])
+def test_gpt2_matches_hf(name):
+    model = cleft.load_gpt2(GOLD / name).eval()
+    assert model.cfg.scale_by_inverse_layer == (name == "cleft_gpt2_scaled")
+    g = io(name)
+    with torch.no_grad():
+        h = model(g["input_ids"], g["attention_mask"])
+    assert max_diff(h, g["last_hidden_state"]) < TOL  # every position, padding included
+
+
+def test_inverse_layer_scaling_matters():
+    """The scaled golden is not reproduced without the 1/(layer+1) factor: the test above can tell them apart."""
+    model = cleft.load_gpt2(GOLD / "cleft_gpt2_scaled").eval()
+    for i, blk in enumerate(model.h):
+        blk.attn.scale *= i + 1
+    g = io("cleft_gpt2_scaled")
+    with torch.no_grad():
+        assert max_diff(model(g["input_ids"], g["attention_mask"]), g["last_hidden_state"]) > 1e-2
+
+
+def peft_llm(method):
+    llm = cleft.load_gpt2(GOLD / "cleft_gpt2_scaled")
+    cleft.add_peft(llm, cleft.PEFTConfig(method))
+    return cleft.load_adapter(llm, GOLD / f"cleft_{method}").eval()
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "prefix"])
+def test_peft_matches_peft_library(method):
+    llm, g = peft_llm(method), io(f"cleft_{method}")
+    base = cleft.load_gpt2(GOLD / "cleft_gpt2_scaled").eval()
+    with torch.no_grad():
+        h = llm(g["input_ids"], g["attention_mask"])
+        assert max_diff(h, g["last_hidden_state"]) < TOL
+        # and the adapter does change the output (non-zero lora_B, non-one IA3 vectors, a random prefix)
+        assert max_diff(base(g["input_ids"], g["attention_mask"]), g["last_hidden_state"]) > 1e-2
+
+
+def test_peft_parameter_names_and_shapes_are_pefts():
+    llm = peft_llm("lora")
+    sd = cleft.adapter_state_dict(llm)
+    assert sorted(sd) == sorted(f"h.{i}.attn.c_attn.lora_{ab}.weight" for i in range(3) for ab in "AB")
+    assert sd["h.0.attn.c_attn.lora_A.weight"].shape == (8, 48) and sd["h.0.attn.c_attn.lora_B.weight"].shape == (144, 8)
+    ia3 = cleft.adapter_state_dict(peft_llm("ia3"))
+    assert ia3["h.1.attn.c_attn.ia3_l"].shape == (144, 1) and ia3["h.1.mlp.c_proj.ia3_l"].shape == (1, 192)
+    assert cleft.adapter_state_dict(peft_llm("prefix"))["prefix.embedding.weight"].shape == (20, 3 * 2 * 48)
+    # our own format round-trips too
+    other = cleft.add_peft(cleft.load_gpt2(GOLD / "cleft_gpt2_scaled"), cleft.PEFTConfig("lora"))
+    cleft.load_adapter(other, sd)
+    assert all(torch.equal(v, cleft.adapter_state_dict(other)[k]) for k, v in sd.items())
+
+
+def test_adapters_are_identity_at_init():
+    g = io("cleft_gpt2_scaled")
+    base = cleft.load_gpt2(GOLD / "cleft_gpt2_scaled").eval()
+    with torch.no_grad():
+        ref = base(g["input_ids"], g["attention_mask"])
+        for method in ("lora", "ia3"):
+            llm = cleft.add_peft(cleft.load_gpt2(GOLD / "cleft_gpt2_scaled"), cleft.PEFTConfig(method)).eval()
+            assert torch.equal(llm(g["input_ids"], g["attention_mask"]), ref)
+
+
+def test_lora_merge_equals_peft_merge_and_unmerge_restores():
+    llm, g = peft_llm("lora"), io("cleft_lora")
+    before = {k: v.clone() for k, v in llm.state_dict().items()}
+    with torch.no_grad():
+        unmerged = llm(g["input_ids"], g["attention_mask"])
+        cleft.set_merged(llm, True)
+        # peft merged the Conv1D weight (in, out); ours is nn.Linear (out, in)
+        assert max_diff(llm.h[0].attn.c_attn.weight.t(), g["merged_c_attn_weight_0"]) < 1e-6
+        merged = llm(g["input_ids"], g["attention_mask"])
+        assert max_diff(merged, unmerged) < TOL and max_diff(merged, g["merged_last_hidden_state"]) < TOL
+        with pytest.raises(RuntimeError, match="already merged"):
+            llm.h[0].attn.c_attn.merge()
+        cleft.set_merged(llm, False)
+    assert all(max_diff(v, before[k]) < 1e-6 for k, v in llm.state_dict().items())
+    with pytest.raises(RuntimeError, match="not merged"):
+        llm.h[0].attn.c_attn.unmerge()
+
+
+def test_ia3_merge_equals_unmerged():
+    llm, g = peft_llm("ia3"), io("cleft_ia3")
+    before = {k: v.clone() for k, v in llm.state_dict().items()}
+    with torch.no_grad():
+        cleft.set_merged(llm, True)
+        assert max_diff(llm(g["input_ids"], g["attention_mask"]), g["last_hidden_state"]) < TOL
+        cleft.set_merged(llm, False)
+    assert all(max_diff(v, before[k]) < 1e-5 for k, v in llm.state_dict().items())
+
+
+def test_manual_attention_equals_sdpa_with_padding_and_prefix():
+    g = io("cleft_prefix")
+    llm = peft_llm("prefix")
+    vit = cleft.load_dinov2(GOLD / "cleft_dinov2").eval()
+    x = io("cleft_dinov2")["pixel_values_b"]
+    with torch.no_grad():
+        sdpa = llm(g["input_ids"], g["attention_mask"]), vit(x)[0]
+        cleft.MANUAL_ATTENTION = True
+        manual = llm(g["input_ids"], g["attention_mask"]), vit(x)[0]
+    assert max_diff(sdpa[0], manual[0]) < TOL and max_diff(sdpa[1], manual[1]) < TOL
+
+# ----------------------------------------------------------------------------------------------------------
+# weight loading errors name the tensor
+
+
+def test_key_map_names_missing_and_misshaped_tensors(tmp_path):
+    src = GOLD / "cleft_gpt2"
+    sd = load_file(str(src / "model.safetensors"))
+    del sd["h.1.mlp.c_fc.bias"]
+    sd["h.2.attn.c_proj.weight"] = torch.zeros(48, 40)
+    sd["h.0.attn.rotary.inv_freq"] = torch.zeros(3)
+    (tmp_path / "config.json").write_text((src / "config.json").read_text())
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(WeightsError) as e:
+        cleft.load_gpt2(tmp_path)
+    msg = str(e.value)
+    assert "h.1.mlp.c_fc.bias" in msg                       # missing (our name)
+    assert "h.2.attn.c_proj.weight" in msg and "(40, 48)" in msg  # transposed Conv1D, wrong shape
+    assert "h.0.attn.rotary.inv_freq" in msg                # unexpected
+
+
+def test_adapter_key_map_names_unknown_tensors():
+    llm = cleft.add_peft(cleft.load_gpt2(GOLD / "cleft_gpt2_scaled"), cleft.PEFTConfig("lora"))
+    sd = load_file(str(GOLD / "cleft_lora" / "adapter_model.safetensors"))
+    sd["base_model.model.transformer.h.0.attn.c_proj.lora_A.weight"] = torch.zeros(8, 48)
+    with pytest.raises(WeightsError, match="c_proj.lora_A"):
+        cleft.load_adapter(llm, sd)
+
+# ----------------------------------------------------------------------------------------------------------
+# sizes at the paper's configuration (meta device: no memory)
+
+
+def test_trainable_parameters_biomedlm_lora():
+    args = cleft.parse_args(["--data", "chexpert"])
+    rows = {r[0]: r[1:] for r in cleft.count_params(args)}
+    assert rows["text: PEFT adapter"] == (2_621_440, 2_621_440)  # 32 layers x 8 x (2560 + 7680)
+    assert rows["text projection"][1] == 2560 * 512 + 512
+    assert rows["image projection"][1] == 768 * 512 + 512
+    assert rows["text: LLM (frozen)"] == (2_594_247_680, 0)
+    # DINOv2-B/14 with registers as HF counts it (86,583,552) minus the unused mask token (768), and its final
+    # norm (1,536) stays frozen: we pool before it
+    assert rows["vision: DINOv2"] == (86_582_784, 86_582_784 - 1536)
+
+
+def test_text_pooling_takes_first_pad_or_last_real_token():
+    torch.manual_seed(0)
+    vit = cleft.DINOv2(cleft.ViTConfig(dim=16, n_layers=1, n_heads=2, patch_size=8, pos_grid=2))
+    llm = cleft.GPT2(cleft.GPT2Config(vocab_size=10, n_positions=16, dim=16, n_layers=1, n_heads=2, dropout=0.0))
+    model = cleft.CLEFT(vit, llm, emb_dim=8).eval()
+    ids = torch.tensor([[3, 4, 9, 9], [5, 6, 7, 8]])
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    with torch.no_grad():
+        h = llm(ids, mask)
+        want = torch.nn.functional.normalize(model.txt_proj(torch.stack([h[0, 2], h[1, 3]])), dim=-1)
+        assert torch.allclose(model.encode_text(ids, mask), want, atol=1e-6)
+
+# ----------------------------------------------------------------------------------------------------------
+# end to end on the demo data
+
+
+def demo_args(out, *extra):
+    return ["--out", str(out), "--batch-size", "16", "--log-every", "1", "--print-every", "100", *extra]
+
+
+def losses(path):
+    return [json.loads(line)["loss"] for line in Path(path).read_text().splitlines()]
+
+
+def test_demo_both_stages_end_to_end(tmp_path):
+    assert cleft.main(demo_args(tmp_path, "--steps", "24")) == 0
+    for stage in ("stage1", "stage2"):
+        assert (tmp_path / stage / "trainable.safetensors").is_file()
+        assert json.loads((tmp_path / stage / "model.json").read_text())["peft"] == "lora"
+    l1 = losses(tmp_path / "stage1" / "metrics.jsonl")
+    assert len(l1) == 24 and sum(l1[-6:]) / 6 < sum(l1[:6]) / 6  # the contrastive loss falls
+    for name in ("contrastive", "prompt"):
+        rep = json.loads((tmp_path / f"metrics_zero-shot_after_{name}.json").read_text())
+        assert sum(r["n"] for r in rep["per_class"]) == 240 and 0 <= rep["acc"] <= 1
+    saved = load_file(str(tmp_path / "stage2" / "trainable.safetensors"))
+    assert saved["ctx"].shape == (30, 64) and not any(k.startswith("llm.wte") for k in saved)
+
+
+def test_kill_and_resume_continues_exactly(tmp_path):
+    common = ["--stage", "contrastive", "--steps", "24", "--ckpt-every", "4"]
+    ref = tmp_path / "ref"
+    assert cleft.main(demo_args(ref, *common)) == 0
+    killed = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, str(REPO / "cleft.py"), *demo_args(killed, *common)], cwd=REPO,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not (killed / "stage1" / "ckpt" / "latest").exists() and time.time() - t0 < 60 and p.poll() is None:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (killed / "stage1" / "trainable.safetensors").exists(), "the run finished before it was killed"
+    assert cleft.main(["--resume", str(killed), *demo_args(killed, *common)[2:]]) == 0
+    a, b = load_file(str(ref / "stage1" / "trainable.safetensors")), load_file(str(killed / "stage1" / "trainable.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+DDP_SCRIPT = r"""
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import cleft
+dist.init_process_group("gloo")
+r, w = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)
+x, t, proj = torch.randn(8, 6), torch.randn(8, 5), torch.nn.Linear(6, 5)
+ddp = torch.nn.parallel.DistributedDataParallel(proj)
+n = 8 // w
+img = torch.nn.functional.normalize(ddp(x[r * n:(r + 1) * n]), dim=-1)
+txt = torch.nn.functional.normalize(t[r * n:(r + 1) * n], dim=-1)
+loss = cleft.contrastive_loss(img, txt, torch.tensor(10.0))
+loss.backward()
+if r == 0:
+    torch.save({"loss": loss.detach(), "grad": proj.weight.grad}, sys.argv[2])
+dist.destroy_process_group()
+"""
+
+
+def test_ddp_gathered_loss_equals_one_process_on_the_whole_batch(tmp_path):
+    script, out = tmp_path / "ddp.py", tmp_path / "out.pt"
+    script.write_text(DDP_SCRIPT)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29561", str(script), str(REPO), str(out)],
+                   check=True, env=env, capture_output=True, timeout=120)
+    got = torch.load(out, weights_only=True)
+    torch.manual_seed(0)
+    x, t, proj = torch.randn(8, 6), torch.randn(8, 5), torch.nn.Linear(6, 5)
+    loss = cleft.contrastive_loss(torch.nn.functional.normalize(proj(x), dim=-1),
+                                  torch.nn.functional.normalize(t, dim=-1), torch.tensor(10.0))
+    loss.backward()
+    assert torch.allclose(got["loss"], loss.detach(), atol=1e-5)
+    assert torch.allclose(got["grad"], proj.weight.grad, atol=1e-5)
+
+
+def test_missing_data_says_what_to_get(tmp_path, capsys):
+    assert cleft.main(["--data", "rsna", "--data-dir", str(tmp_path), "--eval", "linear-probe", "--out",
+                       str(tmp_path / "run"), "--vit", "tiny", "--llm", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "split_rsna.json" in err and "kaggle.com/c/rsna-pneumonia" in err and "common.prepare rsna" in err
