@@ -2,19 +2,40 @@
 
 Paper: Du, Chang, Dvornek. "CLEFT: Language-Image Contrastive Learning with Efficient Large Language Model and
 Prompt Fine-Tuning" (MICCAI 2024, arXiv 2407.21011). Official code: XYPB/CLEFT (Lightning + peft + torch.hub).
-Hand-written here in plain PyTorch: DINOv2 ViT-B/14 with registers, a GPT-2 family decoder (BioMedLM), and the
-three PEFT methods the paper compares (LoRA, IA3, prefix tuning).
+Hand-written here in plain PyTorch: DINOv2 ViT-B/14 with registers, a GPT-2 family decoder (BioMedLM 2.7B), and
+the three PEFT methods the paper compares (LoRA, IA3, prefix tuning), all tested equal to transformers / peft.
 
 The idea:
   1. Stage 1, contrastive pre-training. Image -> DINOv2 -> mean of all tokens before the final norm -> Linear(768,
-     512); caption -> frozen GPT-2 LLM + PEFT (LoRA on c_attn) -> hidden state at the first pad (EOS) token ->
-     Linear(D, 512). Symmetric InfoNCE with a learnable temperature:
-        s_ij = exp(t) <img_i, txt_j> / (|img_i| |txt_j|),   L = CE(s, arange) + CE(s^T, arange)
-  2. Stage 2, context prompts. 30 learnable input embeddings, initialised from the tokens of "this is a chest
-     x ray of a patient with ", are prepended to each class name; the encoders are frozen and the prompts learn
-     from a zero-shot classification cross-entropy (paper text). The official code instead trains the ViT with
-     InfoNCE in this stage: --prompt-objective infonce --train-vit.
-  3. Evaluation: zero-shot (class prompts), linear probe and full fine-tune of the ViT, ACC / AUROC / F1 / kappa.
+     512); caption -> frozen LLM + PEFT (LoRA r 8 on c_attn: 2.6M parameters) -> hidden state at the first pad
+     (EOS) token -> Linear(D, 512). Symmetric InfoNCE with a learnable temperature t:
+        logits_ij = exp(t) cos(img_i, txt_j),   L = CE(logits, arange) + CE(logits^T, arange)
+  2. Stage 2, context prompts: 30 learnable input embeddings, initialised from the tokens of "this is a chest
+     x ray of a patient with ", go in front of each class name; the encoders are frozen and the context learns
+     from the zero-shot classification cross-entropy (the paper's text).
+  3. Evaluation: zero-shot with class prompts, linear probe and full fine-tune of the ViT at 1 / 10 / 100 % of the
+     training data; ACC, AUROC, macro-F1, kappa.
+
+Run it:
+    python cleft.py                                            # demo: both stages + zero-shot, tiny models, CPU
+    python cleft.py --data chexpert --llm biomedlm --peft lora                 # stage 1, the paper's setting
+    python cleft.py --stage prompt --init runs/cleft/chexpert/<time> --data chexpert          # stage 2
+    python cleft.py --eval zero-shot --init runs/cleft/chexpert/<time> --data chexpert5x200   # or rsna,
+    python cleft.py --eval linear-probe --init RUN --data rsna --data-pct 0.01    # embed-birads, embed-density
+    torchrun --nproc_per_node 4 cleft.py --data chexpert --grad-ckpt            # DDP, the paper's 4 GPUs
+    python cleft.py --resume runs/cleft/chexpert/<time>                         # continue a killed run
+    python cleft.py --count-params --data chexpert ; python cleft.py --bench
+Data: data/README.md and `python -m common.prepare chexpert|rsna`. Weights: `python -m common.weights download
+stanford-crfm/BioMedLM` (and facebook/dinov2-with-registers-base); `--vit-path/--llm-path` take local folders.
+
+Where this file departs from the official code (each is also noted where it happens):
+  - negatives are gathered from all ranks (official: the per-GPU batch of 72 only), so DDP = one big batch;
+  - a caption that fills all 64 tokens is pooled at its last token (official: token 0, an indexing bug);
+  - stage 2 follows the paper (frozen encoders, cross-entropy over class prompts); the official code trains the
+    ViT with InfoNCE on captions in this stage: --prompt-objective infonce --train-vit;
+  - the temperature is clamped at 100 and not weight-decayed; trainables stay fp32 under bf16 autocast (official:
+    bf16-true weights); the RSNA zero-shot prompt says "pneumonia" (official: "pneumothorax");
+  - image augmentation is a mild random resized crop + flip (official: Otsu crop, jitter, blur, affine).
 """
 import argparse
 import json
@@ -545,19 +566,20 @@ def contrastive_loss(img, txt, scale):
     return F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)
 
 
-def build_model(spec: dict, device="cpu") -> CLEFT:
+def build_model(spec: dict, device="cpu", llm_dtype=None) -> CLEFT:
     """A CLEFT from a model spec (the --vit/--llm/--peft choices; saved as model.json in every run). Pretrained
-    towers come from their HF folders; "tiny" towers get fixed random weights (seed 0, independent of --seed:
-    they play the pretrained model). Built on `device` ("meta" for counting parameters without memory)."""
+    towers come from their HF folders (the frozen LLM read directly in llm_dtype, e.g. bf16: 5 GB for BioMedLM
+    instead of 10); "tiny" towers get fixed random weights (seed 0, independent of --seed: they play the
+    pretrained model). Built on `device` ("meta" for counting parameters without memory)."""
     vit_p, llm_p = VIT_PRESETS[spec["vit"]], LLM_PRESETS[spec["llm"]]
     dev = torch.device(device)
-    if spec["vit"] == "tiny" or dev.type == "meta" or spec.get("random"):
+    if spec["vit"] == "tiny" or dev.type == "meta":
         with dev:
             vit = DINOv2(vit_p["config"])
         vit = vit if dev.type == "meta" else vit.init_random(0)
     else:
         vit = load_dinov2(spec.get("vit_path") or vit_p["repo"])
-    if spec["llm"] == "tiny" or dev.type == "meta" or spec.get("random"):
+    if spec["llm"] == "tiny" or dev.type == "meta":
         cfg = llm_p["config"]
         if spec["llm"] == "tiny":  # the vocabulary comes from the tokenizer file
             cfg = replace(cfg, vocab_size=load_tokenizer(spec).get_vocab_size())
@@ -566,7 +588,7 @@ def build_model(spec: dict, device="cpu") -> CLEFT:
         # the tiny stand-in "pretrained" LLM gets std 1/sqrt(dim), so its random attention actually mixes tokens
         llm = llm if dev.type == "meta" else llm.init_random(0, cfg.dim ** -0.5 if spec["llm"] == "tiny" else 0.02)
     else:
-        llm = load_gpt2(spec.get("llm_path") or llm_p["repo"])
+        llm = load_gpt2(spec.get("llm_path") or llm_p["repo"], dtype=llm_dtype)
     torch.manual_seed(spec.get("seed", 0))  # adapter / projection init depends on the seed only
     add_peft(llm, PEFTConfig(spec["peft"], r=spec.get("r", 8), alpha=spec.get("alpha", 32),
                              dropout=spec.get("lora_dropout", 0.1), n_prefix=spec.get("n_prefix", 20)))
@@ -575,8 +597,8 @@ def build_model(spec: dict, device="cpu") -> CLEFT:
     return model
 
 # ----------------------------------------------------------------------------------------------------------
-# Weight loading: HF safetensors -> our modules through literal key maps. "{}" is a layer index (or the
-# weight/bias suffix); None drops a key; "T" transposes Conv1D (in, out) into nn.Linear (out, in); "q"/"k"/"v"
+# Weight loading: HF safetensors -> our modules through literal key maps. "{}" is one dotted component (a layer
+# index, or weight/bias); None drops a key; "T" transposes Conv1D (in, out) into nn.Linear (out, in); "q"/"k"/"v"
 # are stacked on dim 0 into one fused qkv tensor.
 
 DINOV2_MAP = {
@@ -598,7 +620,7 @@ DINOV2_MAP = {
     "layernorm.{}": "norm.{}",
 }
 
-GPT2_MAP = {  # keys of `gpt2` files; BioMedLM's (GPT2LMHeadModel) carry a "transformer." prefix, stripped first
+GPT2_MAP = {  # keys of `gpt2` files (GPT2Model names)
     "wte.weight": "wte.weight",
     "wpe.weight": "wpe.weight",
     "h.{}.ln_1.{}": "h.{}.ln_1.{}",
@@ -616,6 +638,7 @@ GPT2_MAP = {  # keys of `gpt2` files; BioMedLM's (GPT2LMHeadModel) carry a "tran
     "h.{}.attn.masked_bias": None,
     "lm_head.weight": None,                          # tied to wte, and CLEFT drops the LM head anyway
 }
+GPT2_MAP |= {"transformer." + k: v for k, v in GPT2_MAP.items()}  # BioMedLM's files: GPT2LMHeadModel names
 
 ADAPTER_MAP = {  # peft adapter_model.safetensors -> ours (task CAUSAL_LM on GPT2LMHeadModel, the official setup)
     "base_model.model.transformer.h.{}.attn.c_attn.lora_A.weight": "h.{}.attn.c_attn.lora_A.weight",
@@ -626,45 +649,65 @@ ADAPTER_MAP = {  # peft adapter_model.safetensors -> ours (task CAUSAL_LM on GPT
 }
 
 
-def _template_regex(template: str):
-    return re.compile("^" + re.escape(template).replace(r"\{\}", r"([^.]+)") + "$")
+# Copied from cilmp.py:map_key
+def map_key(key: str, key_map: dict):
+    """Checkpoint key -> (our key or None, transform) via a template map, or False when no template matches."""
+    for src, dst in key_map.items():
+        parts = src.split("{}")
+        if len(parts) == 1:
+            vals = [] if key == src else None
+        else:  # match the literal pieces left to right; each {} takes exactly one dotted component
+            vals, rest = [], key
+            for j, lit in enumerate(parts):
+                if j == 0:
+                    if not rest.startswith(lit):
+                        vals = None
+                        break
+                    rest = rest[len(lit):]
+                    continue
+                cut = rest.find(".") if lit else len(rest)
+                cut = len(rest) if cut < 0 else cut
+                if cut == 0 or not rest[cut:].startswith(lit):
+                    vals = None
+                    break
+                vals.append(rest[:cut])
+                rest = rest[cut + len(lit):]
+            if vals is not None and rest:
+                vals = None
+        if vals is None:
+            continue
+        if dst is None:
+            return None, None
+        name, how = dst if isinstance(dst, tuple) else (dst, None)
+        return name.format(*vals), how
+    return False
 
 
-def remap(raw: dict, key_map: dict, source: str):
-    """{checkpoint key: tensor} -> ({our key: tensor}, {unmatched checkpoint key: tensor}) through key_map.
-    Fused q/k/v parts are stacked in q, k, v order. Unmatched keys are reported by check_keys as unexpected."""
-    rules = [(_template_regex(src), dst) for src, dst in key_map.items()]
-    out, parts, unexpected = {}, {}, {}
-    for key, t in raw.items():
-        for rx, dst in rules:
-            m = rx.match(key)
-            if m is None:
-                continue
-            if dst is not None:
-                name, how = dst if isinstance(dst, tuple) else (dst, None)
-                name = name.format(*m.groups())
-                if how in ("q", "k", "v"):
-                    parts.setdefault(name, {})[how] = t
-                else:
-                    out[name] = t.t().contiguous() if how == "T" else t
-            break
-        else:
-            unexpected[key] = t
-    for name, p in parts.items():
-        missing = [s for s in "qkv" if s not in p]
-        if missing:
-            raise WeightsError(f"{source}: {name} needs query, key and value; missing {missing}")
-        out[name] = torch.cat([p["q"], p["k"], p["v"]], 0)
-    return out, unexpected
-
-
-def load_into(model: nn.Module, raw: dict, key_map: dict, source: str, expected=None):
-    """Remap, check every key and shape against `expected` ({name: tensor}, default model.state_dict()), load
-    with assign=True (so a model built on the meta device gets the checkpoint's tensors without a copy)."""
-    sd, unexpected = remap(raw, key_map, source)
-    expected = model.state_dict() if expected is None else expected
-    check_keys(expected, sd | unexpected, source=source)
-    model.load_state_dict(sd, strict=True, assign=True)
+# Copied from cilmp.py:load_state
+def load_state(model: nn.Module, folder: Path, key_map: dict, dtype=None):
+    """Read safetensors lazily, rename through key_map, check every key and shape against `model`, then
+    load_state_dict(assign=True) so a model built on the meta device gets the tensors without a second copy."""
+    sd, found, qkv = {}, {}, {}
+    for k, t in read_safetensors(folder, dtype=dtype).items():
+        m = map_key(k, key_map)
+        if m is False:
+            found[k] = tuple(t.shape)             # unknown: check_keys reports it as unexpected
+            continue
+        name, how = m
+        if name is None:
+            continue
+        if how in ("q", "k", "v"):
+            qkv.setdefault(name, {})[how] = t
+            continue
+        sd[name] = t.T.contiguous() if how == "T" else t
+    for name, parts in qkv.items():               # fuse q, k, v (only when all three are present)
+        if set(parts) == {"q", "k", "v"} and len({p.shape[1:] for p in parts.values()}) == 1:
+            sd[name] = torch.cat([parts["q"], parts["k"], parts["v"]], 0)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if getattr(model, "cfg", None) is not None and getattr(model.cfg, "tie_embeddings", False):
+        expected.pop("lm_head.weight", None)      # tied: the checkpoint has only the embedding
+    check_keys(expected, found | {k: tuple(v.shape) for k, v in sd.items()}, source=str(folder))
+    model.load_state_dict(sd, strict=False, assign=True)
     return model
 
 
@@ -692,11 +735,11 @@ def gpt2_config_from_hf(hf: dict) -> GPT2Config:
 
 
 def load_dinov2(path, dtype=None) -> DINOv2:
-    """HF facebook/dinov2-with-registers-* folder -> DINOv2, every key and shape checked."""
+    """HF facebook/dinov2-with-registers-* folder -> DINOv2, built on the meta device, every key and shape checked."""
     folder = resolve(path)
     with torch.device("meta"):
         model = DINOv2(vit_config_from_hf(load_config(folder)))
-    return load_into(model, read_safetensors(folder, dtype=dtype), DINOV2_MAP, str(folder))
+    return load_state(model, folder, DINOV2_MAP, dtype)
 
 
 def load_gpt2(path, dtype=None) -> GPT2:
@@ -704,8 +747,7 @@ def load_gpt2(path, dtype=None) -> GPT2:
     folder = resolve(path)
     with torch.device("meta"):
         model = GPT2(gpt2_config_from_hf(load_config(folder)))
-    raw = {k.removeprefix("transformer."): v for k, v in read_safetensors(folder, dtype=dtype).items()}
-    return load_into(model, raw, GPT2_MAP, str(folder))
+    return load_state(model, folder, GPT2_MAP, dtype)
 
 
 def load_adapter(llm: GPT2, path_or_sd, source: str = "adapter"):
@@ -718,10 +760,11 @@ def load_adapter(llm: GPT2, path_or_sd, source: str = "adapter"):
         source = str(p)
         raw = read_safetensors(p / "adapter_model.safetensors" if p.is_dir() else p)
     expected = adapter_state_dict(llm)
-    ours = {k: v for k, v in raw.items() if k in expected}  # already in our naming (adapter_state_dict)
-    sd, unexpected = remap({k: v for k, v in raw.items() if k not in ours}, ADAPTER_MAP, source)
-    sd |= ours
-    check_keys(expected, sd | unexpected, source=source)
+    sd = {}
+    for k, t in raw.items():  # already ours (adapter_state_dict), or peft's names through ADAPTER_MAP
+        m = (k, None) if k in expected else map_key(k, ADAPTER_MAP)
+        sd[m[0] if m else k] = t  # an unknown key stays as is: check_keys reports it as unexpected
+    check_keys(expected, sd, source=source)
     with torch.no_grad():
         for k, v in sd.items():
             expected[k].copy_(v)  # state_dict tensors share storage with the parameters
@@ -1048,12 +1091,14 @@ def set_trainable(model: nn.Module, names: list):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def cast_frozen(model: nn.Module, precision: str):
-    """bf16/fp16 runs keep frozen weights in the compute dtype (half the memory) and trainables in fp32."""
-    if precision != "fp32":
-        for p in model.parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(R.PRECISIONS[precision])
+def cast_frozen(model: CLEFT, precision: str):
+    """bf16/fp16 runs store the frozen LLM weights (and the ViT when it is frozen as a whole) in the compute dtype:
+    half the memory, like the official bf16-true. Trainables stay fp32. A partly trained tower stays fp32, as
+    CPU LayerNorm refuses a bf16 weight on an fp32 input."""
+    vit_frozen = not any(p.requires_grad for p in model.vit.parameters())
+    for k, p in model.named_parameters():
+        if precision != "fp32" and not p.requires_grad and (k.startswith("llm.") or vit_frozen and k.startswith("vit.")):
+            p.data = p.data.to(R.PRECISIONS[precision])
 
 
 def stage_contrastive(args, D, stage_dir: Path, model: CLEFT, tok, size: int):
@@ -1394,7 +1439,7 @@ def run(args, D) -> dict:
         # a team wait for each other at every op)
         torch.set_num_threads(1)
     R.seed_everything(args.seed, D.rank)
-    model = build_model(spec).to(D.device)
+    model = build_model(spec, llm_dtype=R.PRECISIONS[args.precision]).to(D.device)
     tok = load_tokenizer(spec)
     size = 224 if spec["vit"] != "tiny" else 64
     model.llm.grad_ckpt = args.grad_ckpt

@@ -295,3 +295,14 @@ def test_missing_data_says_what_to_get(tmp_path, capsys):
                        str(tmp_path / "run"), "--vit", "tiny", "--llm", "tiny"]) == 2
     err = capsys.readouterr().err
     assert "split_rsna.json" in err and "kaggle.com/c/rsna-pneumonia" in err and "common.prepare rsna" in err
+
+
+def test_copied_blocks_match_their_twins():
+    """Blocks marked "# Copied from cilmp.py:NAME" are verbatim copies (each file stands alone; drift fails here)."""
+    import inspect
+    import re
+    import cilmp
+    names = re.findall(r"^# Copied from cilmp\.py:(\w+)$", (REPO / "cleft.py").read_text(), re.MULTILINE)
+    assert names == ["map_key", "load_state"]
+    for name in names:
+        assert inspect.getsource(getattr(cleft, name)) == inspect.getsource(getattr(cilmp, name)), name
