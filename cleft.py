@@ -40,11 +40,9 @@ Where this file departs from the official code (each is also noted where it happ
 import argparse
 import json
 import math
-import os
 import re
 import sys
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np

@@ -306,3 +306,56 @@ def test_copied_blocks_match_their_twins():
     assert names == ["map_key", "load_state"]
     for name in names:
         assert inspect.getsource(getattr(cleft, name)) == inspect.getsource(getattr(cilmp, name)), name
+
+
+def make_chexpert(root, n_train=40, n_valid=12):
+    """A CheXpert folder as common.prepare writes it: train.csv / valid.csv (Path + metadata + 14 findings) and
+    split_chexpert5x200.json (test only), with tiny grey PNGs."""
+    import csv
+    import numpy as np
+    from PIL import Image
+    from common.data import CHEXPERT_FINDINGS
+    five = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
+    rng = np.random.default_rng(0)
+    (root / "img").mkdir(parents=True)
+    header = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"] + CHEXPERT_FINDINGS
+
+    def rows(prefix, n):
+        out = []
+        for i in range(n):
+            path = f"img/{prefix}{i}.png"
+            Image.fromarray(rng.integers(0, 255, (40, 48), dtype=np.uint8)).save(root / path)
+            cells = [""] * len(CHEXPERT_FINDINGS)
+            cells[CHEXPERT_FINDINGS.index(five[i % 5])] = "1.0"
+            if i % 4 == 3:  # a second positive among the five: not a single-class row
+                cells[CHEXPERT_FINDINGS.index(five[(i + 1) % 5])] = "1.0"
+            if i % 3 == 0:
+                cells[CHEXPERT_FINDINGS.index("Support Devices")] = "1.0"
+            out.append([path, "Male", "60", "Frontal", "PA"] + cells)
+        return out
+
+    for name, n in (("train", n_train), ("valid", n_valid)):
+        with open(root / f"{name}.csv", "w", newline="") as f:
+            csv.writer(f).writerows([header] + rows(name, n))
+    test = [[f"img/train{i}.png", k, five[k]] for k in range(5) for i in (k, k + 5)]  # 2 single-positive per class
+    (root / "split_chexpert5x200.json").write_text(json.dumps({"train": [], "val": [], "test": test}))
+    return five
+
+
+def test_chexpert_captions_from_labels_then_zero_shot_and_linear_probe(tmp_path):
+    data = tmp_path / "chexpert"
+    five = make_chexpert(data)
+    ds = cleft.CaptionPairs(data, data / "train.csv", None)
+    assert ds.captions[3] == "this is a chest x ray of a patient with edema, pleural effusion, support devices"
+    tiny = ["--vit", "tiny", "--llm", "tiny", "--data-dir", str(data), "--batch-size", "8", "--print-every", "100"]
+    assert cleft.main(["--data", "chexpert", "--steps", "2", "--out", str(tmp_path / "run"), *tiny]) == 0
+    rep = json.loads((tmp_path / "run" / "metrics_zero-shot_after_contrastive.json").read_text())
+    assert [r["class"] for r in rep["per_class"]] == five and sum(r["n"] for r in rep["per_class"]) == 10
+    prompts, words = cleft.class_texts(cleft.parse_args(["--data", "rsna"]), ["normal", "pneumonia"], data)
+    assert prompts == [cleft.CXR_PREFIX + "no findings", cleft.CXR_PREFIX + "pneumonia"]
+    args = ["--data", "chexpert5x200", "--eval", "linear-probe", "--init", str(tmp_path / "run"), "--epochs", "2",
+            "--out", str(tmp_path / "lp"), *tiny]
+    assert cleft.main(args) == 0
+    train = cleft.class_sets(cleft.parse_args(args), 64)[0]
+    # single-positive rows among the five (i % 4 != 3), labelled by that finding
+    assert len(train) == 30 and [train.labels[j] for j in range(4)] == [0, 1, 2, 4]
