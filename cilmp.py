@@ -43,7 +43,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +55,7 @@ from common import metrics as M
 from common import run as R
 from common.data import ClassificationDataset, DataError, make_loader
 from common.transforms import CLIP_MEAN, CLIP_STD, eval_transform, train_transform
-from common.weights import WeightsError, check_keys, load_config, read_safetensors, resolve, tensor_index
+from common.weights import WeightsError, check_keys, load_config, read_safetensors, resolve
 
 REPO = Path(__file__).resolve().parent
 
@@ -222,17 +222,27 @@ class CLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(100.0)))  # pretrained value ~ln(100); frozen here
 
     def init_random(self, seed: int = 0):
-        """Random weights for the demo / bench (no pretrained CLIP needed). Std follows OpenAI's init."""
+        """Random weights for the demo / bench, with OpenAI CLIP's init scales (width^-0.5 for embeddings and
+        attention, depth-scaled output projections). NOTE a flat std 0.02 everywhere collapses a small ViT: every
+        image then maps to nearly the same feature (cosine 0.999) and contrastive pre-training stalls at ln(B)."""
         g = torch.Generator().manual_seed(seed)
         for name, p in self.named_parameters():
-            if name.endswith("logit_scale"):
+            if name == "logit_scale":
                 continue
-            if p.ndim == 1 and ("ln" in name or "norm" in name) and name.endswith("weight"):
+            width = p.shape[-1] if p.ndim > 1 else p.shape[0]
+            if name.endswith("bias"):
+                p.data.zero_()
+            elif ("ln" in name or "norm" in name) and p.ndim == 1:
                 p.data.fill_(1.0)
-            elif p.ndim == 1:
-                p.data.zero_() if name.endswith("bias") else p.data.normal_(0, 0.02, generator=g)
+            elif "out_proj" in name or "mlp.2" in name:  # residual outputs: shrink with depth
+                layers = self.cfg.vision_layers if name.startswith("vision") else self.cfg.text_layers
+                p.data.normal_(0, width ** -0.5 * (2 * layers) ** -0.5, generator=g)
+            elif name == "conv1.weight":
+                p.data.normal_(0, (p[0].numel()) ** -0.5, generator=g)
+            elif name == "class_embedding":  # a zero CLS starts as pure image content (see NOTE above)
+                p.data.zero_()
             else:
-                p.data.normal_(0, 0.02, generator=g)
+                p.data.normal_(0, width ** -0.5 if name != "token_embedding.weight" else 0.02, generator=g)
         return self
 
     def encode_image(self, pixels, vpt=None, deep_vpt=None):
@@ -474,7 +484,7 @@ class LLMTokens(nn.Module):
 
     def forward(self, P, v):
         """P (C, L, D_L) raw representations, v (B, d_img) -> (B, C, L, d) prompt tokens."""
-        B, (C, L, _) = v.shape[0], P.shape
+        B, L = v.shape[0], P.shape[1]
         if not hasattr(self, "prefix"):  # --no-intervention: projection only, the same for every image
             return self.proj(P).expand(B, -1, -1, -1)
         p, s = self.p, self.s
@@ -492,6 +502,8 @@ class CILMP(nn.Module):
         clip.requires_grad_(False)  # frozen: no weight grads, no optimizer state (activations still backprop)
         C, L, D_L = reps.shape
         assert L >= cfg.prefix_len + cfg.suffix_len, f"LLM representations have {L} positions < prefix + suffix"
+        # deep prompts go into every block of both towers (paper: depth 12 = all of ViT-B/16's blocks)
+        assert cfg.depth == clip.cfg.text_layers == clip.cfg.vision_layers, "prompt depth must equal both towers' depth"
         d, W, E = clip.cfg.text_width, clip.cfg.vision_width, clip.cfg.embed_dim
         self.L = L
         # fixed inputs as buffers (so .to(device) moves them and checkpoints don't need them)
@@ -800,7 +812,7 @@ def prompt_tokens(tok, classnames, n_ctx: int, L: int, context_length: int):
     -> ctx_init_ids ([SOS] + "a photo of a" ids), suffix_ids (C, S) = "{class}." + [EOT] (padded with EOT),
        eot (C,) = EOT position in the full sequence = 1 + n_ctx + L + len(class tokens) + 1."""
     init = tok.encode("a photo of a").ids                       # [SOS] a photo of a [EOT]
-    sos, eot_id = init[0], init[-1]
+    eot_id = init[-1]
     suffix = [tok.encode(name.replace("_", " ") + ".").ids[1:] for name in classnames]  # drop SOS, keep EOT
     S = max(len(s) for s in suffix)
     eot = torch.tensor([1 + n_ctx + L + len(s) - 1 for s in suffix])
@@ -862,22 +874,84 @@ def build_data(args, image_size: int):
     return train, test
 
 
-def build_clip(args):
-    """-> (frozen CLIP, CLIP tokenizer). tiny: random weights with a fixed seed (it plays the "pretrained" model,
-    so it must not change with --seed) and the small CLIP-format tokenizer shipped in common/tokenizers."""
-    if args.clip == "tiny":
-        tok = load_tokenizer(REPO / "common" / "tokenizers" / "clip_tiny.json")
-        cfg = CLIPConfig(**(asdict(CLIP_PRESETS["tiny"]["config"]) | {"vocab_size": tok.get_vocab_size()}))
-        return CLIP(cfg).init_random(seed=0), tok
-    folder = resolve(args.clip_path or CLIP_PRESETS[args.clip]["repo"])
-    return load_clip(folder), load_tokenizer(folder / "tokenizer.json")
+def build_clip(args, D: R.Dist | None = None):
+    """-> (frozen CLIP, CLIP tokenizer). Real runs load HF weights. The demo's tiny CLIP must play a *pretrained*
+    CLIP (prompt tuning a frozen random network learns nothing: its image features all point the same way, mean
+    cosine 0.999), so it is pre-trained contrastively on the demo's image-report pairs once (~30 s on a CPU) and
+    cached. Fixed seed: it is the "pretrained model", so it must not change with --seed."""
+    if args.clip != "tiny":
+        folder = resolve(args.clip_path or CLIP_PRESETS[args.clip]["repo"])
+        return load_clip(folder), load_tokenizer(folder / "tokenizer.json")
+    from safetensors.torch import load_file, save_file
+    tok = load_tokenizer(REPO / "common" / "tokenizers" / "clip_tiny.json")
+    cfg = CLIPConfig(**(asdict(CLIP_PRESETS["tiny"]["config"]) | {"vocab_size": tok.get_vocab_size()}))
+    clip = CLIP(cfg).init_random(seed=0)
+    path = Path(args.cache_dir) / "clip_tiny_demo.safetensors"
+    if not path.exists() and (D is None or D.is_main):
+        demo = Path(args.data_dir) if args.data == "demo" and args.data_dir else REPO / "data" / "demo"
+        pretrain_tiny_clip(clip, tok, demo)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(path.with_suffix(".tmp")))
+        os.replace(path.with_suffix(".tmp"), path)
+    if D is not None and D.enabled:
+        torch.distributed.barrier()
+    clip.load_state_dict(load_file(str(path)))
+    return clip, tok
+
+
+def tokenize(tok, texts, context_length: int = 77):
+    """CLIP-style: [SOS] ... [EOT], truncated to context_length (EOT kept last), zero-padded -> (N, T)."""
+    ids = [e.ids[:context_length - 1] + e.ids[-1:] if len(e.ids) > context_length else e.ids
+           for e in tok.encode_batch(list(texts))]
+    out = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)
+    for i, x in enumerate(ids):
+        out[i, :len(x)] = torch.tensor(x)
+    return out
+
+
+def pretrain_tiny_clip(clip: CLIP, tok, root: Path, steps: int = 150, batch: int = 64):
+    """Demo only: a few hundred steps of CLIP's own symmetric InfoNCE on data/demo/reports_train.csv, so the
+    frozen tiny CLIP knows that "dark, irregular" looks dark and irregular, as a real CLIP roughly does."""
+    from common.data import ImageReportDataset
+    from common.demo import ensure_demo
+    ensure_demo(root)
+    print(f"pre-training the tiny demo CLIP on {root / 'reports_train.csv'} ({steps} steps, once; cached)")
+    g = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    ds = ImageReportDataset(root, root / "reports_train.csv", train_transform(clip.cfg.image_size, CLIP_MEAN, CLIP_STD))
+    loader = make_loader(ds, batch, shuffle=True, drop_last=True, seed=0)
+    clip.logit_scale.data.fill_(math.log(1 / 0.07))
+    # NOTE lr 1e-3 without warm-up collapses both towers to one constant feature within 5 steps (loss pinned at
+    # ln B); 3e-4 with a short warm-up does not.
+    opt = torch.optim.AdamW(clip.parameters(), lr=3e-4, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-4, total_steps=steps, pct_start=0.1)
+    prog, step = R.Progress(steps, "clip pretrain", every=10.0), 0
+    while step < steps:
+        for b in loader:
+            f = F.normalize(clip.encode_image(b["image"]), dim=-1)                      # (B, E)
+            t = F.normalize(clip.encode_text(tokenize(tok, b["report"], 48)), dim=-1)   # (B, E)
+            logits = clip.logit_scale.exp() * f @ t.T
+            labels = torch.arange(len(f))
+            loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            clip.logit_scale.data.clamp_(max=math.log(100))
+            step += 1
+            prog.update(1, loss=loss.item())
+            if step == steps:
+                break
+    clip.logit_scale.data.fill_(math.log(100))  # what real CLIP ends at; CILMP keeps it frozen
+    torch.random.set_rng_state(g)
+    return clip
 
 
 def build_model(args, clip, tok, classnames, reps) -> CILMP:
     mode = ("none" if args.no_intervention else "plain" if args.no_conditional else
             "no-rd" if args.no_rd else "conditional")
     cfg = CILMPConfig(n_ctx=args.n_ctx, prefix_len=args.prefix_len, suffix_len=args.suffix_len, rank=args.rank,
-                      dropout=args.dropout, mode=mode)
+                      dropout=args.dropout, mode=mode, depth=clip.cfg.text_layers)
     ctx_ids, suffix_ids, eot = prompt_tokens(tok, classnames, cfg.n_ctx, reps.shape[1], clip.cfg.context_length)
     torch.manual_seed(args.seed)  # trainable init depends on the seed only (not on what ran before)
     return CILMP(clip, reps, suffix_ids, eot, ctx_ids, cfg)
@@ -908,7 +982,7 @@ def reseed_loader(loader, epoch: int, seed: int):
 
 def train(args, D: R.Dist, run_dir: Path):
     R.seed_everything(args.seed, D.rank)
-    clip, tok = build_clip(args)
+    clip, tok = build_clip(args, D)
     train_ds, test_ds = build_data(args, clip.cfg.image_size)
     classnames = train_ds.classnames
     reps = get_representations(args, classnames, D)                                  # (C, L, D_L)
@@ -1154,7 +1228,7 @@ def run_one(args, D: R.Dist) -> dict:
     run_dir = Path(args.resume) if args.resume else R.make_run_dir("cilmp", args.data, args.out, vars(args), D.is_main)
     if args.eval_only:
         from safetensors.torch import load_file
-        clip, tok = build_clip(args)
+        clip, tok = build_clip(args, D)
         train_ds, test_ds = build_data(args, clip.cfg.image_size)
         reps = get_representations(args, train_ds.classnames, D)
         model = build_model(args, clip, tok, train_ds.classnames, reps).to(D.device)

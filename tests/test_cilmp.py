@@ -192,3 +192,116 @@ def test_missing_real_data_prints_help_not_traceback(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
     assert "python -m common.prepare isic" in r.stderr and "ISIC 2018" in r.stderr
+
+
+def test_ddp_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
+    """2 gloo ranks x 4 images, DDP-averaged gradients, one SGD step == 1 process x 8 images."""
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "ddp.safetensors")), nprocs=2, join=True)
+    model, params, opt = _one_step_setup()
+    x, y = _fixed_batch()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    ddp = load_file(str(tmp_path / "ddp.safetensors"))
+    single = model.trainable_state()
+    assert ddp.keys() == single.keys()
+    moved = 0.0
+    for k in single:
+        torch.testing.assert_close(ddp[k], single[k], atol=1e-6, rtol=1e-5)
+        moved += (single[k] - _one_step_setup()[0].trainable_state()[k]).abs().sum().item()
+    assert moved > 0  # the step really changed the weights
+
+
+def _fixed_batch():
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(8, 3, 64, 64, generator=g), torch.randint(0, 3, (8,), generator=g)
+
+
+def _one_step_setup():
+    model = _tiny_model(dropout=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, params, torch.optim.SGD(params, lr=0.5, momentum=0.9, weight_decay=5e-4)
+
+
+def _ddp_worker(rank, world, port, out):
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    model, params, opt = _one_step_setup()
+    net = torch.nn.parallel.DistributedDataParallel(model)
+    x, y = _fixed_batch()
+    n = x.shape[0] // world
+    F.cross_entropy(net(x[rank * n:(rank + 1) * n]), y[rank * n:(rank + 1) * n]).backward()
+    opt.step()
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in model.trainable_state().items()}, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One cache (tiny demo CLIP pre-training, LLM representations) shared by the script tests below."""
+    return tmp_path_factory.mktemp("cilmp_cache")
+
+
+def test_demo_end_to_end(cache, tmp_path):
+    out = tmp_path / "run"
+    r = _run(["--epochs", "6", "--out", str(out), "--cache-dir", str(cache)])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["acc"] > 0.35, m["acc"]           # 6 classes: chance is 0.167
+    assert m["auroc"] > 0.65 and len(m["per_class"]) == 6 and len(m["confusion"]) == 6
+    for f in ("args.json", "env.json", "metrics.jsonl", "trainable.safetensors"):
+        assert (out / f).exists(), f
+    assert "acc" in r.stdout and "melanoma" in r.stdout   # the per-class table was printed
+    w = load_file(str(out / "trainable.safetensors"))
+    assert not any(k.startswith("clip.") for k in w)     # only trainable tensors are saved
+    descr = list((cache / "llm_reps" / "tiny").glob("*.json"))
+    assert descr and len(json.loads(descr[0].read_text())["descriptions"]) == 6
+
+
+def test_kill_and_resume_reaches_the_same_weights(cache, tmp_path):
+    common = ["--epochs", "3", "--batch-size", "64", "--cache-dir", str(cache)]
+    ref = tmp_path / "ref"
+    r = _run(common + ["--out", str(ref)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, str(REPO / "cilmp.py"), *common, "--out", str(run)], cwd=REPO,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not (run / "ckpt" / "latest").exists() and p.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.05)
+    p.kill()
+    p.wait()
+    assert not (run / "trainable.safetensors").exists(), "the run finished before it could be killed"
+    r = _run(common + ["--resume", str(run)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout
+    a, b = load_file(str(ref / "trainable.safetensors")), load_file(str(run / "trainable.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_eval_only_reproduces_the_final_metrics(cache, tmp_path):
+    out = tmp_path / "run"
+    assert _run(["--epochs", "1", "--batch-size", "64", "--out", str(out), "--cache-dir", str(cache)]).returncode == 0
+    first = json.loads((out / "metrics.json").read_text())
+    r = _run(["--eval-only", "--resume", str(out), "--cache-dir", str(cache)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["acc"] == first["acc"]
+
+
+def test_torchrun_two_cpu_processes(cache, tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "0", str(REPO / "cilmp.py"), "--epochs", "1", "--batch-size", "32", "--steps", "4",
+                        "--out", str(out), "--cache-dir", str(cache)], cwd=REPO, capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert (out / "metrics.json").exists() and (out / "ckpt" / "latest").exists()
