@@ -553,12 +553,13 @@ class CLEFT(nn.Module):
         return self.encode_image(pixels), self.encode_text(ids, mask), self.logit_scale.exp()
 
 
-def contrastive_loss(img, txt, scale):
+def contrastive_loss(img, txt, scale, gather: bool = True):
     """Symmetric InfoNCE over the batch of ALL ranks: features are gathered with gradient (the official code uses
     only the per-GPU batch of 72 as negatives; DDP here gives the same loss and update as one process on the
     whole batch). Summed, not averaged, as in the official code (CLIP averages: only the scale differs).
         logits = scale * img @ txt^T,   L = CE(logits, arange) + CE(logits^T, arange)"""
-    img, txt = R.gather_with_grad(img), R.gather_with_grad(txt)                          # (N, E) all ranks
+    if gather:
+        img, txt = R.gather_with_grad(img), R.gather_with_grad(txt)                      # (N, E) all ranks
     logits = scale * img @ txt.t()                                                        # (N, N)
     labels = torch.arange(logits.shape[0], device=logits.device)
     return F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)
@@ -746,6 +747,10 @@ def load_gpt2(path, dtype=None) -> GPT2:
     with torch.device("meta"):
         model = GPT2(gpt2_config_from_hf(load_config(folder)))
     return load_state(model, folder, GPT2_MAP, dtype)
+
+
+DINOv2.from_pretrained = staticmethod(load_dinov2)  # the names the issue asks for: DINOv2.from_pretrained(path)
+GPT2.from_pretrained = staticmethod(load_gpt2)
 
 
 def load_adapter(llm: GPT2, path_or_sd, source: str = "adapter"):
@@ -1020,7 +1025,7 @@ def train_steps(args, D, stage_dir: Path, model, net, opt, lr_fn, ds, loss_fn, t
         load_tensors(model, tensors, f"checkpoint {stage_dir}")
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        R.set_rng_state(state["rng"][D.rank])
+        R.set_rng_state(state["rng"][min(D.rank, len(state["rng"]) - 1)])  # (resumed on fewer/more ranks: close)
         step = state["step"]
         if D.is_main:
             print(f"{desc}: resumed at step {step} from {stage_dir}/ckpt")
@@ -1076,6 +1081,9 @@ def wrap(model, args, D):
     """DDP (gloo on CPU, nccl on CUDA) and torch.compile around the raw model; checkpoints use the raw one."""
     net = model
     if D.enabled:
+        # frozen weights are identical on every rank (same checkpoint): don't let DDP broadcast 5 GB of BioMedLM
+        frozen = [k for k, p in model.named_parameters() if not p.requires_grad]
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
         net = nn.parallel.DistributedDataParallel(model, device_ids=[D.device.index] if D.device.type == "cuda" else None)
     return torch.compile(net) if args.compile else net
 
@@ -1102,7 +1110,7 @@ def cast_frozen(model: CLEFT, precision: str):
 def stage_contrastive(args, D, stage_dir: Path, model: CLEFT, tok, size: int):
     """Stage 1: InfoNCE between images and captions. Trains the ViT (unless --freeze-vit), the PEFT adapter,
     both projections and the temperature, with AdamW + warm-up + cosine; logit scale clamped at 100."""
-    train_ds, _ = caption_sets(args, size)
+    train_ds, val_ds = caption_sets(args, size)
     params = set_trainable(model, (["vit."] if not args.freeze_vit else []) + ["adapter", "img_proj", "txt_proj",
                                                                                "logit_scale"])
     cast_frozen(model, args.precision)
@@ -1115,11 +1123,11 @@ def stage_contrastive(args, D, stage_dir: Path, model: CLEFT, tok, size: int):
                             lr=args.lr, betas=(0.9, 0.999))
     eos, L = model.llm.cfg.eos_id, args.max_len
 
-    def loss_fn(net, batch):
+    def loss_fn(net, batch, gather=True):
         x, captions = batch
         ids, mask = tokenize(tok, captions, L, eos)
         img, txt, scale = net(x.to(D.device), ids.to(D.device), mask.to(D.device))
-        return contrastive_loss(img, txt, scale)
+        return contrastive_loss(img, txt, scale, gather)
 
     def clamp():
         with torch.no_grad():
@@ -1131,6 +1139,14 @@ def stage_contrastive(args, D, stage_dir: Path, model: CLEFT, tok, size: int):
     lr_fn = lambda s: lr_at(s, args.steps, args.warmup, args.lr, args.min_lr)
     train_steps(args, D, stage_dir, model, wrap(model, args, D), opt, lr_fn, train_ds, loss_fn, args.steps,
                 clamp, desc="stage 1")
+    if D.is_main:  # the official code picks checkpoints by this; we report it
+        model.eval()
+        with torch.no_grad(), R.autocast(D.device, args.precision):
+            losses = [loss_fn(model, b, gather=False).item() for b in eval_loader(val_ds, args, drop_last=True)]
+        if losses:
+            print(f"stage 1 validation loss {np.mean(losses):.4f} ({len(val_ds)} pairs, batches of "
+                  f"{args.eval_batch_size}; chance 2 ln {args.eval_batch_size} = {2 * math.log(args.eval_batch_size):.2f})")
+            R.JsonlLog(stage_dir / "metrics.jsonl").log(step=args.steps, val_loss=float(np.mean(losses)))
 
 
 def stage_prompt(args, D, stage_dir: Path, model: CLEFT, tok, size: int):
@@ -1178,9 +1194,10 @@ def stage_prompt(args, D, stage_dir: Path, model: CLEFT, tok, size: int):
 # Evaluation: zero-shot, linear probe, fine-tune; ACC / AUROC / macro-F1 / kappa from common/metrics
 
 
-def eval_loader(ds, args):
+def eval_loader(ds, args, drop_last=False):
     """The whole set in order, on whichever rank evaluates (no DistributedSampler: it would split it)."""
-    return torch.utils.data.DataLoader(ds, batch_size=args.eval_batch_size, num_workers=args.num_workers)
+    return torch.utils.data.DataLoader(ds, batch_size=args.eval_batch_size, num_workers=args.num_workers,
+                                       drop_last=drop_last)
 
 
 def report(y, probs, classnames) -> dict:

@@ -217,8 +217,8 @@ def demo_args(out, *extra):
     return ["--out", str(out), "--batch-size", "16", "--log-every", "1", "--print-every", "100", *extra]
 
 
-def losses(path):
-    return [json.loads(line)["loss"] for line in Path(path).read_text().splitlines()]
+def losses(path, key="loss"):
+    return [r[key] for r in map(json.loads, Path(path).read_text().splitlines()) if key in r]
 
 
 def test_demo_both_stages_end_to_end(tmp_path):
@@ -228,6 +228,7 @@ def test_demo_both_stages_end_to_end(tmp_path):
         assert json.loads((tmp_path / stage / "model.json").read_text())["peft"] == "lora"
     l1 = losses(tmp_path / "stage1" / "metrics.jsonl")
     assert len(l1) == 24 and sum(l1[-6:]) / 6 < sum(l1[:6]) / 6  # the contrastive loss falls
+    assert len(losses(tmp_path / "stage1" / "metrics.jsonl", "val_loss")) == 1
     for name in ("contrastive", "prompt"):
         rep = json.loads((tmp_path / f"metrics_zero-shot_after_{name}.json").read_text())
         assert sum(r["n"] for r in rep["per_class"]) == 240 and 0 <= rep["acc"] <= 1
@@ -278,8 +279,10 @@ def test_ddp_gathered_loss_equals_one_process_on_the_whole_batch(tmp_path):
     script.write_text(DDP_SCRIPT)
     torchrun = Path(sys.executable).parent / "torchrun"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29561", str(script), str(REPO), str(out)],
-                   check=True, env=env, capture_output=True, timeout=120)
+    # --standalone: a free rendezvous port (other test files may run torchrun at the same time)
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script), str(REPO), str(out)],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
     got = torch.load(out, weights_only=True)
     torch.manual_seed(0)
     x, t, proj = torch.randn(8, 6), torch.randn(8, 5), torch.nn.Linear(6, 5)
