@@ -428,13 +428,10 @@ class IA3Linear(nn.Linear):
     def merge(self):
         if self.merged:
             raise RuntimeError("IA3 already merged")
-        l = self.ia3_l.to(self.weight.dtype)
-        if self.feedforward:
-            self.weight *= l                    # W (x * l) = (W * l_row) x
-        else:
-            self.weight *= l                    # (W x + b) * l = (l_col * W) x + l * b
-            if self.bias is not None:
-                self.bias *= l.flatten()
+        l = self.ia3_l.to(self.weight.dtype)  # (1, in) scales W's columns, (out, 1) its rows (and then b too):
+        self.weight *= l                      # W (x * l) = (W * l_row) x,  (W x + b) * l = (l_col * W) x + l * b
+        if not self.feedforward and self.bias is not None:
+            self.bias *= l.flatten()
         self.merged = True
 
     @torch.no_grad()
@@ -869,20 +866,6 @@ class OneOfClasses(Dataset):
         return self.ds[self.idx[i]][0], int(self.labels[i])
 
 
-class Subset(Dataset):
-    """A fixed subset of a labelled dataset (--data-pct), keeping .labels and .classnames."""
-
-    def __init__(self, ds, idx):
-        self.ds, self.idx = ds, np.asarray(idx)
-        self.labels, self.classnames = np.asarray(ds.labels)[self.idx], ds.classnames
-
-    def __len__(self):
-        return len(self.idx)
-
-    def __getitem__(self, i):
-        return self.ds[int(self.idx[i])]
-
-
 def caption_sets(args, size: int):
     """Stage-1 image-text pairs (train, val) of --data."""
     d = DATASETS[args.data]
@@ -910,8 +893,10 @@ def class_sets(args, size: int, train_tf=True):
         train = ClassificationDataset(root, split, "train", tf_tr)
         val = ClassificationDataset(root, split, val_split_name(read_split(split)), tf_ev)
     if args.data_pct < 1.0:  # the official code: df.sample(frac, random_state=42)
-        n = max(1, round(args.data_pct * len(train)))
-        train = Subset(train, np.random.RandomState(42).permutation(len(train))[:n])
+        idx = np.random.RandomState(42).permutation(len(train))[:max(1, round(args.data_pct * len(train)))]
+        labels, names = np.asarray(train.labels)[idx], train.classnames
+        train = torch.utils.data.Subset(train, idx.tolist())
+        train.labels, train.classnames = labels, names
     return train, val, test
 
 
@@ -1467,7 +1452,7 @@ def run(args, D) -> dict:
     out = {}
     stages = ["contrastive", "prompt"] if args.stage == "all" else [args.stage]
     has_classes = (data_root(args) / DATASETS[args.data]["split"]).is_file()
-    for i, stage in enumerate(stages):
+    for stage in stages:
         folder = run_dir / ("stage1" if stage == "contrastive" else "stage2")
         if (folder / "trainable.safetensors").is_file():  # finished before a --resume
             load_stage(model, folder)
@@ -1549,6 +1534,13 @@ def parse_args(argv=None):
                    help="stage 2 loss: ce = zero-shot cross-entropy (paper), infonce on captions (official code)")
     p.add_argument("--train-vit", action="store_true", help="stage 2: also train the ViT (official code)")
     args = p.parse_args(argv)
+    if args.resume and (Path(args.resume) / "args.json").is_file():  # --resume RUN_DIR: the run's own flags
+        argv = sys.argv[1:] if argv is None else argv
+        given = {a.dest for a in p._actions if {x.split("=")[0] for x in argv} & set(a.option_strings)}
+        keep = given | {"resume", "eval_only", "out", "device", "num_workers", "print_every", "precision_given"}
+        for k, v in json.loads((Path(args.resume) / "args.json").read_text()).items():
+            if k not in keep and hasattr(args, k):
+                setattr(args, k, v)
     demo = args.data == "demo"
     args.vit = args.vit or ("tiny" if demo else "dinov2-reg-b14")
     args.llm = args.llm or ("tiny" if demo else "biomedlm")
