@@ -1338,8 +1338,9 @@ def run_bench(args, D):
             print(f"{name:40s} {prec:5s} B={B} | step {r['step_ms']:8.1f} ms | {r['items_per_s']:8.1f} items/s | "
                   f"{r['tflops']:.3f} TFLOP/s | MFU {100 * r['mfu']:5.1f}% of measured matmul peak "
                   f"{r['matmul_peak_tflops']:.2f} | peak mem {r['peak_mem_mb']:.0f} MB", flush=True)
-    print("compare: python ../shared/bench/hf_baselines.py --which gpt2-lora (and --which vit-lora, a CLIP ViT-B/16 "
-          "with LoRA: a lighter workload than training DINOv2-B/14 in full) --precision fp32|bf16")
+    print("compare: python ../shared/bench/hf_baselines.py --which gpt2-lora --precision fp32|bf16 (vit-lora is a "
+          "CLIP ViT-B/16 with LoRA, lighter than training DINOv2-B/14 in full). On a shared CPU run both with "
+          "OMP_NUM_THREADS=1: a busy core stalls a thread team and the timings become noise.")
     return rows
 
 # ----------------------------------------------------------------------------------------------------------
