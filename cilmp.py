@@ -764,8 +764,8 @@ def get_representations(args, classnames, dist_info: R.Dist):
     """Cached per (LLM, dataset classes, question): cache/llm_reps/<llm>/<key>.safetensors + .json beside it.
     Rank 0 computes, the others wait and read."""
     from safetensors.torch import load_file, save_file
-    key = hashlib.sha1(json.dumps([args.llm, args.llm_path, classnames, QUESTION, args.max_new_tokens,
-                                   args.seed if args.llm == "tiny" else 0]).encode()).hexdigest()[:12]
+    key = hashlib.sha1(json.dumps([args.llm, args.llm_path, classnames, QUESTION, args.max_new_tokens]).encode()
+                       ).hexdigest()[:12]
     path = Path(args.cache_dir) / "llm_reps" / args.llm / f"{args.data}-{key}.safetensors"
     if not path.exists() and dist_info.is_main:
         print(f"LLM representations: {args.llm} on {len(classnames)} classes (once; cached at {path})")
@@ -773,10 +773,12 @@ def get_representations(args, classnames, dist_info: R.Dist):
             cfg = LLM_PRESETS["tiny"]["config"]
             tok = load_tokenizer(REPO / "common" / "tokenizers" / "llama_tiny.json")
             cfg = LlamaConfig(**(asdict(cfg) | {"vocab_size": tok.get_vocab_size()}))
-            torch.manual_seed(args.seed)
-            llm = Llama(cfg).eval()
-            for p in llm.parameters():  # default init is too tame for a random "LLM" to say different things
-                nn.init.normal_(p, 0, 0.5) if p.ndim > 1 else None
+            with torch.random.fork_rng():  # a fixed random "LLM", and a cold cache must not shift the run's RNG
+                torch.manual_seed(0)
+                llm = Llama(cfg).eval()
+                for p in llm.parameters():  # default init is too tame for a random LLM to say different things
+                    if p.ndim > 1:
+                        nn.init.normal_(p, 0, 0.5)
         else:
             folder = resolve(args.llm_path or LLM_PRESETS[args.llm]["repo"])
             tok = load_tokenizer(folder / "tokenizer.json")
@@ -1089,7 +1091,9 @@ def evaluate(model: CILMP, ds, args, device) -> dict:
     """Test-set logits -> ACC, macro-F1, AUROC (one-vs-rest macro on softmax), Cohen's kappa (unweighted and
     quadratic), per-class table and confusion matrix, all from common/metrics."""
     model.eval()
-    loader = make_loader(ds, args.eval_batch_size, shuffle=False, num_workers=args.num_workers)
+    # rank 0 evaluates the whole test set: a plain loader, not make_loader's DistributedSampler (which would
+    # give this rank 1/world of it, padded with repeats)
+    loader = torch.utils.data.DataLoader(ds, args.eval_batch_size, shuffle=False, num_workers=args.num_workers)
     ys, probs = [], []
     for x, y in loader:
         with R.autocast(device, args.precision):

@@ -92,7 +92,7 @@ def _tiny_model(mode="conditional", dropout=0.0, L=10, D_L=64, C=3):
     names = ["melanoma", "nevus", "vascular lesion"][:C]
     ctx, suf, eot = cilmp.prompt_tokens(tok, names, 4, L, cfg.context_length)
     torch.manual_seed(0)
-    return cilmp.CILMP(clip, torch.randn(C, L, D_L), suf, eot, ctx, cilmp.CILMPConfig(dropout=dropout, mode=mode))
+    return cilmp.CILMP(clip, torch.randn(C, L, D_L), suf, eot, ctx, cilmp.CILMPConfig(dropout=dropout, mode=mode, depth=cfg.text_layers))
 
 
 def test_intervention_is_identity_when_its_learned_parts_are_zero():
@@ -210,7 +210,7 @@ def test_ddp_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
     assert ddp.keys() == single.keys()
     moved = 0.0
     for k in single:
-        torch.testing.assert_close(ddp[k], single[k], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ddp[k], single[k], atol=1e-5, rtol=1e-4)  # summation order only
         moved += (single[k] - _one_step_setup()[0].trainable_state()[k]).abs().sum().item()
     assert moved > 0  # the step really changed the weights
 
@@ -249,24 +249,33 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cilmp_cache")
 
 
-def test_demo_end_to_end(cache, tmp_path):
+def test_demo_end_to_end_and_eval_only(cache, tmp_path):
+    """The README's demo command (plus --out/--cache-dir): trains, evaluates, writes the run folder."""
     out = tmp_path / "run"
-    r = _run(["--epochs", "6", "--out", str(out), "--cache-dir", str(cache)])
+    r = _run(["--out", str(out), "--cache-dir", str(cache)])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
-    assert m["acc"] > 0.35, m["acc"]           # 6 classes: chance is 0.167
-    assert m["auroc"] > 0.65 and len(m["per_class"]) == 6 and len(m["confusion"]) == 6
+    # 6 classes, chance 0.167; the frozen tiny CLIP's own linear probe reaches ~0.48, a run ~0.36
+    assert m["acc"] > 0.27 and m["auroc"] > 0.62, (m["acc"], m["auroc"])
+    assert len(m["per_class"]) == 6 and len(m["confusion"]) == 6
     for f in ("args.json", "env.json", "metrics.jsonl", "trainable.safetensors"):
         assert (out / f).exists(), f
-    assert "acc" in r.stdout and "melanoma" in r.stdout   # the per-class table was printed
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5      # it learned something
+    assert "kappa" in r.stdout and "melanoma" in r.stdout    # the per-class table was printed
     w = load_file(str(out / "trainable.safetensors"))
-    assert not any(k.startswith("clip.") for k in w)     # only trainable tensors are saved
+    assert w and not any(k.startswith("clip.") for k in w)   # only trainable tensors are saved
     descr = list((cache / "llm_reps" / "tiny").glob("*.json"))
     assert descr and len(json.loads(descr[0].read_text())["descriptions"]) == 6
 
+    r = _run(["--eval-only", "--resume", str(out), "--cache-dir", str(cache)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["acc"] == m["acc"] and again["confusion"] == m["confusion"]
+
 
 def test_kill_and_resume_reaches_the_same_weights(cache, tmp_path):
-    common = ["--epochs", "3", "--batch-size", "64", "--cache-dir", str(cache)]
+    common = ["--epochs", "3", "--batch-size", "96", "--cache-dir", str(cache)]
     ref = tmp_path / "ref"
     r = _run(common + ["--out", str(ref)])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -276,32 +285,45 @@ def test_kill_and_resume_reaches_the_same_weights(cache, tmp_path):
     t0 = time.time()
     while not (run / "ckpt" / "latest").exists() and p.poll() is None and time.time() - t0 < 300:
         time.sleep(0.05)
-    p.kill()
+    p.kill()  # SIGKILL: no chance to clean up, as when a job is pre-empted
     p.wait()
     assert not (run / "trainable.safetensors").exists(), "the run finished before it could be killed"
     r = _run(common + ["--resume", str(run)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout
     a, b = load_file(str(ref / "trainable.safetensors")), load_file(str(run / "trainable.safetensors"))
+    assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-
-
-def test_eval_only_reproduces_the_final_metrics(cache, tmp_path):
-    out = tmp_path / "run"
-    assert _run(["--epochs", "1", "--batch-size", "64", "--out", str(out), "--cache-dir", str(cache)]).returncode == 0
-    first = json.loads((out / "metrics.json").read_text())
-    r = _run(["--eval-only", "--resume", str(out), "--cache-dir", str(cache)])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads((out / "metrics.json").read_text())["acc"] == first["acc"]
 
 
 def test_torchrun_two_cpu_processes(cache, tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "0", str(REPO / "cilmp.py"), "--epochs", "1", "--batch-size", "32", "--steps", "4",
+                        port, str(REPO / "cilmp.py"), "--epochs", "1", "--batch-size", "32", "--steps", "4",
                         "--out", str(out), "--cache-dir", str(cache)], cwd=REPO, capture_output=True, text=True,
-                       timeout=600, env=env)
+                       timeout=300, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert (out / "metrics.json").exists() and (out / "ckpt" / "latest").exists()
+    assert "train 4/4" in r.stdout                        # 4 steps of 2 x 32 images
+    m = json.loads((out / "metrics.json").read_text())
+    assert sum(c["n"] for c in m["per_class"]) == 240     # rank 0 evaluated the whole test set, once
+    assert (out / "ckpt" / "latest").exists()
+
+
+def test_runs_on_a_mock_converted_isic(cache, tmp_path):
+    """`python -m common.prepare isic` on a mock of the official layout, then cilmp.py --data isic, no other step."""
+    from test_prepare import make_isic
+    src = make_isic(tmp_path / "raw", per_class=(3, 1, 2))
+    r = subprocess.run([sys.executable, "-m", "common.prepare", "isic", "--src", str(src), "--out",
+                        str(tmp_path / "isic")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    r = _run(["--data", "isic", "--data-dir", str(tmp_path / "isic"), "--clip", "tiny", "--llm", "tiny",
+              "--epochs", "2", "--batch-size", "8", "--out", str(tmp_path / "run"), "--cache-dir", str(cache)])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [c["class"] for c in m["per_class"]] == cilmp.DATASETS["isic"]["classes"]
+    assert sum(c["n"] for c in m["per_class"]) == 14
