@@ -221,6 +221,15 @@ class CLIP(nn.Module):
         self.text_proj = nn.Parameter(torch.zeros(d, cfg.embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(100.0)))  # pretrained value ~ln(100); frozen here
 
+    def half_(self, dtype):
+        """Store the matmul weights (Linear, Conv, Embedding) in `dtype` to halve memory and skip autocast's
+        per-step casts; LayerNorms and the small embeddings stay fp32 (CPU layer_norm rejects bf16 weights with
+        fp32 inputs, and OpenAI's convert_weights keeps them fp32 too)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
+                m.to(dtype)
+        return self
+
     def init_random(self, seed: int = 0):
         """Random weights for the demo / bench, with OpenAI CLIP's init scales (width^-0.5 for embeddings and
         attention, depth-scaled output projections). NOTE a flat std 0.02 everywhere collapses a small ViT: every
@@ -990,7 +999,7 @@ def train(args, D: R.Dist, run_dir: Path):
     reps = get_representations(args, classnames, D)                                  # (C, L, D_L)
     model = build_model(args, clip, tok, classnames, reps).to(D.device)
     if args.precision != "fp32":  # frozen tower stored in the compute dtype; trainables stay fp32
-        model.clip.to(R.PRECISIONS[args.precision])
+        model.clip.half_(R.PRECISIONS[args.precision])
     params = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
     if D.is_main:
@@ -1112,7 +1121,7 @@ def run_bench(args, D: R.Dist):
     """One CILMP train step at the paper's size (ViT-B/16 CLIP, 32 x 4096 LLM representations, C = 7), and the
     vision tower alone (the block ../shared/bench/hf_baselines.py --which vit-lora times with HF + peft)."""
     from torch.utils.flop_counter import FlopCounterMode
-    dev, B, C = D.device, args.batch_size or 8, 7
+    dev, B, C = D.device, args.bench_batch, 7
     precisions = [args.precision] if args.precision_given else (["bf16"] if dev.type == "cuda" else ["fp32", "bf16"])
     torch.manual_seed(0)
     clip = CLIP(CLIPConfig()).init_random(0)
@@ -1125,7 +1134,7 @@ def run_bench(args, D: R.Dist):
     for prec in precisions:
         model = CILMP(clip, reps, suffix_ids, eot, ctx_ids, CILMPConfig()).to(dev)
         if prec != "fp32":
-            model.clip.to(R.PRECISIONS[prec])
+            model.clip.half_(R.PRECISIONS[prec])
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
         x, y = torch.randn(B, 3, 224, 224, device=dev), torch.randint(0, C, (B,), device=dev)
@@ -1210,6 +1219,7 @@ def parse_args(argv=None):
     p.add_argument("--no-intervention", action="store_true", help="ablation: project the LLM representations only")
     args = p.parse_args(argv)
     recipe = DEMO_RECIPE if args.data == "demo" else PAPER_RECIPE
+    args.bench_batch = args.batch_size or 8  # --bench: batch 8 unless given
     for k in ("epochs", "batch_size", "lr", "warmup_lr", "clip", "llm"):
         if getattr(args, k) is None:
             setattr(args, k, recipe[k])

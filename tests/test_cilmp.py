@@ -327,3 +327,52 @@ def test_runs_on_a_mock_converted_isic(cache, tmp_path):
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert [c["class"] for c in m["per_class"]] == cilmp.DATASETS["isic"]["classes"]
     assert sum(c["n"] for c in m["per_class"]) == 14
+
+
+def test_llama3_and_llama2_chat_formats():
+    tok = cilmp.load_tokenizer(REPO / "common" / "tokenizers" / "llama_tiny.json")
+    ids = cilmp.chat_ids(tok, "Q?", "llama3")
+    specials = [tok.token_to_id(t) for t in ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                                             "<|eot_id|>")]
+    assert ids[0] == specials[0] and ids.count(specials[1]) == 2 and ids.count(specials[3]) == 1
+    assert tok.decode(ids, skip_special_tokens=False).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert cilmp.stop_ids(tok, "llama3") == [specials[3], tok.token_to_id("<|end_of_text|>")]
+    assert "[INST] Q? [/INST]" in tok.decode(cilmp.chat_ids(tok, " Q? ", "llama2"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cache, tmp_path):
+    out = tmp_path / "run"
+    # epoch 0 is the warm-up at a sane lr; epoch 1 at lr 1e30 blows up
+    r = _run(["--epochs", "3", "--batch-size", "96", "--lr", "1e30", "--out", str(out), "--cache-dir", str(cache)])
+    assert r.returncode == 3 and "Traceback" not in r.stderr
+    assert "loss is" in r.stderr and "last good checkpoint" in r.stderr
+    assert (out / "ckpt" / "latest").read_text().strip() == "step_0000007"   # 600 images / 96 = 7 steps
+    ck = load_file(str(out / "ckpt" / "step_0000007" / "trainable.safetensors"))
+    assert all(torch.isfinite(v).all() for v in ck.values())
+    assert not (out / "trainable.safetensors").exists()
+
+
+def test_seeds_report_mean_and_std(cache, tmp_path):
+    r = _run(["--seeds", "1,2", "--epochs", "1", "--steps", "2", "--batch-size", "16", "--out", str(tmp_path),
+              "--cache-dir", str(cache)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "summary.json").read_text())
+    accs = [json.loads((tmp_path / f"seed{k}" / "metrics.json").read_text())["acc"] for k in (1, 2)]
+    assert abs(s["acc"]["mean"] - sum(accs) / 2) < 1e-12 and abs(s["acc"]["std"] - abs(accs[0] - accs[1]) / 2) < 1e-12
+    assert "over seeds 1, 2" in r.stdout
+
+
+def test_bf16_autocast_with_half_frozen_weights_matches_fp32():
+    """--precision bf16: frozen matmul weights stored in bf16, trainables fp32, under autocast (CPU here)."""
+    from common import run as R
+    model = _tiny_model()
+    x = torch.randn(2, 3, 64, 64)
+    ref = model(x)
+    model.clip.half_(torch.bfloat16)
+    assert model.clip.conv1.weight.dtype == torch.bfloat16 and model.clip.ln_pre.weight.dtype == torch.float32
+    assert model.ctx.dtype == torch.float32
+    with R.autocast(torch.device("cpu"), "bf16"):
+        out = model(x)
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()   # bf16 keeps ~3 significant digits
+    out.float().sum().backward()
+    assert model.ctx.grad is not None and model.ctx.grad.dtype == torch.float32
