@@ -978,10 +978,6 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, D) -> list:
     return order[:nb * batch_size * W].view(nb, W, batch_size)[:, D.rank].tolist()
 
 
-def trainable_state(model: nn.Module) -> dict:
-    return {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
-
-
 def finetuned_state(model: CLEFT) -> dict:
     """Everything a run changed, i.e. all but the frozen pretrained LLM weights: what --init reloads."""
     return {k: v for k, v in model.state_dict().items() if not k.startswith("llm.") or is_adapter(k)}
@@ -996,11 +992,12 @@ def load_tensors(model: nn.Module, tensors: dict, source: str):
             own[k].copy_(v)
 
 
-def train_steps(args, D, stage_dir: Path, model, net, opt, lr_fn, ds, loss_fn, total: int, after_step=None,
-                collate=None, desc="train"):
-    """Run `total` optimizer steps over `ds` (epochs as needed), resuming from stage_dir/ckpt if a checkpoint is
-    there. Checkpoints every --ckpt-every steps and at the end hold the trainable tensors, optimizer, scaler,
-    RNG and step: a killed run continues exactly where it stopped."""
+def train_steps(args, D, stage_dir: Path, model, opt, ds, loss_fn, total: int, warmup: int, after_step=None,
+                desc="train"):
+    """Run `total` optimizer steps over `ds` (epochs as needed; lr_at from args.lr to args.min_lr), resuming from
+    stage_dir/ckpt if a checkpoint is there. Checkpoints every --ckpt-every steps and at the end hold the trainable
+    tensors, optimizer, scaler, RNG and step: a killed run continues exactly where it stopped."""
+    net = wrap(model, args, D)
     scaler = R.make_scaler(args.precision, D.device)
     step = 0
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -1025,9 +1022,9 @@ def train_steps(args, D, stage_dir: Path, model, net, opt, lr_fn, ds, loss_fn, t
         # every later random number on --resume (which creates its iterator at another point of the stream)
         g = torch.Generator().manual_seed(args.seed * 1000 + epoch + 7919 * D.rank)
         loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=args.num_workers, generator=g,
-                                             collate_fn=collate, pin_memory=D.device.type == "cuda")
+                                             pin_memory=D.device.type == "cuda")
         for batch in loader:
-            lr = lr_fn(step)
+            lr = lr_at(step, total, warmup, args.lr, args.min_lr)
             for g in opt.param_groups:
                 g["lr"] = lr
             with R.autocast(D.device, args.precision):
@@ -1052,9 +1049,9 @@ def train_steps(args, D, stage_dir: Path, model, net, opt, lr_fn, ds, loss_fn, t
                     rng = [None] * D.world_size
                     torch.distributed.all_gather_object(rng, R.rng_state())
                 if D.is_main:
-                    R.save_checkpoint(stage_dir, trainable_state(model),
-                                      {"step": step, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                                       "rng": rng})
+                    trainable = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+                    R.save_checkpoint(stage_dir, trainable, {"step": step, "optimizer": opt.state_dict(),
+                                                             "scaler": scaler.state_dict(), "rng": rng})
                 if D.enabled:
                     torch.distributed.barrier()
             if step >= total:
@@ -1121,9 +1118,7 @@ def stage_contrastive(args, D, stage_dir: Path, model: CLEFT, tok, size: int):
     if D.is_main:
         print(f"stage 1 (contrastive): {len(train_ds)} pairs, {sum(p.numel() for p in params):,} trainable "
               f"parameters, {args.steps} steps of {args.batch_size} x {D.world_size}")
-    lr_fn = lambda s: lr_at(s, args.steps, args.warmup, args.lr, args.min_lr)
-    train_steps(args, D, stage_dir, model, wrap(model, args, D), opt, lr_fn, train_ds, loss_fn, args.steps,
-                clamp, desc="stage 1")
+    train_steps(args, D, stage_dir, model, opt, train_ds, loss_fn, args.steps, args.warmup, clamp, desc="stage 1")
     if D.is_main:  # the official code picks checkpoints by this; we report it
         model.eval()
         with torch.no_grad(), R.autocast(D.device, args.precision):
@@ -1171,9 +1166,7 @@ def stage_prompt(args, D, stage_dir: Path, model: CLEFT, tok, size: int):
     if D.is_main:
         print(f"stage 2 (context prompt, {args.prompt_objective}): {len(train_ds)} images, "
               f"{sum(p.numel() for p in params):,} trainable parameters, {args.steps} steps")
-    lr_fn = lambda s: lr_at(s, args.steps, args.warmup, args.lr, args.min_lr)
-    train_steps(args, D, stage_dir, model, wrap(model, args, D), opt, lr_fn, train_ds, loss_fn, args.steps,
-                desc="stage 2")
+    train_steps(args, D, stage_dir, model, opt, train_ds, loss_fn, args.steps, args.warmup, desc="stage 2")
 
 # ----------------------------------------------------------------------------------------------------------
 # Evaluation: zero-shot, linear probe, fine-tune; ACC / AUROC / macro-F1 / kappa from common/metrics
@@ -1258,8 +1251,7 @@ def finetune(args, D, model: CLEFT, sets, run_dir: Path) -> dict:
     opt = torch.optim.AdamW(clf.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     total = args.epochs * len(epoch_batches(len(train), args.batch_size, args.seed, 0, D))
     loss_fn = lambda net, b: F.cross_entropy(net(b[0].to(D.device)), b[1].to(D.device))
-    lr_fn = lambda s: lr_at(s, total, min(args.warmup, total // 10), args.lr, args.min_lr)
-    train_steps(args, D, run_dir / "finetune", clf, wrap(clf, args, D), opt, lr_fn, train, loss_fn, total,
+    train_steps(args, D, run_dir / "finetune", clf, opt, train, loss_fn, total, min(args.warmup, total // 10),
                 desc="fine-tune")
     clf.eval()
     logits, y = predict(args, D, clf, test)
