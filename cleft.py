@@ -485,13 +485,6 @@ def is_adapter(name: str) -> bool:
     return "lora_" in name or "ia3_l" in name or "prefix." in name
 
 
-def mark_only_adapter_trainable(model: nn.Module) -> nn.Module:
-    """requires_grad only on adapter parameters. Frozen weights then build no autograd graph of their own."""
-    for name, p in model.named_parameters():
-        p.requires_grad_(is_adapter(name))
-    return model
-
-
 def adapter_state_dict(model: nn.Module) -> dict:
     return {k: v for k, v in model.state_dict().items() if is_adapter(k)}
 
@@ -1184,6 +1177,17 @@ def report(y, probs, classnames) -> dict:
 
 
 @torch.no_grad()
+def predict(args, D, fn, ds):
+    """-> (fn(x) for the whole set, labels), fp32 on the CPU."""
+    ys, outs = [], []
+    for x, y in eval_loader(ds, args):
+        with R.autocast(D.device, args.precision):
+            outs.append(fn(x.to(D.device)).float().cpu())
+        ys.append(y)
+    return torch.cat(outs), torch.cat(ys)
+
+
+@torch.no_grad()
 def zero_shot(args, D, model: CLEFT, tok, ds) -> dict:
     """Classify by the most similar class prompt. With a stage-2 context: context + class words, else the
     dataset's fixed prompts."""
@@ -1193,12 +1197,9 @@ def zero_shot(args, D, model: CLEFT, tok, ds) -> dict:
     ids, mask = tokenize(tok, texts, args.max_len, model.llm.cfg.eos_id, space)
     with R.autocast(D.device, args.precision):
         txt = model.encode_text(ids.to(D.device), mask.to(D.device))                    # (C, E)
-        ys, probs = [], []
-        for x, y in eval_loader(ds, args):
-            img = model.encode_image(x.to(D.device))                                    # (B, E)
-            probs.append((model.logit_scale.exp() * img @ txt.t()).float().softmax(-1).cpu())
-            ys.append(y)
-    return report(torch.cat(ys).numpy(), torch.cat(probs).numpy(), ds.classnames)
+    probs, y = predict(args, D, lambda x: (model.logit_scale.exp() * model.encode_image(x) @ txt.t()).float()
+                       .softmax(-1), ds)                                                 # (N, C)
+    return report(y.numpy(), probs.numpy(), ds.classnames)
 
 
 class Classifier(nn.Module):
@@ -1213,22 +1214,12 @@ class Classifier(nn.Module):
         return self.head(self.vit(x)[1].mean(1))
 
 
-@torch.no_grad()
-def predict(args, D, fn, ds):
-    ys, outs = [], []
-    for x, y in eval_loader(ds, args):
-        with R.autocast(D.device, args.precision):
-            outs.append(fn(x.to(D.device)).float().cpu())
-        ys.append(y)
-    return torch.cat(outs), torch.cat(ys)
-
-
 def linear_probe(args, D, model: CLEFT, sets) -> dict:
     """Frozen ViT, features computed once (no augmentation), a linear head trained with AdamW on them."""
     train, val, test = sets
     model.eval()
-    feats = {n: predict(args, D, lambda x: model.image_features(x), ds) for n, ds in (("train", train), ("test", test))}
-    X, y = feats["train"][0].to(D.device), feats["train"][1].to(D.device)
+    X, y = (t.to(D.device) for t in predict(args, D, model.image_features, train))      # (N, Dv), (N,)
+    X_test, y_test = predict(args, D, model.image_features, test)
     head = nn.Linear(X.shape[1], len(train.classnames)).to(D.device)
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     g = torch.Generator().manual_seed(args.seed)
@@ -1239,8 +1230,8 @@ def linear_probe(args, D, model: CLEFT, sets) -> dict:
             loss.backward()
             opt.step()
     with torch.no_grad():
-        probs = head(feats["test"][0].to(D.device)).softmax(-1).cpu()
-    return report(feats["test"][1].numpy(), probs.numpy(), test.classnames)
+        probs = head(X_test.to(D.device)).softmax(-1).cpu()
+    return report(y_test.numpy(), probs.numpy(), test.classnames)
 
 
 def finetune(args, D, model: CLEFT, sets, run_dir: Path) -> dict:
@@ -1304,7 +1295,7 @@ def run_bench(args, D):
     precisions = [args.precision] if args.precision_given else ["fp32", "bf16"]
     torch.manual_seed(0)
     llm = add_peft(GPT2(LLM_PRESETS["gpt2"]["config"]).init_random(0), PEFTConfig("lora", dropout=0.0)).to(dev)
-    mark_only_adapter_trainable(llm)
+    set_trainable(llm, ["adapter"])
     vit = DINOv2(VIT_PRESETS["dinov2-reg-b14"]["config"]).init_random(0).to(dev)
     ids = torch.randint(0, 50257, (B, 64), device=dev)
     x = torch.randn(B, 3, 224, 224, device=dev)
@@ -1565,12 +1556,9 @@ def main(argv=None):
         else:
             run(args, D)
         return 0
-    except (DataError, WeightsError) as e:  # user-fixable: a message, not a traceback
+    except (DataError, WeightsError, R.NonFiniteLoss) as e:  # user-fixable: a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except R.NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        return 3 if isinstance(e, R.NonFiniteLoss) else 2
     finally:
         R.cleanup_distributed()
 
