@@ -49,6 +49,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from tokenizers.models import BPE
 from tokenizers.pre_tokenizers import ByteLevel
@@ -1082,12 +1083,17 @@ def cast_frozen(model: CLEFT, precision: str):
             p.data = p.data.to(R.PRECISIONS[precision])
 
 
+def stage1_trainable(model: CLEFT, args) -> list:
+    """Stage 1 trains the ViT (unless --freeze-vit), the PEFT adapter, both projections and the temperature."""
+    return set_trainable(model, ([] if args.freeze_vit else ["vit."]) + ["adapter", "img_proj", "txt_proj",
+                                                                         "logit_scale"])
+
+
 def stage_contrastive(args, D, stage_dir: Path, model: CLEFT, tok, size: int):
-    """Stage 1: InfoNCE between images and captions. Trains the ViT (unless --freeze-vit), the PEFT adapter,
-    both projections and the temperature, with AdamW + warm-up + cosine; logit scale clamped at 100."""
+    """Stage 1: InfoNCE between images and captions (stage1_trainable), with AdamW + warm-up + cosine; logit
+    scale clamped at 100."""
     train_ds, val_ds = caption_sets(args, size)
-    params = set_trainable(model, (["vit."] if not args.freeze_vit else []) + ["adapter", "img_proj", "txt_proj",
-                                                                               "logit_scale"])
+    params = stage1_trainable(model, args)
     cast_frozen(model, args.precision)
     # no weight decay on biases, norms, tokens, IA3 scales (their neutral value is 1) and the temperature
     # (the official code decays the 0-dim temperature, by accident)
@@ -1126,7 +1132,6 @@ def stage_prompt(args, D, stage_dir: Path, model: CLEFT, tok, size: int):
     """Stage 2: learn n_ctx context embeddings in front of the class words. Paper: frozen encoders, zero-shot
     cross-entropy over the class prompts (--prompt-objective ce, the default). Official code: InfoNCE on the
     captions with the ViT trained too (--prompt-objective infonce --train-vit). SGD + warm-up + cosine."""
-    root = data_root(args)
     if model.ctx is None:
         model.add_context(context_ids(tok, args.ctx_init or DATASETS[args.data]["prefix"] or "a photo of a",
                                       args.n_ctx).to(model.llm.wte.weight.device))
@@ -1137,7 +1142,7 @@ def stage_prompt(args, D, stage_dir: Path, model: CLEFT, tok, size: int):
     eos = model.llm.cfg.eos_id
     if args.prompt_objective == "ce":
         train_ds = class_sets(args, size)[0]
-        words = class_texts(args, train_ds.classnames, root)[1]
+        words = class_texts(args, train_ds.classnames, data_root(args))[1]
         ids, mask = (t.to(D.device) for t in tokenize(tok, words, max(len(tok.encode(" " + clean(w)).ids)
                                                                        for w in words) + 1, eos, space=True))
 
@@ -1197,8 +1202,8 @@ def zero_shot(args, D, model: CLEFT, tok, ds) -> dict:
     ids, mask = tokenize(tok, texts, args.max_len, model.llm.cfg.eos_id, space)
     with R.autocast(D.device, args.precision):
         txt = model.encode_text(ids.to(D.device), mask.to(D.device))                    # (C, E)
-    probs, y = predict(args, D, lambda x: (model.logit_scale.exp() * model.encode_image(x) @ txt.t()).float()
-                       .softmax(-1), ds)                                                 # (N, C)
+    scale = model.logit_scale.exp()
+    probs, y = predict(args, D, lambda x: (scale * model.encode_image(x) @ txt.t()).float().softmax(-1), ds)  # (N, C)
     return report(y.numpy(), probs.numpy(), ds.classnames)
 
 
@@ -1270,7 +1275,7 @@ def count_params(args):
     """--count-params: stage-1 trainables at the chosen presets, built on the meta device (no memory)."""
     spec = model_spec(args)[0]
     model = build_model(spec, device="meta")
-    set_trainable(model, (["vit."] if not args.freeze_vit else []) + ["adapter", "img_proj", "txt_proj", "logit_scale"])
+    stage1_trainable(model, args)
     rows = param_table(model)
     print(f"CLEFT stage 1, --vit {spec['vit']} --llm {spec['llm']} --peft {spec['peft']}")
     print(f"{'component':<22}{'total':>16}{'trainable':>14}")
@@ -1342,7 +1347,6 @@ DEMO_RECIPES = {
     "linear-probe": dict(epochs=30, batch_size=128, lr=1e-2, weight_decay=0.0, warmup=0, min_lr=0.0),
     "finetune": dict(epochs=3, batch_size=32, lr=1e-3, weight_decay=0.05, warmup=10, min_lr=1e-5),
 }
-TUNABLE = ("steps", "epochs", "batch_size", "lr", "weight_decay", "warmup", "min_lr")
 
 
 def recipe(args, what: str):
@@ -1350,9 +1354,9 @@ def recipe(args, what: str):
     apply to every stage that runs)."""
     a = argparse.Namespace(**vars(args))
     r = (DEMO_RECIPES if args.data == "demo" else RECIPES)[what]
-    for k in TUNABLE:
+    for k, v in r.items():
         if getattr(a, k) is None:
-            setattr(a, k, r.get(k))
+            setattr(a, k, v)
     return a
 
 
@@ -1377,7 +1381,6 @@ def stage_folder(path: Path) -> Path:
 
 def load_stage(model: CLEFT, folder: Path):
     """Load a finished stage's tensors (everything but the frozen pretrained LLM) into a fresh model."""
-    from safetensors.torch import load_file
     tensors = load_file(str(folder / "trainable.safetensors"))
     if "ctx" in tensors and model.ctx is None:
         model.add_context(torch.zeros(tensors["ctx"].shape[0], dtype=torch.long, device=model.llm.wte.weight.device))
@@ -1385,8 +1388,8 @@ def load_stage(model: CLEFT, folder: Path):
 
 
 def finish_stage(model: CLEFT, spec: dict, folder: Path, D):
+    """Save what the stage changed (finetuned_state) and its model.json, which --init and --resume read back."""
     if D.is_main:
-        from safetensors.torch import save_file
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().float().cpu().contiguous() for k, v in finetuned_state(model).items()},
                   str(folder / "trainable.safetensors"))
@@ -1536,7 +1539,7 @@ def parse_args(argv=None):
     args.num_workers = args.num_workers if args.num_workers is not None else (8 if cuda else 0)
     if args.eval_only and not args.resume:
         p.error("--eval-only needs --resume RUN_DIR (the run whose weights to evaluate)")
-    if args.eval and not args.init and not args.eval_only and args.eval == "zero-shot":
+    if args.eval == "zero-shot" and not args.init and not args.eval_only:
         p.error("--eval zero-shot needs --init RUN_DIR (a trained CLEFT run)")
     if not 0 < args.data_pct <= 1:
         p.error("--data-pct must be in (0, 1]")
