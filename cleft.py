@@ -986,6 +986,17 @@ def load_tensors(model: nn.Module, tensors: dict, source: str):
             own[k].copy_(v)
 
 
+def wrap(model, args, D):
+    """DDP (gloo on CPU, nccl on CUDA) and torch.compile around the raw model; checkpoints use the raw one."""
+    net = model
+    if D.enabled:
+        # frozen weights are identical on every rank (same checkpoint): don't let DDP broadcast 5 GB of BioMedLM
+        frozen = [k for k, p in model.named_parameters() if not p.requires_grad]
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[D.device.index] if D.device.type == "cuda" else None)
+    return torch.compile(net) if args.compile else net
+
+
 def train_steps(args, D, stage_dir: Path, model, opt, ds, loss_fn, total: int, warmup: int, after_step=None,
                 desc="train"):
     """Run `total` optimizer steps over `ds` (epochs as needed; lr_at from args.lr to args.min_lr), resuming from
@@ -1019,8 +1030,8 @@ def train_steps(args, D, stage_dir: Path, model, opt, ds, loss_fn, total: int, w
                                              pin_memory=D.device.type == "cuda")
         for batch in loader:
             lr = lr_at(step, total, warmup, args.lr, args.min_lr)
-            for g in opt.param_groups:
-                g["lr"] = lr
+            for group in opt.param_groups:
+                group["lr"] = lr
             with R.autocast(D.device, args.precision):
                 loss = loss_fn(net, batch)
             seen = loss.detach().float().clone()
@@ -1051,17 +1062,6 @@ def train_steps(args, D, stage_dir: Path, model, opt, ds, loss_fn, total: int, w
             if step >= total:
                 break
     return step
-
-
-def wrap(model, args, D):
-    """DDP (gloo on CPU, nccl on CUDA) and torch.compile around the raw model; checkpoints use the raw one."""
-    net = model
-    if D.enabled:
-        # frozen weights are identical on every rank (same checkpoint): don't let DDP broadcast 5 GB of BioMedLM
-        frozen = [k for k, p in model.named_parameters() if not p.requires_grad]
-        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[D.device.index] if D.device.type == "cuda" else None)
-    return torch.compile(net) if args.compile else net
 
 
 def set_trainable(model: nn.Module, names: list):
