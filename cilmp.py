@@ -149,6 +149,8 @@ DATASETS = {
         "normal z-line", "polyps", "ulcerative colitis"]),
     "pneumonia": dict(split="split_pneumonia.json", get="Kermany chest_xray (data.mendeley.com/datasets/rscbjbr9sj)",
                       classes=["normal", "bacteria pneumonia", "virus pneumonia"]),
+    "pneumonia2": dict(dir="pneumonia", split="split_pneumonia2.json", get="Kermany chest_xray (data.mendeley.com/datasets/rscbjbr9sj)",
+                       classes=["normal", "pneumonia"]),     # the official code's 2-class variant
     "cpn-x-ray": dict(split="split_cpn-x-ray.json", get="CPN-X-ray (data.mendeley.com/datasets/dvntn9yhd2)",
                       classes=["normal", "covid", "pneumonia"]),
     "chaoyang": dict(split="split_chaoyang.json", get="Chaoyang (bupt-ai-cz.github.io/HSA-NRL)",
@@ -535,6 +537,12 @@ class CILMP(nn.Module):
     def trainable_state(self):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("clip.")}
 
+    def load_trainable(self, sd: dict, source: str):
+        """Load prompts + interventions saved by trainable_state; the frozen CLIP comes from its own checkpoint."""
+        check_keys({k: tuple(v.shape) for k, v in self.trainable_state().items()},
+                   {k: tuple(v.shape) for k, v in sd.items()}, source=source)
+        self.load_state_dict(sd, strict=False)
+
     def forward(self, pixels):
         clip, B, n = self.clip, pixels.shape[0], self.cfg.n_ctx
         C, L = self.reps.shape[:2]
@@ -843,14 +851,14 @@ def data_help(name: str, root: Path) -> str:
     d = DATASETS[name]
     return (f"dataset {name!r} not found: expected {root / d['split']}.\n"
             f"  1. download: {d['get']}\n"
-            f"  2. prepare:  python -m common.prepare {name} --src /path/to/the/download   (writes {root})\n"
-            f"  details: data/README.md, section '{name}'")
+            f"  2. prepare:  python -m common.prepare {d.get('dir', name)} --src /path/to/the/download   (writes {root})\n"
+            f"  details: data/README.md, section '{d.get('dir', name)}'")
 
 
 def preflight(args):
     """Check data and weights before any work, and report everything that is missing in one message."""
     problems = []
-    root = Path(args.data_dir or REPO / "data" / args.data)
+    root = Path(args.data_dir or REPO / "data" / DATASETS[args.data].get("dir", args.data))
     if args.data != "demo" and not (root / DATASETS[args.data]["split"]).exists():
         problems.append(data_help(args.data, root))
     if args.clip != "tiny":
@@ -869,7 +877,7 @@ def preflight(args):
 
 
 def build_data(args, image_size: int):
-    root = Path(args.data_dir or REPO / "data" / args.data)
+    root = Path(args.data_dir or REPO / "data" / DATASETS[args.data].get("dir", args.data))
     if args.data == "demo":
         from common.demo import ensure_demo
         ensure_demo(root)
@@ -1022,7 +1030,7 @@ def train(args, D: R.Dist, run_dir: Path):
         ck = R.load_checkpoint(run_dir)
         if ck is not None:
             tensors, state = ck
-            model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("gpa.")}, strict=False)
+            model.load_trainable({k: v for k, v in tensors.items() if not k.startswith("gpa.")}, f"{run_dir}/ckpt")
             gpa = {k: tensors["gpa." + k].to(D.device) for k in GPA_KEYS}
             opt.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
@@ -1249,7 +1257,7 @@ def run_one(args, D: R.Dist) -> dict:
         final = run_dir / "trainable.safetensors"
         if not final.exists():
             raise DataError(f"{final} not found: the run in {run_dir} has not finished (resume it first)")
-        model.load_state_dict(load_file(str(final), device=str(D.device)), strict=False)
+        model.load_trainable(load_file(str(final), device=str(D.device)), str(final))
     else:
         model, test_ds = train(args, D, run_dir)
     if not D.is_main:
