@@ -1272,6 +1272,8 @@ def run_one(args, D: R.Dist) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     D = R.setup_distributed(args.device)
+    if D.device.type == "cuda":  # TF32 matmuls for whatever still runs in fp32 (the trainables, --precision fp32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
         if args.bench:
             run_bench(args, D)
