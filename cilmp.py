@@ -223,6 +223,11 @@ class CLIP(nn.Module):
         self.text_proj = nn.Parameter(torch.zeros(d, cfg.embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(100.0)))  # pretrained value ~ln(100); frozen here
 
+    @classmethod
+    def from_pretrained(cls, path, dtype=None) -> "CLIP":
+        """HF CLIPModel folder or repo id in the HF cache (config.json + safetensors): see load_clip."""
+        return load_clip(path, dtype)
+
     def half_(self, dtype):
         """Store the matmul weights (Linear, Conv, Embedding) in `dtype` to halve memory and skip autocast's
         per-step casts; LayerNorms and the small embeddings stay fp32 (CPU layer_norm rejects bf16 weights with
@@ -380,6 +385,11 @@ class Llama(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.setup_rope()
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.bfloat16, device="cpu") -> "Llama":
+        """HF LlamaForCausalLM folder or repo id in the HF cache, sharded or not: see load_llama."""
+        return load_llama(path, dtype, device)
 
     def setup_rope(self, device=None):
         # NOTE footgun: built under torch.device("meta") these buffers hold no data; from_pretrained calls this

@@ -26,7 +26,7 @@ G = REPO / "tests" / "goldens"
 
 def test_clip_matches_hf_image_and_text_features():
     io = load_file(str(G / "clip_tiny" / "io.safetensors"))
-    clip = cilmp.load_clip(G / "clip_tiny").eval()
+    clip = cilmp.CLIP.from_pretrained(G / "clip_tiny").eval()
     with torch.no_grad():
         img = clip.encode_image(io["pixel_values"])
         txt = clip.encode_text(io["input_ids"])
@@ -47,7 +47,7 @@ def test_clip_tokenizer_matches_golden_ids():
 @pytest.mark.parametrize("name", ["llama_tiny", "llama_tiny_mha"])
 def test_llama_hidden_states_and_greedy_generation_match_hf(name):
     io = load_file(str(G / name / "io.safetensors"))
-    llm = cilmp.load_llama(G / name, dtype=torch.float32)
+    llm = cilmp.Llama.from_pretrained(G / name, dtype=torch.float32)
     hs = llm.hidden_states(io["input_ids"])
     assert hs.shape == io["hidden_states"].shape  # (n_layers + 1, B, T, D)
     # the goldens use a wide init (std 0.3) so greedy decoding has no near-ties; activations reach ~80, so
