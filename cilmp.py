@@ -1255,7 +1255,26 @@ def parse_args(argv=None):
     return args
 
 
+# what a resumed run may change; everything else comes from the run's own args.json
+RESUME_OVERRIDES = {"resume", "eval_only", "device", "precision", "precision_given", "num_workers", "print_every",
+                    "compile", "bench", "seeds", "eval_batch_size"}
+
+
+def restore_args(args):
+    """--resume RUN_DIR continues the run as it was configured: its args.json wins over the command line, except
+    for how to run it (device, precision, workers, ...). So `python cilmp.py --resume RUN_DIR` is enough."""
+    saved = Path(args.resume) / "args.json"
+    if not saved.exists():
+        raise DataError(f"--resume {args.resume}: no run folder there ({saved} not found)")
+    for k, v in json.loads(saved.read_text()).items():
+        if k not in RESUME_OVERRIDES and hasattr(args, k):
+            setattr(args, k, v)
+    args.seeds = None
+
+
 def run_one(args, D: R.Dist) -> dict:
+    if args.resume:
+        restore_args(args)
     preflight(args)
     run_dir = Path(args.resume) if args.resume else R.make_run_dir("cilmp", args.data, args.out, vars(args), D.is_main)
     if args.eval_only:

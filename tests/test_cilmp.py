@@ -187,6 +187,11 @@ def _run(args, timeout=600, env=None):
                           text=True, timeout=timeout, env=env)
 
 
+def test_resume_of_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path):
+    r = _run(["--resume", str(tmp_path / "nope")])
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "no run folder" in r.stderr
+
+
 def test_missing_real_data_prints_help_not_traceback(tmp_path):
     r = _run(["--data", "isic", "--data-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "run")])
     assert r.returncode == 2, r.stderr
@@ -288,7 +293,7 @@ def test_kill_and_resume_reaches_the_same_weights(cache, tmp_path):
     p.kill()  # SIGKILL: no chance to clean up, as when a job is pre-empted
     p.wait()
     assert not (run / "trainable.safetensors").exists(), "the run finished before it could be killed"
-    r = _run(common + ["--resume", str(run)])
+    r = _run(["--resume", str(run)])  # the run's own args.json supplies every other flag
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout
     a, b = load_file(str(ref / "trainable.safetensors")), load_file(str(run / "trainable.safetensors"))
