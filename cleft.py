@@ -1416,7 +1416,29 @@ def evaluate(args, D, model: CLEFT, tok, run_dir: Path, what: str, size: int, ta
     return rep
 
 
+def preflight(args):
+    """Before any work or run folder: report every missing dataset file and weight folder in one message."""
+    problems = []
+    if args.data != "demo" and not args.init and not args.resume:
+        d = DATASETS[args.data]
+        root = Path(args.data_dir or REPO / "data" / d["dir"])
+        wanted = d["pairs"][0] if "pairs" in d and args.stage in ("all", "contrastive") and not args.eval else d["split"]
+        if not (root / wanted).is_file():
+            problems.append(f"data for --data {args.data} not found: {root / wanted}\n  get it: {d['get']}\n"
+                            f"  details: data/README.md")
+        for name, path, presets in (("vit", args.vit_path, VIT_PRESETS), ("llm", args.llm_path, LLM_PRESETS)):
+            repo = path or presets[getattr(args, name)].get("repo")
+            if repo:
+                try:
+                    resolve(repo)
+                except WeightsError as e:
+                    problems.append(f"--{name} {getattr(args, name)} weights: {e}")
+    if problems:
+        raise DataError("\n\n".join(problems))
+
+
 def run(args, D) -> dict:
+    preflight(args)
     run_dir = Path(args.resume) if args.resume else R.make_run_dir("cleft", args.data, args.out, vars(args), D.is_main)
     if args.eval_only:  # the finished stages of --resume RUN_DIR, evaluated
         args.init, args.eval = str(run_dir), args.eval or "zero-shot"
