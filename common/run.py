@@ -112,20 +112,6 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x)
 
 
-def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
-    """Gather (B_r, ...) from every rank (sizes may differ) -> (sum B_r, ...). No gradient. For evaluation."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
-    m = int(max(s.item() for s in sizes))
-    pad = torch.zeros((m - x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    out = [torch.empty((m, *x.shape[1:]), dtype=x.dtype, device=x.device) for _ in sizes]
-    dist.all_gather(out, torch.cat([x, pad]).contiguous())
-    return torch.cat([o[:int(s.item())] for o, s in zip(out, sizes)])
-
-
 # ----------------------------------------------------------------------------------------------------------
 # seeds and precision
 
