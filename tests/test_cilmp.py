@@ -381,3 +381,19 @@ def test_bf16_autocast_with_half_frozen_weights_matches_fp32():
     assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()   # bf16 keeps ~3 significant digits
     out.float().sum().backward()
     assert model.ctx.grad is not None and model.ctx.grad.dtype == torch.float32
+
+
+def test_llm_representations_are_the_last_token_of_every_layer():
+    """Sec. 3.2.1: answer greedily, append the end-of-turn token if cut, re-run, keep hidden_states[1:] at the
+    last position -> (n_layers, D) per class (checked against a direct forward of the same sequence)."""
+    llm = cilmp.Llama.from_pretrained(G / "llama_tiny", dtype=torch.float32)
+    tok = cilmp.load_tokenizer(G / "llama_tiny" / "tokenizer.json")
+    reps, texts = cilmp.llm_representations(llm, tok, ["melanoma", "nevus"], "llama3", max_new_tokens=6,
+                                            log=lambda *a: None)
+    assert reps.shape == (2, 3, 64) and len(texts) == 2 and reps.dtype == torch.float32
+    ids = cilmp.chat_ids(tok, cilmp.QUESTION.format("nevus"), "llama3")
+    stops = cilmp.stop_ids(tok, "llama3")
+    new = llm.generate(torch.tensor([ids]), 6, stops)
+    full = torch.tensor([ids + new + ([] if new[-1] in stops else [tok.token_to_id("<|eot_id|>")])])
+    torch.testing.assert_close(reps[1], llm.hidden_states(full)[1:, 0, -1])
+    assert not torch.allclose(reps[0], reps[1])
