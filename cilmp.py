@@ -1135,27 +1135,32 @@ def evaluate(model: CILMP, ds, args, device) -> dict:
 # Benchmark: real-size models with random weights
 
 
+BENCH_SIZE = dict(clip=CLIPConfig(), llm_layers=32, llm_dim=4096, classes=7)  # the paper's (tests shrink it)
+
+
 def run_bench(args, D: R.Dist):
     """One CILMP train step at the paper's size (ViT-B/16 CLIP, 32 x 4096 LLM representations, C = 7), and the
     vision tower alone (the block ../shared/bench/hf_baselines.py --which vit-lora times with HF + peft)."""
     from torch.utils.flop_counter import FlopCounterMode
-    dev, B, C = D.device, args.bench_batch, 7
+    size = BENCH_SIZE
+    dev, B, C, L = D.device, args.bench_batch, size["classes"], size["llm_layers"]
     precisions = [args.precision] if args.precision_given else (["bf16"] if dev.type == "cuda" else ["fp32", "bf16"])
-    torch.manual_seed(0)
-    clip = CLIP(CLIPConfig()).init_random(0)
-    reps = torch.randn(C, 32, 4096)
     ctx_ids = torch.tensor([49406, 320, 1125, 539, 320])                  # SOS "a photo of a" in CLIP's vocab
     suffix_ids = torch.randint(1000, 40000, (C, 6))
     suffix_ids[:, 4:] = 49407                                             # "{3-token name} ." then EOT
-    eot = torch.full((C,), 1 + 4 + 32 + 4)
+    eot = torch.full((C,), 1 + 4 + L + 4)
     rows = []
     for prec in precisions:
-        model = CILMP(clip, reps, suffix_ids, eot, ctx_ids, CILMPConfig()).to(dev)
+        torch.manual_seed(0)
+        clip = CLIP(size["clip"]).init_random(0)
+        model = CILMP(clip, torch.randn(C, L, size["llm_dim"]), suffix_ids, eot, ctx_ids,
+                      CILMPConfig(depth=size["clip"].text_layers)).to(dev)
         if prec != "fp32":
             model.clip.half_(R.PRECISIONS[prec])
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-        x, y = torch.randn(B, 3, 224, 224, device=dev), torch.randint(0, C, (B,), device=dev)
+        res = size["clip"].image_size
+        x, y = torch.randn(B, 3, res, res, device=dev), torch.randint(0, C, (B,), device=dev)
 
         def step_full():
             with R.autocast(dev, prec):

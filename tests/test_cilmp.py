@@ -397,3 +397,17 @@ def test_llm_representations_are_the_last_token_of_every_layer():
     full = torch.tensor([ids + new + ([] if new[-1] in stops else [tok.token_to_id("<|eot_id|>")])])
     torch.testing.assert_close(reps[1], llm.hidden_states(full)[1:, 0, -1])
     assert not torch.allclose(reps[0], reps[1])
+
+
+def test_bench_runs_and_reports_every_figure(monkeypatch, capsys):
+    """--bench at a tiny size (the real one takes minutes): both precisions, both steps, all the figures."""
+    tiny = cilmp.CLIPConfig(**(cilmp.asdict(cilmp.CLIP_PRESETS["tiny"]["config"]) | {"vocab_size": 49408}))
+    monkeypatch.setattr(cilmp, "BENCH_SIZE", dict(clip=tiny, llm_layers=10, llm_dim=64, classes=3))
+    args = cilmp.parse_args(["--bench", "--bench-steps", "1"])
+    rows = cilmp.run_bench(args, cilmp.R.Dist())
+    assert [(r["what"], r["precision"]) for r in rows] == [
+        ("CILMP train step", "fp32"), ("CLIP ViT-B/16 vision + deep VPT", "fp32"),
+        ("CILMP train step", "bf16"), ("CLIP ViT-B/16 vision + deep VPT", "bf16")]
+    for r in rows:
+        assert r["step_ms"] > 0 and r["items_per_s"] > 0 and 0 < r["mfu"] and r["peak_mem_mb"] > 0
+    assert "MFU" in capsys.readouterr().out
