@@ -773,7 +773,7 @@ def llm_representations(llm: Llama, tok, classnames, chat: str, max_new_tokens: 
     (hidden_states[1:], the last one after the final norm as HF returns it). One class at a time: C is small and
     this runs once per (LLM, dataset, prompt), never during training."""
     dev, stops = llm.embed.weight.device, stop_ids(tok, chat)
-    reps, texts = [], []
+    reps, texts, start = [], [], time.time()
     for i, name in enumerate(classnames):
         t0 = time.time()
         ids = torch.tensor([chat_ids(tok, QUESTION.format(name), chat)], device=dev)
@@ -783,7 +783,8 @@ def llm_representations(llm: Llama, tok, classnames, chat: str, max_new_tokens: 
         full = torch.cat([ids, torch.tensor([new], device=dev)], 1)
         reps.append(llm.hidden_states(full)[1:, 0, -1].float().cpu())          # (n_layers, D)
         texts.append(tok.decode(new, skip_special_tokens=True).strip())
-        log(f"  [{i + 1}/{len(classnames)}] {name}: {len(new)} tokens, {time.time() - t0:.1f}s")
+        eta = (time.time() - start) / (i + 1) * (len(classnames) - i - 1)  # 8B on one GPU: ~5-10 s a class
+        log(f"  [{i + 1}/{len(classnames)}] {name}: {len(new)} tokens, {time.time() - t0:.1f}s, eta {eta:.0f}s")
     return torch.stack(reps), texts
 
 
