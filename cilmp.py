@@ -783,7 +783,7 @@ def llm_representations(llm: Llama, tok, classnames, chat: str, max_new_tokens: 
         full = torch.cat([ids, torch.tensor([new], device=dev)], 1)
         reps.append(llm.hidden_states(full)[1:, 0, -1].float().cpu())          # (n_layers, D)
         texts.append(tok.decode(new, skip_special_tokens=True).strip())
-        eta = (time.time() - start) / (i + 1) * (len(classnames) - i - 1)  # 8B on one GPU: ~5-10 s a class
+        eta = (time.time() - start) / (i + 1) * (len(classnames) - i - 1)
         log(f"  [{i + 1}/{len(classnames)}] {name}: {len(new)} tokens, {time.time() - t0:.1f}s, eta {eta:.0f}s")
     return torch.stack(reps), texts
 
