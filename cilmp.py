@@ -50,10 +50,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from common import metrics as M
 from common import run as R
-from common.data import ClassificationDataset, DataError, make_loader
+from common.data import ClassificationDataset, DataError, make_loader, set_epoch
 from common.transforms import CLIP_MEAN, CLIP_STD, eval_transform, train_transform
 from common.weights import WeightsError, check_keys, load_config, read_safetensors, resolve
 
@@ -159,7 +160,8 @@ DATASETS = {
         "Fetal brain", "Fetal femur", "Fetal abdomen", "Fetal thorax", "Maternal cervix", "Other planes"]),
 }
 
-# The paper's recipe (Sec. 4.2 + official config vit_b16.yaml); the demo shortens it.
+# The paper's recipe (Sec. 4.2 + official config vit_b16.yaml). The demo's values are ours, picked so tiny models
+# learn in ~12 CPU epochs: higher lr and warm-up lr, 64 px images.
 PAPER_RECIPE = dict(epochs=100, batch_size=64, lr=0.0025, momentum=0.9, weight_decay=5e-4, warmup_lr=1e-5,
                     image_size=224, clip="vit-b16", llm="llama3-8b")
 DEMO_RECIPE = dict(epochs=12, batch_size=32, lr=0.01, momentum=0.9, weight_decay=5e-4, warmup_lr=1e-3,
@@ -274,7 +276,7 @@ class CLIP(nn.Module):
             x = torch.cat([x, vpt.to(x.dtype).expand(x.shape[0], -1, -1)], 1)   # (B, 1 + N + n, W)
         x = self.ln_pre(x)
         for i, blk in enumerate(self.vision_blocks):
-            if i > 0 and deep_vpt is not None:
+            if i > 0 and n and deep_vpt is not None:  # (no vpt: nothing to replace; x[:, :-0] would be empty)
                 x = torch.cat([x[:, :-n], deep_vpt[i - 1].to(x.dtype).expand(x.shape[0], -1, -1)], 1)
             x = blk(x)
         return self.ln_post(x[:, 0]) @ self.visual_proj.to(x.dtype)       # CLS pooling, (B, E)
@@ -559,7 +561,7 @@ class CILMP(nn.Module):
         f = clip.encode_image(pixels, self.vpt, self.deep_vpt)                              # (B, E)
         v = F.normalize(f.float(), dim=-1)
         # Every image gets its own C prompts: B*C text sequences. The text tower is causal, so everything after
-        # the longest EOT is dead weight: cut there (exact, and ~2x less text compute than padding to 77).
+        # the longest EOT is dead weight: cut there (exact; at the paper's size 45 of 77 tokens remain).
         T = int(self.eot.max()) + 1
         S = T - 1 - n - L
         llm0 = self.llm_tokens[0](self.reps, v)                                             # (B, C, L, d)
@@ -791,7 +793,6 @@ def llm_representations(llm: Llama, tok, classnames, chat: str, max_new_tokens: 
 def get_representations(args, classnames, dist_info: R.Dist):
     """Cached per (LLM, dataset classes, question): cache/llm_reps/<llm>/<key>.safetensors + .json beside it.
     Rank 0 computes, the others wait and read."""
-    from safetensors.torch import load_file, save_file
     key = hashlib.sha1(json.dumps([args.llm, args.llm_path, classnames, QUESTION, args.max_new_tokens]).encode()
                        ).hexdigest()[:12]
     path = Path(args.cache_dir) / "llm_reps" / args.llm / f"{args.data}-{key}.safetensors"
@@ -912,7 +913,6 @@ def build_clip(args, D: R.Dist | None = None):
     if args.clip != "tiny":
         folder = resolve(args.clip_path or CLIP_PRESETS[args.clip]["repo"])
         return load_clip(folder), load_tokenizer(folder / "tokenizer.json")
-    from safetensors.torch import load_file, save_file
     tok = load_tokenizer(REPO / "common" / "tokenizers" / "clip_tiny.json")
     cfg = CLIPConfig(**(asdict(CLIP_PRESETS["tiny"]["config"]) | {"vocab_size": tok.get_vocab_size()}))
     clip = CLIP(cfg).init_random(seed=0)
@@ -940,7 +940,7 @@ def tokenize(tok, texts, context_length: int = 77):
 
 
 def pretrain_tiny_clip(clip: CLIP, tok, root: Path, steps: int = 150, batch: int = 64):
-    """Demo only: a few hundred steps of CLIP's own symmetric InfoNCE on data/demo/reports_train.csv, so the
+    """Demo only: 150 steps of CLIP's own symmetric InfoNCE on data/demo/reports_train.csv, so the
     frozen tiny CLIP knows that "dark, irregular" looks dark and irregular, as a real CLIP roughly does."""
     from common.data import ImageReportDataset
     from common.demo import ensure_demo
@@ -993,7 +993,8 @@ def build_model(args, clip, tok, classnames, reps) -> CILMP:
 
 def lr_at(epoch: int, args) -> float:
     """Dassl's schedule as the official config sets it: `warmup_epochs` at a constant warmup_lr, then cosine
-    decay stepped once per epoch over the remaining epochs (epoch e >= w: lr * (1 + cos(pi (e - w) / E)) / 2)."""
+    decay stepped once per epoch, lr * (1 + cos(pi (e - w) / E)) / 2 for epoch e >= w. The period is all E epochs
+    (Dassl's T_max = MAX_EPOCH), not E - w, so the last epoch still has a small non-zero lr, as officially."""
     if epoch < args.warmup_epochs:
         return args.warmup_lr
     return args.lr * 0.5 * (1 + math.cos(math.pi * (epoch - args.warmup_epochs) / args.epochs))
@@ -1001,7 +1002,6 @@ def lr_at(epoch: int, args) -> float:
 
 def reseed_loader(loader, epoch: int, seed: int):
     """Make epoch e's shuffle and worker seeds a function of (seed, e) only, so --resume replays them exactly."""
-    from common.data import set_epoch
     set_epoch(loader, epoch)                                  # DistributedSampler
     g = getattr(loader.sampler, "generator", None)
     if g is not None:
@@ -1073,9 +1073,10 @@ def train(args, D: R.Dist, run_dir: Path):
             scaler.step(opt)
             scaler.update()
             step += 1
+            lv = seen.item() / D.world_size  # the one host sync of a step (the NaN check above needs it anyway)
             if step % args.log_every == 0 or step == total:
-                log.log(step=step, epoch=epoch, loss=loss.item(), lr=opt.param_groups[0]["lr"])
-            prog.update(1, epoch=epoch, loss=loss.item(), lr=opt.param_groups[0]["lr"])
+                log.log(step=step, epoch=epoch, loss=lv, lr=opt.param_groups[0]["lr"])
+            prog.update(1, epoch=epoch, loss=lv, lr=opt.param_groups[0]["lr"])
             if step >= total:
                 break
         with torch.no_grad():  # Gaussian prompt aggregation: a weighted running sum of the prompt tensors
@@ -1092,13 +1093,11 @@ def train(args, D: R.Dist, run_dir: Path):
                                "scaler": scaler.state_dict(), "rng": rng})
         if D.enabled:
             torch.distributed.barrier()
-    finished = step >= total or args.epochs == 0
-    if finished and step == args.epochs * len(loader):  # GPA only for a complete schedule (weights sum to 1)
+    if step == args.epochs * len(loader):  # GPA only for a complete schedule (its weights sum to 1)
         with torch.no_grad():
             for k in GPA_KEYS:
                 getattr(model, k).copy_(gpa[k])
     if D.is_main:
-        from safetensors.torch import save_file
         save_file({k: v.detach().cpu().contiguous() for k, v in model.trainable_state().items()},
                   str(run_dir / "trainable.safetensors"))
     return model, test_ds
@@ -1242,6 +1241,8 @@ def parse_args(argv=None):
     p.add_argument("--no-conditional", action="store_true", help="ablation: plain LoReFT (Eq. 11)")
     p.add_argument("--no-intervention", action="store_true", help="ablation: project the LLM representations only")
     args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv  # flags typed again win over a resumed run's args.json
+    args.given = sorted(a.dest for a in p._actions if {x.split("=")[0] for x in argv} & set(a.option_strings))
     recipe = DEMO_RECIPE if args.data == "demo" else PAPER_RECIPE
     args.bench_batch = args.batch_size or 8  # --bench: batch 8 unless given
     for k in ("epochs", "batch_size", "lr", "warmup_lr", "clip", "llm"):
@@ -1263,17 +1264,17 @@ def parse_args(argv=None):
 
 # what a resumed run may change; everything else comes from the run's own args.json
 RESUME_OVERRIDES = {"resume", "eval_only", "device", "precision", "precision_given", "num_workers", "print_every",
-                    "compile", "bench", "seeds", "eval_batch_size"}
+                    "compile", "bench", "seeds", "eval_batch_size", "given"}
 
 
 def restore_args(args):
-    """--resume RUN_DIR continues the run as it was configured: its args.json wins over the command line, except
-    for how to run it (device, precision, workers, ...). So `python cilmp.py --resume RUN_DIR` is enough."""
+    """--resume RUN_DIR continues the run as it was configured: its args.json supplies every flag not typed again
+    (and the device, precision, workers, ... are always today's). So `python cilmp.py --resume RUN_DIR` is enough."""
     saved = Path(args.resume) / "args.json"
     if not saved.exists():
         raise DataError(f"--resume {args.resume}: no run folder there ({saved} not found)")
     for k, v in json.loads(saved.read_text()).items():
-        if k not in RESUME_OVERRIDES and hasattr(args, k):
+        if k not in RESUME_OVERRIDES and k not in args.given and hasattr(args, k):
             setattr(args, k, v)
     args.seeds = None
 
@@ -1284,7 +1285,6 @@ def run_one(args, D: R.Dist) -> dict:
     preflight(args)
     run_dir = Path(args.resume) if args.resume else R.make_run_dir("cilmp", args.data, args.out, vars(args), D.is_main)
     if args.eval_only:
-        from safetensors.torch import load_file
         clip, tok = build_clip(args, D)
         train_ds, test_ds = build_data(args, clip.cfg.image_size)
         reps = get_representations(args, train_ds.classnames, D)

@@ -1045,9 +1045,10 @@ def train_steps(args, D, stage_dir: Path, model, opt, ds, loss_fn, total: int, w
             if after_step is not None:
                 after_step()
             step += 1
+            lv = seen.item() / D.world_size  # the one host sync of a step (the NaN check above needs it anyway)
             if step % args.log_every == 0 or step == total:
-                log.log(step=step, epoch=epoch, loss=loss.item(), lr=lr)
-            prog.update(1, loss=loss.item(), lr=lr)
+                log.log(step=step, epoch=epoch, loss=lv, lr=lr)
+            prog.update(1, loss=lv, lr=lr)
             if step % args.ckpt_every == 0 or step == total:
                 rng = [R.rng_state()]
                 if D.enabled:
@@ -1543,7 +1544,9 @@ def parse_args(argv=None):
                    help="stage 2 loss: ce = zero-shot cross-entropy (paper), infonce on captions (official code)")
     p.add_argument("--train-vit", action="store_true", help="stage 2: also train the ViT (official code)")
     args = p.parse_args(argv)
-    if args.resume and (Path(args.resume) / "args.json").is_file():  # --resume RUN_DIR: the run's own flags
+    if args.resume and not (Path(args.resume) / "args.json").is_file():  # a typo must not start a new run there
+        p.error(f"--resume {args.resume}: no run folder there (no args.json)")
+    if args.resume:  # --resume RUN_DIR: the run's own flags, except those given again on the command line
         argv = sys.argv[1:] if argv is None else argv
         given = {a.dest for a in p._actions if {x.split("=")[0] for x in argv} & set(a.option_strings)}
         keep = given | {"resume", "eval_only", "out", "device", "num_workers", "print_every", "precision_given"}

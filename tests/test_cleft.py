@@ -365,3 +365,10 @@ def test_chexpert_captions_from_labels_then_zero_shot_and_linear_probe(tmp_path)
     train = cleft.class_sets(cleft.parse_args(args), 64)[0]
     # single-positive rows among the five (i % 4 != 3), labelled by that finding
     assert len(train) == 30 and [train.labels[j] for j in range(4)] == [0, 1, 2, 4]
+
+
+def test_resume_of_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cleft.main(["--resume", str(tmp_path / "typo")])
+    assert e.value.code == 2 and "no run folder" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()
