@@ -1,4 +1,4 @@
-"""Tests for common/prepare.py: each converter on a tiny mock of its dataset's official layout (exact file
+"""Tests for common/prepare/: each converter on a tiny mock of its dataset's official layout (exact file
 names and CSV columns), read back through the readers in common/data.py and common/ct.py.
 
 Expected counts are worked out by hand in the comments (largest-remainder allocation of the paper's test
@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from common import prepare
+from common.prepare import chexpert, ct_rate, derm, mimic, rsna
 from common.ct import CTVolumeDataset, read_nifti, write_nifti
 from common.data import (CHEXPERT_FINDINGS, ClassificationDataset, DataError, ImageReportDataset,
                          MultiLabelDataset, read_split)
@@ -170,7 +171,7 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt  # e.g. Ctrl-C just before the end
 
-    monkeypatch.setattr(prepare, "finish", boom)
+    monkeypatch.setattr(derm, "finish", boom)
     with pytest.raises(KeyboardInterrupt):
         prepare.run("isic", src, out)
     assert not out.exists() and list((tmp_path / "data").iterdir()) == []
@@ -428,7 +429,7 @@ def test_odir(tmp_path):
 
 
 def test_chexpert_5x200(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare, "CHEXPERT_5X200_N", 2)  # GLoRIA's 200, scaled down for a tiny mock
+    monkeypatch.setattr(chexpert, "CHEXPERT_5X200_N", 2)  # GLoRIA's 200, scaled down for a tiny mock
     root = tmp_path / "CheXpert-v1.0-small"
     header = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"] + CHEXPERT_FINDINGS
     rows, eligible = [], {}
@@ -464,7 +465,7 @@ def test_chexpert_5x200(tmp_path, monkeypatch):
     assert len(MultiLabelDataset(out, out / "valid.csv")) == 3
     split = ClassificationDataset(out, out / "split_chexpert5x200.json", "test")
     assert split.classnames == five and split.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
-    monkeypatch.setattr(prepare, "CHEXPERT_5X200_N", 4)
+    monkeypatch.setattr(chexpert, "CHEXPERT_5X200_N", 4)
     with pytest.raises(DataError, match="only 3 frontal images have Atelectasis"):
         prepare.run("chexpert", root, tmp_path / "c2")
 
@@ -482,8 +483,8 @@ def test_cleft_reads_the_files_written_here():
 def test_dicom_to_uint8_numbers():
     # 255/400 scaling: 100 -> 63.75 -> 64, 200 -> 127.5 -> 128 (numpy rounds half to even), 400 -> 255
     a = np.array([[0, 100], [200, 400]], np.uint16)
-    assert prepare.dicom_to_uint8(a).tolist() == [[0, 64], [128, 255]]
-    assert prepare.dicom_to_uint8(a, "MONOCHROME1").tolist() == [[255, 191], [127, 0]]
+    assert rsna.dicom_to_uint8(a).tolist() == [[0, 64], [128, 255]]
+    assert rsna.dicom_to_uint8(a, "MONOCHROME1").tolist() == [[255, 191], [127, 0]]
 
 
 def test_rsna(tmp_path, monkeypatch):
@@ -500,7 +501,7 @@ def test_rsna(tmp_path, monkeypatch):
         np.save(src / "stage_2_train_images" / f"{pid}.dcm.npy", np.full((4, 4), 100 + k, np.uint16))
         os.rename(src / "stage_2_train_images" / f"{pid}.dcm.npy", src / "stage_2_train_images" / f"{pid}.dcm")
     write_csv(src / "stage_2_train_labels.csv", ["patientId", "x", "y", "width", "height", "Target"], rows)
-    monkeypatch.setattr(prepare, "read_dicom", lambda p: (np.load(p), "MONOCHROME2"))
+    monkeypatch.setattr(rsna, "read_dicom", lambda p: (np.load(p), "MONOCHROME2"))
     out = tmp_path / "rsna_out"
     before = snapshot(src)
     prepare.run("rsna", src, out)
@@ -520,7 +521,7 @@ def test_rsna(tmp_path, monkeypatch):
 def test_rsna_without_pydicom(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "pydicom", None)  # `import pydicom` now fails
     with pytest.raises(DataError, match="pip install pydicom"):
-        prepare.read_dicom(tmp_path / "x.dcm")
+        rsna.read_dicom(tmp_path / "x.dcm")
 
 
 MIMIC_REPORT = """                                 FINAL REPORT
@@ -539,7 +540,7 @@ MIMIC_REPORT = """                                 FINAL REPORT
 
 
 def test_report_sections():
-    sec = prepare.report_sections(MIMIC_REPORT)
+    sec = mimic.report_sections(MIMIC_REPORT)
     assert sec["FINDINGS"] == "The lungs are clear. No effusion."
     assert sec["IMPRESSION"] == "No acute process."
     assert sec["INDICATION"] == "___ with cough"
@@ -627,7 +628,7 @@ def make_ct_rate(root, version=2):
                   ["VolumeName", "Manufacturer", "RescaleSlope", "RescaleIntercept", "XYSpacing", "ZSpacing"], meta)
         write_csv(ds / "radiology_text_reports" / rep_name,
                   ["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN"], reps)
-        write_csv(ds / "multi_abnormality_labels" / lab_name, ["VolumeName"] + prepare.CT_RATE_FINDINGS, labs)
+        write_csv(ds / "multi_abnormality_labels" / lab_name, ["VolumeName"] + ct_rate.CT_RATE_FINDINGS, labs)
     return root
 
 
@@ -640,7 +641,7 @@ def test_ct_rate(tmp_path, version):
     assert summary["counts"]["train"]["volumes"] == 3 and summary["skipped"]["train"] == {"volume not on disk": 1}
     ds = CTVolumeDataset(out / "volumes_train", out / "labels_train.csv", out / "reports_train.csv",
                          metadata_csv=out / "metadata.csv", target_shape=(4, 4, 3))
-    assert len(ds) == 3 and ds.findings == prepare.CT_RATE_FINDINGS
+    assert len(ds) == 3 and ds.findings == ct_rate.CT_RATE_FINDINGS
     assert ds.labels[0].tolist() == [float((1 + j) % 2) for j in range(18)]
     raw, spacing, slope, inter = ds.load_hu_input(0)
     # v2 stores HU: no second rescale (slope 1, intercept 0); v1 stores HU + 1024: the metadata's -1024 applies
