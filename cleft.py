@@ -71,16 +71,18 @@ REPO = Path(__file__).resolve().parent
 
 
 @dataclass
-class ViTConfig:
+class DINOv2Config:
     dim: int = 768
     n_layers: int = 12
     n_heads: int = 12
     patch_size: int = 14
     pos_grid: int = 37             # the checkpoint's position-embedding grid (518 / 14); resized to the input's
-    n_registers: int = 4
+    n_registers: int = 4           # 0 = plain DINOv2 (no register_tokens parameter at all)
     mlp_ratio: int = 4
     eps: float = 1e-6
     layerscale: float = 1.0        # LayerScale init (the pretrained values replace it)
+    pos_antialias: bool = True     # resize the position grid with antialias: True with registers, False without
+                                   # (as HF Dinov2WithRegistersModel / Dinov2Model and the hub models do)
 
 
 @dataclass
@@ -92,6 +94,7 @@ class GPT2Config:
     n_heads: int = 12
     eps: float = 1e-5
     scale_by_inverse_layer: bool = False  # HF scale_attn_by_inverse_layer_idx: scores also / (layer + 1)
+    upcast_attn: bool = False             # HF reorder_and_upcast_attn: attention in fp32 under bf16 / fp16
     dropout: float = 0.1                   # embd / attn / resid pdrop, all 0.1 in gpt2 and BioMedLM
     eos_id: int = 50256                    # bos = eos = pad in GPT-2 and BioMedLM
 
@@ -106,8 +109,8 @@ class PEFTConfig:
 
 
 VIT_PRESETS = {
-    "dinov2-reg-b14": dict(repo="facebook/dinov2-with-registers-base", config=ViTConfig()),
-    "tiny": dict(repo=None, config=ViTConfig(dim=64, n_layers=4, n_heads=4, patch_size=8, pos_grid=8)),
+    "dinov2-reg-b14": dict(repo="facebook/dinov2-with-registers-base", config=DINOv2Config()),
+    "tiny": dict(repo=None, config=DINOv2Config(dim=64, n_layers=4, n_heads=4, patch_size=8, pos_grid=8)),
 }
 LLM_PRESETS = {  # real sizes written out so --count-params / --bench need no download
     "biomedlm": dict(repo="stanford-crfm/BioMedLM", config=GPT2Config(
@@ -123,25 +126,16 @@ LLM_PRESETS = {  # real sizes written out so --count-params / --bench need no do
 # Attention, shared by both towers
 
 
-MANUAL_ATTENTION = False  # --attn manual: the explicit softmax(QK^T)V below, for reading and inspecting maps
-
-
 def attention(q, k, v, scale: float, mask=None, causal: bool = False, dropout: float = 0.0):
-    """q (B, nh, Tq, hs), k and v (B, nh, Tk, hs) -> (B, nh, Tq, hs). mask (B, 1, Tq, Tk) bool, True = may
-    attend. SDPA by default; the manual path is the same math and tested equal."""
-    if not MANUAL_ATTENTION:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
-                                              scale=scale)
-    att = (q @ k.transpose(-2, -1)) * scale                                  # (B, nh, Tq, Tk)
-    if causal:
-        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-    if mask is not None:
-        att = att.masked_fill(~mask, float("-inf"))
-    att = F.dropout(att.float().softmax(-1).to(q.dtype), dropout, training=dropout > 0)
-    return att @ v
+    """softmax(q k^T * scale + mask) v through PyTorch's fused SDPA kernel (flash / memory-efficient on CUDA).
+    q (B, nh, Tq, hs), k and v (B, nh, Tk, hs) -> (B, nh, Tq, hs). mask (B or 1, 1, Tq, Tk) bool, True = may
+    attend; causal=True instead of a mask for plain left-to-right attention; dropout on the attention weights
+    (pass 0.0 in eval mode: SDPA does not look at module.training)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scale)
 
 # ----------------------------------------------------------------------------------------------------------
-# DINOv2 ViT with registers (names as in the official torch.hub model, so its checkpoints map one to one)
+# DINOv2 ViT, with or without registers (module names as in the official torch.hub model; HF checkpoints go
+# through DINOV2_MAP)
 
 
 class LayerScale(nn.Module):
@@ -153,8 +147,8 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
-class ViTAttention(nn.Module):
-    def __init__(self, cfg: ViTConfig):
+class DINOv2Attention(nn.Module):
+    def __init__(self, cfg: DINOv2Config):
         super().__init__()
         self.nh = cfg.n_heads
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)  # HF stores query, key, value apart; the key map stacks them
@@ -167,8 +161,8 @@ class ViTAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, N, C))
 
 
-class ViTMLP(nn.Module):
-    def __init__(self, cfg: ViTConfig):
+class DINOv2MLP(nn.Module):
+    def __init__(self, cfg: DINOv2Config):
         super().__init__()
         self.fc1 = nn.Linear(cfg.dim, cfg.mlp_ratio * cfg.dim)
         self.fc2 = nn.Linear(cfg.mlp_ratio * cfg.dim, cfg.dim)
@@ -177,14 +171,14 @@ class ViTMLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as DINOv2 was trained
 
 
-class ViTBlock(nn.Module):
-    def __init__(self, cfg: ViTConfig):
+class DINOv2Block(nn.Module):
+    def __init__(self, cfg: DINOv2Config):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.eps)
-        self.attn = ViTAttention(cfg)
+        self.attn = DINOv2Attention(cfg)
         self.ls1 = LayerScale(cfg.dim, cfg.layerscale)
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.eps)
-        self.mlp = ViTMLP(cfg)
+        self.mlp = DINOv2MLP(cfg)
         self.ls2 = LayerScale(cfg.dim, cfg.layerscale)
 
     def forward(self, x):
@@ -193,20 +187,36 @@ class ViTBlock(nn.Module):
 
 
 class DINOv2(nn.Module):
-    """DINOv2 ViT with register tokens. forward(pixels) -> (tokens after the final norm, tokens before it), both
-    (B, 1 + R + h*w, D) in the order [CLS, registers, patches], equal to HF Dinov2WithRegistersModel's
-    last_hidden_state and hidden_states[-1]."""
+    """DINOv2 ViT (Oquab et al. 2023), optionally with register tokens (Darcet et al. 2024).
 
-    def __init__(self, cfg: ViTConfig):
+    forward(pixels (B, 3, H, W)) -> (tokens, prenorm), both (B, 1 + R + h*w, D) with h, w = H // p, W // p:
+        tokens  = after the final LayerNorm: HF Dinov2Model / Dinov2WithRegistersModel last_hidden_state
+        prenorm = the last block's output before it: HF hidden_states[-1] (the hub model's x_prenorm)
+    laid out [CLS, R registers, patches in row-major (h, w) order], R = cfg.n_registers (0 without registers):
+        CLS token       tokens[:, 0]                          (HF pooler_output)
+        patch tokens    tokens[:, 1 + R:]  -> .view(B, h, w, D) for a feature map
+    Any H, W that are multiples of the patch size work: the position grid is resized to (h, w)."""
+
+    def __init__(self, cfg: DINOv2Config):
         super().__init__()
         self.cfg = cfg
         D = cfg.dim
         self.patch_embed = nn.Conv2d(3, D, cfg.patch_size, cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
-        self.register_tokens = nn.Parameter(torch.zeros(1, cfg.n_registers, D))
+        # plain DINOv2 has no register parameter at all (its checkpoints have no such key)
+        self.register_tokens = nn.Parameter(torch.zeros(1, cfg.n_registers, D)) if cfg.n_registers else None
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.pos_grid ** 2, D))
-        self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(DINOv2Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(D, eps=cfg.eps)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None) -> "DINOv2":
+        """An HF facebook/dinov2-{small,base,large} or facebook/dinov2-with-registers-* folder (or repo id in the
+        HF cache) -> DINOv2, built on the meta device, every key and shape checked."""
+        folder = resolve(path)
+        with torch.device("meta"):
+            model = cls(dinov2_config_from_hf(load_config(folder)))
+        return load_mapped(model, folder, DINOV2_MAP, dtype=dtype)
 
     def init_random(self, seed: int = 0):
         """Random weights for the demo / bench: trunc-normal(0.02) like DINOv2 / HF, LayerNorms at 1 / 0."""
@@ -223,14 +233,15 @@ class DINOv2(nn.Module):
         return self
 
     def pos_embed_for(self, h: int, w: int):
-        """Position embeddings for an (h, w) patch grid: the checkpoint's (G, G) grid resized with bicubic +
-        antialias in fp32, exactly as HF and the DINOv2 hub model do (hub: interpolate_offset 0, size=(h, w))."""
+        """Position embeddings for an (h, w) patch grid: the checkpoint's (G, G) grid resized bicubic in fp32, with
+        antialias when cfg.pos_antialias, to size=(h, w) exactly as HF does (the hub model with registers too)."""
         pos = self.pos_embed
         G = self.cfg.pos_grid
         if (h, w) == (G, G):
             return pos
         grid = pos[:, 1:].reshape(1, G, G, -1).permute(0, 3, 1, 2)                      # (1, D, G, G)
-        grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+        grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False,
+                             antialias=self.cfg.pos_antialias)
         grid = grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, h * w, -1)               # (1, h*w, D)
         return torch.cat([pos[:, :1], grid], 1)                                           # (1, 1 + h*w, D)
 
@@ -240,8 +251,8 @@ class DINOv2(nn.Module):
         h, w = x.shape[-2:]
         x = torch.cat([self.cls_token.expand(B, -1, -1), x.flatten(2).transpose(1, 2)], 1)  # (B, 1 + h*w, D)
         x = x + self.pos_embed_for(h, w)
-        # registers go in after the position embedding (they have none), right after CLS
-        x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]], 1)    # (B, 1 + R + h*w, D)
+        if self.register_tokens is not None:  # after the position embedding (they have none), right after CLS
+            x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]], 1)  # (B, 1 + R + h*w, D)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x), x
@@ -260,6 +271,7 @@ class GPT2Attention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
         # BioMedLM sets scale_attn_by_inverse_layer_idx: scores are divided by sqrt(hs) AND by (layer + 1)
         self.scale = (cfg.dim // cfg.n_heads) ** -0.5 / ((layer + 1) if cfg.scale_by_inverse_layer else 1)
+        self.upcast = cfg.upcast_attn
 
     def forward(self, x, mask, past=None):
         """x (B, T, D); mask (B, 1, T, P + T) bool or None for plain causal; past = prefix (k, v), each
@@ -269,7 +281,12 @@ class GPT2Attention(nn.Module):
         if past is not None:
             k, v = torch.cat([past[0].to(k.dtype), k], 2), torch.cat([past[1].to(v.dtype), v], 2)  # (B, nh, P+T, hs)
         p = self.dropout if self.training else 0.0
-        y = attention(q, k, v, self.scale, mask=mask, causal=mask is None, dropout=p)          # (B, nh, T, hs)
+        if self.upcast:  # HF reorder_and_upcast_attn: scores and softmax in fp32 even under bf16 / fp16 autocast
+            with torch.autocast(x.device.type, enabled=False):
+                y = attention(q.float(), k.float(), v.float(), self.scale, mask=mask, causal=mask is None,
+                              dropout=p).to(v.dtype)                                     # (B, nh, T, hs)
+        else:
+            y = attention(q, k, v, self.scale, mask=mask, causal=mask is None, dropout=p)      # (B, nh, T, hs)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -311,6 +328,15 @@ class GPT2(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.dim, eps=cfg.eps)
         self.prefix = None        # PrefixKV when prefix tuning is on (add_peft)
         self.grad_ckpt = False    # --grad-ckpt: recompute each block in backward (activation memory / n_layers)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None) -> "GPT2":
+        """An HF gpt2 / gpt2-medium / stanford-crfm/BioMedLM folder (or repo id in the HF cache) -> GPT2 without
+        its LM head, built on the meta device, every key and shape checked (no adapter yet: add_peft after)."""
+        folder = resolve(path)
+        with torch.device("meta"):
+            model = cls(gpt2_config_from_hf(load_config(folder)))
+        return load_mapped(model, folder, GPT2_MAP, dtype=dtype)
 
     def init_random(self, seed: int = 0, std: float = 0.02):
         """Random weights for the demo / bench: N(0, std), residual projections / sqrt(2 n_layers) (GPT-2)."""
@@ -568,7 +594,7 @@ def build_model(spec: dict, device="cpu", llm_dtype=None) -> CLEFT:
             vit = DINOv2(vit_p["config"])
         vit = vit if dev.type == "meta" else vit.init_random(0)
     else:
-        vit = load_dinov2(spec.get("vit_path") or vit_p["repo"])
+        vit = DINOv2.from_pretrained(spec.get("vit_path") or vit_p["repo"])
     if spec["llm"] == "tiny" or dev.type == "meta":
         cfg = llm_p["config"]
         if spec["llm"] == "tiny":  # the vocabulary comes from the tokenizer file
@@ -578,7 +604,7 @@ def build_model(spec: dict, device="cpu", llm_dtype=None) -> CLEFT:
         # the tiny stand-in "pretrained" LLM gets std 1/sqrt(dim), so its random attention actually mixes tokens
         llm = llm if dev.type == "meta" else llm.init_random(0, cfg.dim ** -0.5 if spec["llm"] == "tiny" else 0.02)
     else:
-        llm = load_gpt2(spec.get("llm_path") or llm_p["repo"], dtype=llm_dtype)
+        llm = GPT2.from_pretrained(spec.get("llm_path") or llm_p["repo"], dtype=llm_dtype)
     torch.manual_seed(spec.get("seed", 0))  # adapter / projection init depends on the seed only
     add_peft(llm, PEFTConfig(spec["peft"], r=spec.get("r", 8), alpha=spec.get("alpha", 32),
                              dropout=spec.get("lora_dropout", 0.1), n_prefix=spec.get("n_prefix", 20)))
@@ -701,47 +727,95 @@ def load_state(model: nn.Module, folder: Path, key_map: dict, dtype=None):
     return model
 
 
-def vit_config_from_hf(hf: dict) -> ViTConfig:
-    if hf.get("use_swiglu_ffn") or hf.get("hidden_act", "gelu") != "gelu":
-        raise WeightsError("this file implements the GELU-MLP DINOv2 (ViT-S/B/L); SwiGLU (ViT-g) is not supported")
-    return ViTConfig(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
-                     patch_size=hf["patch_size"], pos_grid=hf["image_size"] // hf["patch_size"],
-                     n_registers=hf.get("num_register_tokens", 0), mlp_ratio=hf.get("mlp_ratio", 4),
-                     eps=hf.get("layer_norm_eps", 1e-6), layerscale=hf.get("layerscale_value", 1.0))
+def load_mapped(model: nn.Module, folder, key_map: dict, dtype=None):
+    """Stand-in with the signature of common.weights.load_mapped, until that lands (then this goes)."""
+    return load_state(model, Path(folder), key_map, dtype)
+
+
+def dinov2_config_from_hf(hf: dict) -> DINOv2Config:
+    """HF Dinov2Config or Dinov2WithRegistersConfig (a config.json written by transformers 4.x or 5.x) ->
+    DINOv2Config. Every field that would change what the model computes and is not implemented here is refused;
+    drop_path_rate is ignored (stochastic depth, a training regulariser; 0 in the released checkpoints) and so
+    are the Dinov2Backbone-only fields (out_features, out_indices, stage_names, apply_layernorm,
+    reshape_hidden_states) and use_mask_token (the mask token is only used by masked-image pre-training)."""
+    kind = hf.get("model_type", "dinov2")
+    if kind not in ("dinov2", "dinov2_with_registers"):
+        raise WeightsError(f"config.json has model_type {kind!r}: not a DINOv2 (dinov2, dinov2_with_registers)")
+    dim, heads = hf.get("hidden_size", 768), hf.get("num_attention_heads", 12)
+    image, patch = hf.get("image_size", 224), hf.get("patch_size", 14)
+    image = image[0] if isinstance(image, (list, tuple)) and len(set(image)) == 1 else image
+    patch = patch[0] if isinstance(patch, (list, tuple)) and len(set(patch)) == 1 else patch
+    refused = []
+    if hf.get("hidden_act", "gelu") != "gelu":
+        refused.append(f"hidden_act {hf['hidden_act']!r} (implemented: exact GELU, 'gelu')")
+    if hf.get("use_swiglu_ffn", False):
+        refused.append("use_swiglu_ffn true (the SwiGLU MLP of ViT-g; implemented: the GELU MLP of ViT-S/B/L)")
+    if not hf.get("qkv_bias", True):
+        refused.append("qkv_bias false (implemented: q, k, v with biases)")
+    if hf.get("num_channels", 3) != 3:
+        refused.append(f"num_channels {hf['num_channels']} (implemented: 3)")
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if hf.get(key, 0.0):
+            refused.append(f"{key} {hf[key]} (no dropout is implemented in the ViT)")
+    if not isinstance(image, int) or not isinstance(patch, int):
+        refused.append(f"non-square image_size {image} / patch_size {patch} (implemented: square)")
+    if dim % heads:
+        refused.append(f"hidden_size {dim} not divisible by num_attention_heads {heads}")
+    mlp = hf.get("mlp_ratio", 4)
+    if int(dim * mlp) != dim * mlp or int(mlp) != mlp:
+        refused.append(f"mlp_ratio {mlp} (implemented: an integer ratio)")
+    if refused:
+        raise WeightsError("this DINOv2 config is not supported by cleft.py: " + "; ".join(refused))
+    registers = kind == "dinov2_with_registers"  # plain Dinov2Model ignores num_register_tokens
+    return DINOv2Config(dim=dim, n_layers=hf.get("num_hidden_layers", 12), n_heads=heads, patch_size=patch,
+                        pos_grid=image // patch, n_registers=hf.get("num_register_tokens", 4) if registers else 0,
+                        mlp_ratio=int(mlp), eps=hf.get("layer_norm_eps", hf.get("layer_norm_epsilon", 1e-6)),
+                        layerscale=hf.get("layerscale_value", 1.0), pos_antialias=registers)
 
 
 def gpt2_config_from_hf(hf: dict) -> GPT2Config:
+    """HF GPT2Config (config.json of transformers 4.x or 5.x; n_embd / n_layer / n_head / n_positions or their
+    aliases hidden_size / num_hidden_layers / num_attention_heads / max_position_embeddings) -> GPT2Config.
+    Fields that change the computation and are not implemented are refused; the GPT2DoubleHeadsModel summary_*
+    fields, tie_word_embeddings (CLEFT drops the LM head) and use_cache do not matter here."""
+    kind = hf.get("model_type", "gpt2")
+    if kind != "gpt2":
+        raise WeightsError(f"config.json has model_type {kind!r}: cleft.py implements GPT-2 (model_type gpt2)")
+
+    def field(*names, default=None):
+        for n in names:
+            if hf.get(n) is not None:
+                return hf[n]
+        if default is None:
+            raise WeightsError(f"GPT-2 config.json has none of {names}")
+        return default
+
+    dim, heads = field("n_embd", "hidden_size"), field("n_head", "num_attention_heads")
     act = hf.get("activation_function", "gelu_new")
-    if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise WeightsError(f"GPT-2 activation {act!r}: this file implements gelu_new (tanh GELU) only")
-    if not hf.get("scale_attn_weights", True) or hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
-        raise WeightsError("GPT-2 config with scale_attn_weights=False or a non-4x n_inner is not supported")
-    # reorder_and_upcast_attn only changes how fp16 scores are computed (fp32 here anyway): ignored on purpose
-    eos = hf.get("eos_token_id", hf["vocab_size"] - 1)
-    return GPT2Config(vocab_size=hf["vocab_size"], n_positions=hf["n_positions"], dim=hf["n_embd"],
-                      n_layers=hf["n_layer"], n_heads=hf["n_head"], eps=hf.get("layer_norm_epsilon", 1e-5),
-                      scale_by_inverse_layer=hf.get("scale_attn_by_inverse_layer_idx", False),
-                      dropout=hf.get("resid_pdrop", 0.1), eos_id=eos if isinstance(eos, int) else eos[0])
-
-
-def load_dinov2(path, dtype=None) -> DINOv2:
-    """HF facebook/dinov2-with-registers-* folder -> DINOv2, built on the meta device, every key and shape checked."""
-    folder = resolve(path)
-    with torch.device("meta"):
-        model = DINOv2(vit_config_from_hf(load_config(folder)))
-    return load_state(model, folder, DINOV2_MAP, dtype)
-
-
-def load_gpt2(path, dtype=None) -> GPT2:
-    """HF gpt2 / gpt2-medium / stanford-crfm/BioMedLM folder -> GPT2 (no adapter yet: add_peft after)."""
-    folder = resolve(path)
-    with torch.device("meta"):
-        model = GPT2(gpt2_config_from_hf(load_config(folder)))
-    return load_state(model, folder, GPT2_MAP, dtype)
-
-
-DINOv2.from_pretrained = staticmethod(load_dinov2)  # the names the issue asks for: DINOv2.from_pretrained(path)
-GPT2.from_pretrained = staticmethod(load_gpt2)
+    drops = {k: hf.get(k, 0.1) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
+    refused = []
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):  # both are the tanh approximation of GELU
+        refused.append(f"activation_function {act!r} (implemented: gelu_new)")
+    if not hf.get("scale_attn_weights", True):
+        refused.append("scale_attn_weights false (implemented: scores / sqrt(head size))")
+    if hf.get("add_cross_attention", False):
+        refused.append("add_cross_attention true (implemented: decoder-only)")
+    if hf.get("n_inner") not in (None, 4 * dim):
+        refused.append(f"n_inner {hf['n_inner']} (implemented: 4 x n_embd)")
+    if len(set(drops.values())) > 1:
+        refused.append(f"different dropouts {drops} (implemented: one rate for all three)")
+    if dim % heads:
+        refused.append(f"n_embd {dim} not divisible by n_head {heads}")
+    if refused:
+        raise WeightsError("this GPT-2 config is not supported by cleft.py: " + "; ".join(refused))
+    eos = hf.get("eos_token_id", hf.get("vocab_size", 50257) - 1)
+    return GPT2Config(vocab_size=field("vocab_size"), n_positions=field("n_positions", "max_position_embeddings",
+                                                                        "n_ctx"),
+                      dim=dim, n_layers=field("n_layer", "num_hidden_layers"), n_heads=heads,
+                      eps=field("layer_norm_epsilon", "layer_norm_eps", default=1e-5),
+                      scale_by_inverse_layer=bool(hf.get("scale_attn_by_inverse_layer_idx", False)),
+                      upcast_attn=bool(hf.get("reorder_and_upcast_attn", False)),
+                      dropout=drops["resid_pdrop"], eos_id=eos if isinstance(eos, int) else eos[0])
 
 
 def load_adapter(llm: GPT2, path_or_sd, source: str = "adapter"):
@@ -1536,7 +1610,6 @@ def parse_args(argv=None):
     p.add_argument("--max-len", type=int, default=64, help="caption tokens (official: 64)")
     p.add_argument("--freeze-vit", action="store_true", help="stage 1: keep the ViT frozen (official: trained)")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing of the LLM blocks")
-    p.add_argument("--attn", choices=["sdpa", "manual"], default="sdpa", help="attention kernel (same math)")
     # stage 2
     p.add_argument("--n-ctx", type=int, default=30, help="stage 2: learned context tokens")
     p.add_argument("--ctx-init", default=None, help="stage 2: init text (default: the dataset's prompt prefix)")
@@ -1572,9 +1645,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    global MANUAL_ATTENTION
     args = parse_args(argv)
-    MANUAL_ATTENTION = args.attn == "manual"
     D = R.setup_distributed(args.device)
     try:
         if args.count_params:

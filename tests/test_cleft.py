@@ -22,15 +22,6 @@ GOLD = REPO / "tests" / "goldens"
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """cleft.run() drops to one thread for the tiny demo models; give the rest of the test session its threads back."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-    cleft.MANUAL_ATTENTION = False
-
-
 def io(name):
     return load_file(str(GOLD / name / "io.safetensors"))
 
@@ -43,7 +34,7 @@ def max_diff(a, b):
 
 
 def test_dinov2_matches_hf_including_pos_embed_interpolation():
-    model = cleft.load_dinov2(GOLD / "cleft_dinov2").eval()
+    model = cleft.DINOv2.from_pretrained(GOLD / "cleft_dinov2").eval()
     g = io("cleft_dinov2")
     assert model.cfg.pos_grid == 4 and model.cfg.n_registers == 4 and model.cfg.layerscale == 0.7
     with torch.no_grad():
@@ -54,9 +45,27 @@ def test_dinov2_matches_hf_including_pos_embed_interpolation():
             assert max_diff(prenorm.mean(1), g[f"pooled_prenorm_mean_{k}"]) < TOL
 
 
+def test_plain_dinov2_without_registers_matches_hf_dinov2model():
+    """facebook/dinov2-small / -base are Dinov2Model: no register parameter at all, and HF resizes their position
+    grid without antialias (down-sampling case c shows the difference)."""
+    model = cleft.DINOv2.from_pretrained(GOLD / "cleft_dinov2_plain").eval()
+    g = io("cleft_dinov2_plain")
+    assert model.cfg.n_registers == 0 and model.register_tokens is None and not model.cfg.pos_antialias
+    assert not any("register" in k for k in model.state_dict())
+    with torch.no_grad():
+        for k in "abc":  # 24x24 -> 6x6, 20x28 -> 5x7 (non-square), 12x8 -> 3x2 (down-sampled grid)
+            out, prenorm = model(g[f"pixel_values_{k}"])
+            assert out.shape == g[f"last_hidden_state_{k}"].shape
+            assert max_diff(out, g[f"last_hidden_state_{k}"]) < TOL
+            assert max_diff(out[:, 0], g[f"pooler_output_{k}"]) < TOL   # the CLS token, as documented
+            assert max_diff(prenorm, g[f"prenorm_{k}"]) < TOL
+        model.cfg.pos_antialias = True  # the registers model's resize: the golden tells them apart
+        assert max_diff(model(g["pixel_values_c"])[0], g["last_hidden_state_c"]) > 1e-3
+
+
 @pytest.mark.parametrize("name", ["cleft_gpt2", "cleft_gpt2_scaled"])
 def test_gpt2_matches_hf(name):
-    model = cleft.load_gpt2(GOLD / name).eval()
+    model = cleft.GPT2.from_pretrained(GOLD / name).eval()
     assert model.cfg.scale_by_inverse_layer == (name == "cleft_gpt2_scaled")
     g = io(name)
     with torch.no_grad():
@@ -66,7 +75,7 @@ def test_gpt2_matches_hf(name):
 
 def test_inverse_layer_scaling_matters():
     """The scaled golden is not reproduced without the 1/(layer+1) factor: the test above can tell them apart."""
-    model = cleft.load_gpt2(GOLD / "cleft_gpt2_scaled").eval()
+    model = cleft.GPT2.from_pretrained(GOLD / "cleft_gpt2_scaled").eval()
     for i, blk in enumerate(model.h):
         blk.attn.scale *= i + 1
     g = io("cleft_gpt2_scaled")
@@ -75,7 +84,7 @@ def test_inverse_layer_scaling_matters():
 
 
 def peft_llm(method):
-    llm = cleft.load_gpt2(GOLD / "cleft_gpt2_scaled")
+    llm = cleft.GPT2.from_pretrained(GOLD / "cleft_gpt2_scaled")
     cleft.add_peft(llm, cleft.PEFTConfig(method))
     return cleft.load_adapter(llm, GOLD / f"cleft_{method}").eval()
 
@@ -83,7 +92,7 @@ def peft_llm(method):
 @pytest.mark.parametrize("method", ["lora", "ia3", "prefix"])
 def test_peft_matches_peft_library(method):
     llm, g = peft_llm(method), io(f"cleft_{method}")
-    base = cleft.load_gpt2(GOLD / "cleft_gpt2_scaled").eval()
+    base = cleft.GPT2.from_pretrained(GOLD / "cleft_gpt2_scaled").eval()
     with torch.no_grad():
         h = llm(g["input_ids"], g["attention_mask"])
         assert max_diff(h, g["last_hidden_state"]) < TOL
@@ -100,18 +109,18 @@ def test_peft_parameter_names_and_shapes_are_pefts():
     assert ia3["h.1.attn.c_attn.ia3_l"].shape == (144, 1) and ia3["h.1.mlp.c_proj.ia3_l"].shape == (1, 192)
     assert cleft.adapter_state_dict(peft_llm("prefix"))["prefix.embedding.weight"].shape == (20, 3 * 2 * 48)
     # our own format round-trips too
-    other = cleft.add_peft(cleft.load_gpt2(GOLD / "cleft_gpt2_scaled"), cleft.PEFTConfig("lora"))
+    other = cleft.add_peft(cleft.GPT2.from_pretrained(GOLD / "cleft_gpt2_scaled"), cleft.PEFTConfig("lora"))
     cleft.load_adapter(other, sd)
     assert all(torch.equal(v, cleft.adapter_state_dict(other)[k]) for k, v in sd.items())
 
 
 def test_adapters_are_identity_at_init():
     g = io("cleft_gpt2_scaled")
-    base = cleft.load_gpt2(GOLD / "cleft_gpt2_scaled").eval()
+    base = cleft.GPT2.from_pretrained(GOLD / "cleft_gpt2_scaled").eval()
     with torch.no_grad():
         ref = base(g["input_ids"], g["attention_mask"])
         for method in ("lora", "ia3"):
-            llm = cleft.add_peft(cleft.load_gpt2(GOLD / "cleft_gpt2_scaled"), cleft.PEFTConfig(method)).eval()
+            llm = cleft.add_peft(cleft.GPT2.from_pretrained(GOLD / "cleft_gpt2_scaled"), cleft.PEFTConfig(method)).eval()
             assert torch.equal(llm(g["input_ids"], g["attention_mask"]), ref)
 
 
@@ -143,16 +152,24 @@ def test_ia3_merge_equals_unmerged():
     assert all(max_diff(v, before[k]) < 1e-5 for k, v in llm.state_dict().items())
 
 
-def test_manual_attention_equals_sdpa_with_padding_and_prefix():
-    g = io("cleft_prefix")
-    llm = peft_llm("prefix")
-    vit = cleft.load_dinov2(GOLD / "cleft_dinov2").eval()
-    x = io("cleft_dinov2")["pixel_values_b"]
-    with torch.no_grad():
-        sdpa = llm(g["input_ids"], g["attention_mask"]), vit(x)[0]
-        cleft.MANUAL_ATTENTION = True
-        manual = llm(g["input_ids"], g["attention_mask"]), vit(x)[0]
-    assert max_diff(sdpa[0], manual[0]) < TOL and max_diff(sdpa[1], manual[1]) < TOL
+def reference_attention(q, k, v, scale, mask=None, causal=False):
+    att = (q @ k.transpose(-2, -1)) * scale
+    if causal:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf"))
+    return att.softmax(-1) @ v
+
+
+def test_attention_is_softmax_qk_v_with_mask_causal_and_scale():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, generator=g) for _ in range(3))
+    k2, v2 = torch.randn(2, 3, 7, 4, generator=g), torch.randn(2, 3, 7, 4, generator=g)
+    mask = torch.rand(2, 1, 5, 7, generator=g) > 0.4
+    mask[..., 0] = True  # every query sees at least one key
+    assert max_diff(cleft.attention(q, k, v, 0.3, causal=True), reference_attention(q, k, v, 0.3, causal=True)) < 1e-6
+    assert max_diff(cleft.attention(q, k2, v2, 0.7, mask=mask), reference_attention(q, k2, v2, 0.7, mask)) < 1e-6
+    assert max_diff(cleft.attention(q, k, v, 0.5), reference_attention(q, k, v, 0.5)) < 1e-6
 
 # ----------------------------------------------------------------------------------------------------------
 # weight loading errors name the tensor
@@ -167,7 +184,7 @@ def test_key_map_names_missing_and_misshaped_tensors(tmp_path):
     (tmp_path / "config.json").write_text((src / "config.json").read_text())
     save_file(sd, str(tmp_path / "model.safetensors"))
     with pytest.raises(WeightsError) as e:
-        cleft.load_gpt2(tmp_path)
+        cleft.GPT2.from_pretrained(tmp_path)
     msg = str(e.value)
     assert "h.1.mlp.c_fc.bias" in msg                       # missing (our name)
     assert "h.2.attn.c_proj.weight" in msg and "(40, 48)" in msg  # transposed Conv1D, wrong shape
@@ -175,7 +192,7 @@ def test_key_map_names_missing_and_misshaped_tensors(tmp_path):
 
 
 def test_adapter_key_map_names_unknown_tensors():
-    llm = cleft.add_peft(cleft.load_gpt2(GOLD / "cleft_gpt2_scaled"), cleft.PEFTConfig("lora"))
+    llm = cleft.add_peft(cleft.GPT2.from_pretrained(GOLD / "cleft_gpt2_scaled"), cleft.PEFTConfig("lora"))
     sd = load_file(str(GOLD / "cleft_lora" / "adapter_model.safetensors"))
     sd["base_model.model.transformer.h.0.attn.c_proj.lora_A.weight"] = torch.zeros(8, 48)
     with pytest.raises(WeightsError, match="c_proj.lora_A"):
@@ -199,7 +216,7 @@ def test_trainable_parameters_biomedlm_lora():
 
 def test_text_pooling_takes_first_pad_or_last_real_token():
     torch.manual_seed(0)
-    vit = cleft.DINOv2(cleft.ViTConfig(dim=16, n_layers=1, n_heads=2, patch_size=8, pos_grid=2))
+    vit = cleft.DINOv2(cleft.DINOv2Config(dim=16, n_layers=1, n_heads=2, patch_size=8, pos_grid=2))
     llm = cleft.GPT2(cleft.GPT2Config(vocab_size=10, n_positions=16, dim=16, n_layers=1, n_heads=2, dropout=0.0))
     model = cleft.CLEFT(vit, llm, emb_dim=8).eval()
     ids = torch.tensor([[3, 4, 9, 9], [5, 6, 7, 8]])

@@ -7,6 +7,7 @@ Run with the golden environment (the only place transformers and peft are instal
 It writes
     common/tokenizers/gpt2_tiny.json   byte-level BPE trained on a small medical corpus, <|endoftext|> = bos = eos = pad
     tests/goldens/cleft_dinov2/        tiny Dinov2WithRegistersModel (HF save_pretrained) + io.safetensors
+    tests/goldens/cleft_dinov2_plain/  tiny Dinov2Model (no registers; pos-embed resize without antialias) + io
     tests/goldens/cleft_gpt2/          tiny GPT2Model, plain attention scaling, saved with the legacy attn.bias
                                        buffers that the OpenAI-converted `gpt2` files still carry
     tests/goldens/cleft_gpt2_scaled/   tiny GPT2LMHeadModel with scale_attn_by_inverse_layer_idx=True (BioMedLM's
@@ -20,12 +21,14 @@ bug cannot hide behind a default value of 0 or 1. The versions used are stored i
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
-import peft
-import torch
-import transformers
-from safetensors.torch import save_file
+sys.modules.setdefault("torchvision", None)  # not needed; a torchvision built for another torch breaks transformers
+import peft  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -198,6 +201,33 @@ def make_dinov2():
     print("dinov2:", {k: tuple(v.shape) for k, v in io.items()})
 
 
+def make_dinov2_plain():
+    """Plain DINOv2 (facebook/dinov2-small / -base are Dinov2Model): no register tokens, and HF resizes its
+    position grid WITHOUT antialias (Dinov2WithRegistersModel resizes with it)."""
+    from transformers import Dinov2Config, Dinov2Model
+    torch.manual_seed(0)
+    cfg = Dinov2Config(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=4, patch_size=4,
+                       image_size=16, layerscale_value=0.7, layer_norm_eps=1e-6, hidden_act="gelu", qkv_bias=True,
+                       attn_implementation="eager")
+    model = Dinov2Model(cfg).eval()
+    randomise_(model, seed=5)
+    out = fresh_dir(GOLD / "cleft_dinov2_plain")
+    model.save_pretrained(out, safe_serialization=True)
+    g = torch.Generator().manual_seed(6)
+    io = {}
+    # 24x24 -> 6x6 (upsampled), 20x28 -> 5x7 (non-square), 12x8 -> 3x2 (downsampled: where antialias matters)
+    for name, shape in [("a", (2, 3, 24, 24)), ("b", (1, 3, 20, 28)), ("c", (1, 3, 12, 8))]:
+        x = torch.randn(shape, generator=g)
+        with torch.no_grad():
+            o = model(pixel_values=x, output_hidden_states=True)
+        io[f"pixel_values_{name}"] = x
+        io[f"last_hidden_state_{name}"] = o.last_hidden_state
+        io[f"pooler_output_{name}"] = o.pooler_output.clone()  # a view of last_hidden_state otherwise
+        io[f"prenorm_{name}"] = o.hidden_states[-1]
+    save_io(out, io)
+    print("dinov2 plain:", {k: tuple(v.shape) for k, v in io.items()})
+
+
 # ----------------------------------------------------------------------------------------------------------
 # GPT-2
 
@@ -305,10 +335,19 @@ def make_peft(tok):
 
 
 if __name__ == "__main__":
+    # no arguments: everything (the tokenizer too); or name the parts to remake, e.g. `dinov2_plain`. BpeTrainer is
+    # not guaranteed to give the same merges on another machine, so remaking one part keeps the committed tokenizer.
+    parts = sys.argv[1:] or ["tokenizer", "dinov2", "dinov2_plain", "gpt2", "peft"]
     torch.use_deterministic_algorithms(True)
-    tok = train_tokenizer(TOKENIZER_PATH)
-    print("tokenizer:", TOKENIZER_PATH, "vocab", tok.get_vocab_size(), "eos id", tok.token_to_id(EOS))
-    make_dinov2()
-    make_gpt2(tok)
-    make_peft(tok)
+    if "tokenizer" in parts:
+        tok = train_tokenizer(TOKENIZER_PATH)
+        print("tokenizer:", TOKENIZER_PATH, "vocab", tok.get_vocab_size(), "eos id", tok.token_to_id(EOS))
+    else:
+        tok = Tokenizer.from_file(str(TOKENIZER_PATH))
+    for part, fn in [("dinov2", make_dinov2), ("dinov2_plain", make_dinov2_plain)]:
+        if part in parts:
+            fn()
+    for part, fn in [("gpt2", make_gpt2), ("peft", make_peft)]:
+        if part in parts:
+            fn(tok)
     print("versions:", json.dumps(VERSIONS))
