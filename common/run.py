@@ -1,45 +1,197 @@
-"""Run plumbing shared by the five method scripts: distributed setup, precision, run folders, logs,
-checkpoints that survive a kill, and the numbers behind `--bench`.
+"""Run plumbing shared by the five method scripts: flags, distributed setup, precision, run folders, logs,
+checkpoints that survive a kill, the optimizer step, and the numbers behind `--bench`.
 
 None of this is about a method; it is the part every training script needs and nobody wants to read five
-times. Each method script keeps its own training loop (optimizer, schedule, steps) in plain sight and calls
-these helpers for the boring bits.
+times. Each method script keeps its model, losses, optimizer construction, schedule and training loop in plain
+sight and calls these helpers for the boring bits:
 
-Checkpoints are a folder per save, `ckpt/step_000123/` holding
+    world = R.setup_distributed(args.device)                       # rank, size, device
+    run_dir = R.new_run_dir("cilmp", args.data, args.out, vars(args), world)
+    ckpts = R.Checkpoints(run_dir / "ckpt", world)
+    ck = ckpts.load(optimizer=opt, scaler=scaler)                   # None on a fresh run
+    net = R.wrap_model(model, world, compile=args.compile)          # DDP over the trainable parameters
+    for ...:
+        with R.autocast(world.device, args.precision):
+            loss = ...
+        value = R.optimizer_step(loss, opt, scaler, world, step)    # finite check, backward, step: one host sync
+        ckpts.save(step, trainable_tensors, optimizer=opt, scaler=scaler)
+
+Checkpoints are a folder per save, `ckpt/step_0000123/` holding
     trainable.safetensors   the trainable tensors only (frozen weights come from the pretrained checkpoint)
-    state.pt                optimizer / scheduler / RNG / step state; plain tensors and Python containers,
-                            read back with torch.load(weights_only=True), so nothing is ever unpickled
-and `ckpt/latest` names the newest complete one. The pointer is replaced atomically after the folder is
-fully written, so a run killed at any moment leaves the previous checkpoint intact.
+    state.pt                {"step", "optimizer", "scheduler", "scaler", "rng": [one per rank], "extra"}: plain
+                            tensors and containers, read back with torch.load(weights_only=True)
+    manifest.json           byte size and sha256 of both files, checked before a checkpoint is used
+A folder is written under a temporary name and renamed when complete, and `ckpt/latest` is replaced atomically
+after it, so a run killed at any moment leaves the previous checkpoint intact; loading takes the newest folder
+that verifies and says so when it had to skip a damaged one.
+
+One resume rule for every script (restore_run_args): `--resume RUN` takes every flag that is not typed again
+from RUN/args.json; flags that only say how to run (RUNTIME_FLAGS: device, precision, workers, ...) are always
+today's; a typed flag that would change what is trained (data, model, sizes, recipe) and differs from the run's
+is an error, not a silent mix of two configurations.
 """
+import argparse
 import contextlib
 import datetime
+import hashlib
 import json
+import math
 import os
 import platform
 import random
+import re
+import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from common.data import DataError, _seed_worker
+from common.weights import WeightsError, check_keys
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class RunError(Exception):
+    """A user-fixable problem with the run itself (its folder, its flags, its checkpoints): main prints the
+    message and exits 2, as for DataError and WeightsError."""
+
+
+USER_ERRORS = (DataError, WeightsError, RunError)
+
+# ----------------------------------------------------------------------------------------------------------
+# flags shared by every script
+
+
+def add_common_args(p: argparse.ArgumentParser, *, datasets, data="demo", epochs=1, steps=0, batch_size=32,
+                    lr=1e-3, seed=0, help=None):
+    """The flags every script has, with the literal defaults the script passes (so --help shows numbers).
+    `help` adds the paper/demo note to a flag's help, e.g. {"lr": "paper: 2.5e-3, demo: 1e-2"}."""
+    note = lambda k, text: text + (f" ({help[k]})" if help and k in help else "")
+    p.allow_abbrev = False  # given_flags() must see exactly which flags were typed
+    p.add_argument("--data", default=data, choices=list(datasets), help=note("data", "dataset (data/README.md)"))
+    p.add_argument("--data-dir", default=None, help="dataset folder (default data/<data>)")
+    p.add_argument("--out", default=None, help="new run folder (default runs/<script>/<data>/<time>-<id>)")
+    p.add_argument("--epochs", type=int, default=epochs, help=note("epochs", "training epochs"))
+    p.add_argument("--steps", type=int, default=steps, help=note("steps", "optimizer steps; 0 = as many as the epochs give"))
+    p.add_argument("--batch-size", type=int, default=batch_size, help=note("batch_size", "training batch per process"))
+    p.add_argument("--lr", type=float, default=lr, help=note("lr", "peak learning rate"))
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="compute precision: auto = bf16 on CUDA, fp32 on CPU; fp16 adds a GradScaler (CUDA only)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--seed", type=int, default=seed, help="random seed")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--eval-only", action="store_true", help="evaluate the weights of --resume RUN_DIR, no training")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow first step)")
+    p.add_argument("--bench", action="store_true", help="time training steps at the paper's size with random weights")
+    p.add_argument("--num-workers", type=int, default=-1, help="DataLoader workers; -1 = 8 on CUDA, 0 on CPU")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch; 0 = torch's default")
+    p.add_argument("--log-every", type=int, default=10, help="write the loss to metrics.jsonl every N steps")
+    p.add_argument("--print-every", type=float, default=10.0, help="seconds between progress lines")
+    return p
+
+
+def given_flags(p: argparse.ArgumentParser, argv=None) -> set:
+    """The dests of the flags typed on the command line (`--lr 1e-3` and `--lr=1e-3` alike)."""
+    argv = sys.argv[1:] if argv is None else argv
+    typed = {a.split("=", 1)[0] for a in argv if a.startswith("-")}
+    return {a.dest for a in p._actions if typed & set(a.option_strings)}
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto | cpu | cuda | cuda:N | mps -> torch.device, or RunError saying what this machine has."""
+    have = f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+    if name == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    m = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", name)
+    if m is None:
+        raise RunError(f"--device {name}: unknown device; use auto, cpu, cuda, cuda:N or mps")
+    kind, index = m.group(1), int(m.group(2) or 0)
+    if kind == "cuda" and index >= torch.cuda.device_count():
+        raise RunError(f"--device {name}: not available ({have}); use --device cpu")
+    if kind == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise RunError(f"--device {name}: not available on this machine; use --device cpu")
+    return torch.device("cpu") if kind == "cpu" else torch.device(kind, index)
+
+
+def finish_common_args(p: argparse.ArgumentParser, args):
+    """Check the shared flags and resolve the "auto" ones. Errors go through parser.error: usage + message,
+    exit 2, no traceback, and nothing written yet. Call after the recipe and --resume have filled args."""
+    for flag, ok, want in (("batch_size", args.batch_size >= 1, "at least 1"), ("lr", args.lr > 0, "above 0"),
+                           ("epochs", args.epochs >= 1, "at least 1"), ("steps", args.steps >= 0, "0 or more"),
+                           ("num_workers", args.num_workers >= -1, "-1 (auto) or more"),
+                           ("threads", args.threads >= 0, "0 (torch's default) or more")):
+        if not ok:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be {want}")
+    try:
+        device = resolve_device(args.device)
+    except RunError as e:
+        p.error(str(e))
+    args.device = str(device)
+    if args.precision == "auto":
+        args.precision = "bf16" if device.type == "cuda" else "fp32"
+    if args.precision == "fp16" and device.type != "cuda":
+        p.error("--precision fp16 needs CUDA (it relies on a GradScaler); on this device use bf16 or fp32")
+    if args.num_workers == -1:
+        args.num_workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.eval_only and not args.resume:
+        p.error("--eval-only needs --resume RUN_DIR (the run whose weights to evaluate)")
+    if args.out is not None and Path(args.out).is_file():
+        p.error(f"--out {args.out}: that is a file; give a folder for the new run")
+    return args
+
+
+# flags that say how to run, not what is trained: a resumed run always takes today's values
+RUNTIME_FLAGS = {"device", "precision", "num_workers", "threads", "compile", "print_every", "log_every",
+                 "eval_batch_size", "resume", "eval_only", "bench", "out"}
+
+
+def _as_json(v):
+    return json.loads(json.dumps(v, default=str))
+
+
+def restore_run_args(args, given: set, free=()):
+    """--resume RUN: every flag not typed again comes from RUN/args.json. RUNTIME_FLAGS and `free` may differ;
+    any other typed flag that differs from the run's value changes what is trained -> RunError listing them."""
+    saved_file = Path(args.resume) / "args.json"
+    if not saved_file.is_file():
+        raise RunError(f"--resume {args.resume}: not a run folder ({saved_file} not found)")
+    saved = json.loads(saved_file.read_text())
+    clashes = []
+    for k, v in saved.items():
+        if k in RUNTIME_FLAGS or not hasattr(args, k):
+            continue
+        if k in given:
+            if k not in free and _as_json(getattr(args, k)) != _as_json(v):
+                clashes.append(f"--{k.replace('_', '-')} {getattr(args, k)} (the run has {v})")
+        else:
+            setattr(args, k, v)
+    if clashes:
+        raise RunError(f"--resume {args.resume}: these flags would change what the run trains:\n  " +
+                       "\n  ".join(clashes) + "\nLeave them out to continue the run as it was, or start a new run.")
+    return args
 
 # ----------------------------------------------------------------------------------------------------------
 # distributed
 
 
-@dataclass
-class Dist:
+@dataclass(frozen=True)
+class World:
+    """Where this process sits: its rank among `size` processes, and its device."""
     rank: int = 0
-    world_size: int = 1
+    size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
 
@@ -49,36 +201,38 @@ class Dist:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.size > 1
+
+    @property
+    def world_size(self) -> int:  # the old name; scripts use .size
+        return self.size
 
 
-def setup_distributed(device: str | None = None) -> Dist:
-    """Initialise torch.distributed when launched by torchrun (RANK/WORLD_SIZE set), else a single process.
-
-    gloo on CPU, nccl on CUDA. `device` overrides the default choice (cuda:<local_rank> when CUDA exists).
-    """
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+def setup_distributed(device: str = "auto") -> World:
+    """torch.distributed when launched by torchrun (RANK/WORLD_SIZE set), else a single process.
+    gloo on CPU, nccl on CUDA (each rank on cuda:LOCAL_RANK)."""
+    dev = resolve_device(device or "auto")
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        dev = torch.device(device)
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", 0)
-        return Dist(device=dev)
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if device.startswith("cuda"):
+        return World(device=dev)
+    rank, size, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if dev.type == "cuda":
         torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
-        backend = "nccl"
+        dev, backend = torch.device("cuda", local), "nccl"
     else:
         dev, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
-    return Dist(rank=rank, world_size=world, local_rank=local, device=dev)
+    return World(rank=rank, size=size, local_rank=local, device=dev)
 
 
 def cleanup_distributed():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def barrier(world: World):
+    if world.enabled:
+        dist.barrier()
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -106,11 +260,25 @@ class _GatherWithGrad(torch.autograd.Function):
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """(B, ...) on each rank -> (world * B, ...) everywhere, differentiable w.r.t. the local rows.
-    Assumes every rank has the same B (use drop_last=True for training loaders)."""
+    Assumes every rank has the same B (epoch_batches gives every rank full batches)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     return _GatherWithGrad.apply(x)
 
+
+def wrap_model(model: nn.Module, world: World, compile: bool = False) -> nn.Module:
+    """DDP over the trainable parameters only, then torch.compile if asked. Checkpoints use the raw model.
+
+    Frozen weights are identical on every rank (the same pretrained file), so DDP is told to ignore them:
+    otherwise it broadcasts them from rank 0 at start-up (5 GB for an 8B LLM's worth of frozen weights) and
+    registers hooks for parameters that never get a gradient."""
+    net = model
+    if world.enabled and any(p.requires_grad for p in model.parameters()):
+        frozen = [k for k, p in model.named_parameters() if not p.requires_grad]
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[world.device.index]
+                                                  if world.device.type == "cuda" else None)
+    return torch.compile(net) if compile else net
 
 # ----------------------------------------------------------------------------------------------------------
 # seeds and precision
@@ -132,6 +300,7 @@ def autocast(device: torch.device, precision: str):
 
     Always pass the dtype explicitly: autocast's CUDA default is fp16, which silently overflows in
     models trained in bf16 (a classic footgun)."""
+    device = torch.device(device)
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "fp16" and device.type == "cpu":
@@ -141,8 +310,94 @@ def autocast(device: torch.device, precision: str):
 
 def make_scaler(precision: str, device: torch.device):
     """GradScaler only makes sense for fp16 (bf16 has fp32's exponent range). Disabled otherwise."""
-    return torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
+    return torch.amp.GradScaler(torch.device(device).type, enabled=(precision == "fp16"))
 
+
+FROZEN_CAST_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+
+
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Store the frozen weights of Linear / Conv / Embedding modules (subclasses too: a LoRA layer's base
+    weight) in `dtype`; trainables and every norm stay fp32. Halves the memory of the frozen backbone, like
+    a bf16-true run, while the trained tensors keep full precision. Norms stay fp32 because CPU layer_norm
+    refuses a bf16 weight on an fp32 input, and their cost is nothing."""
+    if dtype == torch.float32:
+        return model
+    for m in model.modules():
+        if isinstance(m, FROZEN_CAST_TYPES):
+            for p in m.parameters(recurse=False):
+                if not p.requires_grad:
+                    p.data = p.data.to(dtype)
+    return model
+
+# ----------------------------------------------------------------------------------------------------------
+# the optimizer step
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss is NaN/inf: the run stops before the update, so the last checkpoint is the last good state."""
+
+    def __init__(self, step: int, value: float):
+        super().__init__(f"the loss is {value} at step {step}; stopped before the update")
+        self.step, self.value = step, value
+
+
+def optimizer_step(loss: torch.Tensor, opt, scaler, world: World, step: int, clip_grad: float | None = None,
+                   params=None) -> float:
+    """Check, backward, (clip), step, zero_grad. Returns the loss averaged over ranks, as a float.
+
+    The finite check costs one all-reduce and the step's one host sync (`.item()`), which the logged loss needs
+    anyway. Every rank sees the same sum, so a NaN on one rank stops all of them together; a rank that stopped
+    alone would leave the others waiting in their next collective forever."""
+    value = loss.detach().float().reshape(()).clone()
+    if world.enabled:
+        dist.all_reduce(value)
+        value /= world.size
+    v = value.item()
+    if not math.isfinite(v):
+        raise NonFiniteLoss(step, v)
+    if scaler is None:
+        loss.backward()
+    else:
+        scaler.scale(loss).backward()
+    if clip_grad:
+        if scaler is not None:
+            scaler.unscale_(opt)  # clip the true gradients, not the fp16-scaled ones
+        params = params if params is not None else [p for g in opt.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    if scaler is None:
+        opt.step()
+    else:
+        scaler.step(opt)
+        scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return v
+
+# ----------------------------------------------------------------------------------------------------------
+# data order that --resume can replay
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, world: World) -> list:
+    """This rank's batches of one epoch, as lists of indices: a function of (seed, epoch) only, so --resume
+    replays the order from any step without loading the skipped items. Global batch i is
+    order[i*B*W:(i+1)*B*W] and rank r takes its r-th slice: gathered over ranks, that IS one process's batch.
+    The last partial batch is dropped (every rank must have the same B for the gathered losses)."""
+    W = world.size
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    nb = n // (batch_size * W)
+    if nb == 0:
+        raise DataError(f"the training set has {n} items, fewer than one batch of {batch_size} x {W} process(es); "
+                        "lower --batch-size")
+    return order[:nb * batch_size * W].view(nb, W, batch_size)[:, world.rank].tolist()
+
+
+def epoch_loader(ds, batches, world: World, num_workers: int, seed: int, epoch: int, collate_fn=None):
+    """A DataLoader over `batches`. Its own generator: creating an iterator draws a seed, and from the global
+    RNG that would shift every later random number on --resume (which creates its iterator elsewhere)."""
+    g = torch.Generator().manual_seed(seed * 1000 + epoch + 7919 * world.rank)
+    return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=num_workers, generator=g,
+                                       worker_init_fn=_seed_worker, collate_fn=collate_fn,
+                                       pin_memory=world.device.type == "cuda")
 
 # ----------------------------------------------------------------------------------------------------------
 # run folders, logs, progress
@@ -157,29 +412,79 @@ def _git_sha() -> str | None:
         return None
 
 
-def make_run_dir(script: str, data: str, out: str | None = None, args: dict | None = None,
-                 is_main: bool = True) -> Path:
-    """runs/<script>/<data>/<YYYYmmdd-HHMMSS> unless --out is given; writes args.json and env.json there.
+def check_writable(path) -> str | None:
+    """None if a folder can be made and written at `path`, else the problem in words (for a preflight that
+    runs before anything expensive). Tries for real: os.access says yes to root on a read-only mount."""
+    path = Path(path)
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{path}: {probe} is a file, not a folder"
+    try:
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".write-test-")
+        os.close(fd)
+        os.remove(name)
+    except OSError as e:
+        return f"{path}: cannot write there ({e.strerror or e})"
+    return None
 
-    Under DDP every rank must agree on the folder, so pass --out or let rank 0's timestamp be broadcast
-    (we broadcast it here when torch.distributed is up)."""
-    if out is None:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        if dist.is_available() and dist.is_initialized():
-            box = [stamp]
-            dist.broadcast_object_list(box, src=0)
-            stamp = box[0]
-        out = REPO_ROOT / "runs" / script / data / stamp
-    out = Path(out)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if args is not None:
-            (out / "args.json").write_text(json.dumps(args, indent=2, default=str) + "\n")
-        env = {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
-               "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-               "git": _git_sha(), "argv": sys.argv}
-        (out / "env.json").write_text(json.dumps(env, indent=2) + "\n")
-    return out
+
+RUN_MARKERS = ("args.json", "metrics.json", "metrics.jsonl", "trainable.safetensors", "ckpt")
+
+
+def _claim_run_dir(script: str, data: str, out, args: dict | None) -> Path:
+    if out is None:  # runs/<script>/<data>/<time>-<4 hex>: mkdir without exist_ok is the atomic claim
+        base = REPO_ROOT / "runs" / script / data
+        base.mkdir(parents=True, exist_ok=True)
+        while True:
+            path = base / f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+            try:
+                path.mkdir()
+                break
+            except FileExistsError:
+                continue
+    else:
+        path = Path(out)
+        if path.is_file():
+            raise RunError(f"--out {path}: that is a file; give a folder for the new run")
+        held = [m for m in RUN_MARKERS if (path / m).exists()]
+        if held:
+            raise RunError(f"--out {path} holds a run already ({', '.join(held)}); continue it with --resume {path}, "
+                           "or give another --out")
+        problem = check_writable(path)
+        if problem:
+            raise RunError(f"--out {problem}")
+        path.mkdir(parents=True, exist_ok=True)
+    try:  # "x": exclusive create, so two runs started with the same --out cannot both claim it
+        with open(path / "args.json", "x") as f:
+            f.write(json.dumps(args or {}, indent=2, default=str) + "\n")
+    except FileExistsError:
+        raise RunError(f"--out {path}: another run claimed this folder at the same moment") from None
+    env = {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
+           "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+           "git": _git_sha(), "argv": sys.argv}
+    (path / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+    return path
+
+
+def new_run_dir(script: str, data: str, out=None, args: dict | None = None, world: World | None = None) -> Path:
+    """Claim a folder for a NEW run and write args.json + env.json there (rank 0; the path or the error is
+    broadcast so every rank agrees). Never a folder that holds a run: that is what --resume is for."""
+    world = world or World()
+    result = None
+    if world.is_main:
+        try:
+            result = str(_claim_run_dir(script, data, out, args))
+        except RunError as e:
+            result = RunError(str(e))
+    if world.enabled:
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0]
+    if isinstance(result, RunError):
+        raise result
+    return Path(result)
 
 
 class JsonlLog:
@@ -222,9 +527,8 @@ class Progress:
         print(f"{self.desc} {self.n}/{self.total} | {extra} | {rate:.2f} it/s | elapsed "
               f"{_fmt_time(now - self.t0)} | eta {_fmt_time(eta) if eta != float('inf') else '?'}", flush=True)
 
-
 # ----------------------------------------------------------------------------------------------------------
-# RNG state and checkpoints
+# RNG state, tensors and checkpoints
 
 
 def rng_state() -> dict:
@@ -251,52 +555,180 @@ def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def save_checkpoint(run_dir: Path, tensors: dict, state: dict, keep: int = 2) -> Path:
-    """Write ckpt/step_XXXXXX/{trainable.safetensors,state.pt}, then atomically point ckpt/latest at it.
-
-    A kill at any point leaves either the old or the new checkpoint complete, never a half-written one."""
-    root = Path(run_dir) / "ckpt"
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{int(state['step']):07d}"
-    tmp = root / (name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+def save_tensors(path, tensors: dict):
+    """Atomic safetensors write: a temporary file renamed into place, so a kill never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp-{secrets.token_hex(3)}")
     # safetensors refuses shared or non-contiguous storage; trainables are small, a copy is cheap.
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
-    torch.save(state, tmp / "state.pt")
-    final = root / name
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    ptr = root / "latest.tmp"
-    ptr.write_text(name + "\n")
-    os.replace(ptr, root / "latest")
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in done[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
 
 
-def load_checkpoint(run_dir: Path):
-    """-> (tensors, state) from the newest complete checkpoint under run_dir/ckpt, or None if there is none."""
-    root = Path(run_dir) / "ckpt"
-    ptr = root / "latest"
-    if not ptr.exists():
+def load_tensors(model: nn.Module, tensors: dict, source: str, required=()):
+    """Copy a subset of the model's tensors in place: every name must exist in the model with the same shape
+    (an unknown name is an error, not a silent skip), and every name in `required` must be there."""
+    own = model.state_dict()
+    expected = {k: own[k] for k in set(tensors) | set(required) if k in own}
+    check_keys(expected, tensors, source=source)
+    with torch.no_grad():
+        for k, v in tensors.items():
+            own[k].copy_(v)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Checkpoint(NamedTuple):
+    tensors: dict
+    step: int
+    extra: dict
+    path: Path
+
+
+_STEP_DIR = re.compile(r"step_(\d+)$")
+
+
+class Checkpoints:
+    """The checkpoints of one run (or one stage of it) in `folder`. See the module docstring for the format.
+
+    Only folders this object wrote are ever pruned: a resumed run keeps the checkpoints it started from, and
+    nothing here deletes work that another process made."""
+
+    def __init__(self, folder, world: World | None = None, keep: int = 2):
+        self.folder, self.world, self.keep = Path(folder), world or World(), keep
+        self.written: list[Path] = []
+
+    def save(self, step: int, tensors: dict, *, optimizer=None, scheduler=None, scaler=None, extra=None) -> Path | None:
+        """Collective under DDP (every rank's RNG state is gathered); rank 0 writes. Returns the folder (rank 0)."""
+        rng = [rng_state()]
+        if self.world.enabled:
+            rng = [None] * self.world.size
+            dist.all_gather_object(rng, rng_state())
+        final = None
+        if self.world.is_main:
+            final = self._write(step, tensors, {
+                "step": int(step), "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng, "extra": extra or {}})
+        barrier(self.world)
+        return final
+
+    def _write(self, step: int, tensors: dict, state: dict) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"step_{int(step):07d}"
+        tmp = self.folder / f"{name}.tmp-{secrets.token_hex(3)}"
+        tmp.mkdir()
+        try:
+            save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()},
+                      str(tmp / "trainable.safetensors"))
+            torch.save(state, tmp / "state.pt")
+            files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
+                     for f in ("trainable.safetensors", "state.pt")}
+            (tmp / "manifest.json").write_text(json.dumps({"format": 1, "step": int(step), "files": files}, indent=1))
+            final = self.folder / name
+            if final.exists():  # the same step again: ours is replaced, anyone else's is kept aside, never deleted
+                if final in self.written:
+                    shutil.rmtree(final)
+                else:
+                    os.replace(final, self.folder / f"{name}.old-{secrets.token_hex(3)}")
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        ptr = self.folder / f"latest.tmp-{secrets.token_hex(3)}"
+        ptr.write_text(name + "\n")
+        os.replace(ptr, self.folder / "latest")
+        self.written = [p for p in self.written if p != final] + [final]
+        for old in self.written[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        self.written = self.written[-self.keep:]
+        return final
+
+    def folders(self) -> list[Path]:
+        """Complete step folders, newest first (temporary and set-aside folders are not candidates)."""
+        if not self.folder.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.folder.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+        return [p for _, p in sorted(found, reverse=True)]
+
+    @staticmethod
+    def verify(folder: Path) -> str | None:
+        """None if the checkpoint in `folder` is intact, else what is wrong with it."""
+        manifest = folder / "manifest.json"
+        if not manifest.is_file():
+            return "no manifest.json (incomplete, or written before checkpoints had one)"
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (ValueError, KeyError):
+            return "manifest.json is damaged"
+        for name, want in files.items():
+            f = folder / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != want["bytes"]:
+                return f"{name} has {f.stat().st_size} bytes, the manifest says {want['bytes']} (truncated?)"
+            if _sha256(f) != want["sha256"]:
+                return f"{name} does not match its checksum (damaged)"
         return None
-    d = root / ptr.read_text().strip()
-    tensors = load_file(str(d / "trainable.safetensors"))
-    state = torch.load(d / "state.pt", map_location="cpu", weights_only=True)
-    return tensors, state
+
+    def newest_intact(self) -> tuple[Path | None, list]:
+        """(newest folder that verifies or None, [(folder, problem) for the newer ones that did not])."""
+        skipped = []
+        for folder in self.folders():
+            problem = self.verify(folder)
+            if problem is None:
+                return folder, skipped
+            skipped.append((folder, problem))
+        return None, skipped
+
+    def load(self, *, optimizer=None, scheduler=None, scaler=None, log=print) -> Checkpoint | None:
+        """The newest intact checkpoint, with optimizer / scheduler / scaler state and this rank's RNG restored in
+        place; None when the folder holds no checkpoint at all. Damaged ones are skipped with a warning naming
+        them; if none is intact that is a RunError (resuming from scratch would silently lose the run)."""
+        folder, skipped = self.newest_intact()
+        for bad, problem in skipped:
+            if self.world.is_main:
+                log(f"warning: skipping checkpoint {bad}: {problem}" +
+                    (f"; using the older {folder}" if folder is not None else ""))
+        if folder is None:
+            if skipped:
+                raise RunError(f"no intact checkpoint in {self.folder}: " +
+                               "; ".join(f"{p.name}: {why}" for p, why in skipped))
+            return None
+        tensors = load_file(str(folder / "trainable.safetensors"), device=str(self.world.device))
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+        for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
+            if obj is not None and state.get(key) is not None:
+                obj.load_state_dict(state[key])
+        rng = state["rng"]
+        if len(rng) != self.world.size and self.world.is_main:
+            log(f"note: {folder} was written by {len(rng)} process(es), this run has {self.world.size}: "
+                "the data order is the same, the random streams of augmentation and dropout are not")
+        set_rng_state(rng[min(self.world.rank, len(rng) - 1)])
+        if self.world.is_main:
+            log(f"resuming from {folder} (step {state['step']})")
+        return Checkpoint(tensors, int(state["step"]), state.get("extra") or {}, folder)
 
 
-class NonFiniteLoss(RuntimeError):
-    """Raised when the loss is NaN/inf: the run stops, the last good checkpoint stays as it was."""
-
-
-def check_finite(loss: torch.Tensor, step: int):
-    if not torch.isfinite(loss).all():
-        raise NonFiniteLoss(f"loss is {loss.item()} at step {step}; stopping. The last good checkpoint is kept; "
-                            "try a lower --lr, --precision fp32/bf16 instead of fp16, or check the data.")
-
+def stop_message(exc: BaseException, run_dir, ckpt_dir=None, command: str = "") -> str:
+    """What to tell the user when a run stops early (non-finite loss, Ctrl-C): only what is true about the
+    checkpoints on disk, and how to continue."""
+    run_dir = Path(run_dir)
+    folder, _ = Checkpoints(ckpt_dir or run_dir / "ckpt").newest_intact()
+    what = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
+    if folder is not None:
+        where = (f"The last good checkpoint is {folder}; continue with: {command or 'python <script>.py'} "
+                 f"--resume {run_dir}")
+    else:
+        where = f"No checkpoint was written yet, so there is nothing to resume ({run_dir} holds the run's settings)."
+    advice = ("" if isinstance(exc, KeyboardInterrupt) else
+              " Try a lower --lr, --precision bf16 or fp32 instead of fp16, or check the data.")
+    return f"{what}. {where}{advice}"
 
 # ----------------------------------------------------------------------------------------------------------
 # benchmarking
@@ -332,10 +764,19 @@ def peak_memory_mb(device: torch.device) -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
+def flops_of(fn) -> float:
+    """FLOPs of one call of fn (forward and backward if fn does both), counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return float(fc.get_total_flops())
+
+
 def bench(step_fn, *, items: int, flops_per_step: float, device: torch.device, dtype: torch.dtype,
           warmup: int = 1, steps: int = 3) -> dict:
     """Time `step_fn` (one full training step): median step ms, items/s, peak memory, MFU against the
     measured matmul peak for `dtype`."""
+    device = torch.device(device)
     for _ in range(warmup):
         step_fn()
     _sync(device)
@@ -352,3 +793,71 @@ def bench(step_fn, *, items: int, flops_per_step: float, device: torch.device, d
     return {"step_ms": 1000 * med, "items_per_s": items / med, "peak_mem_mb": peak_memory_mb(device),
             "tflops": flops_per_step / med / 1e12, "matmul_peak_tflops": peak / 1e12,
             "mfu": flops_per_step / med / peak}
+
+
+BENCH_COLUMNS = "what | precision | batch | step ms | items/s | TFLOP/s | MFU | peak mem MB"
+
+
+def bench_row(what: str, precision: str, batch: int, r: dict, unit: str = "img") -> str:
+    """The one line every script's --bench prints per measurement, same columns everywhere."""
+    return (f"{what:40s} | {precision:5s} | B={batch:<5d} | step {r['step_ms']:9.1f} ms | "
+            f"{r['items_per_s']:9.2f} {unit}/s | {r['tflops']:7.3f} TFLOP/s | MFU {100 * r['mfu']:5.1f}% "
+            f"(of {r['matmul_peak_tflops']:.1f} measured) | peak mem {r['peak_mem_mb']:.0f} MB")
+
+# ----------------------------------------------------------------------------------------------------------
+# the interface cilmp.py and cleft.py used before the plumbing above; removed once both are migrated
+
+
+Dist = World
+
+
+def make_run_dir(script: str, data: str, out=None, args: dict | None = None, is_main: bool = True) -> Path:
+    if out is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        if dist.is_available() and dist.is_initialized():
+            holder = [stamp]
+            dist.broadcast_object_list(holder, src=0)
+            stamp = holder[0]
+        out = REPO_ROOT / "runs" / script / data / stamp
+    out = Path(out)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if args is not None:
+            (out / "args.json").write_text(json.dumps(args, indent=2, default=str) + "\n")
+        (out / "env.json").write_text(json.dumps({"torch": torch.__version__, "argv": sys.argv}) + "\n")
+    return out
+
+
+def save_checkpoint(run_dir: Path, tensors: dict, state: dict, keep: int = 2) -> Path:
+    root = Path(run_dir) / "ckpt"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{int(state['step']):07d}"
+    tmp = root / (name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
+    torch.save(state, tmp / "state.pt")
+    final = root / name
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    ptr = root / "latest.tmp"
+    ptr.write_text(name + "\n")
+    os.replace(ptr, root / "latest")
+    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(run_dir: Path):
+    root = Path(run_dir) / "ckpt"
+    ptr = root / "latest"
+    if not ptr.exists():
+        return None
+    d = root / ptr.read_text().strip()
+    return load_file(str(d / "trainable.safetensors")), torch.load(d / "state.pt", map_location="cpu", weights_only=True)
+
+
+def check_finite(loss: torch.Tensor, step: int):
+    if not torch.isfinite(loss).all():
+        raise NonFiniteLoss(step, loss.item())

@@ -4,10 +4,10 @@ Every method script loads its pretrained weights the same way:
 
     folder = resolve("openai/clip-vit-base-patch16")     # a local folder, a .safetensors file or the HF cache
     config = load_config(folder)                         # config.json as a dict
-    sd = read_safetensors(folder, dtype=torch.bfloat16)  # memory-mapped, converted one tensor at a time
-    sd = {WEIGHT_MAP[k]: v for k, v in sd.items()}       # the key map lives in each method script, not here
-    check_keys({k: v.shape for k, v in model.state_dict().items()}, sd)
-    model.load_state_dict(sd, assign=True)               # model built on the meta device: no second copy
+    with torch.device("meta"):
+        model = Model(config_from_hf(config))            # no memory until the weights arrive
+    load_mapped(model, folder, KEY_MAP)                  # KEY_MAP: a literal dict in the method script;
+                                                         # every name and shape checked, no second copy
 
 We only ever read .safetensors: a JSON header followed by raw bytes, so reading one cannot run code and we can
 memory-map it. Old .pt/.pth/.ckpt/.bin files are pickles, and unpickling a file can run any function the file
@@ -354,6 +354,85 @@ def check_keys(expected, found, *, source="checkpoint", limit=10):
     lines.append("Names that differ by a prefix or pattern mean the key map in the method script needs fixing; "
                  "different shapes mean the model config (width, depth, patch size) does not fit these weights.")
     raise WeightsError("\n".join(lines))
+
+
+# -----------------------------------------------------------------------------
+# Loading through a key map: checkpoint names -> ours, every key and shape checked
+
+def map_key(key, key_map):
+    """Checkpoint key -> (our key or None, transform or None) through a template map, or False when no
+    template matches. In a template "{}" stands for exactly one dotted component (a layer index, or
+    weight/bias); the components a template's {} took fill the {} of its value, in order."""
+    for src, dst in key_map.items():
+        parts = src.split("{}")
+        if len(parts) == 1:
+            vals = [] if key == src else None
+        else:  # match the literal pieces left to right; each {} takes exactly one dotted component
+            vals, rest = [], key
+            if not rest.startswith(parts[0]):
+                continue
+            rest = rest[len(parts[0]):]
+            for lit in parts[1:]:
+                cut = rest.find(".")
+                cut = len(rest) if cut < 0 else cut
+                if cut == 0 or not rest[cut:].startswith(lit):
+                    vals = None
+                    break
+                vals.append(rest[:cut])
+                rest = rest[cut + len(lit):]
+            if vals is not None and rest:
+                vals = None
+        if vals is None:
+            continue
+        if dst is None:
+            return None, None
+        name, how = dst if isinstance(dst, tuple) else (dst, None)
+        return name.format(*vals), how
+    return False
+
+
+_FUSED = {"q": ("q", "k", "v"), "k": ("q", "k", "v"), "v": ("q", "k", "v"), "kv_k": ("kv_k", "kv_v"),
+          "kv_v": ("kv_k", "kv_v")}
+
+
+def load_mapped(model, folder_or_file, key_map, dtype=None, drop_missing=(), source=None):
+    """Load a checkpoint into `model` through a literal key map, checking every name and shape.
+
+    key_map values: "ours.{}" (rename), ("ours.{}", "T") (transpose: Conv1D-style (in, out) -> nn.Linear),
+    ("ours.{}", "q"|"k"|"v") (one third of a fused qkv, concatenated q, k, v along dim 0),
+    ("ours.{}", "kv_k"|"kv_v") (one half of a fused kv), None (a key dropped on purpose).
+    A checkpoint key that no template matches is an error (the model would silently miss it), and so is a
+    model tensor the checkpoint lacks, unless it is named in `drop_missing` (e.g. a tied lm_head).
+    The model may be built on the meta device: load_state_dict(assign=True) takes the (memory-mapped) tensors
+    without a second copy. Returns the model."""
+    source = source or str(folder_or_file)
+    sd, found, fused = {}, {}, {}
+    for k, t in read_safetensors(folder_or_file, dtype=dtype).items():
+        m = map_key(k, key_map)
+        if m is False:
+            found[k] = tuple(t.shape)             # unknown: check_keys reports it as unexpected
+            continue
+        name, how = m
+        if name is None:
+            continue
+        if how in _FUSED:
+            fused.setdefault(name, {})[how] = t
+        elif how == "T":
+            sd[name] = t.T.contiguous()
+        elif how is None:
+            sd[name] = t
+        else:
+            raise WeightsError(f"key map entry for {k}: unknown transform {how!r}")
+    for name, parts in fused.items():             # fuse only when every part is there, with matching shapes
+        order = _FUSED[next(iter(parts))]
+        if set(parts) != set(order) or len({p.shape[1:] for p in parts.values()}) != 1:
+            raise WeightsError(f"{source}: {name} needs {', '.join(order)} with matching shapes, found "
+                               f"{ {k: tuple(v.shape) for k, v in parts.items()} }")
+        sd[name] = torch.cat([parts[p] for p in order], 0)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in set(drop_missing)}
+    check_keys(expected, found | {k: tuple(v.shape) for k, v in sd.items()}, source=source)
+    model.load_state_dict(sd, strict=False, assign=True)
+    return model
 
 
 # -----------------------------------------------------------------------------

@@ -1,42 +1,296 @@
-"""common/run.py: checkpoints that survive a kill, RNG round trips, precision guards, progress lines."""
+"""common/run.py: checkpoints that survive a kill and verify on load, the one resume rule, run folders that never
+overwrite a run, the optimizer step, flags that refuse mistakes with a message."""
+import argparse
+import json
+import os
 import random
+import socket
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 from common import run as R
 
 
-def test_checkpoint_round_trip_keeps_the_newest_two(tmp_path):
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+
+
+def _save(ckpts, step, value, **kw):
+    return ckpts.save(step, {"w": torch.full((2, 3), float(value))}, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def test_checkpoint_round_trip_keeps_the_newest_two_and_a_manifest(tmp_path):
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    ckpts = R.Checkpoints(tmp_path / "ckpt")
     for step in (3, 6, 9):
-        R.save_checkpoint(tmp_path, {"w": torch.full((2, 3), float(step))}, {"step": step, "epoch": step // 3})
-    tensors, state = R.load_checkpoint(tmp_path)
-    assert state["step"] == 9 and torch.equal(tensors["w"], torch.full((2, 3), 9.0))
+        _save(ckpts, step, step, optimizer=opt, extra={"epoch": step // 3})
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest", "step_0000006", "step_0000009"]
+    manifest = json.loads((tmp_path / "ckpt" / "step_0000009" / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"trainable.safetensors", "state.pt"} and manifest["step"] == 9
+    state = torch.load(tmp_path / "ckpt/step_0000009/state.pt", weights_only=True)
+    assert set(state) == {"step", "optimizer", "scheduler", "scaler", "rng", "extra"} and len(state["rng"]) == 1
+
+    opt2 = torch.optim.AdamW(_model().parameters(), lr=0.1)
+    ck = R.Checkpoints(tmp_path / "ckpt").load(optimizer=opt2)
+    assert ck.step == 9 and ck.extra == {"epoch": 3} and torch.equal(ck.tensors["w"], torch.full((2, 3), 9.0))
+    a, b = opt.state_dict()["state"][0]["exp_avg"], opt2.state_dict()["state"][0]["exp_avg"]
+    assert torch.equal(a, b)
+    assert R.Checkpoints(tmp_path / "nothing").load() is None
 
 
-def test_a_half_written_checkpoint_is_never_picked_up(tmp_path, monkeypatch):
-    R.save_checkpoint(tmp_path, {"w": torch.zeros(2)}, {"step": 1})
+def test_a_half_written_checkpoint_is_never_picked_up_and_leaves_no_folder(tmp_path, monkeypatch):
+    ckpts = R.Checkpoints(tmp_path)
+    _save(ckpts, 1, 0)
 
     def killed(*a, **k):  # the process dies while writing state.pt of the next checkpoint
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, "save", killed)
     with pytest.raises(KeyboardInterrupt):
-        R.save_checkpoint(tmp_path, {"w": torch.ones(2)}, {"step": 2})
+        _save(ckpts, 2, 1)
     monkeypatch.undo()
-    tensors, state = R.load_checkpoint(tmp_path)
-    assert state["step"] == 1 and torch.equal(tensors["w"], torch.zeros(2))
-    assert R.load_checkpoint(tmp_path / "nothing") is None
+    ck = R.Checkpoints(tmp_path).load()
+    assert ck.step == 1 and torch.equal(ck.tensors["w"], torch.zeros(2, 3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000001"]
+
+
+@pytest.mark.parametrize("damage", ["truncate_state", "flip_tensor_byte", "delete_manifest"])
+def test_a_damaged_latest_falls_back_to_the_newest_intact_one(tmp_path, damage):
+    ckpts = R.Checkpoints(tmp_path, keep=3)
+    _save(ckpts, 1, 1)
+    _save(ckpts, 2, 2)
+    bad = tmp_path / "step_0000002"
+    if damage == "truncate_state":
+        data = (bad / "state.pt").read_bytes()
+        (bad / "state.pt").write_bytes(data[:len(data) // 2])
+    elif damage == "flip_tensor_byte":
+        data = bytearray((bad / "trainable.safetensors").read_bytes())
+        data[-1] ^= 0xFF
+        (bad / "trainable.safetensors").write_bytes(bytes(data))
+    else:
+        (bad / "manifest.json").unlink()
+    said = []
+    ck = R.Checkpoints(tmp_path).load(log=said.append)
+    assert ck.step == 1 and torch.equal(ck.tensors["w"], torch.ones(2, 3))
+    assert any("step_0000002" in s and "step_0000001" in s for s in said), said
+
+
+def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    _save(R.Checkpoints(tmp_path), 1, 1)
+    (tmp_path / "step_0000001" / "trainable.safetensors").write_bytes(b"")
+    with pytest.raises(R.RunError, match="no intact checkpoint.*step_0000001"):
+        R.Checkpoints(tmp_path).load(log=lambda s: None)
+
+
+def test_pruning_never_deletes_checkpoints_another_run_wrote(tmp_path):
+    _save(R.Checkpoints(tmp_path), 5, 5)             # an earlier process
+    ckpts = R.Checkpoints(tmp_path, keep=1)          # the resumed one
+    for step in (6, 7, 8):
+        _save(ckpts, step, step)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000005", "step_0000008"]
+    _save(ckpts, 5, 55)                              # the same step as someone else's: theirs is kept aside
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("step_0000005.old-")]
+    assert len(kept) == 1 and (kept[0] / "trainable.safetensors").exists()
 
 
 def test_rng_state_round_trip_through_a_weights_only_checkpoint(tmp_path):
     R.seed_everything(3)
-    R.save_checkpoint(tmp_path, {}, {"step": 0, "rng": R.rng_state()})
+    _save(R.Checkpoints(tmp_path), 0, 0)
     want = (random.random(), np.random.rand(), torch.rand(1).item())
     random.seed(0), np.random.seed(0), torch.manual_seed(0)
-    R.set_rng_state(R.load_checkpoint(tmp_path)[1]["rng"])
+    R.Checkpoints(tmp_path).load(log=lambda s: None)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
+
+
+def test_stop_message_says_what_is_true(tmp_path):
+    msg = R.stop_message(R.NonFiniteLoss(7, float("nan")), tmp_path, command="python x.py")
+    assert "step 7" in msg and "No checkpoint was written yet" in msg and "lower --lr" in msg
+    _save(R.Checkpoints(tmp_path / "ckpt"), 4, 4)
+    msg = R.stop_message(KeyboardInterrupt(), tmp_path, command="python x.py")
+    assert msg.startswith("interrupted.") and "step_0000004" in msg and f"python x.py --resume {tmp_path}" in msg
+
+
+def test_load_tensors_checks_names_and_shapes():
+    model = _model()
+    R.load_tensors(model, {"0.bias": torch.ones(4)}, "test")
+    assert torch.equal(model[0].bias, torch.ones(4))
+    with pytest.raises(R.WeightsError, match="Unexpected"):
+        R.load_tensors(model, {"nope": torch.ones(4)}, "test")
+    with pytest.raises(R.WeightsError, match="Wrong shape"):
+        R.load_tensors(model, {"0.bias": torch.ones(5)}, "test")
+    with pytest.raises(R.WeightsError, match="Missing"):
+        R.load_tensors(model, {"0.bias": torch.ones(4)}, "test", required=["2.weight"])
+
+# ---------------------------------------------------------------------------------------------------------
+# the optimizer step
+
+
+def test_optimizer_step_updates_clips_and_zeroes():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    before = model[0].weight.detach().clone()
+    loss = 1000 * model(torch.randn(8, 3)).pow(2).mean()
+    value = R.optimizer_step(loss, opt, R.make_scaler("fp32", "cpu"), R.World(), 0, clip_grad=1e-3)
+    assert value == pytest.approx(loss.item())
+    moved = torch.cat([(p.detach() - q).flatten() for p, q in zip(model[0].parameters(), [before])])
+    assert 0 < moved.norm() <= 1e-3 + 1e-6                   # clipped to the total norm
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_non_finite_loss_stops_before_the_update():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = model(torch.randn(2, 3)).sum() * float("nan")
+    with pytest.raises(R.NonFiniteLoss, match="step 12"):
+        R.optimizer_step(loss, opt, None, R.World(), 12)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_ranks(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    world = R.setup_distributed("cpu")
+    try:
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        # rank 1 alone sees a NaN: both ranks must stop at the same step (else rank 0 hangs in the next collective)
+        loss = model(torch.randn(2, 3)).sum() * (float("nan") if rank == 1 else 1.0)
+        try:
+            R.optimizer_step(loss, opt, None, world, 3)
+            result = "went on"
+        except R.NonFiniteLoss:
+            result = "stopped"
+        x = torch.full((2, 1), float(rank), requires_grad=True)
+        g = R.gather_with_grad(x)
+        (g * torch.arange(4.0).view(4, 1)).sum().backward()
+        torch.save({"result": result, "gathered": g.detach(), "grad": x.grad}, f"{out}/rank{rank}.pt")
+    finally:
+        R.cleanup_distributed()
+
+
+def test_two_processes_stop_together_and_gather_with_gradients(tmp_path):
+    port = _free_port()
+    torch.multiprocessing.spawn(_two_ranks, args=(port, str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["result"] == r1["result"] == "stopped"
+    assert torch.equal(r0["gathered"], torch.tensor([[0.0], [0.0], [1.0], [1.0]]))
+    # every rank's loss is sum_i i * g_i over the gathered rows; summed over the 2 ranks' losses
+    assert torch.equal(r0["grad"], 2 * torch.tensor([[0.0], [1.0]])) and torch.equal(r1["grad"], 2 * torch.tensor([[2.0], [3.0]]))
+
+# ---------------------------------------------------------------------------------------------------------
+# run folders and resume
+
+
+def test_run_folders_are_unique_and_a_run_is_never_overwritten(tmp_path, monkeypatch):
+    monkeypatch.setattr(R, "REPO_ROOT", tmp_path)
+    a, b = R.new_run_dir("x", "demo", None, {"lr": 1}), R.new_run_dir("x", "demo", None, {"lr": 2})
+    assert a != b and a.parent == b.parent == tmp_path / "runs" / "x" / "demo"
+    assert json.loads((a / "args.json").read_text()) == {"lr": 1} and (a / "env.json").exists()
+    with pytest.raises(R.RunError, match=f"holds a run already.*--resume {a}"):
+        R.new_run_dir("x", "demo", a, {"lr": 3})
+    assert json.loads((a / "args.json").read_text()) == {"lr": 1}
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(R.RunError, match="is a file"):
+        R.new_run_dir("x", "demo", tmp_path / "file", {})
+    with pytest.raises(R.RunError, match="cannot write|is a file"):
+        R.new_run_dir("x", "demo", tmp_path / "file" / "run", {})
+    assert (tmp_path / "file").read_text() == "mine"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert R.new_run_dir("x", "demo", empty, {}) == empty
+
+
+def test_check_writable(tmp_path):
+    assert R.check_writable(tmp_path / "new" / "deeper") is None
+    (tmp_path / "f").write_text("")
+    assert "is a file" in R.check_writable(tmp_path / "f" / "sub")
+
+
+def _parser():
+    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # as every script
+    R.add_common_args(p, datasets=["demo", "isic"], epochs=100, batch_size=64, lr=2.5e-3)
+    p.add_argument("--rank", type=int, default=8)
+    return p
+
+
+def _parse(argv):
+    p = _parser()
+    args = p.parse_args(argv)
+    return p, args, R.given_flags(p, argv)
+
+
+def test_resume_takes_the_runs_flags_and_refuses_ones_that_change_what_is_trained(tmp_path):
+    (tmp_path / "args.json").write_text(json.dumps({"data": "isic", "rank": 4, "lr": 0.1, "precision": "bf16",
+                                                    "num_workers": 8}))
+    p, args, given = _parse(["--resume", str(tmp_path), "--num-workers", "2"])
+    R.restore_run_args(args, given)
+    assert (args.data, args.rank, args.lr) == ("isic", 4, 0.1)            # from the run
+    assert (args.precision, args.num_workers) == ("auto", 2)              # how to run: today's
+    p, args, given = _parse(["--resume", str(tmp_path), "--data", "demo", "--rank=4", "--lr", "0.2"])
+    with pytest.raises(R.RunError) as e:
+        R.restore_run_args(args, given)
+    assert "--data demo (the run has isic)" in str(e.value) and "--lr 0.2 (the run has 0.1)" in str(e.value)
+    assert "--rank" not in str(e.value)                                    # typed, but equal to the run's
+    p, args, given = _parse(["--resume", str(tmp_path / "typo")])
+    with pytest.raises(R.RunError, match="not a run folder"):
+        R.restore_run_args(args, given)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--batch-size", "-3"], "--batch-size -3: must be at least 1"),
+    (["--lr", "-1"], "--lr -1.0: must be above 0"),
+    (["--epochs", "0"], "--epochs 0: must be at least 1"),
+    (["--steps", "-1"], "--steps -1: must be 0 or more"),
+    (["--precision", "fp16", "--device", "cpu"], "fp16 needs CUDA"),
+    (["--device", "cuda:3"], "not available"),
+    (["--device", "tpu"], "unknown device"),
+    (["--eval-only"], "--eval-only needs --resume"),
+])
+def test_user_mistakes_exit_2_with_a_message(argv, message, capsys):
+    p, args, _ = _parse(argv)
+    with pytest.raises(SystemExit) as e:
+        R.finish_common_args(p, args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_auto_flags_resolve_and_given_flags_sees_both_spellings():
+    p, args, given = _parse(["--lr=0.5", "--seed", "3"])
+    assert given == {"lr", "seed"}
+    R.finish_common_args(p, args)
+    if not torch.cuda.is_available():
+        assert (args.device, args.precision, args.num_workers) == ("cpu", "fp32", 0)
+    assert "training epochs (default: 100)" in " ".join(p.format_help().split())
+
+# ---------------------------------------------------------------------------------------------------------
+# precision, data order, logs
+
+
+def test_cast_frozen_is_by_module_type():
+    model = _model()
+    model[2].weight.requires_grad_(False)
+    model[1].weight.requires_grad_(False)
+    R.cast_frozen(model, torch.bfloat16)
+    assert model[2].weight.dtype == torch.bfloat16                      # frozen Linear
+    assert model[2].bias.dtype == model[0].weight.dtype == torch.float32  # trainables
+    assert model[1].weight.dtype == torch.float32                       # frozen norm stays fp32
 
 
 def test_precision_guards():
@@ -50,10 +304,13 @@ def test_precision_guards():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
 
-def test_non_finite_loss_raises_with_advice():
-    R.check_finite(torch.tensor(1.0), 5)
-    with pytest.raises(R.NonFiniteLoss, match="step 7.*last good checkpoint"):
-        R.check_finite(torch.tensor(float("nan")), 7)
+def test_epoch_batches_replay_and_split_one_batch_over_ranks():
+    one = R.epoch_batches(20, 4, seed=1, epoch=3, world=R.World())
+    assert one == R.epoch_batches(20, 4, seed=1, epoch=3, world=R.World()) != R.epoch_batches(20, 4, 1, 4, R.World())
+    r0, r1 = (R.epoch_batches(20, 2, 1, 3, R.World(rank=r, size=2)) for r in (0, 1))
+    assert [a + b for a, b in zip(r0, r1)] == one
+    with pytest.raises(R.DataError, match="fewer than one batch"):
+        R.epoch_batches(3, 4, 0, 0, R.World())
 
 
 def test_progress_prints_rate_and_eta(capsys):
@@ -63,15 +320,14 @@ def test_progress_prints_rate_and_eta(capsys):
     assert out.startswith("train 5/10 | loss 0.5 |") and "it/s" in out and "eta" in out
 
 
-def test_gather_with_grad_is_the_identity_in_one_process():
-    x = torch.randn(4, 3, requires_grad=True)
-    y = R.gather_with_grad(x)
-    assert y is x
-
-
-def test_jsonl_log_and_run_dir(tmp_path):
-    d = R.make_run_dir("x", "demo", out=tmp_path / "run", args={"lr": 0.1})
-    log = R.JsonlLog(d / "metrics.jsonl")
+def test_jsonl_log(tmp_path):
+    log = R.JsonlLog(tmp_path / "metrics.jsonl")
     log.log(step=1, loss=torch.tensor(0.25))
-    assert (d / "args.json").exists() and (d / "env.json").exists()
-    assert (d / "metrics.jsonl").read_text() == '{"step": 1, "loss": 0.25}\n'
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 0.25}\n'
+
+
+def test_bench_row_has_the_same_columns_everywhere():
+    r = {"step_ms": 12.5, "items_per_s": 80.0, "tflops": 0.01, "mfu": 0.25, "matmul_peak_tflops": 0.04,
+         "peak_mem_mb": 100.0}
+    row = R.bench_row("thing", "bf16", 8, r)
+    assert "step      12.5 ms" in row and "80.00 img/s" in row and "MFU  25.0%" in row and "peak mem 100 MB" in row

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import common.weights as W
 from common.weights import (WeightsError, check_keys, load_config, main, read_safetensors, resolve,
                             safetensors_files, tensor_index)
 
@@ -456,3 +457,69 @@ def test_module_entry_point_exits_2_without_traceback(tmp_path, monkeypatch, cap
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no such file or folder" in err and "Traceback" not in err
+
+
+# -----------------------------------------------------------------------------
+# load_mapped: one key-mapped loader for every method script
+
+class _Fused(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(4, 12)
+        self.kv = torch.nn.Linear(4, 8, bias=False)
+        self.proj = torch.nn.Linear(3, 4, bias=False)
+        self.norm = torch.nn.LayerNorm(4)
+
+
+def _fused_checkpoint(tmp_path, **extra):
+    g = torch.Generator().manual_seed(0)
+    t = {f"enc.{n}_proj.{p}": torch.randn(4, 4, generator=g) if p == "weight" else torch.randn(4, generator=g)
+         for n in "qkv" for p in ("weight", "bias")}
+    t |= {"enc.k2.weight": torch.randn(4, 4, generator=g), "enc.v2.weight": torch.randn(4, 4, generator=g),
+          "conv1d.weight": torch.randn(3, 4, generator=g), "ln.weight": torch.randn(4, generator=g),
+          "ln.bias": torch.randn(4, generator=g), "enc.position_ids": torch.arange(4)} | extra
+    save_file(t, str(tmp_path / "model.safetensors"))
+    return t
+
+
+KEY_MAP = {"enc.q_proj.{}": ("qkv.{}", "q"), "enc.k_proj.{}": ("qkv.{}", "k"), "enc.v_proj.{}": ("qkv.{}", "v"),
+           "enc.k2.weight": ("kv.weight", "kv_k"), "enc.v2.weight": ("kv.weight", "kv_v"),
+           "conv1d.weight": ("proj.weight", "T"), "ln.{}": "norm.{}", "enc.position_ids": None}
+
+
+def test_load_mapped_renames_fuses_transposes_and_drops(tmp_path):
+    t = _fused_checkpoint(tmp_path)
+    with torch.device("meta"):
+        model = _Fused()
+    W.load_mapped(model, tmp_path, KEY_MAP)
+    assert torch.equal(model.qkv.weight, torch.cat([t["enc.q_proj.weight"], t["enc.k_proj.weight"], t["enc.v_proj.weight"]]))
+    assert torch.equal(model.qkv.bias, torch.cat([t["enc.q_proj.bias"], t["enc.k_proj.bias"], t["enc.v_proj.bias"]]))
+    assert torch.equal(model.kv.weight, torch.cat([t["enc.k2.weight"], t["enc.v2.weight"]]))
+    assert torch.equal(model.proj.weight, t["conv1d.weight"].T) and torch.equal(model.norm.bias, t["ln.bias"])
+
+
+def test_load_mapped_refuses_unknown_missing_and_partial_fusions(tmp_path):
+    _fused_checkpoint(tmp_path, **{"enc.extra.weight": torch.zeros(2)})
+    with pytest.raises(W.WeightsError, match=r"Unexpected[\s\S]*enc\.extra\.weight"):
+        W.load_mapped(_Fused(), tmp_path, KEY_MAP)
+    t = _fused_checkpoint(tmp_path)
+    del t["enc.v_proj.weight"]
+    save_file(t, str(tmp_path / "model.safetensors"))
+    with pytest.raises(W.WeightsError, match="qkv.weight needs q, k, v"):
+        W.load_mapped(_Fused(), tmp_path, KEY_MAP)
+    t = _fused_checkpoint(tmp_path)
+    del t["ln.bias"]
+    save_file(t, str(tmp_path / "model.safetensors"))
+    with pytest.raises(W.WeightsError, match=r"Missing[\s\S]*norm\.bias"):
+        W.load_mapped(_Fused(), tmp_path, KEY_MAP)
+    model = _Fused()
+    W.load_mapped(model, tmp_path, KEY_MAP, drop_missing=("norm.bias",))  # e.g. a tied lm_head
+
+
+def test_map_key_templates_take_one_component_each():
+    m = {"layers.{}.attn.{}": "blocks.{}.a.{}", "lm_head.weight": "head.weight", "x.{}.drop": None}
+    assert W.map_key("layers.3.attn.weight", m) == ("blocks.3.a.weight", None)
+    assert W.map_key("layers.3.4.attn.weight", m) is False        # {} never spans a dot
+    assert W.map_key("lm_head.weight", m) == ("head.weight", None)
+    assert W.map_key("x.7.drop", m) == (None, None)
+    assert W.map_key("layers.3.attn.weight.extra", m) is False
