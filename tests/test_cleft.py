@@ -172,6 +172,83 @@ def test_attention_is_softmax_qk_v_with_mask_causal_and_scale():
     assert max_diff(cleft.attention(q, k, v, 0.5), reference_attention(q, k, v, 0.5)) < 1e-6
 
 # ----------------------------------------------------------------------------------------------------------
+# config readers: transformers 4.x and 5.x layouts, and refusals of what is not implemented
+
+# config.json as transformers 4.x wrote it for these same tiny models (the layout of openai-community/gpt2 and
+# facebook/dinov2-base on the hub: n_ctx, torch_dtype, no scale_attn_weights / add_cross_attention / use_mask_token)
+GPT2_V4 = {"activation_function": "gelu_new", "architectures": ["GPT2Model"], "attn_pdrop": 0.1, "bos_token_id": 725,
+           "embd_pdrop": 0.1, "eos_token_id": 725, "initializer_range": 0.02, "layer_norm_epsilon": 1e-05,
+           "model_type": "gpt2", "n_ctx": 64, "n_embd": 48, "n_head": 4, "n_layer": 3, "n_positions": 64,
+           "resid_pdrop": 0.1, "summary_activation": None, "summary_first_dropout": 0.1,
+           "summary_proj_to_labels": True, "summary_type": "cls_index", "summary_use_proj": True,
+           "torch_dtype": "float32", "transformers_version": "4.35.2", "vocab_size": 726}
+DINOV2_V4 = {"architectures": ["Dinov2Model"], "attention_probs_dropout_prob": 0.0, "drop_path_rate": 0.0,
+             "hidden_act": "gelu", "hidden_dropout_prob": 0.0, "hidden_size": 48, "image_size": 16,
+             "initializer_range": 0.02, "layer_norm_eps": 1e-06, "layerscale_value": 0.7, "mlp_ratio": 4,
+             "model_type": "dinov2", "num_attention_heads": 4, "num_channels": 3, "num_hidden_layers": 2,
+             "patch_size": 4, "qkv_bias": True, "torch_dtype": "float32", "transformers_version": "4.31.0.dev0",
+             "use_swiglu_ffn": False}
+
+
+def with_config(tmp_path, src, config):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").symlink_to(src / "model.safetensors")
+    return tmp_path
+
+
+def test_gpt2_reads_the_transformers_4_layout_and_the_aliases(tmp_path):
+    g = io("cleft_gpt2")
+    v5 = cleft.gpt2_config_from_hf(json.loads((GOLD / "cleft_gpt2" / "config.json").read_text()))
+    assert cleft.gpt2_config_from_hf(GPT2_V4) == v5
+    aliased = {k: v for k, v in GPT2_V4.items() if k not in ("n_embd", "n_head", "n_layer", "n_positions", "n_ctx",
+                                                               "layer_norm_epsilon")}
+    aliased |= {"hidden_size": 48, "num_attention_heads": 4, "num_hidden_layers": 3, "max_position_embeddings": 64,
+                "layer_norm_eps": 1e-5}
+    assert cleft.gpt2_config_from_hf(aliased) == v5
+    model = cleft.GPT2.from_pretrained(with_config(tmp_path, GOLD / "cleft_gpt2", GPT2_V4)).eval()
+    with torch.no_grad():
+        assert max_diff(model(g["input_ids"], g["attention_mask"]), g["last_hidden_state"]) < TOL
+
+
+def test_gpt2_reorder_and_upcast_attn_matches_hf():
+    model = cleft.GPT2.from_pretrained(GOLD / "cleft_gpt2_upcast").eval()
+    assert model.cfg.upcast_attn and model.cfg.scale_by_inverse_layer
+    g = io("cleft_gpt2_upcast")
+    with torch.no_grad():
+        assert max_diff(model(g["input_ids"], g["attention_mask"]), g["last_hidden_state"]) < TOL
+
+
+def test_dinov2_reads_the_transformers_4_layout(tmp_path):
+    g = io("cleft_dinov2_plain")
+    v5 = cleft.dinov2_config_from_hf(json.loads((GOLD / "cleft_dinov2_plain" / "config.json").read_text()))
+    assert cleft.dinov2_config_from_hf(DINOV2_V4) == v5
+    model = cleft.DINOv2.from_pretrained(with_config(tmp_path, GOLD / "cleft_dinov2_plain", DINOV2_V4)).eval()
+    with torch.no_grad():
+        assert max_diff(model(g["pixel_values_b"])[0], g["last_hidden_state_b"]) < TOL
+    reg = json.loads((GOLD / "cleft_dinov2" / "config.json").read_text())
+    assert cleft.dinov2_config_from_hf(reg).n_registers == 4 and cleft.dinov2_config_from_hf(reg).pos_antialias
+
+
+@pytest.mark.parametrize("field, value", [
+    ("activation_function", "relu"), ("activation_function", "gelu"), ("scale_attn_weights", False),
+    ("add_cross_attention", True), ("n_inner", 100), ("attn_pdrop", 0.0), ("model_type", "gpt_neo"),
+    ("n_embd", 50)])
+def test_gpt2_config_refuses_what_is_not_implemented(field, value):
+    with pytest.raises(WeightsError, match=field if field != "n_embd" else "not divisible"):
+        cleft.gpt2_config_from_hf(GPT2_V4 | {field: value})
+
+
+@pytest.mark.parametrize("field, value", [
+    ("hidden_act", "gelu_new"), ("use_swiglu_ffn", True), ("qkv_bias", False), ("num_channels", 1),
+    ("hidden_dropout_prob", 0.1), ("attention_probs_dropout_prob", 0.1), ("image_size", [16, 32]),
+    ("mlp_ratio", 2.5), ("model_type", "vit"), ("num_attention_heads", 5)])
+def test_dinov2_config_refuses_what_is_not_implemented(field, value):
+    match = {"image_size": "non-square", "num_attention_heads": "not divisible"}.get(field, field)
+    with pytest.raises(WeightsError, match=match):
+        cleft.dinov2_config_from_hf(DINOV2_V4 | {field: value})
+
+
+# ----------------------------------------------------------------------------------------------------------
 # weight loading errors name the tensor
 
 

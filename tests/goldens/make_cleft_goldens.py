@@ -12,6 +12,7 @@ It writes
                                        buffers that the OpenAI-converted `gpt2` files still carry
     tests/goldens/cleft_gpt2_scaled/   tiny GPT2LMHeadModel with scale_attn_by_inverse_layer_idx=True (BioMedLM's
                                        setting), keys prefixed "transformer." as in BioMedLM's files
+    tests/goldens/cleft_gpt2_upcast/   tiny GPT2Model with reorder_and_upcast_attn=True (HF's fp32-score path)
     tests/goldens/cleft_{lora,ia3,prefix}/  peft adapters (peft save_pretrained) on top of cleft_gpt2_scaled + io
 
 Everything is fp32, eval mode (dropout off), eager attention, fixed seeds. Every parameter is randomised
@@ -272,6 +273,24 @@ def make_gpt2(tok):
         print(folder, "vocab", vocab, "hidden", tuple(h.shape))
 
 
+def make_gpt2_upcast(tok):
+    """reorder_and_upcast_attn=True with the inverse-layer scaling: HF then computes the scores in fp32 with the
+    scale folded into the matmul (_upcast_and_reordered_attn), a different code path from the two above."""
+    from transformers import GPT2Model
+    ids, mask = gpt2_inputs(tok)
+    cfg = gpt2_config(tok.get_vocab_size(), True)
+    cfg.reorder_and_upcast_attn = True
+    torch.manual_seed(0)
+    model = GPT2Model(cfg).eval()
+    randomise_(model, seed=7)
+    out = fresh_dir(GOLD / "cleft_gpt2_upcast")
+    model.save_pretrained(out, safe_serialization=True)
+    with torch.no_grad():
+        h = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    save_io(out, {"input_ids": ids, "attention_mask": mask, "last_hidden_state": h})
+    print("cleft_gpt2_upcast hidden", tuple(h.shape))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # peft adapters on the scaled tiny GPT-2 (CLEFT's setting: task CAUSAL_LM on a GPT2LMHeadModel)
 
@@ -337,7 +356,7 @@ def make_peft(tok):
 if __name__ == "__main__":
     # no arguments: everything (the tokenizer too); or name the parts to remake, e.g. `dinov2_plain`. BpeTrainer is
     # not guaranteed to give the same merges on another machine, so remaking one part keeps the committed tokenizer.
-    parts = sys.argv[1:] or ["tokenizer", "dinov2", "dinov2_plain", "gpt2", "peft"]
+    parts = sys.argv[1:] or ["tokenizer", "dinov2", "dinov2_plain", "gpt2", "gpt2_upcast", "peft"]
     torch.use_deterministic_algorithms(True)
     if "tokenizer" in parts:
         tok = train_tokenizer(TOKENIZER_PATH)
@@ -347,7 +366,7 @@ if __name__ == "__main__":
     for part, fn in [("dinov2", make_dinov2), ("dinov2_plain", make_dinov2_plain)]:
         if part in parts:
             fn()
-    for part, fn in [("gpt2", make_gpt2), ("peft", make_peft)]:
+    for part, fn in [("gpt2", make_gpt2), ("gpt2_upcast", make_gpt2_upcast), ("peft", make_peft)]:
         if part in parts:
             fn(tok)
     print("versions:", json.dumps(VERSIONS))
