@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.weights import WeightsError, check_keys, load_config, read_safetensors, resolve, tensor_index
+from common.weights import WeightsError, load_config, load_mapped, resolve, tensor_index
 
 REPO = Path(__file__).resolve().parent
 
@@ -224,55 +224,3 @@ BERT_MAP |= {"bert." + k: v for k, v in BERT_MAP.items()} | {  # BertForMaskedLM
     "cls_projection_head.dense_to_output.{}": None,
 }
 
-# ----------------------------------------------------------------------------------------------------------
-# Weight loading: safetensors -> our modules through literal key maps ("{}" = one dotted component, None = drop)
-
-
-# Copied from cilmp.py: map_key
-def map_key(key: str, key_map: dict):
-    """Checkpoint key -> (our key or None, transform) via a template map, or False when no template matches."""
-    for src, dst in key_map.items():
-        parts = src.split("{}")
-        if len(parts) == 1:
-            vals = [] if key == src else None
-        else:  # match the literal pieces left to right; each {} takes exactly one dotted component
-            vals, rest = [], key
-            for j, lit in enumerate(parts):
-                if j == 0:
-                    if not rest.startswith(lit):
-                        vals = None
-                        break
-                    rest = rest[len(lit):]
-                    continue
-                cut = rest.find(".") if lit else len(rest)
-                cut = len(rest) if cut < 0 else cut
-                if cut == 0 or not rest[cut:].startswith(lit):
-                    vals = None
-                    break
-                vals.append(rest[:cut])
-                rest = rest[cut + len(lit):]
-            if vals is not None and rest:
-                vals = None
-        if vals is None:
-            continue
-        if dst is None:
-            return None, None
-        name, how = dst if isinstance(dst, tuple) else (dst, None)
-        return name.format(*vals), how
-    return False
-
-
-def load_mapped(model: nn.Module, folder, key_map: dict, dtype=None, drop_missing=()):
-    """Read safetensors lazily, rename through key_map, check every key and shape against `model` (built on the
-    meta device), then load_state_dict(assign=True): no second copy of the weights. Raises WeightsError."""
-    sd, found = {}, {}
-    for k, t in read_safetensors(folder, dtype=dtype).items():
-        m = map_key(k, key_map)
-        if m is False:
-            found[k] = tuple(t.shape)             # unknown: check_keys reports it as unexpected
-        elif m[0] is not None:
-            sd[m[0]] = t
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in drop_missing}
-    check_keys(expected, found | {k: tuple(v.shape) for k, v in sd.items()}, source=str(folder))
-    model.load_state_dict(sd, strict=False, assign=True)
-    return model
