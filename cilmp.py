@@ -56,7 +56,7 @@ from common import metrics as M
 from common import run as R
 from common.data import ClassificationDataset, DataError, make_loader, set_epoch
 from common.transforms import CLIP_MEAN, CLIP_STD, eval_transform, train_transform
-from common.weights import WeightsError, check_keys, load_config, read_safetensors, resolve
+from common.weights import WeightsError, check_keys, load_config, read_safetensors, resolve, tensor_index
 
 REPO = Path(__file__).resolve().parent
 
@@ -88,6 +88,7 @@ class LlamaConfig:
     n_layers: int = 32
     n_heads: int = 32
     n_kv_heads: int = 8           # grouped-query attention: 4 query heads share one key/value head
+    head_dim: int = 128           # usually dim / n_heads; config.json may set another value
     ffn_dim: int = 14336
     vocab_size: int = 128256
     norm_eps: float = 1e-5
@@ -122,7 +123,8 @@ LLM_PRESETS = {  # the four LLMs of the paper's LLM table, plus a random tiny on
     "openbiollm-8b": dict(repo="aaditya/Llama3-OpenBioLLM-8B", chat="llama3"),
     "medllama3-8b": dict(repo="ProbeMedicalYonseiMAILab/medllama3-v20", chat="llama3"),
     "tiny": dict(repo=None, chat="llama3", config=LlamaConfig(dim=64, n_layers=10, n_heads=4, n_kv_heads=2,
-                                                              ffn_dim=176, vocab_size=None, max_seq_len=512)),
+                                                              head_dim=16, ffn_dim=176, vocab_size=None,
+                                                              max_seq_len=512)),
 }
 
 # Class names are the prompts' words: they must match the split file (its third column) and name the cached
@@ -314,7 +316,7 @@ class RMSNorm(nn.Module):
 def rope_frequencies(cfg: LlamaConfig, device=None):
     """Inverse frequencies of the rotary embedding, with the Llama-3.1 style frequency-dependent scaling
     ("rope_type": "llama3") or plain "linear" scaling when config.json asks for it."""
-    hd = cfg.dim // cfg.n_heads
+    hd = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd))
     sc = cfg.rope_scaling or {}
     kind = sc.get("rope_type", sc.get("type", "default"))
@@ -343,7 +345,7 @@ def apply_rope(x, cos, sin):
 class LlamaBlock(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.nh, self.nkv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.dim // cfg.n_heads
+        self.nh, self.nkv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.wq = nn.Linear(cfg.dim, self.nh * self.hd, bias=False)
         self.wk = nn.Linear(cfg.dim, self.nkv * self.hd, bias=False)
@@ -425,7 +427,11 @@ class Llama(nn.Module):
         """Greedy decoding of one prompt (1, T) with a KV cache. Returns the new token ids (list)."""
         T = ids.shape[1]
         p = self.embed.weight
-        shape = (1, self.cfg.n_kv_heads, T + max_new_tokens, self.cfg.dim // self.cfg.n_heads)
+        if self.lm_head is None:
+            raise WeightsError("this Llama checkpoint is a bare LlamaModel (no lm_head.weight): it gives hidden "
+                               "states but cannot generate the class descriptions; use the LlamaForCausalLM "
+                               "checkpoint (e.g. meta-llama/Meta-Llama-3-8B-Instruct)")
+        shape = (1, self.cfg.n_kv_heads, T + max_new_tokens, self.cfg.head_dim)
         cache = [(torch.zeros(shape, dtype=p.dtype, device=p.device), torch.zeros(shape, dtype=p.dtype, device=p.device))
                  for _ in self.layers]
         out, pos, x = [], 0, ids
@@ -700,47 +706,126 @@ def load_state(model: nn.Module, folder: Path, key_map: dict, dtype=None):
     return model
 
 
+# transformers' defaults: config.json files written by transformers 4.x leave out every field equal to them
+HF_CLIP_TEXT = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                    num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+HF_CLIP_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                      num_channels=3, image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+HF_LLAMA = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                vocab_size=32000, rms_norm_eps=1e-6, max_position_embeddings=2048, hidden_act="silu",
+                tie_word_embeddings=False)
+ROPE_KEYS = {"default": set(), "linear": {"factor"},
+             "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}}
+
+
+def refuse(what: str, problems: list):
+    if problems:
+        raise WeightsError(f"{what} sets what this file does not implement (loading it would compute something "
+                           "else): " + "; ".join(problems))
+
+
 def clip_config_from_hf(hf: dict) -> CLIPConfig:
-    v, t = hf["vision_config"], hf["text_config"]
-    for c in (v, t):
-        if c.get("hidden_act", "quick_gelu") != "quick_gelu":
-            raise WeightsError(f"CLIP hidden_act {c['hidden_act']!r}: this file implements OpenAI's quick_gelu only")
+    """HF CLIPModel config.json -> CLIPConfig. Reads the towers from text_config / vision_config (transformers 4.x
+    and 5.x) or the older text_config_dict / vision_config_dict (which win, as in transformers)."""
+    kind = hf.get("model_type", "clip")
+    missing = [f"{tower}_config" for tower in ("vision", "text")
+               if hf.get(f"{tower}_config") is None and hf.get(f"{tower}_config_dict") is None]
+    if kind != "clip" or missing:
+        raise WeightsError(f"config.json (model_type {kind!r}) has no {' / '.join(missing) or 'CLIP towers'}: CILMP "
+                           "needs a full CLIPModel with both towers (e.g. openai/clip-vit-base-patch16), not a "
+                           "CLIPVisionModel / CLIPTextModel or another model family")
+    t = HF_CLIP_TEXT | (hf.get("text_config") or {}) | (hf.get("text_config_dict") or {})
+    v = HF_CLIP_VISION | (hf.get("vision_config") or {}) | (hf.get("vision_config_dict") or {})
+    problems = [f"{tower}.hidden_act {c['hidden_act']!r} (only OpenAI's quick_gelu)"
+                for tower, c in (("text", t), ("vision", v)) if c["hidden_act"] != "quick_gelu"]
+    if v["num_channels"] != 3:
+        problems.append(f"vision num_channels {v['num_channels']} (RGB only)")
+    if t["layer_norm_eps"] != v["layer_norm_eps"]:
+        problems.append(f"different LayerNorm eps per tower ({t['layer_norm_eps']} / {v['layer_norm_eps']})")
+    eos = t.get("eos_token_id", 2)
+    if eos not in (2, t["vocab_size"] - 1):  # 2 = legacy: HF pools at argmax(ids) like OpenAI, as we do
+        problems.append(f"text eos_token_id {eos} is not the last id: we pool at argmax(ids), HF at that token")
+    refuse("this CLIP config.json", problems)
     return CLIPConfig(embed_dim=hf.get("projection_dim", 512), image_size=v["image_size"], patch_size=v["patch_size"],
                       vision_width=v["hidden_size"], vision_layers=v["num_hidden_layers"],
                       vision_heads=v["num_attention_heads"], vision_mlp=v["intermediate_size"],
-                      text_mlp=t["intermediate_size"], context_length=t.get("max_position_embeddings", 77),
-                      vocab_size=t.get("vocab_size", 49408), text_width=t["hidden_size"],
-                      text_layers=t["num_hidden_layers"], text_heads=t["num_attention_heads"],
-                      eps=v.get("layer_norm_eps", 1e-5))
+                      context_length=t["max_position_embeddings"], vocab_size=t["vocab_size"],
+                      text_width=t["hidden_size"], text_layers=t["num_hidden_layers"],
+                      text_heads=t["num_attention_heads"], text_mlp=t["intermediate_size"], eps=v["layer_norm_eps"])
+
+
+def rope_from_hf(hf: dict, problems: list) -> tuple[float, dict | None]:
+    """-> (theta, scaling). transformers 5 writes rope_parameters = {rope_type, rope_theta, factor, ...}; 4.x
+    writes top-level rope_theta and rope_scaling = {type | rope_type, factor, ...} (or null)."""
+    if "rope_parameters" in hf and hf["rope_parameters"] is not None:
+        rope = dict(hf["rope_parameters"])
+        if any(isinstance(x, dict) for x in rope.values()):  # one set per layer type (sliding / full attention)
+            problems.append(f"per-layer-type rope_parameters {sorted(rope)}")
+            return 10000.0, None
+        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    else:
+        theta, rope = hf.get("rope_theta", 10000.0), dict(hf.get("rope_scaling") or {})
+    kind = rope.pop("rope_type", rope.pop("type", "default"))
+    if rope.pop("partial_rotary_factor", 1.0) != 1.0:
+        problems.append("partial_rotary_factor != 1 (rotary on part of each head)")
+    if kind not in ROPE_KEYS:
+        problems.append(f"rope type {kind!r} (implemented: {', '.join(ROPE_KEYS)})")
+    elif set(rope) != ROPE_KEYS[kind]:
+        problems.append(f"rope type {kind!r} with fields {sorted(rope)} (expected {sorted(ROPE_KEYS[kind])})")
+    return float(theta), (rope | {"rope_type": kind}) if kind != "default" else None
 
 
 def llama_config_from_hf(hf: dict) -> LlamaConfig:
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise WeightsError("this Llama checkpoint uses attention/mlp biases, which this file does not implement")
-    return LlamaConfig(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
-                       n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
-                       ffn_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"], norm_eps=hf["rms_norm_eps"],
-                       rope_theta=hf.get("rope_theta", 10000.0), rope_scaling=hf.get("rope_scaling"),
-                       max_seq_len=hf.get("max_position_embeddings", 4096),
-                       tie_embeddings=hf.get("tie_word_embeddings", False))
+    """HF Llama config.json (transformers 4.x or 5.x) -> LlamaConfig, refusing what LlamaBlock does not compute."""
+    hf = HF_LLAMA | hf
+    problems = []
+    if hf.get("model_type", "llama") != "llama":
+        problems.append(f"model_type {hf['model_type']!r} (this file implements Llama)")
+    if hf["hidden_act"] != "silu":
+        problems.append(f"hidden_act {hf['hidden_act']!r} (SwiGLU with silu only)")
+    problems += [f"{k}: true (no biases in Llama's projections here)" for k in ("attention_bias", "mlp_bias") if hf.get(k)]
+    if hf.get("sliding_window") is not None or hf.get("use_sliding_window"):
+        problems.append(f"sliding_window {hf.get('sliding_window')} (full causal attention only)")
+    if any(t != "full_attention" for t in hf.get("layer_types") or []):
+        problems.append(f"layer_types {sorted(set(hf['layer_types']))} (full attention only)")
+    heads = hf["num_attention_heads"]
+    kv = hf.get("num_key_value_heads") or heads
+    if heads % kv:
+        problems.append(f"{heads} attention heads do not split into {kv} key/value groups")
+    theta, scaling = rope_from_hf(hf, problems)
+    refuse("this Llama config.json", problems)
+    # pretraining_tp > 1 only slices the same matmuls in transformers 4.x (no change to the result): ignored
+    return LlamaConfig(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads, n_kv_heads=kv,
+                       head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, ffn_dim=hf["intermediate_size"],
+                       vocab_size=hf["vocab_size"], norm_eps=hf["rms_norm_eps"], rope_theta=theta,
+                       rope_scaling=scaling, max_seq_len=hf["max_position_embeddings"],
+                       tie_embeddings=hf["tie_word_embeddings"])
 
 
 def load_clip(path, dtype=None) -> CLIP:
     """HF CLIPModel folder (config.json + *.safetensors) -> our CLIP, built on the meta device, every key checked."""
     folder = resolve(path)
+    cfg = clip_config_from_hf(load_config(folder))
     with torch.device("meta"):
-        model = CLIP(clip_config_from_hf(load_config(folder)))
+        model = CLIP(cfg)
     return load_state(model, folder, CLIP_MAP, dtype)
 
 
 def load_llama(path, dtype=torch.bfloat16, device="cpu") -> Llama:
-    """HF LlamaForCausalLM folder (sharded or not) -> our Llama in `dtype`, one copy in memory (meta + assign)."""
+    """HF LlamaForCausalLM folder (sharded or not) -> our Llama in `dtype`, one copy in memory (meta + assign).
+    A bare LlamaModel (keys without "model.", no lm_head) loads too: hidden states only, generate() refuses."""
     folder = resolve(path)
     cfg = llama_config_from_hf(load_config(folder))
+    keys = tensor_index(folder)
+    bare = not any(k.startswith("model.") for k in keys)
+    key_map = {k.removeprefix("model."): v for k, v in LLAMA_MAP.items()} if bare else dict(LLAMA_MAP)
+    if cfg.tie_embeddings:  # some exports still write lm_head.weight (a copy of the embedding): drop it
+        key_map["lm_head.weight"] = None
     with torch.device("meta"):
         model = Llama(cfg)
-    # tied embeddings: some exports still write lm_head.weight (a copy of the embedding); drop it
-    load_state(model, folder, LLAMA_MAP | ({"lm_head.weight": None} if cfg.tie_embeddings else {}), dtype)
+    if "lm_head.weight" not in keys and not cfg.tie_embeddings:
+        model.lm_head = None
+    load_state(model, folder, key_map, dtype)
     if model.cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     model.setup_rope("cpu")

@@ -44,7 +44,7 @@ def test_clip_tokenizer_matches_golden_ids():
     assert tok.encode(" ".join(text.split())).ids == ids[:n].tolist()
 
 
-@pytest.mark.parametrize("name", ["llama_tiny", "llama_tiny_mha"])
+@pytest.mark.parametrize("name", ["llama_tiny", "llama_tiny_mha", "llama_tiny_v5"])
 def test_llama_hidden_states_and_greedy_generation_match_hf(name):
     io = load_file(str(G / name / "io.safetensors"))
     llm = cilmp.Llama.from_pretrained(G / name, dtype=torch.float32)
@@ -58,6 +58,117 @@ def test_llama_hidden_states_and_greedy_generation_match_hf(name):
     prompt = io["prompt_ids"]
     new = llm.generate(prompt, max_new_tokens=io["generated_ids"].shape[1] - prompt.shape[1])
     assert new == io["generated_ids"][0, prompt.shape[1]:].tolist()
+
+
+def test_transformers5_llama_config_gives_its_rope_and_head_dim():
+    """llama_tiny_v5 is saved by transformers 5 as is: rope_parameters (theta 500000, llama3 scaling) and
+    head_dim 24 != 64 / 4. Read as the 4.x layout, theta would fall back to 10000."""
+    hf = json.loads((G / "llama_tiny_v5" / "config.json").read_text())
+    assert "rope_parameters" in hf and "rope_theta" not in hf and "rope_scaling" not in hf
+    cfg = cilmp.llama_config_from_hf(hf)
+    assert cfg.rope_theta == 500000.0 and cfg.rope_scaling["rope_type"] == "llama3" and cfg.head_dim == 24
+    io = load_file(str(G / "llama_tiny_v5" / "io.safetensors"))
+    torch.testing.assert_close(cilmp.rope_frequencies(cfg), io["rope_inv_freq"], atol=0, rtol=1e-6)
+
+
+def test_llama_config_reads_the_4x_and_5x_rope_layouts_alike():
+    rope = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    base = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=112, vocab_size=100, rms_norm_eps=1e-5)
+    v4 = cilmp.llama_config_from_hf(base | {"rope_theta": 500000.0, "rope_scaling": rope | {"rope_type": "llama3"}})
+    v4_old = cilmp.llama_config_from_hf(base | {"rope_theta": 500000.0, "rope_scaling": rope | {"type": "llama3"}})
+    v5 = cilmp.llama_config_from_hf(base | {"rope_parameters": rope | {"rope_type": "llama3", "rope_theta": 500000.0}})
+    assert v4 == v4_old == v5 and v5.head_dim == 16
+    plain4 = cilmp.llama_config_from_hf(base | {"rope_theta": 10000.0, "rope_scaling": None})
+    plain5 = cilmp.llama_config_from_hf(base | {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}})
+    assert plain4 == plain5 and plain5.rope_scaling is None
+    # fields equal to transformers' defaults are left out of 4.x files: they come back as those defaults
+    minimal = cilmp.llama_config_from_hf({"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 112})
+    assert (minimal.n_layers, minimal.vocab_size, minimal.norm_eps, minimal.n_kv_heads, minimal.rope_theta) == \
+        (32, 32000, 1e-6, 4, 10000.0)
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}, "rope type 'yarn'"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope type 'dynamic'"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "expected"),   # llama3 without its fields
+    ({"rope_parameters": {"full_attention": {"rope_theta": 1e4}, "sliding_attention": {"rope_theta": 1e4}}},
+     "per-layer-type"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}}, "partial"),
+    ({"sliding_window": 4096}, "sliding_window"),
+    ({"layer_types": ["sliding_attention", "full_attention"]}, "layer_types"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"mlp_bias": True}, "mlp_bias"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"model_type": "mistral"}, "model_type 'mistral'"),
+    ({"num_key_value_heads": 3}, "key/value groups"),
+])
+def test_llama_config_refuses_what_it_does_not_implement(change, words):
+    base = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=112, vocab_size=100, rms_norm_eps=1e-5)
+    cilmp.llama_config_from_hf(base)  # the base itself is fine
+    with pytest.raises(WeightsError, match="does not implement") as e:
+        cilmp.llama_config_from_hf(base | change)
+    assert words in str(e.value)
+
+
+def test_bare_llama_model_gives_hidden_states_and_refuses_to_generate():
+    """A LlamaModel checkpoint (keys without "model.", no lm_head) loads for hidden states only."""
+    io = load_file(str(G / "llama_tiny_v5" / "io.safetensors"))
+    llm = cilmp.Llama.from_pretrained(G / "llama_tiny_v5_bare", dtype=torch.float32)
+    for ours, ref in zip(llm.hidden_states(io["input_ids"]), io["hidden_states"]):
+        scale = ref.abs().max()
+        torch.testing.assert_close(ours / scale, ref / scale, atol=1e-5, rtol=0)
+    with pytest.raises(WeightsError, match="cannot generate the class descriptions"):
+        llm.generate(io["prompt_ids"], 4)
+
+
+def _clip_hf_config():
+    return json.loads((G / "clip_tiny" / "config.json").read_text())
+
+
+def test_clip_config_reads_every_layout(tmp_path):
+    """transformers 5 / 4.x (text_config, vision_config), older 4.x (text_config_dict, vision_config_dict, which
+    win), and 4.x diff-style files that leave out fields equal to transformers' defaults."""
+    hf = _clip_hf_config()
+    ref = cilmp.clip_config_from_hf(hf)
+    old = {k: v for k, v in hf.items() if k not in ("text_config", "vision_config")}
+    old |= {"text_config_dict": hf["text_config"], "vision_config_dict": hf["vision_config"],
+            "text_config": {"hidden_size": 999}, "vision_config": {}}
+    assert cilmp.clip_config_from_hf(old) == ref
+    diff = {k: v for k, v in hf.items() if k not in ("text_config", "vision_config")}
+    diff["text_config"] = {k: v for k, v in hf["text_config"].items() if k not in ("hidden_act", "layer_norm_eps",
+                                                                                    "max_position_embeddings")}
+    diff["vision_config"] = {k: v for k, v in hf["vision_config"].items() if k not in ("hidden_act", "num_channels")}
+    assert cilmp.clip_config_from_hf(diff) == ref
+    vit_b16 = cilmp.clip_config_from_hf({"model_type": "clip", "projection_dim": 512, "text_config": {},
+                                         "vision_config": {"patch_size": 16}})
+    assert vit_b16 == cilmp.CLIPConfig()
+    folder = tmp_path / "clip"  # and the weights load under the old layout
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(old))
+    (folder / "model.safetensors").symlink_to(G / "clip_tiny" / "model.safetensors")
+    io = load_file(str(G / "clip_tiny" / "io.safetensors"))
+    with torch.no_grad():
+        img = cilmp.CLIP.from_pretrained(folder).encode_image(io["pixel_values"])
+    torch.testing.assert_close(img, io["image_features"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda c: c.pop("vision_config"), "has no vision_config"),
+    (lambda c: c.update(model_type="clip_vision_model"), "not a CLIPVisionModel"),
+    (lambda c: c["vision_config"].update(hidden_act="gelu"), "vision.hidden_act 'gelu'"),
+    (lambda c: c["text_config"].update(hidden_act="gelu"), "text.hidden_act 'gelu'"),
+    (lambda c: c["vision_config"].update(num_channels=1), "num_channels 1"),
+    (lambda c: c["vision_config"].update(layer_norm_eps=1e-6), "LayerNorm eps"),
+    (lambda c: c["text_config"].update(eos_token_id=7), "eos_token_id 7"),
+])
+def test_clip_config_refuses_what_it_does_not_implement(change, words):
+    hf = _clip_hf_config()
+    change(hf)
+    with pytest.raises(WeightsError) as e:
+        cilmp.clip_config_from_hf(hf)
+    assert words in str(e.value)
 
 
 def test_llama_sharded_loader_reads_every_shard():

@@ -10,6 +10,11 @@ It writes, deterministically (fixed seeds, no downloads):
   tests/goldens/clip_tiny/             tiny random CLIPModel (HF naming) + io.safetensors
   tests/goldens/llama_tiny/            tiny random Llama-3-style model (GQA, llama3 RoPE scaling, sharded)
   tests/goldens/llama_tiny_mha/        tiny random Llama-2-style model (MHA, plain RoPE, tied embeddings)
+  tests/goldens/llama_tiny_v5/         tiny random Llama-3-style model as transformers 5 saves it (config.json
+                                       `rope_parameters` with rope_theta 500000 and llama3 scaling inside; head_dim
+                                       24 != hidden / heads = 16)
+  tests/goldens/llama_tiny_v5_bare/    the same weights saved as a bare LlamaModel (keys without "model.", no
+                                       lm_head); its hidden states are llama_tiny_v5/io.safetensors'
 
 Our own code never imports transformers; the tests load these folders with safetensors only and compare
 against the tensors in io.safetensors. See tests/goldens/README.md for what each tensor is.
@@ -18,12 +23,14 @@ against the tensors in io.safetensors. See tests/goldens/README.md for what each
 import json
 import random
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
-import torch
-import transformers
-from safetensors.torch import load_file, save_file
+sys.modules["torchvision"] = None  # a torchvision built for another torch breaks `import transformers`; unused here
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -390,8 +397,11 @@ def legacy_rope_config(out: Path) -> None:
     (out / "config.json").write_text(json.dumps(dict(sorted(cfg.items())), indent=2) + "\n")
 
 
-def make_llama_golden(tok_path: Path, out: Path, seed: int, shard: str | None, **cfg) -> None:
-    """Tiny random LlamaForCausalLM -> config.json, (sharded) safetensors, tokenizer.json, io.safetensors."""
+def make_llama_golden(tok_path: Path, out: Path, seed: int, shard: str | None, legacy_rope: bool = True,
+                      bare: Path | None = None, **cfg) -> None:
+    """Tiny random LlamaForCausalLM -> config.json, (sharded) safetensors, tokenizer.json, io.safetensors.
+    legacy_rope: rewrite config.json into transformers 4.x's rope keys (else keep transformers 5's rope_parameters).
+    bare: also save model.model (a LlamaModel: no "model." prefix, no lm_head) into that folder."""
     tok = Tokenizer.from_file(str(tok_path))
     n = tok.get_vocab_size()
     bos, eos = tok.token_to_id("<|begin_of_text|>"), tok.token_to_id("<|end_of_text|>")
@@ -406,7 +416,15 @@ def make_llama_golden(tok_path: Path, out: Path, seed: int, shard: str | None, *
     if out.exists():
         shutil.rmtree(out)
     model.save_pretrained(out, safe_serialization=True, **({"max_shard_size": shard} if shard else {}))
-    legacy_rope_config(out)
+    if legacy_rope:
+        legacy_rope_config(out)
+    else:
+        assert "rope_parameters" in json.loads((out / "config.json").read_text())
+    if bare is not None:
+        if bare.exists():
+            shutil.rmtree(bare)
+        model.model.save_pretrained(bare, safe_serialization=True)
+        assert not any(k.startswith(("model.", "lm_head")) for k in load_file(bare / "model.safetensors"))
     shutil.copy(tok_path, out / "tokenizer.json")
 
     g = torch.Generator().manual_seed(seed + 2)
@@ -435,7 +453,7 @@ def make_llama_golden(tok_path: Path, out: Path, seed: int, shard: str | None, *
     margin = (top2[:, 0] - top2[:, 1]).min().item()
     assert margin > 0.02, f"greedy near-tie ({margin}); pick another seed"
 
-    # the checkpoint we wrote (legacy rope keys) must reload to the same model
+    # the checkpoint we wrote must reload to the same model
     reloaded = transformers.LlamaForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=input_ids).logits, out_lm.logits)
@@ -447,6 +465,10 @@ def make_llama_golden(tok_path: Path, out: Path, seed: int, shard: str | None, *
         "rope_inv_freq": model.model.rotary_emb.inv_freq.float(),
     }
     save_file({k: v.contiguous() for k, v in io.items()}, out / "io.safetensors")
+    if bare is not None:
+        base = transformers.LlamaModel.from_pretrained(bare, attn_implementation="eager").eval()
+        with torch.no_grad():
+            assert torch.equal(torch.stack(base(input_ids=input_ids, output_hidden_states=True).hidden_states), hidden)
     print(f"{out.name}: greedy min top1-top2 logit margin {margin:.4f}")
 
 
@@ -461,7 +483,7 @@ def check_outputs(folders: list[Path]) -> None:
         total += size
         assert size < 2_000_000, (folder, size)
         print(f"{folder.relative_to(ROOT)}: {size / 1e6:.2f} MB, files {sorted(p.name for p in folder.iterdir())}")
-    assert total < 6_000_000, total
+    assert total < 8_000_000, total
 
 
 def main() -> None:
@@ -484,8 +506,16 @@ def main() -> None:
                       hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                       intermediate_size=112, tie_word_embeddings=True,
                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    make_llama_golden(llama_path, GOLD_DIR / "llama_tiny_v5", seed=300, shard=None, legacy_rope=False,
+                      bare=GOLD_DIR / "llama_tiny_v5_bare",
+                      hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                      intermediate_size=112, tie_word_embeddings=False,
+                      rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 64})
     assert len(list((GOLD_DIR / "llama_tiny").glob("model-*.safetensors"))) >= 2, "llama_tiny must be sharded"
-    check_outputs([GOLD_DIR / "clip_tiny", GOLD_DIR / "llama_tiny", GOLD_DIR / "llama_tiny_mha"])
+    check_outputs([GOLD_DIR / n for n in ("clip_tiny", "llama_tiny", "llama_tiny_mha", "llama_tiny_v5",
+                                          "llama_tiny_v5_bare")])
     print(f"transformers {transformers.__version__}, torch {torch.__version__}; "
           f"clip vocab {CLIP_VOCAB_SIZE}, llama vocab {LLAMA_BPE_SIZE + len(LLAMA_SPECIALS)}")
 
