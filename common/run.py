@@ -94,6 +94,7 @@ def add_common_args(p: argparse.ArgumentParser, *, datasets, data="demo", epochs
     p.add_argument("--eval-only", action="store_true", help="evaluate the weights of --resume RUN_DIR, no training")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow first step)")
     p.add_argument("--bench", action="store_true", help="time training steps at the paper's size with random weights")
+    p.add_argument("--bench-steps", type=int, default=3, help="timed steps per --bench measurement (median reported)")
     p.add_argument("--num-workers", type=int, default=-1, help="DataLoader workers; -1 = 8 on CUDA, 0 on CPU")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch; 0 = torch's default")
     p.add_argument("--log-every", type=int, default=10, help="write the loss to metrics.jsonl every N steps")
@@ -130,6 +131,7 @@ def finish_common_args(p: argparse.ArgumentParser, args):
     for flag, ok, want in (("batch_size", args.batch_size >= 1, "at least 1"), ("lr", args.lr > 0, "above 0"),
                            ("epochs", args.epochs >= 1, "at least 1"), ("steps", args.steps >= 0, "0 or more"),
                            ("num_workers", args.num_workers >= -1, "-1 (auto) or more"),
+                           ("bench_steps", args.bench_steps >= 1, "at least 1"),
                            ("threads", args.threads >= 0, "0 (torch's default) or more")):
         if not ok:
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be {want}")
@@ -155,7 +157,7 @@ def finish_common_args(p: argparse.ArgumentParser, args):
 
 # flags that say how to run, not what is trained: a resumed run always takes today's values
 RUNTIME_FLAGS = {"device", "precision", "num_workers", "threads", "compile", "print_every", "log_every",
-                 "eval_batch_size", "resume", "eval_only", "bench", "out"}
+                 "eval_batch_size", "resume", "eval_only", "bench", "bench_steps", "out"}
 
 
 def _as_json(v):
