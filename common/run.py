@@ -688,11 +688,15 @@ class Checkpoints:
             skipped.append((folder, problem))
         return None, skipped
 
-    def load(self, *, optimizer=None, scheduler=None, scaler=None, log=print) -> Checkpoint | None:
+    def load(self, *, optimizer=None, scheduler=None, scaler=None, log=print, resuming=False) -> Checkpoint | None:
         """The newest intact checkpoint, with optimizer / scheduler / scaler state and this rank's RNG restored in
-        place; None when the folder holds no checkpoint at all. Damaged ones are skipped with a warning naming
-        them; if none is intact that is a RunError (resuming from scratch would silently lose the run)."""
+        place; None when the folder holds no checkpoint at all (with resuming=True that is said: the run
+        stopped before its first checkpoint and starts again from step 0). Damaged ones are skipped with a
+        warning naming them; if none is intact that is a RunError (starting over would silently lose the run)."""
         folder, skipped = self.newest_intact()
+        if folder is None and not skipped and resuming and self.world.is_main:
+            log(f"note: no checkpoint in {self.folder} yet (the run stopped before its first one): "
+                "training starts from step 0 in the same folder")
         for bad, problem in skipped:
             if self.world.is_main:
                 log(f"warning: skipping checkpoint {bad}: {problem}" +

@@ -46,7 +46,9 @@ def test_checkpoint_round_trip_keeps_the_newest_two_and_a_manifest(tmp_path):
     assert ck.step == 9 and ck.extra == {"epoch": 3} and torch.equal(ck.tensors["w"], torch.full((2, 3), 9.0))
     a, b = opt.state_dict()["state"][0]["exp_avg"], opt2.state_dict()["state"][0]["exp_avg"]
     assert torch.equal(a, b)
-    assert R.Checkpoints(tmp_path / "nothing").load() is None
+    said = []
+    assert R.Checkpoints(tmp_path / "nothing").load(log=said.append, resuming=True) is None
+    assert "no checkpoint" in said[0] and "step 0" in said[0]
 
 
 def test_a_half_written_checkpoint_is_never_picked_up_and_leaves_no_folder(tmp_path, monkeypatch):
@@ -331,3 +333,17 @@ def test_bench_row_has_the_same_columns_everywhere():
          "peak_mem_mb": 100.0}
     row = R.bench_row("thing", "bf16", 8, r)
     assert "step      12.5 ms" in row and "80.00 img/s" in row and "MFU  25.0%" in row and "peak mem 100 MB" in row
+
+
+def test_ci_gpu_reads_the_rows_bench_row_prints():
+    import importlib.machinery
+    import importlib.util
+    from pathlib import Path
+    loader = importlib.machinery.SourceFileLoader("ci_gpu", str(Path(__file__).parent.parent / ".ci" / "gpu"))
+    gpu = importlib.util.module_from_spec(importlib.util.spec_from_loader("ci_gpu", loader))
+    loader.exec_module(gpu)
+    r = {"step_ms": 812.25, "items_per_s": 9.85, "tflops": 1.5, "mfu": 0.4321, "matmul_peak_tflops": 700.0,
+         "peak_mem_mb": 20480.0}
+    m = gpu.ROW.match(R.bench_row("CLIP ViT-B/16 vision + deep VPT", "fp16", 64, r, unit="vol"))
+    assert m and (m["what"].strip(), m["prec"], m["batch"], m["ms"], m["unit"], m["mfu"], m["mem"]) == (
+        "CLIP ViT-B/16 vision + deep VPT", "fp16", "64", "812.2", "vol", "43.2", "20480")
