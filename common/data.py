@@ -10,6 +10,9 @@ Three on-disk formats (examples in data/README.md, "On-disk formats"):
      -> ImageReportDataset
   3. CheXpert-style multi-label CSV: a Path column plus one column per finding holding 1 / 0 / -1 / blank
      -> MultiLabelDataset, caption_from_labels()
+  4. segmentation split JSON: {"train": [[image_relpath, mask_relpath], ...], "val": [...], "test": [...]},
+     masks are single-channel PNGs of the image's size, 0 = background, 255 (or 1) = foreground
+     -> read_seg_split(), SegmentationDataset, JointResize
 
 Relative image paths are resolved against `root`; with root=None, against the folder of the split/CSV file.
 Every problem with the user's files raises DataError with a message naming the file and what is wrong.
@@ -202,6 +205,124 @@ class ClassificationDataset(Dataset):
     def __getitem__(self, i):
         relpath, label, _ = self.items[i]
         return self.transform(load_image(self.root / relpath)), label
+
+
+# -----------------------------------------------------------------------------
+# 4. segmentation split JSON
+
+
+def read_seg_split(path):
+    """
+    Read a segmentation split JSON -> {"train": [(image_relpath, mask_relpath)], "val": [...], "test": [...]}.
+    A missing key becomes an empty list; every entry must be a pair of non-empty strings.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"segmentation split file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a UTF-8 text file") from None
+    if not isinstance(raw, dict) or any(k not in SPLIT_NAMES for k in raw):
+        raise DataError(f"{path}: expected a JSON object with keys among {list(SPLIT_NAMES)}")
+    split = {}
+    for name in SPLIT_NAMES:
+        entries = raw.get(name, [])
+        if not isinstance(entries, list):
+            raise DataError(f"{path}: \"{name}\" must be a list of [image_relpath, mask_relpath]")
+        for i, e in enumerate(entries):
+            if not (isinstance(e, (list, tuple)) and len(e) == 2 and all(isinstance(s, str) and s for s in e)):
+                raise DataError(f"{path}: {name}[{i}] = {json.dumps(e)[:200]} is not [image_relpath, mask_relpath] "
+                                "(two non-empty strings)")
+        split[name] = [(e[0], e[1]) for e in entries]
+    if not any(split.values()):
+        raise DataError(f"{path}: all splits are empty")
+    return split
+
+
+def load_mask(path):
+    """
+    A mask file as a grayscale PIL image holding only 0 and 255 (mode L). Foreground is any value >= 128, or,
+    for a mask coded 0/1 (max value 1), the value 1. Colour masks are converted to grayscale first.
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise DataError(f"mask not found: {path}")
+    try:
+        with Image.open(path) as m:
+            a = np.asarray(m.convert("L") if m.mode not in ("L", "1", "I;16", "I") else m)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"cannot read mask {path}: {e}") from None
+    fg = a >= (1 if a.max() == 1 else 128)
+    return Image.fromarray(np.where(fg, 255, 0).astype(np.uint8), "L")
+
+
+def _pair_to_tensors(image, mask):
+    """(PIL image, PIL mask) -> (image (C, H, W) float in [0, 1], mask (1, H, W) float in {0, 1})."""
+    return ToTensor()(image), torch.from_numpy(np.asarray(mask) >= 128).float()[None]
+
+
+class JointResize:
+    """
+    A joint transform for SegmentationDataset: image and mask resized to the same (h, w) (image bicubic, mask
+    nearest, so the mask stays 0/1), then both turned into tensors. size: int (square) or (h, w).
+    """
+
+    def __init__(self, size):
+        self.size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+    def __call__(self, image, mask):
+        h, w = self.size
+        return _pair_to_tensors(image.resize((w, h), Image.BICUBIC), mask.resize((w, h), Image.NEAREST))
+
+
+class SegmentationDataset(Dataset):
+    """
+    One split of a segmentation split JSON. Item: (image (C, H, W) float, mask (1, H, W) float in {0, 1}).
+
+    joint_transform(image_pil, mask_pil) -> (image_tensor, mask_tensor) applies the same geometry (resize,
+    crop, flip) to both; the default turns both into tensors unchanged (JointResize(size) resizes both).
+    transform, if given, is image-only and photometric: it gets the image tensor from the joint step (e.g.
+    Normalize) and must keep its size. A missing mask, or a mask whose size differs from its image's, is a
+    DataError naming the file. Attributes: items [(image_relpath, mask_relpath)], root.
+    """
+
+    def __init__(self, root, split_file, split="train", transform=None, joint_transform=None):
+        self.split_file = _find_file(split_file, root, "segmentation split file")
+        if split not in SPLIT_NAMES:
+            raise DataError(f"{self.split_file}: unknown split {split!r}; choose one of {list(SPLIT_NAMES)}")
+        self.items = read_seg_split(self.split_file)[split]
+        if not self.items:
+            raise DataError(f"{self.split_file}: split {split!r} is empty")
+        self.split = split
+        self.root = _image_base(root, self.split_file)
+        self.transform = transform
+        self.joint_transform = joint_transform if joint_transform is not None else _pair_to_tensors
+        _check_first_image(self.root, self.items[0][0], self.split_file)
+        if not (self.root / self.items[0][1]).is_file():
+            raise DataError(f"{self.split_file}: first mask not found at {self.root / self.items[0][1]} "
+                            f"(relative paths are resolved against {self.root}; is root right?)")
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        image_rel, mask_rel = self.items[i]
+        image = load_image(self.root / image_rel)
+        mask_path = self.root / mask_rel
+        if not mask_path.is_file():
+            raise DataError(f"{self.split_file}: mask not found: {mask_path} (for image {image_rel})")
+        mask = load_mask(mask_path)
+        if mask.size != image.size:
+            raise DataError(f"mask {mask_path} is {mask.size[0]}x{mask.size[1]} but its image {self.root / image_rel} "
+                            f"is {image.size[0]}x{image.size[1]} (width x height); a mask must match its image")
+        image, mask = self.joint_transform(image, mask)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, mask
 
 
 # -----------------------------------------------------------------------------

@@ -15,8 +15,12 @@ It is a real learning problem stored in exactly the on-disk formats of the real 
     images/000123_aux.png             a second view of the same lesion (rotated, flipped, zoomed, relit)
     images/000123_prior.png           the same lesion at an earlier visit (smaller, more regular)
     images/000123_prior_aux.png       the second view of that earlier visit
+    masks/000123.png                  the lesion mask of images/000123.png: uint8 grayscale (mode L), 255 inside
+                                      the drawn lesion outline, 0 outside, same size as the image
     split_demo.json                   classification split {"train"|"val"|"test": [[relpath, label, classname]]},
                                       100 / 20 / 40 images per class at scale 1
+    split_seg_demo.json               segmentation split {"train"|"val"|"test": [[image_relpath, mask_relpath]]},
+                                      the same patients per split, in the same order, as split_demo.json
     classes.json                      class names and a few describing sentences per class
     reports_{train,val,test}.csv      image-report CSV: image_path, report, auxview_image_path, last_image_path,
                                       last_auxview_image_path ("-1" = missing: ~20% of second views, ~30% of
@@ -56,7 +60,7 @@ from PIL import Image
 
 from common.ct import write_nifti
 
-VERSION = 1
+VERSION = 2  # 2: lesion masks + split_seg_demo.json
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ROOT = "data/demo"
 SIZE = 112                    # image side in pixels
@@ -186,11 +190,13 @@ def lesion_outline(lesion):
     return (lesion["radius"] * ellipse * (1 + 0.13 * lesion["border"] * wobble)).astype(np.float32)
 
 
-def render(lesion, rng, skin, zoom=1.0):
+def render(lesion, rng, skin, zoom=1.0, with_mask=False):
     """
     One photograph of `lesion` on `skin` ((SIZE, SIZE, 3) float32): random position, rotation, flip and
     lighting, so two calls give two views of the same lesion. zoom > 1 is a closer view.
-    Returns uint8 (SIZE, SIZE, 3).
+    Returns uint8 (SIZE, SIZE, 3); with_mask=True also the lesion mask, uint8 (SIZE, SIZE) 0/255: the pixels
+    inside the outline, where the soft edge is at least half the lesion's opacity (the mask draws no random
+    numbers, so the photograph is the same either way).
     """
     f32 = np.float32
     cx, cy = rng.uniform(SIZE * 0.4, SIZE * 0.6, 2)
@@ -225,7 +231,10 @@ def render(lesion, rng, skin, zoom=1.0):
     a = alpha[..., None]
     img = (skin * (1 - a) + pigment * a) * light[..., None]
     img += rng.standard_normal(img.shape, dtype=np.float32) * f32(5)           # sensor noise
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    if with_mask:
+        return img, np.where(rho < outline, 255, 0).astype(np.uint8)
+    return img
 
 
 def sample_skin(rng):
@@ -238,7 +247,7 @@ def sample_skin(rng):
 
 def save_png(path, img):
     """PNG with no metadata (PIL adds no timestamp unless asked), so the bytes depend only on the pixels."""
-    Image.fromarray(img, "RGB").save(path, format="PNG", compress_level=1)
+    Image.fromarray(img, "RGB" if img.ndim == 3 else "L").save(path, format="PNG", compress_level=1)
 
 # -----------------------------------------------------------------------------
 # what a reader would say: multi-label findings and a report, both from the drawn features
@@ -303,6 +312,13 @@ def _write_csv(path, header, rows):
         w.writerows(rows)
 
 
+def _write_split(path, split):
+    """A split JSON with one entry per line: readable and diff-able."""
+    with open(path, "w") as f:
+        f.write("{\n" + ",\n".join(f' "{s}": [\n  ' + ",\n  ".join(json.dumps(e) for e in split[s]) + "\n ]"
+                                   for s in split) + "\n}\n")
+
+
 def _counts(per_split, scale, minimum):
     return {k: max(minimum, int(round(n * scale))) for k, n in per_split.items()}
 
@@ -311,10 +327,12 @@ def build_images(root, seed, scale):
     """All 2D files. Returns the per-split image counts."""
     counts = _counts(PER_CLASS, scale, 2)
     (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
     # patient ids are shuffled so classes and splits are interleaved on disk
     items = [(c, s) for c in range(len(CLASSNAMES)) for s in counts for _ in range(counts[s])]
     order = np.random.default_rng([seed, 0]).permutation(len(items))
     split = {s: [] for s in counts}
+    seg = {s: [] for s in counts}
     reports = {s: [] for s in counts}
     findings = {s: [] for s in counts}
     for pid, j in enumerate(order):
@@ -323,7 +341,9 @@ def build_images(root, seed, scale):
         rng = np.random.default_rng([seed, 1, pid])  # one stream per patient: independent of the build order
         lesion, skin = sample_lesion(rng, classname), sample_skin(rng)
         stem = f"images/{pid:06d}"
-        save_png(root / f"{stem}.png", render(lesion, rng, skin))
+        image, mask = render(lesion, rng, skin, with_mask=True)
+        save_png(root / f"{stem}.png", image)
+        save_png(root / f"masks/{pid:06d}.png", mask)
         aux = last = last_aux = "-1"
         if rng.random() < 0.8:
             aux = f"{stem}_aux.png"
@@ -338,12 +358,12 @@ def build_images(root, seed, scale):
                 save_png(root / last_aux, render(prior, rng, skin, zoom=float(rng.uniform(1.1, 1.4))))
         values = finding_values(lesion, rng)
         split[s].append([f"{stem}.png", label, classname])
+        seg[s].append([f"{stem}.png", f"masks/{pid:06d}.png"])
         reports[s].append([f"{stem}.png", lesion_report(lesion, values, classname, prior, rng), aux, last, last_aux])
         findings[s].append([f"{stem}.png", *values])
 
-    with open(root / "split_demo.json", "w") as f:  # one entry per line: readable and diff-able
-        f.write("{\n" + ",\n".join(f' "{s}": [\n  ' + ",\n  ".join(json.dumps(e) for e in split[s]) + "\n ]"
-                                   for s in split) + "\n}\n")
+    _write_split(root / "split_demo.json", split)
+    _write_split(root / "split_seg_demo.json", seg)
     with open(root / "classes.json", "w") as f:
         json.dump({"classnames": CLASSNAMES, "descriptions": CLASS_DESCRIPTIONS, "findings": FINDINGS}, f, indent=1)
     report_cols = ["image_path", "report", "auxview_image_path", "last_image_path", "last_auxview_image_path"]

@@ -14,8 +14,8 @@ from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
 from common.data import (CHEXPERT_FINDINGS, _seed_worker, ClassificationDataset, DataError, ImageReportDataset, MultiLabelDataset,
-                         caption_from_labels, classnames_from_split, load_image, make_loader, read_split, set_epoch,
-                         val_split_name)
+                         JointResize, SegmentationDataset, caption_from_labels, classnames_from_split, load_image,
+                         make_loader, read_seg_split, read_split, set_epoch, val_split_name)
 from common.transforms import eval_transform
 
 
@@ -402,3 +402,83 @@ def test_make_loader_distributed_sampler(tmp_path):
         dist.destroy_process_group()
     assert not dist.is_initialized()
     set_epoch(make_loader(RandomDraws(), 2, shuffle=True), 5)  # no set_epoch on RandomSampler: a no-op
+
+
+# -----------------------------------------------------------------------------
+# 4. segmentation split JSON
+
+
+def write_mask(path, a):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a.astype(np.uint8), "L").save(path)
+    return a
+
+
+@pytest.fixture
+def seg_dir(tmp_path):
+    """Two 6x4 images with masks: a 0/255 mask (a 2x3 block) and a 0/1-coded one (one pixel)."""
+    write_png(tmp_path / "img" / "a.png", 10)
+    write_png(tmp_path / "img" / "b.png", 20)
+    m_a = np.zeros((4, 6), np.uint8)
+    m_a[1:3, 2:5] = 255
+    m_b = np.zeros((4, 6), np.uint8)
+    m_b[3, 0] = 1
+    write_mask(tmp_path / "masks" / "a.png", m_a)
+    write_mask(tmp_path / "masks" / "b.png", m_b)
+    write_split(tmp_path / "seg.json", {"train": [["img/a.png", "masks/a.png"], ["img/b.png", "masks/b.png"]],
+                                        "test": [["img/b.png", "masks/b.png"]]})
+    return tmp_path, m_a, m_b
+
+
+def test_segmentation_dataset_items(seg_dir):
+    root, m_a, m_b = seg_dir
+    ds = SegmentationDataset(root, "seg.json", "train")
+    assert len(ds) == 2 and ds.items[1] == ("img/b.png", "masks/b.png")
+    image, mask = ds[0]
+    assert image.shape == (3, 4, 6) and image.dtype == torch.float32 and mask.shape == (1, 4, 6)
+    assert torch.equal(image, as_chw(write_png(root / "x.png", 10)))
+    assert mask.dtype == torch.float32 and set(mask.unique().tolist()) == {0.0, 1.0}
+    assert mask[0].nonzero().tolist() == [[1, 2], [1, 3], [1, 4], [2, 2], [2, 3], [2, 4]]
+    assert ds[1][1][0].nonzero().tolist() == [[3, 0]]  # a 0/1-coded mask: 1 is foreground
+    assert read_seg_split(root / "seg.json")["val"] == []
+
+
+def test_segmentation_joint_transform_and_image_transform(seg_dir):
+    root, _, _ = seg_dir
+    seen = []
+
+    def joint(image, mask):  # the same geometry for both: a horizontal flip, then tensors
+        seen.append((image.size, mask.size, mask.mode))
+        flip = Image.Transpose.FLIP_LEFT_RIGHT
+        return as_chw(np.asarray(image.transpose(flip))), torch.from_numpy(np.asarray(mask.transpose(flip)) > 0)[None].float()
+
+    ds = SegmentationDataset(root, "seg.json", "train", joint_transform=joint, transform=lambda x: x * 2 - 1)
+    image, mask = ds[0]
+    assert seen == [((6, 4), (6, 4), "L")]
+    assert mask[0].nonzero().tolist() == [[1, 1], [1, 2], [1, 3], [2, 1], [2, 2], [2, 3]]  # columns 2..4 -> 1..3
+    flipped = as_chw(np.asarray(Image.open(root / "img" / "a.png")))[:, :, [5, 4, 3, 2, 1, 0]]
+    assert torch.allclose(image, flipped * 2 - 1)  # transform saw the joint step's (flipped) image tensor
+    # JointResize: bicubic image, nearest mask, so the mask stays exactly 0/1
+    big = SegmentationDataset(root, "seg.json", "train", joint_transform=JointResize((8, 12)))
+    image, mask = big[0]
+    assert image.shape == (3, 8, 12) and mask.shape == (1, 8, 12)
+    assert set(mask.unique().tolist()) == {0.0, 1.0} and mask.sum().item() == 4 * 6  # the 2x3 block, doubled
+
+
+def test_segmentation_dataset_errors(seg_dir):
+    root, _, _ = seg_dir
+    (root / "masks" / "b.png").unlink()
+    ds = SegmentationDataset(root, "seg.json", "train")
+    assert_data_error(lambda: ds[1], "mask not found", "masks/b.png", "img/b.png")
+    write_mask(root / "masks" / "b.png", np.zeros((5, 6)))
+    assert_data_error(lambda: ds[1], "masks/b.png", "is 6x5", "is 6x4", "must match")
+    (root / "masks" / "a.png").unlink()
+    assert_data_error(lambda: SegmentationDataset(root, "seg.json", "train"), "first mask not found", "masks/a.png")
+    (root / "masks" / "a.png").write_bytes(b"not a png")
+    assert_data_error(lambda: SegmentationDataset(root, "seg.json", "train")[0], "cannot read mask", "masks/a.png")
+    assert_data_error(lambda: SegmentationDataset(root, "seg.json", "val"), "split 'val' is empty")
+    write_split(root / "bad.json", {"train": [["img/a.png", 0, "x"]]})
+    assert_data_error(lambda: SegmentationDataset(root, "bad.json"), "train[0]", "[image_relpath, mask_relpath]")
+    write_split(root / "bad.json", {"training": []})
+    assert_data_error(lambda: read_seg_split(root / "bad.json"), "keys among")
+    assert_data_error(lambda: SegmentationDataset(root, "nope.json"), "segmentation split file not found")
