@@ -98,3 +98,56 @@ def test_bert_blocks_can_be_replaced_after_construction():
     out, _ = model(ids)
     assert torch.allclose(out, 2 * ref, atol=1e-6)
     assert "encoder.layer.1.output.inner.dense.weight" in model.state_dict()
+
+# ----------------------------------------------------------------------------------------------------------
+# CTViT and CT-CLIP vs CT-CLIP's own code (commit a2a155c6, tiny sizes, fp32, eval; t = 6 != h = w = 4)
+
+
+def tiny_ctclip():
+    c = json.loads((GOLD / "ctclip_tiny" / "config.json").read_text())
+    vcfg = mc.CTViTConfig(dim=c["dim"], image_size=c["image_size"], frames=c["frames"], patch_size=c["patch_size"],
+                          temporal_patch_size=c["temporal_patch_size"], spatial_depth=c["spatial_depth"],
+                          temporal_depth=c["temporal_depth"], heads=c["heads"], dim_head=c["dim_head"],
+                          codebook_size=c["codebook_size"])
+    tcfg = mc.bert_config_from_hf(json.loads((GOLD / "medct_bert" / "config.json").read_text()))
+    return mc.CTCLIP.from_pretrained(GOLD / "ctclip_tiny" / "model.safetensors", vcfg, tcfg, c["dim_latent"]).eval()
+
+
+def test_ctvit_blocks_match_official():
+    model, g = tiny_ctclip(), io("ctclip_tiny")
+    vit = model.visual
+    outs = []
+    hooks = [layer.register_forward_hook(lambda m, i, o: outs.append(o)) for layer in [*vit.spatial, *vit.temporal]]
+    with torch.no_grad():
+        assert max_diff(vit.patch_embed(g["video"]), g["patch_emb"]) < TOL
+        assert max_diff(vit.rel_pos_bias(4, 4), g["rel_pos_bias"]) < TOL
+        encoded = vit.encode(g["patch_emb"])
+    for i, out in enumerate(outs[:2]):
+        assert max_diff(out, g[f"spatial_layer_{i}"]) < TOL, f"spatial layer {i}"
+    for i, out in enumerate(outs[2:]):
+        assert max_diff(out, g[f"temporal_layer_{i}"]) < TOL, f"temporal layer {i}"   # PEG axis quirk included
+    assert max_diff(encoded, g["encoded"]) < TOL
+    for h in hooks:
+        h.remove()
+
+
+def test_vq_lookup_and_latents_match_official():
+    model, g = tiny_ctclip(), io("ctclip_tiny")
+    with torch.no_grad():
+        q, ids = model.visual.vq(model.visual.encode(g["patch_emb"]))
+        assert torch.equal(ids.reshape(2, -1), g["vq_ids"].reshape(2, -1))
+        assert max_diff(q, g["vq_tokens"]) < TOL              # the stored (not re-normalised) codebook row
+        assert max_diff(model.encode_volume(g["video"]), g["image_latents"]) < TOL
+        assert max_diff(model.encode_text(g["text_ids"], g["text_mask"]), g["text_latents"]) < TOL
+
+
+def test_vq_never_changes_its_codebook_and_passes_gradients_straight_through():
+    model = tiny_ctclip().train()
+    before = model.visual.vq.embed.clone()
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    q, _ = model.visual.vq(x)
+    q.sum().backward()
+    assert torch.equal(model.visual.vq.embed, before)        # no EMA update in train mode (the official footgun)
+    assert torch.allclose(x.grad, torch.ones_like(x))         # straight-through: d q / d x = identity
+    with torch.no_grad():
+        assert torch.allclose(model.visual.vq(x)[0], model.eval().visual.vq(x)[0], atol=1e-6)
