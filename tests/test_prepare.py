@@ -475,7 +475,7 @@ def test_cleft_reads_the_files_written_here():
     # write (train.csv, valid.csv, split_chexpert5x200.json; split_rsna.json; see the two tests around this one)
     import cleft
     d = cleft.DATASETS["chexpert"]
-    assert (d["dir"], *d["pairs"], d["split"], *d["five"]) == (
+    assert (d["dir"], *d["pairs"], d["split"], *d["class_csvs"]) == (
         "chexpert", "train.csv", "valid.csv", "split_chexpert5x200.json", "train.csv", "valid.csv")
     assert (cleft.DATASETS["rsna"]["dir"], cleft.DATASETS["rsna"]["split"]) == ("rsna", "split_rsna.json")
 

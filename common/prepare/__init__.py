@@ -32,7 +32,9 @@ Guarantees, because a half-written dataset is worse than none:
 import argparse
 import importlib
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from common.data import DataError
@@ -81,25 +83,49 @@ def default_out(name):
     return REPO_ROOT / "data" / name
 
 
-def run(name, src, out=None, *, seed=0, copy=False, max_side=None, force=False):
-    """Convert unless data/NAME is already prepared (then return its prepare.json); --force rebuilds."""
+def made_by_prepare(out):
+    """The prepare.json of a folder this module wrote, or None (no folder, a file, a user's folder)."""
+    marker = Path(out) / "prepare.json"
+    if Path(out).is_symlink() or not Path(out).is_dir() or not marker.is_file():
+        return None
+    try:
+        record = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and {"dataset", "project_version"} <= set(record) else None
+
+
+def run(name, src, out=None, *, seed=0, copy=False, max_side=None, force=False, verify=True):
+    """Convert unless data/NAME is already prepared (then return its prepare.json); --force rebuilds a folder
+    that prepare made (its prepare.json marks it) and refuses anything else."""
     convert = converter(name)
     src = Path(src).expanduser()
     if not src.exists():
         raise DataError(f"{name}: source {src} does not exist")
     out = Path(out).expanduser() if out else default_out(name)
-    if out.exists() and not force:
-        if (out / "prepare.json").is_file():
+    if out.exists() or out.is_symlink():
+        record = made_by_prepare(out)
+        if record is None:
+            what = "a file" if out.is_file() else "a symlink" if out.is_symlink() else "a folder prepare did not make"
+            raise DataError(f"--out {out} exists and is {what} (no prepare.json from common.prepare); it is never "
+                            f"replaced, even with --force: remove it yourself or choose another --out")
+        if record["dataset"] != name:
+            raise DataError(f"--out {out} holds the prepared dataset {record['dataset']!r}, not {name!r}; "
+                            f"choose another --out (or remove it yourself)")
+        if not force:
             print(f"{out} is already prepared (prepare.json); --force rebuilds it")
-            return json.loads((out / "prepare.json").read_text())
-        raise DataError(f"{out} exists but has no prepare.json (not ours, or an old layout); "
-                        f"remove it or pass --force")
+            return record
     s, o = src.resolve(), out.resolve()
     if o == s or s in o.parents:
         raise DataError(f"--out {out} is inside --src {src}: the source is never modified; choose another --out")
     if o in s.parents:
         raise DataError(f"--src {src} is inside --out {out}, which a rebuild replaces; move the download first")
-    return convert(src, out, seed=seed, copy=copy, max_side=max_side)
+    return convert(src, out, seed=seed, copy=copy, max_side=max_side, verify=verify)
+
+
+def _terminate(signum, frame):
+    print("terminated: nothing was published", file=sys.stderr)
+    raise SystemExit(128 + signum)
 
 
 def main(argv=None):
@@ -110,7 +136,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="seed for the splits the papers do not fix")
     ap.add_argument("--copy", action="store_true", help="copy the images instead of symlinking the source")
     ap.add_argument("--max-side", type=int, default=None, help="copy images shrunk so the longer side is <= N")
-    ap.add_argument("--force", action="store_true", help="rebuild an existing output folder")
+    ap.add_argument("--force", action="store_true", help="rebuild an output folder that prepare made")
+    ap.add_argument("--no-verify", action="store_true", help="skip checking that every image decodes")
     ap.add_argument("--list", action="store_true", help="list the datasets")
     args = ap.parse_args(argv)
     if args.list or not args.name:
@@ -119,16 +146,24 @@ def main(argv=None):
         return 0
     if not args.src:
         ap.error("--src is required")
+    # SIGTERM (a cluster job's time limit, `kill`) becomes SystemExit, so the hidden partial folder is removed
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal() works only there
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         summary = run(args.name, args.src, args.out, seed=args.seed, copy=args.copy, max_side=args.max_side,
-                      force=args.force)
+                      force=args.force, verify=not args.no_verify)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     print("\n".join(counts_table(summary)))
     for k, v in summary.get("skipped", {}).items():
         if v:
             print(f"skipped ({k}): {v}")
     for note in summary.get("notes", []):
         print(f"note: {note}")
+    for warning in summary.get("warnings", []):
+        print(f"warning: {warning}")
     return 0

@@ -38,7 +38,8 @@ def prepare_chexpert(src, out, *, seed=0, **opts):
     if not (root / "train.csv").is_file() or not (root / "valid.csv").is_file():
         raise DataError(f"chexpert: expected train.csv and valid.csv (and train/, valid/) in {root}")
     header = ["Path"] + CHEXPERT_META + CHEXPERT_FINDINGS
-    tables = {s: read_csv(root / f"{s}.csv", header) for s in ("train", "valid")}
+    warnings = []
+    tables = {s: read_csv(root / f"{s}.csv", header, unique=["Path"], warnings=warnings) for s in ("train", "valid")}
 
     def source_path(p):
         # CheXpert's Path starts with the dataset folder ("CheXpert-v1.0-small/train/..."): re-root it at --src
@@ -65,7 +66,7 @@ def prepare_chexpert(src, out, *, seed=0, **opts):
                               "chexpert_5x200": {c: n for c in names}},
                    "notes": ["chexpert_5x200 = GLoRIA's rule (frontal, the finding is the only positive among the "
                              f"13 non-'No Finding' columns, blank = 0), 200 per class, seed {seed}; removed from "
-                             "train.csv", "valid.csv = the official 234-image validation set"]}
+                             "train.csv", "valid.csv = the official 234-image validation set"], "warnings": warnings}
         finish(o, name, summary, PAPER_COUNTS.get(name))
     return summary
 

@@ -42,6 +42,7 @@ def prepare_isic(src, out, **opts):
     """ISIC 2018 Task 3: official training images + one-hot CSV; official test set as test (validation as val)."""
     name, names = "isic", CLASSNAMES["isic"]
     cols = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]  # same order as the class names
+    warnings = []
 
     def read_part(part, required=True):
         folder = src / f"ISIC2018_Task3_{part}_Input"
@@ -50,11 +51,16 @@ def prepare_isic(src, out, **opts):
         gt = next((g for g in gt if g.is_file()), None)
         if not folder.is_dir() or gt is None:
             if not required:
+                if folder.is_dir() or gt is not None:  # half of the pair: say so instead of an unexplained empty split
+                    have, lack = ((f"{folder.name}/", f"ISIC2018_Task3_{part}_GroundTruth.csv") if gt is None
+                                  else (gt.name, f"{folder.name}/"))
+                    warnings.append(f"isic: {have} is there but {lack} is not, so the {part.lower()} split is "
+                                    f"empty; download both {part} zips to use it")
                 return []
             raise DataError(f"isic: {src} does not look like the ISIC 2018 Task 3 download: expected "
                             f"ISIC2018_Task3_{part}_Input/ and ISIC2018_Task3_{part}_GroundTruth/"
                             f"ISIC2018_Task3_{part}_GroundTruth.csv")
-        rows = read_csv(gt, ["image"] + cols)
+        rows = read_csv(gt, ["image"] + cols, unique=["image"], warnings=warnings)
         out_rows = []
         for r in rows:
             onehot = [number(r[c], f"{gt}, image {r['image']}, column {c}") for c in cols]
@@ -69,7 +75,8 @@ def prepare_isic(src, out, **opts):
     with Output(out, src, **opts) as o:
         items = {s: [(o.place(p), y, names[y]) for p, y in rows] for s, rows in parts.items()}
         summary = write_classification(o, name, items, names, notes=[
-            "train = official training set, val = official validation set (when present), test = official test"])
+            "train = official training set, val = official validation set (when present), test = official test"],
+            warnings=warnings)
         finish(o, name, summary, PAPER_COUNTS.get(name))
     return summary
 
@@ -125,9 +132,10 @@ def prepare_derm7pt(src, out, **opts):
     if not meta.is_file() or not (root / "images").is_dir():
         raise DataError(f"derm7pt: expected meta/meta.csv, meta/train_indexes.csv and images/ under {root}")
     rows = read_csv(meta, ["diagnosis", "derm"])
-    items_raw = {}
+    items_raw, warnings = {}, []
     for split, fname in (("train", "train_indexes.csv"), ("val", "valid_indexes.csv"), ("test", "test_indexes.csv")):
-        idx = [number(r["indexes"], root / "meta" / fname, int) for r in read_csv(root / "meta" / fname, ["indexes"])]
+        idx = [number(r["indexes"], root / "meta" / fname, int)
+               for r in read_csv(root / "meta" / fname, ["indexes"], unique=["indexes"], warnings=warnings)]
         bad = [i for i in idx if not 0 <= i < len(rows)]
         if bad:
             raise DataError(f"{root / 'meta' / fname}: indexes {bad[:5]} outside meta.csv's {len(rows)} rows")
@@ -142,7 +150,8 @@ def prepare_derm7pt(src, out, **opts):
     with Output(out, root, **opts) as o:
         items = {s: [(o.place(p), y, names[y]) for p, y in r] for s, r in items_raw.items()}
         summary = write_classification(o, name, items, names, notes=[
-            "official train/valid/test index files; 20 diagnoses -> 5 classes by DERM7PT_MAP (derm7pt's grouping)"])
+            "official train/valid/test index files; 20 diagnoses -> 5 classes by DERM7PT_MAP (derm7pt's grouping)"],
+            warnings=warnings)
         finish(o, name, summary, PAPER_COUNTS.get(name))
     return summary
 

@@ -26,7 +26,8 @@ def prepare_aptos2019(src, out, **opts):
     name, names = "aptos2019", CLASSNAMES["aptos2019"]
     csv_path = find_file(src, ["train.csv"], name, "train.csv and train_images/")
     img_dir = find_dir(src, ["train_images"], name, "train.csv and train_images/")
-    rows = read_csv(csv_path, ["id_code", "diagnosis"])
+    warnings = []
+    rows = read_csv(csv_path, ["id_code", "diagnosis"], unique=["id_code"], warnings=warnings)
     paths, labels = [], []
     for r in rows:
         y = number(r["diagnosis"], f"{csv_path}, id_code {r['id_code']}", int)
@@ -37,7 +38,7 @@ def prepare_aptos2019(src, out, **opts):
     check_exists(paths, name)
     return write_seeded(name, src, out, paths, labels, names, paper_test_size(PAPER_COUNTS[name], len(paths), 0.3),
                         "the test set has no public labels: seeded stratified split of train.csv, paper's 80/20",
-                        PAPER_COUNTS[name], **opts)
+                        PAPER_COUNTS[name], warnings=warnings, **opts)
 
 
 
@@ -58,9 +59,12 @@ def prepare_adam(src, out, **opts):
     test_root = next((root / d for d in ("Validation400", "Validation-400", "Test400")
                       if (root / d / "AMD").is_dir()), None)
     if test_root is None:
+        unlabelled = [d for d in ("Validation400", "Validation-400", "Test400") if (root / d).is_dir()]
+        warnings = [f"adam: {unlabelled[0]}/ is there but has no AMD/ and Non-AMD/ label folders, so it is not used "
+                    f"as the test set (sort its images by the released labels, see data/README.md)"] if unlabelled else []
         return write_seeded(name, root, out, paths, labels, names, round(len(paths) * 0.5),
                             "no labelled validation set found: seeded stratified 50/50 split of Training400",
-                            PAPER_COUNTS[name], **opts)
+                            PAPER_COUNTS[name], warnings=warnings, **opts)
     tpaths, tlabels = class_folders(test_root, folders, name)
     with Output(out, root, **opts) as o:
         items = {"train": [(o.place(p), y, names[y]) for p, y in zip(paths, labels)], "val": [],
@@ -79,7 +83,8 @@ def prepare_odir(src, out, **opts):
     img_dir = find_dir(csv_path.parent, ["preprocessed_images", "ODIR-5K/Training Images"], name,
                        "full_df.csv and preprocessed_images/")
     letters = "NDGCAHMO"  # the column order of the ODIR labels = CILMP's class order
-    rows = read_csv(csv_path, ["filename", "labels"])
+    warnings = []
+    rows = read_csv(csv_path, ["filename", "labels"], unique=["filename"], warnings=warnings)
     paths, labels = [], []
     for r in rows:
         m = re.fullmatch(r"\[\s*'([A-Z])'\s*\]", r["labels"])
@@ -92,6 +97,6 @@ def prepare_odir(src, out, **opts):
     return write_seeded(name, csv_path.parent, out, paths, labels, names,
                         paper_test_size(PAPER_COUNTS[name], len(paths), 0.3),
                         "no labelled official test set: seeded stratified split of full_df.csv, paper's 80/20",
-                        PAPER_COUNTS[name], **opts)
+                        PAPER_COUNTS[name], warnings=warnings, **opts)
 
 

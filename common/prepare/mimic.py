@@ -4,7 +4,7 @@ import re
 from collections import Counter, defaultdict
 
 from common.data import CHEXPERT_FINDINGS, DataError
-from common.prepare.util import Output, find_dir, find_file, finish, read_csv
+from common.prepare.util import Output, find_dir, find_file, finish, progress, read_csv
 
 PAPER_COUNTS = {"mimic-cxr": {}}
 CLASSNAMES = {}
@@ -85,7 +85,7 @@ def prepare_mimic_cxr(src, out, **opts):
         by_subject[subj].append((s["when"], study, s))
     rows = defaultdict(list)
     with Output(out, src, **opts) as o:
-        for subj, seq in sorted(by_subject.items()):
+        for subj, seq in progress(sorted(by_subject.items()), "reading reports, patient"):
             seq.sort()
             prev = None
             for when, study, s in seq:

@@ -2,8 +2,8 @@
 import json
 
 from common.data import DataError
-from common.prepare.util import (Output, check_exists, class_folders, find_dir, find_file, finish, paper_test_size,
-                                 read_csv, write_classification, write_seeded)
+from common.prepare.util import (Output, check_exists, class_folders, dedupe, find_dir, find_file, finish,
+                                 paper_test_size, read_csv, write_classification, write_seeded)
 
 # CILMP's dataset table (train / test); Chaoyang's per-class counts from the dataset's own README
 PAPER_COUNTS = {
@@ -40,14 +40,15 @@ def prepare_chaoyang(src, out, **opts):
     name, names = "chaoyang", CLASSNAMES["chaoyang"]
     root = find_dir(src, ["", "chaoyang-data"], name, "train.json, test.json, train/ and test/",
                     marker="train.json")
-    raw = {"val": []}
+    raw, warnings = {"val": []}, []
     for split in ("train", "test"):
         path = root / f"{split}.json"
         if not path.is_file():
             raise DataError(f"chaoyang: expected train.json and test.json in {root}; {path.name} is missing")
         try:
-            entries = json.loads(path.read_text())
-            raw[split] = [(root / e["name"], int(e["label"])) for e in entries]
+            entries = [{"name": e["name"], "label": int(e["label"])} for e in json.loads(path.read_text())]
+            entries = dedupe(entries, ["name"], path, warnings)
+            raw[split] = [(root / e["name"], e["label"]) for e in entries]
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"{path}: expected a list of {{\"name\": ..., \"label\": ...}} ({e})") from None
         bad = [y for _, y in raw[split] if not 0 <= y < len(names)]
@@ -56,7 +57,8 @@ def prepare_chaoyang(src, out, **opts):
         check_exists([p for p, _ in raw[split]], name)
     with Output(out, root, **opts) as o:
         items = {s: [(o.place(p), y, names[y]) for p, y in rows] for s, rows in raw.items()}
-        summary = write_classification(o, name, items, names, notes=["official train.json / test.json"])
+        summary = write_classification(o, name, items, names, notes=["official train.json / test.json"],
+                                       warnings=warnings)
         finish(o, name, summary, PAPER_COUNTS.get(name))
     return summary
 
@@ -70,7 +72,8 @@ def prepare_fetal_us(src, out, **opts):
     img_dir = csv_path.parent / "Images"
     plane_to_class = {"Fetal brain": 0, "Fetal femur": 1, "Fetal abdomen": 2, "Fetal thorax": 3,
                       "Maternal cervix": 4, "Other": 5}
-    rows = read_csv(csv_path, ["Image_name", "Plane", "Train"])
+    warnings = []
+    rows = read_csv(csv_path, ["Image_name", "Plane", "Train"], unique=["Image_name"], warnings=warnings)
     raw = {"train": [], "val": [], "test": []}
     for r in rows:
         if r["Plane"] not in plane_to_class:
@@ -83,7 +86,7 @@ def prepare_fetal_us(src, out, **opts):
     with Output(out, csv_path.parent, **opts) as o:
         items = {s: [(o.place(p), y, names[y]) for p, y in v] for s, v in raw.items()}
         summary = write_classification(o, name, items, names, notes=[
-            "official split from the Train column; Plane 'Other' is the class 'Other planes'"])
+            "official split from the Train column; Plane 'Other' is the class 'Other planes'"], warnings=warnings)
         finish(o, name, summary, PAPER_COUNTS.get(name))
     return summary
 

@@ -3,8 +3,8 @@ alta.py). The DICOM reader lives here; other converters of DICOM data import it 
 import numpy as np
 
 from common.data import DataError
-from common.prepare.util import Output, check_exists, find_dir, find_file, finish, read_csv, stratified_split, \
-    write_classification
+from common.prepare.util import (Output, check_exists, find_dir, find_file, finish, progress, read_csv,
+                                 stratified_split, write_classification)
 
 PAPER_COUNTS = {"rsna": {}}
 CLASSNAMES = {"rsna": ["normal", "pneumonia"]}
@@ -55,7 +55,7 @@ def prepare_rsna(src, out, *, seed=0, **opts):
     parts = {"train": tr, "val": [rest[i] for i in va_local], "test": [rest[i] for i in te_local]}
     with Output(out, src, seed=seed, **{**opts, "copy": True}) as o:  # converted PNGs always live in images/
         rel = {}
-        for i in tr + rest:
+        for i in progress(tr + rest, "converting DICOM:"):
             pixels, photometric = read_dicom(img_dir / f"{ids[i]}.dcm")
             rel[i] = o.save_image(f"images/{ids[i]}.png", dicom_to_uint8(pixels, photometric))
         items = {s: [(rel[i], labels[i], names[labels[i]]) for i in idx] for s, idx in parts.items()}

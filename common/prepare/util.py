@@ -12,12 +12,14 @@ import io
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from common.data import DataError
+from common.run import Progress
 
 VERSION = "0.1.0"  # the project version recorded in every prepare.json
 SPLITS = ("train", "val", "test")
@@ -50,8 +52,12 @@ def find_file(src, candidates, dataset, expected):
                     f"Point --src at the folder you unpacked it into (see data/README.md).")
 
 
-def read_csv(path, required=(), delimiter=None):
-    """Rows of a CSV (or .csv.gz) as dicts with stripped header names; DataError on missing columns."""
+def read_csv(path, required=(), delimiter=None, unique=None, warnings=None):
+    """Rows of a CSV (or .csv.gz) as dicts with stripped header names; DataError on missing columns.
+
+    unique: the column(s) that name one item (e.g. ("image",)). A repeated row, identical to an earlier one,
+    is dropped and said in `warnings` (a list the summary carries); a repeat with other values is a DataError
+    (the labels contradict each other, so no choice would be right)."""
     path = Path(path)
     try:
         raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
@@ -74,7 +80,41 @@ def read_csv(path, required=(), delimiter=None):
         if not values or all(not v.strip() for v in values):
             continue
         rows.append({h: (values[i].strip() if i < len(values) else "") for i, h in enumerate(header)})
-    return rows
+    return dedupe(rows, unique, path, warnings) if unique else rows
+
+
+def dedupe(rows, key, where, warnings=None):
+    """rows without repeats of an earlier row (same `key` columns, same values); see read_csv."""
+    first, kept, dropped = {}, [], []
+    for r in rows:
+        k = tuple(r[c] for c in key)
+        if k not in first:
+            first[k] = r
+            kept.append(r)
+        elif r == first[k]:
+            dropped.append(k)
+        else:
+            diff = {c: (first[k][c], r[c]) for c in r if r[c] != first[k].get(c)}
+            raise DataError(f"{where}: {'/'.join(key)} {'/'.join(k)!r} is listed twice with different values "
+                            f"{diff} (first, second); fix the file")
+    if dropped:
+        show = ", ".join("/".join(k) for k in dropped[:3])
+        msg = (f"{where}: {len(dropped)} duplicate row(s) dropped (the same {'/'.join(key)} and values as an "
+               f"earlier row), e.g. {show}")
+        if warnings is None:
+            print(f"warning: {msg}")
+        else:
+            warnings.append(msg)
+    return kept
+
+
+def progress(items, desc):
+    """Iterate over items, printing a progress line with an ETA every 10 s (and at the end) for long loops."""
+    items = list(items)
+    bar = Progress(len(items), desc)
+    for x in items:
+        yield x
+        bar.update()
 
 
 def number(value, where, kind=float):
@@ -148,55 +188,103 @@ def paper_test_size(p, n_total, fallback_frac):
 class Output:
     """The output folder being written. Everything goes to a hidden sibling, renamed into place on success.
 
-    with Output(out, src, **opts) as o:  # opts: seed, copy, max_side (the command-line options)
+    with Output(out, src, **opts) as o:  # opts: seed, copy, max_side, verify (the command-line options)
         rel = o.place(src_file)          # "raw/<path inside src>" (symlinked source, or a copy)
         o.write_json("split_x.json", obj)
-        finish(o, name, summary, paper)  # prepare.json, last
+        finish(o, name, summary, paper)  # copies, checks every image decodes, writes prepare.json; last
     """
 
-    def __init__(self, out, src, *, seed=0, copy=False, max_side=None, link_raw=True):
+    def __init__(self, out, src, *, seed=0, copy=False, max_side=None, verify=True, link_raw=True):
         # abspath, not resolve(): symlinks inside the download stay as they are (and it is cheap per image)
         self.out, self.src = Path(out), Path(os.path.abspath(src))
-        self.seed, self.copy, self.max_side = seed, copy or bool(max_side), max_side
+        self.seed, self.copy, self.max_side, self.verify = seed, copy or bool(max_side), max_side, verify
         self.link_raw = link_raw
         self.tmp = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
         self.files = []
+        self.placed = {}  # "raw/<rel>" -> source file, copied / checked by publish() in a worker pool
 
     def __enter__(self):
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        for pattern in (f".{self.out.name}.partial-*", f".{self.out.name}.old-*"):  # left by a killed run
-            for old in self.out.parent.glob(pattern):
-                shutil.rmtree(old, ignore_errors=True)
+        remove_leftovers(self.out)
         self.tmp.mkdir()
-        if self.link_raw and not self.copy:
-            os.symlink(self.src, self.tmp / "raw", target_is_directory=True)
+        try:
+            if self.link_raw and not self.copy:
+                try:
+                    os.symlink(self.src, self.tmp / "raw", target_is_directory=True)
+                except OSError as e:  # e.g. Windows without developer mode
+                    raise DataError(f"cannot create the symlink {self.out / 'raw'} -> {self.src} ({e}); "
+                                    f"pass --copy to copy the images instead") from None
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)  # __exit__ does not run when __enter__ fails
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:  # includes KeyboardInterrupt: never leave a half-written dataset
+        if exc_type is not None:  # includes KeyboardInterrupt / SystemExit: never leave a half-written dataset
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
         trash = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-        if self.out.exists() or self.out.is_symlink():
-            os.rename(self.out, trash)
-        os.rename(self.tmp, self.out)
+        try:
+            if self.out.exists() or self.out.is_symlink():
+                os.rename(self.out, trash)
+            os.rename(self.tmp, self.out)
+        except OSError as e:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise DataError(f"cannot move the finished dataset into {self.out} ({e})") from None
         shutil.rmtree(trash, ignore_errors=True)
         return False
 
     def place(self, path):
-        """Reference a source file from data/NAME; copies (and shrinks) it with --copy / --max-side."""
+        """Reference a source file from data/NAME -> "raw/<path inside src>". With --copy / --max-side the copy
+        (shrunk) is made by publish(), which also checks that every image decodes."""
         path = Path(path)
         rel = Path(os.path.relpath(os.path.abspath(path), self.src))
         if rel.parts and rel.parts[0] == "..":
             raise DataError(f"{path} is outside the source folder {self.src}")
-        if self.copy:
-            dst = self.tmp / "raw" / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if self.max_side and path.suffix.lower() in IMAGE_EXTS:
-                save_resized(path, dst, self.max_side)
-            else:
-                shutil.copyfile(path, dst)
-        return "raw/" + rel.as_posix()
+        ref = "raw/" + rel.as_posix()
+        self.placed[ref] = path
+        return ref
+
+    def publish(self):
+        """Make the copies (--copy / --max-side) and check that every placed image decodes (unless --no-verify),
+        in a thread pool (PIL decodes without the GIL) with a progress line. DataError listing the broken files."""
+        jobs = [(src, self.tmp / ref) for ref, src in self.placed.items()]
+        if not jobs or not (self.copy or self.verify):
+            return
+        what = ("copying" + (" and checking" if self.verify else "")) if self.copy else "checking"
+
+        def work(job):
+            src, dst = job
+            try:
+                if self.copy:
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    if self.max_side and src.suffix.lower() in IMAGE_EXTS:
+                        save_resized(src, dst, self.max_side)
+                    else:
+                        shutil.copyfile(src, dst)
+            except (OSError, DataError) as e:
+                return src, str(e)
+            if self.verify and src.suffix.lower() in IMAGE_EXTS:
+                problem = check_image(dst if self.copy else src)
+                if problem:
+                    return src, problem
+            return None
+
+        broken = []
+        bar = Progress(len(jobs), f"{what} {len(jobs)} images:")
+        pool = ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1))
+        try:
+            for result in pool.map(work, jobs):
+                bar.update()
+                if result is not None:
+                    broken.append(result)
+        finally:  # on Ctrl-C / SIGTERM: drop the queued jobs, wait for the running ones, then the folder goes
+            pool.shutdown(wait=True, cancel_futures=True)
+        if broken:
+            shown = "; ".join(f"{p} ({why})" for p, why in broken[:10])
+            raise DataError(f"{len(broken)} of {len(jobs)} images cannot be read: {shown}"
+                            + (f"; and {len(broken) - 10} more" if len(broken) > 10 else "")
+                            + ". Re-download them (or pass --no-verify to publish them unchecked)")
 
     def save_image(self, relpath, array_or_image):
         """Write a converted image (uint8 array or PIL image) to data/NAME/<relpath>, shrunk to --max-side."""
@@ -219,6 +307,43 @@ class Output:
             w.writerow(header)
             w.writerows(rows)
         self.files.append(name)
+
+
+def remove_leftovers(out):
+    """Delete the hidden .partial / .old folders a killed run left next to `out` (not those of a live run)."""
+    for pattern in (f".{out.name}.partial-*", f".{out.name}.old-*"):
+        for old in out.parent.glob(pattern):
+            pid = old.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
+                continue  # another prepare of the same folder is running right now
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
+
+
+def pid_alive(pid):
+    """True when a process with this id exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists, owned by someone else (or we cannot tell: keep its folder)
+    return True
+
+
+def check_image(path):
+    """None when the image file decodes completely, else the reason. The header is read by Image.open; the
+    full decode catches truncated files (JPEGs decode at 1/8 scale via draft(): every byte of the entropy-coded
+    data is still read, about 4x faster)."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        with Image.open(path) as img:
+            if img.format == "JPEG":
+                img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def shrink(img, max_side):
@@ -259,18 +384,23 @@ def class_counts(split, classnames):
     return {s: {c: sum(1 for _, _, cn in rows if cn == c) for c in classnames} for s, rows in split.items()}
 
 
-def write_classification(o, name, items, classnames, split_name=None, notes=()):
-    """Write split_<name>.json and return the summary dict `finish` records."""
+def write_classification(o, name, items, classnames, split_name=None, notes=(), warnings=()):
+    """Write split_<name>.json and return the summary dict `finish` records (a warning per class that has no
+    training image: a classifier can still be scored on it, but never learnt it)."""
     split = split_json(name, items, classnames)
     if not split["train"] or not split["test"]:
         raise DataError(f"{name}: empty split (train {len(split['train'])}, test {len(split['test'])}); "
                         f"is the source complete?")
     o.write_json(f"split_{split_name or name}.json", split)
-    return {"counts": class_counts(split, classnames), "classnames": classnames, "notes": list(notes)}
+    counts = class_counts(split, classnames)
+    absent = [c for c in classnames if counts["train"][c] == 0]
+    warnings = list(warnings) + ([f"split_{split_name or name}.json: no training image of class(es) {absent}; "
+                                  f"is the source complete?"] if absent else [])
+    return {"counts": counts, "classnames": classnames, "notes": list(notes), "warnings": warnings}
 
 
 
-def write_seeded(name, src, out, paths, labels, names, n_test, note, paper, *, seed=0, **opts):
+def write_seeded(name, src, out, paths, labels, names, n_test, note, paper, *, seed=0, warnings=(), **opts):
     """Seeded stratified train/test split of one labelled pool, n_test to test (val = []: the CILMP protocol
     has none), written as split_<name>.json."""
     tr, te = stratified_split(labels, n_test, seed)
@@ -278,7 +408,7 @@ def write_seeded(name, src, out, paths, labels, names, n_test, note, paper, *, s
         items = {"train": [(o.place(paths[i]), labels[i], names[labels[i]]) for i in tr],
                  "val": [],
                  "test": [(o.place(paths[i]), labels[i], names[labels[i]]) for i in te]}
-        summary = write_classification(o, name, items, names, notes=[note + f" (seed {seed})"])
+        summary = write_classification(o, name, items, names, notes=[note + f" (seed {seed})"], warnings=warnings)
         finish(o, name, summary, paper)
     return summary
 
@@ -300,13 +430,15 @@ def class_folders(root, folder_to_class, dataset):
 
 
 def finish(o, name, summary, paper=None, source=None):
-    """Write prepare.json (source, options, counts, the paper's counts) into the output being built.
-
-    Call it last inside the `with Output(...)` block; the summary gets "paper_counts" for counts_table."""
+    """Copy and check the placed images (Output.publish), then write prepare.json (source, options, counts,
+    the paper's counts): the file that marks the folder as made by prepare (only such a folder may be replaced
+    by --force). Call it last inside the `with Output(...)` block; the summary gets "paper_counts"."""
+    o.publish()
     summary["paper_counts"] = dict(paper or {})
     record = {"dataset": name, "source": str(Path(source or o.src).resolve()), "project_version": VERSION,
               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "seed": o.seed, "copy": bool(o.copy), "max_side": o.max_side, "files": sorted(o.files), **summary}
+              "seed": o.seed, "copy": bool(o.copy), "max_side": o.max_side,
+              "images_checked": len(o.placed) if o.verify else 0, "files": sorted(o.files), **summary}
     o.write_json("prepare.json", record)
 
 
