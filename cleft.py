@@ -38,18 +38,19 @@ Where this file departs from the official code (each is also noted where it happ
   - image augmentation is a mild random resized crop + flip (official: Otsu crop, jitter, blur, affine).
 """
 import argparse
+import csv
 import json
 import math
 import re
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from tokenizers.models import BPE
 from tokenizers.pre_tokenizers import ByteLevel
@@ -60,9 +61,9 @@ from common import metrics as M
 from common import run as R
 from common.data import (CHEXPERT_FINDINGS, ClassificationDataset, DataError, ImageReportDataset, MultiLabelDataset,
                          caption_from_labels, read_split, val_split_name)
-from common.transforms import (HALF_MEAN, HALF_STD, Compose, Normalize, RandomHorizontalFlip, RandomResizedCrop,
-                               ToRGB, ToTensor, eval_transform)
-from common.weights import WeightsError, check_keys, load_config, read_safetensors, resolve
+from common import transforms as T
+from common.demo import ensure_demo
+from common.weights import WeightsError, load_config, load_mapped, resolve
 
 REPO = Path(__file__).resolve().parent
 
@@ -109,7 +110,8 @@ class PEFTConfig:
 
 
 VIT_PRESETS = {
-    "dinov2-reg-b14": dict(repo="facebook/dinov2-with-registers-base", config=DINOv2Config()),
+    "dinov2-reg-b14": dict(repo="facebook/dinov2-with-registers-base", config=DINOv2Config()),  # the paper's
+    "dinov2-b14": dict(repo="facebook/dinov2-base", config=DINOv2Config(n_registers=0, pos_antialias=False)),
     "tiny": dict(repo=None, config=DINOv2Config(dim=64, n_layers=4, n_heads=4, patch_size=8, pos_grid=8)),
 }
 LLM_PRESETS = {  # real sizes written out so --count-params / --bench need no download
@@ -583,20 +585,20 @@ def contrastive_loss(img, txt, scale, gather: bool = True):
 
 
 def build_model(spec: dict, device="cpu", llm_dtype=None) -> CLEFT:
-    """A CLEFT from a model spec (the --vit/--llm/--peft choices; saved as model.json in every run). Pretrained
-    towers come from their HF folders (the frozen LLM read directly in llm_dtype, e.g. bf16: 5 GB for BioMedLM
-    instead of 10); "tiny" towers get fixed random weights (seed 0, independent of --seed: they play the
+    """A CLEFT from a model spec (model_spec: the --vit/--llm/--peft choices; saved as model.json in every run).
+    Pretrained towers come from their HF folders (the frozen LLM read directly in llm_dtype, e.g. bf16: 5 GB for
+    BioMedLM instead of 10); "tiny" towers get fixed random weights (seed 0, independent of --seed: they play the
     pretrained model). Built on `device` ("meta" for counting parameters without memory)."""
-    vit_p, llm_p = VIT_PRESETS[spec["vit"]], LLM_PRESETS[spec["llm"]]
+    vit_preset, llm_preset = VIT_PRESETS[spec["vit"]], LLM_PRESETS[spec["llm"]]
     dev = torch.device(device)
     if spec["vit"] == "tiny" or dev.type == "meta":
         with dev:
-            vit = DINOv2(vit_p["config"])
+            vit = DINOv2(vit_preset["config"])
         vit = vit if dev.type == "meta" else vit.init_random(0)
     else:
-        vit = DINOv2.from_pretrained(spec.get("vit_path") or vit_p["repo"])
+        vit = DINOv2.from_pretrained(spec["vit_path"] or vit_preset["repo"])
     if spec["llm"] == "tiny" or dev.type == "meta":
-        cfg = llm_p["config"]
+        cfg = llm_preset["config"]
         if spec["llm"] == "tiny":  # the vocabulary comes from the tokenizer file
             cfg = replace(cfg, vocab_size=load_tokenizer(spec).get_vocab_size())
         with dev:
@@ -604,12 +606,11 @@ def build_model(spec: dict, device="cpu", llm_dtype=None) -> CLEFT:
         # the tiny stand-in "pretrained" LLM gets std 1/sqrt(dim), so its random attention actually mixes tokens
         llm = llm if dev.type == "meta" else llm.init_random(0, cfg.dim ** -0.5 if spec["llm"] == "tiny" else 0.02)
     else:
-        llm = GPT2.from_pretrained(spec.get("llm_path") or llm_p["repo"], dtype=llm_dtype)
-    torch.manual_seed(spec.get("seed", 0))  # adapter / projection init depends on the seed only
-    add_peft(llm, PEFTConfig(spec["peft"], r=spec.get("r", 8), alpha=spec.get("alpha", 32),
-                             dropout=spec.get("lora_dropout", 0.1), n_prefix=spec.get("n_prefix", 20)))
+        llm = GPT2.from_pretrained(spec["llm_path"] or llm_preset["repo"], dtype=llm_dtype)
+    torch.manual_seed(spec["seed"])  # adapter / projection init depends on the seed only
+    add_peft(llm, PEFTConfig(**spec["peft"]))
     with dev:
-        model = CLEFT(vit, llm, spec.get("emb_dim", 512))
+        model = CLEFT(vit, llm, spec["emb_dim"])
     return model
 
 # ----------------------------------------------------------------------------------------------------------
@@ -663,73 +664,6 @@ ADAPTER_MAP = {  # peft adapter_model.safetensors -> ours (task CAUSAL_LM on GPT
     "base_model.model.transformer.h.{}.mlp.c_proj.ia3_l": "h.{}.mlp.c_proj.ia3_l",
     "prompt_embeddings": "prefix.embedding.weight",
 }
-
-
-# Copied from cilmp.py:map_key
-def map_key(key: str, key_map: dict):
-    """Checkpoint key -> (our key or None, transform) via a template map, or False when no template matches."""
-    for src, dst in key_map.items():
-        parts = src.split("{}")
-        if len(parts) == 1:
-            vals = [] if key == src else None
-        else:  # match the literal pieces left to right; each {} takes exactly one dotted component
-            vals, rest = [], key
-            for j, lit in enumerate(parts):
-                if j == 0:
-                    if not rest.startswith(lit):
-                        vals = None
-                        break
-                    rest = rest[len(lit):]
-                    continue
-                cut = rest.find(".") if lit else len(rest)
-                cut = len(rest) if cut < 0 else cut
-                if cut == 0 or not rest[cut:].startswith(lit):
-                    vals = None
-                    break
-                vals.append(rest[:cut])
-                rest = rest[cut + len(lit):]
-            if vals is not None and rest:
-                vals = None
-        if vals is None:
-            continue
-        if dst is None:
-            return None, None
-        name, how = dst if isinstance(dst, tuple) else (dst, None)
-        return name.format(*vals), how
-    return False
-
-
-# Copied from cilmp.py:load_state
-def load_state(model: nn.Module, folder: Path, key_map: dict, dtype=None):
-    """Read safetensors lazily, rename through key_map, check every key and shape against `model`, then
-    load_state_dict(assign=True) so a model built on the meta device gets the tensors without a second copy."""
-    sd, found, qkv = {}, {}, {}
-    for k, t in read_safetensors(folder, dtype=dtype).items():
-        m = map_key(k, key_map)
-        if m is False:
-            found[k] = tuple(t.shape)             # unknown: check_keys reports it as unexpected
-            continue
-        name, how = m
-        if name is None:
-            continue
-        if how in ("q", "k", "v"):
-            qkv.setdefault(name, {})[how] = t
-            continue
-        sd[name] = t.T.contiguous() if how == "T" else t
-    for name, parts in qkv.items():               # fuse q, k, v (only when all three are present)
-        if set(parts) == {"q", "k", "v"} and len({p.shape[1:] for p in parts.values()}) == 1:
-            sd[name] = torch.cat([parts["q"], parts["k"], parts["v"]], 0)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if getattr(model, "cfg", None) is not None and getattr(model.cfg, "tie_embeddings", False):
-        expected.pop("lm_head.weight", None)      # tied: the checkpoint has only the embedding
-    check_keys(expected, found | {k: tuple(v.shape) for k, v in sd.items()}, source=str(folder))
-    model.load_state_dict(sd, strict=False, assign=True)
-    return model
-
-
-def load_mapped(model: nn.Module, folder, key_map: dict, dtype=None):
-    """Stand-in with the signature of common.weights.load_mapped, until that lands (then this goes)."""
-    return load_state(model, Path(folder), key_map, dtype)
 
 
 def dinov2_config_from_hf(hf: dict) -> DINOv2Config:
@@ -818,25 +752,16 @@ def gpt2_config_from_hf(hf: dict) -> GPT2Config:
                       dropout=drops["resid_pdrop"], eos_id=eos if isinstance(eos, int) else eos[0])
 
 
-def load_adapter(llm: GPT2, path_or_sd, source: str = "adapter"):
-    """Load adapter tensors saved by peft (adapter_model.safetensors / a folder holding it) or by us
-    (adapter_state_dict) into an LLM that already has the matching add_peft layers."""
-    if isinstance(path_or_sd, dict):
-        raw = path_or_sd
-    else:
-        p = Path(path_or_sd)
-        source = str(p)
-        raw = read_safetensors(p / "adapter_model.safetensors" if p.is_dir() else p)
-    expected = adapter_state_dict(llm)
-    sd = {}
-    for k, t in raw.items():  # already ours (adapter_state_dict), or peft's names through ADAPTER_MAP
-        m = (k, None) if k in expected else map_key(k, ADAPTER_MAP)
-        sd[m[0] if m else k] = t  # an unknown key stays as is: check_keys reports it as unexpected
-    check_keys(expected, sd, source=source)
-    with torch.no_grad():
-        for k, v in sd.items():
-            expected[k].copy_(v)  # state_dict tensors share storage with the parameters
-    return llm
+def load_adapter(llm: GPT2, path_or_tensors, source: str = "adapter"):
+    """Load adapter tensors saved by peft (adapter_model.safetensors, or the folder holding it) or by us
+    (adapter_state_dict) into an LLM that already has the matching add_peft layers. Adapters stay fp32."""
+    if isinstance(path_or_tensors, dict):  # our own names
+        R.load_tensors(llm, path_or_tensors, source, required=adapter_state_dict(llm))
+        return llm
+    path = Path(path_or_tensors)
+    path = path / "adapter_model.safetensors" if path.is_dir() else path
+    return load_mapped(llm, path, ADAPTER_MAP, dtype=torch.float32,
+                       drop_missing=[k for k in llm.state_dict() if not is_adapter(k)])
 
 # ----------------------------------------------------------------------------------------------------------
 # Data: datasets, captions, prompts, tokens
@@ -847,34 +772,35 @@ BIRADS = ["additional imaging required", "negative", "benign finding", "probably
           "suspicious abnormality", "highly suggestive of malignancy", "known biopsy-proven malignancy"]
 DENSITY = ["almost entirely fat", "scattered fibroglandular densities", "heterogeneously dense", "extremely dense"]
 PREPARE = "python -m common.prepare {} --src /path/to/the/download"
-DATASETS = {  # folder under data/, image-text pairs (stage 1), class split (stage 2 / evaluation), how to get it
+EMBED_GET = ("EMBED (Emory, by application: github.com/Emory-HITI/EMBED_Open_Data); " + PREPARE.format("embed"))
+# folder under data/; image-text CSVs (stage 1); class split (stage 2 / evaluation); CheXpert CSVs whose
+# one-positive rows train stage 2 / the probes; the zero-shot prompts; the official image pipeline or the demo's
+DATASETS = {
     "demo": dict(dir="demo", pairs=("reports_train.csv", "reports_val.csv"), split="split_demo.json",
-                 prefix="", get="built in: python -m common.demo"),
+                 prompts="demo", prefix="", pipeline="demo", get="built in: python -m common.demo"),
     "chexpert": dict(dir="chexpert", pairs=("train.csv", "valid.csv"), split="split_chexpert5x200.json",
-                     five=("train.csv", "valid.csv"), prefix=CXR_PREFIX,
+                     class_csvs=("train.csv", "valid.csv"), prompts="cxr", prefix=CXR_PREFIX, pipeline="official",
                      get="CheXpert v1.0 (stanfordmlgroup.github.io/competitions/chexpert); " + PREPARE.format("chexpert")),
-    "chexpert5x200": dict(dir="chexpert", split="split_chexpert5x200.json", five=("train.csv", "valid.csv"),
-                          prefix=CXR_PREFIX, get="as for chexpert: " + PREPARE.format("chexpert")),
-    "rsna": dict(dir="rsna", split="split_rsna.json", prefix=CXR_PREFIX,
+    "chexpert5x200": dict(dir="chexpert", split="split_chexpert5x200.json", class_csvs=("train.csv", "valid.csv"),
+                          prompts="cxr", prefix=CXR_PREFIX, pipeline="official",
+                          get="as for chexpert: " + PREPARE.format("chexpert")),
+    "rsna": dict(dir="rsna", split="split_rsna.json", prompts="cxr", prefix=CXR_PREFIX, pipeline="official",
                  get="RSNA Pneumonia Detection (kaggle.com/c/rsna-pneumonia-detection-challenge); "
                      + PREPARE.format("rsna")),
-    "embed-birads": dict(dir="embed", split="split_embed-birads.json", prefix=MAMMO_PREFIX, classes=7,
-                         get="EMBED (Emory, by application: github.com/Emory-HITI/EMBED_Open_Data); write the split "
-                             "JSON yourself, labels 0..6 = BI-RADS 0..6 (format: data/README.md)"),
-    "embed-density": dict(dir="embed", split="split_embed-density.json", prefix=MAMMO_PREFIX, classes=4,
-                          get="EMBED (as embed-birads); labels 0..3 = density A..D (format: data/README.md)"),
+    "embed": dict(dir="embed", pairs=("captions_train.csv", "captions_valid.csv"), split="split_embed-birads.json",
+                  prompts="birads", prefix=MAMMO_PREFIX, classes=7, pipeline="official", get=EMBED_GET),
+    "embed-birads": dict(dir="embed", split="split_embed-birads.json", prompts="birads", prefix=MAMMO_PREFIX,
+                         classes=7, pipeline="official", get=EMBED_GET),
+    "embed-density": dict(dir="embed", split="split_embed-density.json", prompts="density", prefix=MAMMO_PREFIX,
+                          classes=4, pipeline="official", get=EMBED_GET),
 }
 
 
 def data_root(args) -> Path:
-    root = Path(args.data_dir or REPO / "data" / DATASETS[args.data]["dir"])
-    if args.data == "demo":
-        from common.demo import ensure_demo
-        ensure_demo(root)
-    return root
+    return Path(args.data_dir or REPO / "data" / DATASETS[args.data]["dir"])
 
 
-def need(path: Path, args, what: str) -> Path:
+def require_file(path: Path, args, what: str) -> Path:
     """The data file, or a DataError saying what to get and where to put it."""
     if not path.is_file():
         raise DataError(f"{what} for --data {args.data} not found: {path}\n  get it: {DATASETS[args.data]['get']}\n"
@@ -882,56 +808,84 @@ def need(path: Path, args, what: str) -> Path:
     return path
 
 
-def image_transform(size: int, train: bool):
-    """Official test pipeline: resize + centre crop, Normalize(0.5, 0.5) (not ImageNet stats, although DINOv2 was
-    trained with them). For training we use a mild random resized crop + flip; the official Otsu crop, colour
-    jitter, blur and affine are not reproduced (common/transforms has no such ops)."""
+def image_transform(args, size: int, train: bool):
+    """The official CLEFT pipeline (datasets/utils.py get_imgs + datasets/transforms.py Moco2Transform) for
+    CheXpert, RSNA and EMBED, scaled to `size` (224 at real size; 256 below is size * 256 / 224):
+        gray; longest side to 256, zero padding to 256 x 256 (centred); Otsu foreground crop; resize to
+        size x size (bilinear, the aspect ratio is not kept); train only: colour jitter (brightness, contrast
+        0.2, p 0.4), Gaussian blur (7 x 7, sigma 0.1-2, p 0.4), random affine (10 degrees, scale 0.8-1.1,
+        translate 1/16), horizontal flip; grey RGB; Normalize(0.5, 0.5).
+    What remains different: PIL's box filter stands in for cv2 INTER_AREA and PIL's affine / blur kernels for
+    torchvision's (the same operations; pixel values differ by interpolation rounding). --data demo (colour
+    pictures, tiny ViT) keeps a plain resize + centre crop, and a mild random resized crop + flip in training."""
+    if DATASETS[args.data]["pipeline"] == "official" and not args.simple_transforms:
+        return T.official_cleft_transform(size, train)
     if not train:
-        return eval_transform(size, HALF_MEAN, HALF_STD)
-    return Compose([ToRGB(), RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.9, 1.1)), RandomHorizontalFlip(),
-                    ToTensor(), Normalize(HALF_MEAN, HALF_STD)])
+        return T.eval_transform(size, T.HALF_MEAN, T.HALF_STD)
+    return T.Compose([T.ToRGB(), T.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.9, 1.1)),
+                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(T.HALF_MEAN, T.HALF_STD)])
+
+
+def frontal_rows(csv_path: Path) -> np.ndarray:
+    """bool (N,): the rows of a CheXpert CSV whose AP/PA column is PA or AP, the frontal views the official
+    code keeps (lateral views have no AP/PA value). A CSV without the column counts as all frontal."""
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "AP/PA" not in rows[0]:
+        return np.ones(len(rows), dtype=bool)
+    return np.array([(r["AP/PA"] or "").strip() in ("PA", "AP") for r in rows])
 
 
 class CaptionPairs(Dataset):
-    """(image, caption) pairs: the report column of an image-report CSV, or, for a CheXpert-style CSV, a caption
-    built from its labels: "this is a chest x ray of a patient with " + the positive findings (CLEFT has no
-    reports for CheXpert). Uncertain (-1) and blank count as negative, as in the official code."""
+    """(image, caption) pairs: the report column of an image-report CSV (the demo; EMBED, whose captions
+    common/prepare/embed.py builds from the metadata as the official dataset does), or, for a CheXpert CSV, a
+    caption built from its labels: "this is a chest x ray of a patient with " + the positive findings (CLEFT has no
+    reports for CheXpert). Uncertain (-1) and blank count as negative, as in the official code. CheXpert keeps
+    the frontal views only unless laterals=True (official: frontal only)."""
 
-    def __init__(self, root, csv_path, transform):
+    def __init__(self, root, csv_path, transform, laterals: bool = False):
         with open(csv_path, encoding="utf-8-sig") as f:
             header = [h.strip() for h in f.readline().split(",")]
         if "report" in header:
             self.ds = ImageReportDataset(root, csv_path, transform)
-            self.captions = self.ds.reports
+            captions = self.ds.reports
+            keep = np.ones(len(captions), dtype=bool)
         else:
             self.ds = MultiLabelDataset(root, csv_path, CHEXPERT_FINDINGS, uncertain="zero", transform=transform)
-            self.captions = [caption_from_labels(v, CHEXPERT_FINDINGS) for v in self.ds.labels]
+            captions = [caption_from_labels(v, CHEXPERT_FINDINGS) for v in self.ds.labels]
+            keep = np.ones(len(captions), dtype=bool) if laterals else frontal_rows(csv_path)
+        self.rows = np.flatnonzero(keep)
+        self.captions = [captions[i] for i in self.rows]
+        if not self.captions:
+            raise DataError(f"{csv_path}: no frontal (AP/PA) image; --laterals uses the lateral views too")
 
     def __len__(self):
         return len(self.captions)
 
     def __getitem__(self, i):
-        item = self.ds[i]
+        item = self.ds[self.rows[i]]
         return (item["image"] if isinstance(item, dict) else item[0]), self.captions[i]
 
 
 class OneOfClasses(Dataset):
-    """(image, label) from a CheXpert-style CSV: the rows whose only positive among `classnames` is one of them.
-    Our stand-in for the official (unreleased) train_cheXbert_95_five_classes.csv, for stage 2 and the linear
-    probe / fine-tune on CheXpert-5x200."""
+    """(image, label) from a CheXpert CSV: the (frontal, unless laterals) rows whose only positive among
+    `classnames` is one of them. Our stand-in for the official (unreleased) train_cheXbert_95_five_classes.csv,
+    for stage 2 and the linear probe / fine-tune on CheXpert-5x200."""
 
-    def __init__(self, root, csv_path, classnames, transform):
+    def __init__(self, root, csv_path, classnames, transform, laterals: bool = False):
         self.ds = MultiLabelDataset(root, csv_path, classnames, uncertain="zero", transform=transform)
-        self.idx = np.flatnonzero(self.ds.labels.sum(1) == 1)
-        if len(self.idx) == 0:
-            raise DataError(f"{csv_path}: no row has exactly one positive among {classnames}")
-        self.labels, self.classnames = self.ds.labels[self.idx].argmax(1), list(classnames)
+        keep = (self.ds.labels.sum(1) == 1) & (True if laterals else frontal_rows(csv_path))
+        self.rows = np.flatnonzero(keep)
+        if len(self.rows) == 0:
+            raise DataError(f"{csv_path}: no {'' if laterals else 'frontal '}row has exactly one positive among "
+                            f"{classnames}")
+        self.labels, self.classnames = self.ds.labels[self.rows].argmax(1), list(classnames)
 
     def __len__(self):
-        return len(self.idx)
+        return len(self.rows)
 
     def __getitem__(self, i):
-        return self.ds[self.idx[i]][0], int(self.labels[i])
+        return self.ds[self.rows[i]][0], int(self.labels[i])
 
 
 def caption_sets(args, size: int):
@@ -939,27 +893,29 @@ def caption_sets(args, size: int):
     d = DATASETS[args.data]
     if "pairs" not in d:
         raise DataError(f"--data {args.data} has no image-text pairs for contrastive pre-training; use --data "
-                        f"chexpert (or demo), or evaluate with --eval")
+                        f"chexpert or embed (or demo), or evaluate with --eval")
     root = data_root(args)
-    tr, va = (need(root / f, args, "image-text CSV") for f in d["pairs"])
-    return CaptionPairs(root, tr, image_transform(size, True)), CaptionPairs(root, va, image_transform(size, False))
+    train_csv, val_csv = (require_file(root / f, args, "image-text CSV") for f in d["pairs"])
+    return (CaptionPairs(root, train_csv, image_transform(args, size, True), args.laterals),
+            CaptionPairs(root, val_csv, image_transform(args, size, False), args.laterals))
 
 
-def class_sets(args, size: int, train_tf=True):
+def class_sets(args, size: int, train_transform=True):
     """(train, val, test) classification sets of --data, each with .labels and .classnames. CheXpert: the test
     set is CheXpert-5x200, train / val are the one-positive rows of train.csv / valid.csv (see OneOfClasses)."""
     d, root = DATASETS[args.data], data_root(args)
-    split = need(root / d["split"], args, "split file")
-    tf_tr, tf_ev = image_transform(size, train_tf), image_transform(size, False)
-    test = ClassificationDataset(root, split, "test", tf_ev)
+    split = require_file(root / d["split"], args, "split file")
+    tf_train, tf_eval = image_transform(args, size, train_transform), image_transform(args, size, False)
+    test = ClassificationDataset(root, split, "test", tf_eval)
     if "classes" in d and len(test.classnames) != d["classes"]:
         raise DataError(f"{split}: --data {args.data} needs {d['classes']} classes, the file has {len(test.classnames)}")
-    if "five" in d:
-        tr, va = (need(root / f, args, "CheXpert CSV") for f in d["five"])
-        train, val = (OneOfClasses(root, f, test.classnames, t) for f, t in ((tr, tf_tr), (va, tf_ev)))
+    if "class_csvs" in d:
+        train_csv, val_csv = (require_file(root / f, args, "CheXpert CSV") for f in d["class_csvs"])
+        train, val = (OneOfClasses(root, f, test.classnames, t, args.laterals)
+                      for f, t in ((train_csv, tf_train), (val_csv, tf_eval)))
     else:
-        train = ClassificationDataset(root, split, "train", tf_tr)
-        val = ClassificationDataset(root, split, val_split_name(read_split(split)), tf_ev)
+        train = ClassificationDataset(root, split, "train", tf_train)
+        val = ClassificationDataset(root, split, val_split_name(read_split(split)), tf_eval)
     if args.data_pct < 1.0:  # the official code: df.sample(frac, random_state=42)
         idx = np.random.RandomState(42).permutation(len(train))[:max(1, round(args.data_pct * len(train)))]
         labels, names = np.asarray(train.labels)[idx], train.classnames
@@ -969,15 +925,16 @@ def class_sets(args, size: int, train_tf=True):
 
 
 def class_texts(args, classnames, root: Path):
-    """-> (zero-shot prompts, class words). Prompts are the official ones (reference notes §2.4-2.5), except RSNA,
-    whose official positive prompt says "pneumothorax" for a pneumonia dataset: we say "pneumonia". The class
-    words are what stage 2 puts after its learned context (the prompts without their fixed prefix)."""
+    """-> (zero-shot prompts, class words). The prompts are the official ones, lower-cased and tokenised as they
+    are (punctuation kept, as the official EMBED dataset does), except RSNA's, whose official positive prompt
+    says "pneumothorax" for a pneumonia dataset: we say "pneumonia". The class words are what stage 2 puts
+    after its learned context (the prompts without their fixed prefix)."""
     d = DATASETS[args.data]
-    if args.data == "embed-birads":
+    if d["prompts"] == "birads":
         words = [f"birads score {k}: {desc}." for k, desc in enumerate(BIRADS)]
-    elif args.data == "embed-density":
+    elif d["prompts"] == "density":
         words = [f"breast tissue density {k + 1}: {desc}." for k, desc in enumerate(DENSITY)]
-    elif args.data == "demo":  # the demo's class names are rare in its reports: describe the class instead
+    elif d["prompts"] == "demo":  # the demo's class names are rare in its reports: describe the class instead
         desc = json.loads((root / "classes.json").read_text())["descriptions"]   # (data/demo/classes.json)
         words = [", ".join(desc[c]) for c in classnames]
     else:
@@ -987,10 +944,10 @@ def class_texts(args, classnames, root: Path):
 
 def load_tokenizer(spec: dict):
     """The LLM's byte-level BPE: tokenizer.json, or vocab.json + merges.txt as older GPT-2 repos ship it."""
-    p = LLM_PRESETS[spec["llm"]]
-    if p.get("tokenizer") and not spec.get("llm_path"):
-        return Tokenizer.from_file(str(p["tokenizer"]))
-    folder = resolve(spec.get("llm_path") or p["repo"])
+    preset = LLM_PRESETS[spec["llm"]]
+    if preset.get("tokenizer") and not spec["llm_path"]:
+        return Tokenizer.from_file(str(preset["tokenizer"]))
+    folder = resolve(spec["llm_path"] or preset["repo"])
     if (folder / "tokenizer.json").is_file():
         return Tokenizer.from_file(str(folder / "tokenizer.json"))
     if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
@@ -1005,13 +962,15 @@ def clean(text: str) -> str:
     return " ".join(re.findall(r"\w+", text.lower()))
 
 
-def tokenize(tok, texts, length: int, eos: int, space: bool = False):
+def tokenize(tok, texts, length: int, eos: int, space: bool = False, as_captions: bool = True):
     """texts -> ids, mask (N, length): no bos, no eos appended, right-padded with eos = pad (GPT-2 / BioMedLM).
+    as_captions cleans the text as the official code cleans captions; prompts (False) are only lower-cased.
     space=True puts a leading space so words get their mid-sentence tokens (stage 2: they follow the context)."""
     ids = torch.full((len(texts), length), eos, dtype=torch.long)
     mask = torch.zeros((len(texts), length), dtype=torch.long)
     for i, t in enumerate(texts):
-        e = tok.encode((" " if space else "") + clean(t)).ids[:length] or [eos]  # an empty text: just eos
+        t = clean(t) if as_captions else t.lower()
+        e = tok.encode((" " if space else "") + t).ids[:length] or [eos]  # an empty text: just eos
         ids[i, :len(e)], mask[i, :len(e)] = torch.tensor(e), 1
     return ids, mask
 
@@ -1034,16 +993,14 @@ def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float
     return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, D) -> list:
-    """Sample indices of one epoch for this rank, as a list of batches. A function of (seed, epoch) only, so
-    --resume can replay the order from any step without loading the skipped images. Global batch i is
-    order[i*B*W:(i+1)*B*W], rank r takes its r-th slice: gathered over ranks, that IS one process's batch."""
-    W = D.world_size
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-    nb = n // (batch_size * W)
-    if nb == 0:
-        raise DataError(f"the training set has {n} items, fewer than one batch of {batch_size} x {W} ranks")
-    return order[:nb * batch_size * W].view(nb, W, batch_size)[:, D.rank].tolist()
+def param_groups(model: nn.Module, weight_decay: float) -> list:
+    """The official groups (utils_mae/lr_decay.py param_groups_lrd_moco): every trainable tensor is decayed
+    except the 1-dim ones (biases, norms, LayerScale). So the 0-dim temperature, the CLS / register tokens, the
+    position embedding, the (out, 1) IA3 vectors and the stage-2 context ARE decayed, as officially. (Its
+    layer-wise lr scales are overwritten by the scheduler, so there are none here either.)"""
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for _, p in named if p.ndim != 1], "weight_decay": weight_decay},
+            {"params": [p for _, p in named if p.ndim == 1], "weight_decay": 0.0}]
 
 
 def finetuned_state(model: CLEFT) -> dict:
@@ -1051,92 +1008,50 @@ def finetuned_state(model: CLEFT) -> dict:
     return {k: v for k, v in model.state_dict().items() if not k.startswith("llm.") or is_adapter(k)}
 
 
-def load_tensors(model: nn.Module, tensors: dict, source: str):
-    """Load a subset of the model's tensors, each name and shape checked (unknown names are errors)."""
-    own = model.state_dict()
-    check_keys({k: own[k] for k in tensors if k in own}, tensors, source=source)
-    with torch.no_grad():
-        for k, v in tensors.items():
-            own[k].copy_(v)
-
-
-def wrap(model, args, D):
-    """DDP (gloo on CPU, nccl on CUDA) and torch.compile around the raw model; checkpoints use the raw one."""
-    net = model
-    if D.enabled:
-        # frozen weights are identical on every rank (same checkpoint): don't let DDP broadcast 5 GB of BioMedLM
-        frozen = [k for k, p in model.named_parameters() if not p.requires_grad]
-        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[D.device.index] if D.device.type == "cuda" else None)
-    return torch.compile(net) if args.compile else net
-
-
-def train_steps(args, D, stage_dir: Path, model, opt, ds, loss_fn, total: int, warmup: int, after_step=None,
+def train_steps(args, world, stage_dir: Path, model, opt, ds, loss_fn, total: int, warmup: int, after_step=None,
                 desc="train"):
     """Run `total` optimizer steps over `ds` (epochs as needed; lr_at from args.lr to args.min_lr), resuming from
     stage_dir/ckpt if a checkpoint is there. Checkpoints every --ckpt-every steps and at the end hold the trainable
     tensors, optimizer, scaler, RNG and step: a killed run continues exactly where it stopped."""
-    net = wrap(model, args, D)
-    scaler = R.make_scaler(args.precision, D.device)
+    net = R.wrap_model(model, world, compile=args.compile)
+    scaler = R.make_scaler(args.precision, world.device)
+    ckpts = R.Checkpoints(stage_dir / "ckpt", world)
+    resumed = ckpts.load(optimizer=opt, scaler=scaler, resuming=bool(args.resume))
     step = 0
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    ck = R.load_checkpoint(stage_dir)
-    if ck is not None:
-        tensors, state = ck
-        load_tensors(model, tensors, f"checkpoint {stage_dir}")
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        R.set_rng_state(state["rng"][min(D.rank, len(state["rng"]) - 1)])  # (resumed on fewer/more ranks: close)
-        step = state["step"]
-        if D.is_main:
-            print(f"{desc}: resumed at step {step} from {stage_dir}/ckpt")
-    log = R.JsonlLog(stage_dir / "metrics.jsonl", D.is_main)
-    prog = R.Progress(total, desc, D.is_main, every=args.print_every, start=step)
-    nb = len(epoch_batches(len(ds), args.batch_size, args.seed, 0, D))
+    if resumed is not None:
+        R.load_tensors(model, resumed.tensors, str(resumed.path))
+        step = resumed.step
+    log = R.JsonlLog(stage_dir / "metrics.jsonl", world.is_main)
+    progress = R.Progress(total, desc, world.is_main, every=args.print_every, start=step)
+    n_batches = len(R.epoch_batches(len(ds), args.batch_size, args.seed, 0, world))
     net.train()
     while step < total:
-        epoch, skip = divmod(step, nb)
-        batches = epoch_batches(len(ds), args.batch_size, args.seed, epoch, D)[skip:]
-        # own generator: creating a DataLoader iterator draws a seed, and from the global RNG that would shift
-        # every later random number on --resume (which creates its iterator at another point of the stream)
-        g = torch.Generator().manual_seed(args.seed * 1000 + epoch + 7919 * D.rank)
-        loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=args.num_workers, generator=g,
-                                             pin_memory=D.device.type == "cuda")
-        for batch in loader:
+        epoch, skip = divmod(step, n_batches)
+        batches = R.epoch_batches(len(ds), args.batch_size, args.seed, epoch, world)[skip:]
+        for batch in R.epoch_loader(ds, batches, world, args.num_workers, args.seed, epoch):
             lr = lr_at(step, total, warmup, args.lr, args.min_lr)
             for group in opt.param_groups:
                 group["lr"] = lr
-            with R.autocast(D.device, args.precision):
+            with R.autocast(world.device, args.precision):
                 loss = loss_fn(net, batch)
-            seen = loss.detach().float().clone()
-            if D.enabled:  # every rank must stop together, or the others hang in the next collective
-                torch.distributed.all_reduce(seen)
-            R.check_finite(seen, step)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            loss_value = R.optimizer_step(loss, opt, scaler, world, step)  # the step's one host sync
             if after_step is not None:
                 after_step()
             step += 1
-            lv = seen.item() / D.world_size  # the one host sync of a step (the NaN check above needs it anyway)
             if step % args.log_every == 0 or step == total:
-                log.log(step=step, epoch=epoch, loss=lv, lr=lr)
-            prog.update(1, loss=lv, lr=lr)
+                log.log(step=step, epoch=epoch, loss=loss_value, lr=lr)
+            progress.update(1, loss=loss_value, lr=lr)
             if step % args.ckpt_every == 0 or step == total:
-                rng = [R.rng_state()]
-                if D.enabled:
-                    rng = [None] * D.world_size
-                    torch.distributed.all_gather_object(rng, R.rng_state())
-                if D.is_main:
-                    trainable = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
-                    R.save_checkpoint(stage_dir, trainable, {"step": step, "optimizer": opt.state_dict(),
-                                                             "scaler": scaler.state_dict(), "rng": rng})
-                if D.enabled:
-                    torch.distributed.barrier()
+                trainable = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+                ckpts.save(step, trainable, optimizer=opt, scaler=scaler, extra={"epoch": epoch})
             if step >= total:
                 break
     return step
+
+
+def stage_length(args, n_items: int, world) -> int:
+    """Optimizer steps of a stage: --steps, or --epochs over the training set when --steps is 0."""
+    return args.steps or args.epochs * len(R.epoch_batches(n_items, args.batch_size, args.seed, 0, world))
 
 
 def set_trainable(model: nn.Module, names: list):
@@ -1148,83 +1063,71 @@ def set_trainable(model: nn.Module, names: list):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def cast_frozen(model: CLEFT, precision: str):
-    """bf16/fp16 runs store the frozen LLM weights (and the ViT when it is frozen as a whole) in the compute dtype:
-    half the memory, like the official bf16-true. Trainables stay fp32. A partly trained tower stays fp32, as
-    CPU LayerNorm refuses a bf16 weight on an fp32 input."""
-    vit_frozen = not any(p.requires_grad for p in model.vit.parameters())
-    for k, p in model.named_parameters():
-        if precision != "fp32" and not p.requires_grad and (k.startswith("llm.") or vit_frozen and k.startswith("vit.")):
-            p.data = p.data.to(R.PRECISIONS[precision])
-
-
 def stage1_trainable(model: CLEFT, args) -> list:
     """Stage 1 trains the ViT (unless --freeze-vit), the PEFT adapter, both projections and the temperature."""
     return set_trainable(model, ([] if args.freeze_vit else ["vit."]) + ["adapter", "img_proj", "txt_proj",
                                                                          "logit_scale"])
 
 
-def stage_contrastive(args, D, stage_dir: Path, model: CLEFT, tok, size: int):
+def stage_contrastive(args, world, stage_dir: Path, model: CLEFT, tok, size: int):
     """Stage 1: InfoNCE between images and captions (stage1_trainable), with AdamW + warm-up + cosine; logit
     scale clamped at 100."""
     train_ds, val_ds = caption_sets(args, size)
     params = stage1_trainable(model, args)
-    cast_frozen(model, args.precision)
-    # no weight decay on biases, norms, tokens, IA3 scales (their neutral value is 1) and the temperature
-    # (the official code decays the 0-dim temperature, by accident)
-    plain = lambda k, p: p.ndim < 2 or "ia3_l" in k or k.endswith(("cls_token", "register_tokens", "pos_embed"))
-    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for k, p in named if not plain(k, p)], "weight_decay": args.weight_decay},
-                             {"params": [p for k, p in named if plain(k, p)], "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.999))
-    eos, L = model.llm.cfg.eos_id, args.max_len
+    R.cast_frozen(model, R.PRECISIONS[args.precision])
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
+    eos, length = model.llm.cfg.eos_id, args.max_len
+    total = stage_length(args, len(train_ds), world)
 
     def loss_fn(net, batch, gather=True):
         x, captions = batch
-        ids, mask = tokenize(tok, captions, L, eos)
-        img, txt, scale = net(x.to(D.device), ids.to(D.device), mask.to(D.device))
+        ids, mask = tokenize(tok, captions, length, eos)
+        img, txt, scale = net(x.to(world.device), ids.to(world.device), mask.to(world.device))
         return contrastive_loss(img, txt, scale, gather)
 
     def clamp():
         with torch.no_grad():
             model.logit_scale.clamp_(max=math.log(100))
 
-    if D.is_main:
+    if world.is_main:
         print(f"stage 1 (contrastive): {len(train_ds)} pairs, {sum(p.numel() for p in params):,} trainable "
-              f"parameters, {args.steps} steps of {args.batch_size} x {D.world_size}")
-    train_steps(args, D, stage_dir, model, opt, train_ds, loss_fn, args.steps, args.warmup, clamp, desc="stage 1")
-    if D.is_main:  # the official code picks checkpoints by this; we report it
+              f"parameters, {total} steps of {args.batch_size} x {world.size}")
+    train_steps(args, world, stage_dir, model, opt, train_ds, loss_fn, total, args.warmup, clamp, desc="stage 1")
+    if world.is_main:  # the official code picks checkpoints by this; we report it
         model.eval()
-        with torch.no_grad(), R.autocast(D.device, args.precision):
+        with torch.no_grad(), R.autocast(world.device, args.precision):
             losses = [loss_fn(model, b, gather=False).item() for b in eval_loader(val_ds, args, drop_last=True)]
         if losses:
             print(f"stage 1 validation loss {np.mean(losses):.4f} ({len(val_ds)} pairs, batches of "
                   f"{args.eval_batch_size}; chance 2 ln {args.eval_batch_size} = {2 * math.log(args.eval_batch_size):.2f})")
-            R.JsonlLog(stage_dir / "metrics.jsonl").log(step=args.steps, val_loss=float(np.mean(losses)))
+            R.JsonlLog(stage_dir / "metrics.jsonl").log(step=total, val_loss=float(np.mean(losses)))
 
 
-def stage_prompt(args, D, stage_dir: Path, model: CLEFT, tok, size: int):
+def stage_prompt(args, world, stage_dir: Path, model: CLEFT, tok, size: int):
     """Stage 2: learn n_ctx context embeddings in front of the class words. Paper: frozen encoders, zero-shot
     cross-entropy over the class prompts (--prompt-objective ce, the default). Official code: InfoNCE on the
-    captions with the ViT trained too (--prompt-objective infonce --train-vit). SGD + warm-up + cosine."""
+    captions with the ViT trained too (--prompt-objective infonce --train-vit). SGD + warm-up + cosine. As in
+    the official code the temperature restarts at 1/0.07 (its --pretrained_encoder loads the encoders only)."""
     if model.ctx is None:
         model.add_context(context_ids(tok, args.ctx_init or DATASETS[args.data]["prefix"] or "a photo of a",
                                       args.n_ctx).to(model.llm.wte.weight.device))
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1 / 0.07))
     names = ["ctx"] + (["vit.", "img_proj", "logit_scale"] if args.train_vit else [])
     params = set_trainable(model, names)
-    cast_frozen(model, args.precision)
-    opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    R.cast_frozen(model, R.PRECISIONS[args.precision])
+    opt = torch.optim.SGD(param_groups(model, args.weight_decay), lr=args.lr, momentum=0.9)
     eos = model.llm.cfg.eos_id
     if args.prompt_objective == "ce":
         train_ds = class_sets(args, size)[0]
         words = class_texts(args, train_ds.classnames, data_root(args))[1]
-        ids, mask = (t.to(D.device) for t in tokenize(tok, words, max(len(tok.encode(" " + clean(w)).ids)
-                                                                       for w in words) + 1, eos, space=True))
+        length = max(len(tok.encode(" " + w.lower()).ids) for w in words) + 1
+        ids, mask = (t.to(world.device) for t in tokenize(tok, words, length, eos, space=True, as_captions=False))
 
         def loss_fn(net, batch):
             x, y = batch
-            img, txt, scale = net(x.to(D.device), ids, mask)                             # (B, E), (C, E)
-            return F.cross_entropy(scale * img @ txt.t(), y.to(D.device))                # (B, C) logits
+            img, txt, scale = net(x.to(world.device), ids, mask)                         # (B, E), (C, E)
+            return F.cross_entropy(scale * img @ txt.t(), y.to(world.device))            # (B, C) logits
     else:
         train_ds = caption_sets(args, size)[0]
         prefix = clean(DATASETS[args.data]["prefix"])
@@ -1233,13 +1136,14 @@ def stage_prompt(args, D, stage_dir: Path, model: CLEFT, tok, size: int):
             x, captions = batch
             words = [clean(c).removeprefix(prefix) for c in captions]
             ids, mask = tokenize(tok, words, args.max_len - 1, eos, space=True)
-            img, txt, scale = net(x.to(D.device), ids.to(D.device), mask.to(D.device))
+            img, txt, scale = net(x.to(world.device), ids.to(world.device), mask.to(world.device))
             return contrastive_loss(img, txt, scale)
 
-    if D.is_main:
+    total = stage_length(args, len(train_ds), world)
+    if world.is_main:
         print(f"stage 2 (context prompt, {args.prompt_objective}): {len(train_ds)} images, "
-              f"{sum(p.numel() for p in params):,} trainable parameters, {args.steps} steps")
-    train_steps(args, D, stage_dir, model, opt, train_ds, loss_fn, args.steps, args.warmup, desc="stage 2")
+              f"{sum(p.numel() for p in params):,} trainable parameters, {total} steps")
+    train_steps(args, world, stage_dir, model, opt, train_ds, loss_fn, total, args.warmup, desc="stage 2")
 
 # ----------------------------------------------------------------------------------------------------------
 # Evaluation: zero-shot, linear probe, fine-tune; ACC / AUROC / macro-F1 / kappa from common/metrics
@@ -1257,29 +1161,29 @@ def report(y, probs, classnames) -> dict:
 
 
 @torch.no_grad()
-def predict(args, D, fn, ds):
+def predict(args, world, fn, ds):
     """-> (fn(x) for the whole set, labels), fp32 on the CPU."""
     ys, outs = [], []
     for x, y in eval_loader(ds, args):
-        with R.autocast(D.device, args.precision):
-            outs.append(fn(x.to(D.device)).float().cpu())
+        with R.autocast(world.device, args.precision):
+            outs.append(fn(x.to(world.device)).float().cpu())
         ys.append(y)
     return torch.cat(outs), torch.cat(ys)
 
 
 @torch.no_grad()
-def zero_shot(args, D, model: CLEFT, tok, ds) -> dict:
+def zero_shot(args, world, model: CLEFT, tok, ds) -> dict:
     """Classify by the most similar class prompt. With a stage-2 context: context + class words, else the
     dataset's fixed prompts."""
     model.eval()
     prompts, words = class_texts(args, ds.classnames, data_root(args))
     texts, space = (words, True) if model.ctx is not None else (prompts, False)
-    ids, mask = tokenize(tok, texts, args.max_len, model.llm.cfg.eos_id, space)
-    with R.autocast(D.device, args.precision):
-        txt = model.encode_text(ids.to(D.device), mask.to(D.device))                    # (C, E)
+    ids, mask = tokenize(tok, texts, args.max_len, model.llm.cfg.eos_id, space, as_captions=False)
+    with R.autocast(world.device, args.precision):
+        txt = model.encode_text(ids.to(world.device), mask.to(world.device))            # (C, E)
     scale = model.logit_scale.exp()
-    probs, y = predict(args, D, lambda x: (scale * model.encode_image(x) @ txt.t()).float().softmax(-1), ds)  # (N, C)
-    return report(y.numpy(), probs.numpy(), ds.classnames)
+    probs, y = predict(args, world, lambda x: (scale * model.encode_image(x) @ txt.t()).float().softmax(-1), ds)
+    return report(y.numpy(), probs.numpy(), ds.classnames)                                # probs (N, C)
 
 
 class Classifier(nn.Module):
@@ -1294,14 +1198,15 @@ class Classifier(nn.Module):
         return self.head(self.vit(x)[1].mean(1))
 
 
-def linear_probe(args, D, model: CLEFT, sets) -> dict:
-    """Frozen ViT, features computed once (no augmentation), a linear head trained with AdamW on them."""
+def linear_probe(args, world, model: CLEFT, sets) -> dict:
+    """Frozen ViT, features computed once (no augmentation), a linear head trained with AdamW on them (the
+    official code trains the head with the ViT frozen but recomputes the features every epoch)."""
     train, val, test = sets
     model.eval()
-    X, y = (t.to(D.device) for t in predict(args, D, model.image_features, train))      # (N, Dv), (N,)
-    X_test, y_test = predict(args, D, model.image_features, test)
-    head = nn.Linear(X.shape[1], len(train.classnames)).to(D.device)
-    opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    X, y = (t.to(world.device) for t in predict(args, world, model.image_features, train))   # (N, Dv), (N,)
+    X_test, y_test = predict(args, world, model.image_features, test)
+    head = nn.Linear(X.shape[1], len(train.classnames)).to(world.device)
+    opt = torch.optim.AdamW(param_groups(head, args.weight_decay), lr=args.lr)
     g = torch.Generator().manual_seed(args.seed)
     for epoch in range(args.epochs):
         for idx in torch.randperm(len(X), generator=g).split(args.batch_size):
@@ -1310,28 +1215,30 @@ def linear_probe(args, D, model: CLEFT, sets) -> dict:
             loss.backward()
             opt.step()
     with torch.no_grad():
-        probs = head(X_test.to(D.device)).softmax(-1).cpu()
+        probs = head(X_test.to(world.device)).softmax(-1).cpu()
     return report(y_test.numpy(), probs.numpy(), test.classnames)
 
 
-def finetune(args, D, model: CLEFT, sets, run_dir: Path) -> dict:
+def finetune(args, world, model: CLEFT, sets, run_dir: Path) -> dict:
     """The whole ViT + a linear head, cross-entropy, AdamW + warm-up + cosine over --epochs."""
     train, val, test = sets
-    clf = Classifier(model, len(train.classnames)).to(D.device)
+    clf = Classifier(model, len(train.classnames)).to(world.device)
     set_trainable(clf, ["vit.", "head."])
-    opt = torch.optim.AdamW(clf.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    total = args.epochs * len(epoch_batches(len(train), args.batch_size, args.seed, 0, D))
-    loss_fn = lambda net, b: F.cross_entropy(net(b[0].to(D.device)), b[1].to(D.device))
-    train_steps(args, D, run_dir / "finetune", clf, opt, train, loss_fn, total, min(args.warmup, total // 10),
+    opt = torch.optim.AdamW(param_groups(clf, args.weight_decay), lr=args.lr)
+    total = stage_length(args, len(train), world)
+    loss_fn = lambda net, b: F.cross_entropy(net(b[0].to(world.device)), b[1].to(world.device))
+    train_steps(args, world, run_dir / "finetune", clf, opt, train, loss_fn, total, min(args.warmup, total // 10),
                 desc="fine-tune")
     clf.eval()
-    logits, y = predict(args, D, clf, test)
+    logits, y = predict(args, world, clf, test)
     return report(y.numpy(), logits.softmax(-1).numpy(), test.classnames)
 
 # ----------------------------------------------------------------------------------------------------------
 # Parameter count and benchmark at the paper's size (random weights, no download)
 
-BERT_BASE = 109_482_240  # bert-base-uncased BertModel with pooler: the text encoder of "vanilla CLIP" baselines
+BERT_BASE = 109_482_240    # bert-base-uncased BertModel with pooler: the text encoder of most medical CLIPs
+CLIP_B16 = 149_620_737     # OpenAI CLIP ViT-B/16 (both towers, projections, logit scale): "vanilla CLIP"
+CLIP_B16_TEXT = 63_165_952  # its text transformer (token + position embeddings included)
 
 
 def param_table(model: CLEFT) -> list:
@@ -1347,102 +1254,97 @@ def param_table(model: CLEFT) -> list:
 
 
 def count_params(args):
-    """--count-params: stage-1 trainables at the chosen presets, built on the meta device (no memory)."""
-    spec = model_spec(args)[0]
+    """--count-params: stage-1 trainables at the chosen presets, built on the meta device (no memory), and the
+    paper's two comparisons. "39% fewer trainable parameters" is against vanilla OpenAI CLIP ViT-B/16 trained
+    in full (149.6M); "4% of the trainable language model parameters" is the adapter against its text encoder."""
+    spec = model_spec(args)
     model = build_model(spec, device="meta")
     stage1_trainable(model, args)
     rows = param_table(model)
-    print(f"CLEFT stage 1, --vit {spec['vit']} --llm {spec['llm']} --peft {spec['peft']}")
+    print(f"CLEFT stage 1, --vit {spec['vit']} --llm {spec['llm']} --peft {spec['peft']['method']}")
     print(f"{'component':<22}{'total':>16}{'trainable':>14}")
     for name, total, trainable in rows:
         print(f"{name:<22}{total:>16,}{trainable:>14,}")
-    d = dict((r[0], r) for r in rows)
-    text = d["text: PEFT adapter"][2] + d["text projection"][2]
-    vit, img = d["vision: DINOv2"][2], d["image projection"][2]
-    clip = vit + BERT_BASE + img + (768 * 512 + 512)  # vanilla CLIP: this ViT + a fully trained BERT-base
-    print(f"trainable text side (adapter + projection): {text:,} = {100 * text / BERT_BASE:.1f}% of a BERT-base "
-          f"text encoder ({BERT_BASE:,}); total trainable {d['total'][2]:,} vs {clip:,} for the same ViT with a "
-          f"trained BERT-base (vanilla CLIP): {100 * (1 - d['total'][2] / clip):.0f}% fewer (paper: 39%)")
+    by_name = {r[0]: r for r in rows}
+    ours, adapter = by_name["total"][2], by_name["text: PEFT adapter"][2]
+    same_vit_bert = by_name["vision: DINOv2"][2] + by_name["image projection"][2] + BERT_BASE + 768 * 512 + 512
+    print(f"vs vanilla CLIP ViT-B/16 ({CLIP_B16:,} trainable): {100 * (1 - ours / CLIP_B16):.0f}% fewer trainable "
+          f"(paper: 39%); adapter = {100 * adapter / CLIP_B16_TEXT:.1f}% of its text encoder (paper: 4%)")
+    print(f"vs this ViT with a fully trained BERT-base text encoder ({same_vit_bert:,}): "
+          f"{100 * (1 - ours / same_vit_bert):.0f}% fewer; adapter = {100 * adapter / BERT_BASE:.1f}% of BERT-base")
     return rows
 
 
-def run_bench(args, D):
-    """Train-step time at real size with random weights: GPT-2 124M + LoRA r8 on c_attn (B 8, T 64, the
-    ../shared/bench/hf_baselines.py --which gpt2-lora workload: dropout 0.1 on, LoRA dropout 0, AdamW, loss =
-    mean square of the hidden states) and the DINOv2-B/14 tower trained in full as CLEFT does (B 8, 224 px)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    dev, B = D.device, args.batch_size or 8
-    precisions = [args.precision] if args.precision_given else ["fp32", "bf16"]
+def run_bench(args, world):
+    """Train-step time at real size with random weights: GPT-2 124M + LoRA r8 on c_attn (B 8, T 64, dropout
+    0.1 on, LoRA dropout 0, AdamW, loss = mean square of the hidden states) and the DINOv2-B/14 tower trained in
+    full as CLEFT does (B 8, 224 px)."""
+    dev, B = world.device, args.bench_batch
     torch.manual_seed(0)
     llm = add_peft(GPT2(LLM_PRESETS["gpt2"]["config"]).init_random(0), PEFTConfig("lora", dropout=0.0)).to(dev)
     set_trainable(llm, ["adapter"])
     vit = DINOv2(VIT_PRESETS["dinov2-reg-b14"]["config"]).init_random(0).to(dev)
     ids = torch.randint(0, 50257, (B, 64), device=dev)
     x = torch.randn(B, 3, 224, 224, device=dev)
+    print(R.BENCH_COLUMNS)
     rows = []
-    for prec in precisions:
-        for name, net, fn, items in (("GPT-2 124M + LoRA r8 (c_attn), T=64", llm, lambda: llm(ids), B * 64),
-                                     ("DINOv2-B/14 reg, full training, 224px", vit, lambda: vit(x)[0], B)):
-            opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
-            net.train()
+    for name, net, fn, items, unit in (("GPT-2 124M + LoRA r8 (c_attn), T=64", llm, lambda: llm(ids), B * 64, "tok"),
+                                       ("DINOv2-B/14 reg, full training, 224px", vit, lambda: vit(x)[0], B, "img")):
+        opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+        net.train()
 
-            def step():
-                with R.autocast(dev, prec):
-                    out = fn()
-                out.float().pow(2).mean().backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+        def step():
+            with R.autocast(dev, args.precision):
+                out = fn()
+            out.float().pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
-            with FlopCounterMode(display=False) as fc:
-                step()
-            r = R.bench(step, items=items, flops_per_step=fc.get_total_flops(), device=dev,
-                        dtype=R.PRECISIONS[prec], warmup=1, steps=args.bench_steps)
-            rows.append(dict(what=name, precision=prec, batch=B, **r))
-            print(f"{name:40s} {prec:5s} B={B} | step {r['step_ms']:8.1f} ms | {r['items_per_s']:8.1f} items/s | "
-                  f"{r['tflops']:.3f} TFLOP/s | MFU {100 * r['mfu']:5.1f}% of measured matmul peak "
-                  f"{r['matmul_peak_tflops']:.2f} | peak mem {r['peak_mem_mb']:.0f} MB", flush=True)
-    print("compare: python ../shared/bench/hf_baselines.py --which gpt2-lora --precision fp32|bf16 (vit-lora is a "
-          "CLIP ViT-B/16 with LoRA, lighter than training DINOv2-B/14 in full). On a shared CPU run both with "
-          "OMP_NUM_THREADS=1: a busy core stalls a thread team and the timings become noise.")
+        result = R.bench(step, items=items, flops_per_step=R.flops_of(step), device=dev,
+                         dtype=R.PRECISIONS[args.precision], warmup=1, steps=args.bench_steps)
+        rows.append(dict(what=name, precision=args.precision, batch=B, **result))
+        print(R.bench_row(name, args.precision, B, result, unit), flush=True)
     return rows
 
 # ----------------------------------------------------------------------------------------------------------
 # main
 
-# The official README recipes (reference notes §2.3); the demo shortens and speeds them up for tiny random models.
+# What each part trains with, where a flag is not typed. Stage 1 and 2 are the official README recipes; the
+# linear-probe and fine-tune recipes are OURS (the official README gives no commands for them). The demo
+# shortens and speeds them up for tiny random models.
 RECIPES = {
     "contrastive": dict(steps=40000, batch_size=72, lr=4e-5, weight_decay=0.1, warmup=4000, min_lr=1e-8),
     "prompt": dict(steps=8000, batch_size=72, lr=1e-4, weight_decay=1e-3, warmup=100, min_lr=1e-5),
-    "linear-probe": dict(epochs=50, batch_size=256, lr=1e-3, weight_decay=0.0, warmup=0, min_lr=0.0),
-    "finetune": dict(epochs=10, batch_size=72, lr=1e-5, weight_decay=0.05, warmup=100, min_lr=1e-8),
+    "linear-probe": dict(epochs=50, batch_size=256, lr=1e-3, weight_decay=0.0),
+    "finetune": dict(steps=0, epochs=10, batch_size=72, lr=1e-5, weight_decay=0.05, warmup=100, min_lr=1e-8),
 }
 DEMO_RECIPES = {
     "contrastive": dict(steps=150, batch_size=32, lr=5e-3, weight_decay=0.1, warmup=15, min_lr=1e-5),
     "prompt": dict(steps=100, batch_size=32, lr=0.05, weight_decay=1e-3, warmup=10, min_lr=1e-4),
-    "linear-probe": dict(epochs=30, batch_size=128, lr=1e-2, weight_decay=0.0, warmup=0, min_lr=0.0),
-    "finetune": dict(epochs=3, batch_size=32, lr=1e-3, weight_decay=0.05, warmup=10, min_lr=1e-5),
+    "linear-probe": dict(epochs=30, batch_size=128, lr=1e-2, weight_decay=0.0),
+    "finetune": dict(steps=0, epochs=3, batch_size=32, lr=1e-3, weight_decay=0.05, warmup=10, min_lr=1e-5),
 }
+DEMO_MODELS = dict(vit="tiny", llm="tiny", stage="all")  # --data demo, where not typed
 
 
 def recipe(args, what: str):
-    """A copy of args with the unset schedule flags filled from the recipe of `what` (flags given by the user
+    """A copy of args with the flags the user did not type filled from the recipe of `what` (typed flags
     apply to every stage that runs)."""
     a = argparse.Namespace(**vars(args))
-    r = (DEMO_RECIPES if args.data == "demo" else RECIPES)[what]
-    for k, v in r.items():
-        if getattr(a, k) is None:
+    for k, v in (DEMO_RECIPES if args.data == "demo" else RECIPES)[what].items():
+        if k not in args.typed:
             setattr(a, k, v)
     return a
 
 
-def model_spec(args):
-    """-> (spec, folder of --init or None). With --init the architecture comes from that run's model.json."""
+def model_spec(args) -> dict:
+    """The architecture from the flags, in one place (saved as model.json; --init reads it back instead)."""
     if args.init:
-        folder = stage_folder(Path(args.init))
-        return json.loads((folder / "model.json").read_text()), folder
-    return dict(vit=args.vit, vit_path=args.vit_path, llm=args.llm, llm_path=args.llm_path, peft=args.peft,
-                r=args.lora_r, alpha=args.lora_alpha, lora_dropout=args.lora_dropout, n_prefix=args.n_prefix,
-                emb_dim=args.emb_dim, seed=args.seed), None
+        return json.loads((stage_folder(Path(args.init)) / "model.json").read_text())
+    peft = PEFTConfig(args.peft, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                      n_prefix=args.n_prefix)
+    return dict(vit=args.vit, vit_path=args.vit_path, llm=args.llm, llm_path=args.llm_path, peft=asdict(peft),
+                emb_dim=args.emb_dim, seed=args.seed)
 
 
 def stage_folder(path: Path) -> Path:
@@ -1459,48 +1361,45 @@ def load_stage(model: CLEFT, folder: Path):
     tensors = load_file(str(folder / "trainable.safetensors"))
     if "ctx" in tensors and model.ctx is None:
         model.add_context(torch.zeros(tensors["ctx"].shape[0], dtype=torch.long, device=model.llm.wte.weight.device))
-    load_tensors(model, tensors, str(folder / "trainable.safetensors"))
+    R.load_tensors(model, tensors, str(folder / "trainable.safetensors"))
 
 
-def finish_stage(model: CLEFT, spec: dict, folder: Path, D):
+def finish_stage(model: CLEFT, spec: dict, folder: Path, world):
     """Save what the stage changed (finetuned_state) and its model.json, which --init and --resume read back."""
-    if D.is_main:
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in finetuned_state(model).items()},
-                  str(folder / "trainable.safetensors"))
+    if world.is_main:
+        R.save_tensors(folder / "trainable.safetensors", {k: v.float() for k, v in finetuned_state(model).items()})
         (folder / "model.json").write_text(json.dumps(spec, indent=2) + "\n")
-    if D.enabled:
-        torch.distributed.barrier()
+    R.barrier(world)
 
 
-def evaluate(args, D, model: CLEFT, tok, run_dir: Path, what: str, size: int, tag: str = "") -> dict:
+def evaluate(args, world, model: CLEFT, tok, run_dir: Path, what: str, size: int, tag: str = "") -> dict:
     a = recipe(args, what) if what != "zero-shot" else args
-    train, val, test = class_sets(a, size, train_tf=what == "finetune")
+    train, val, test = class_sets(a, size, train_transform=what == "finetune")
     if what == "zero-shot":
-        rep = zero_shot(a, D, model, tok, test)
+        result = zero_shot(a, world, model, tok, test)
     elif what == "linear-probe":
-        rep = linear_probe(a, D, model, (train, val, test))
+        result = linear_probe(a, world, model, (train, val, test))
     else:
-        rep = finetune(a, D, model, (train, val, test), run_dir)
-    if D.is_main:
+        result = finetune(a, world, model, (train, val, test), run_dir)
+    if world.is_main:
         name = f"{what}{tag}" + (f"_{args.data_pct:g}" if args.data_pct < 1 else "")
-        (run_dir / f"metrics_{name}.json").write_text(json.dumps(rep, indent=2) + "\n")
+        (run_dir / f"metrics_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         print(f"\n{what}{tag} on {args.data} test ({len(test)} images, {len(test.classnames)} classes"
               f"{f', {len(train)} training images' if what != 'zero-shot' else ''}):")
-        print(M.format_table(rep))
-    return rep
+        print(M.format_table(result))
+    return result
 
 
 def preflight(args):
-    """Before any work or run folder: report every missing dataset file and weight folder in one message."""
+    """Before any work or run folder: every missing dataset file, weight folder and unwritable output, in one
+    message."""
     problems = []
     if args.data != "demo" and not args.init and not args.resume:
         d = DATASETS[args.data]
-        root = Path(args.data_dir or REPO / "data" / d["dir"])
         wanted = d["pairs"][0] if "pairs" in d and args.stage in ("all", "contrastive") and not args.eval else d["split"]
-        if not (root / wanted).is_file():
-            problems.append(f"data for --data {args.data} not found: {root / wanted}\n  get it: {d['get']}\n"
-                            f"  details: data/README.md")
+        if not (data_root(args) / wanted).is_file():
+            problems.append(f"data for --data {args.data} not found: {data_root(args) / wanted}\n  get it: {d['get']}"
+                            f"\n  details: data/README.md")
         for name, path, presets in (("vit", args.vit_path, VIT_PRESETS), ("llm", args.llm_path, LLM_PRESETS)):
             repo = path or presets[getattr(args, name)].get("repo")
             if repo:
@@ -1508,98 +1407,109 @@ def preflight(args):
                     resolve(repo)
                 except WeightsError as e:
                     problems.append(f"--{name} {getattr(args, name)} weights: {e}")
+    if not args.resume:
+        problem = R.check_writable(Path(args.out) if args.out else REPO / "runs" / "cleft")
+        if problem:
+            problems.append(f"--out {problem}")
     if problems:
         raise DataError("\n\n".join(problems))
 
 
-def run(args, D) -> dict:
+def run(args, world) -> int:
+    """Preflight, the run folder, then training and evaluation; a non-finite loss or Ctrl-C ends with a message
+    saying what is on disk and how to continue."""
     preflight(args)
-    run_dir = Path(args.resume) if args.resume else R.make_run_dir("cleft", args.data, args.out, vars(args), D.is_main)
+    if args.data == "demo":  # the built-in demo data is made once, here (a few seconds)
+        ensure_demo(data_root(args))
+    run_dir = Path(args.resume) if args.resume else R.new_run_dir("cleft", args.data, args.out, vars(args), world)
+    try:
+        train_and_evaluate(args, world, run_dir)
+        return 0
+    except (R.NonFiniteLoss, KeyboardInterrupt) as e:
+        stages = [p / "ckpt" for p in (run_dir / "stage1", run_dir / "stage2", run_dir / "finetune") if (p / "ckpt").is_dir()]
+        newest = max(stages, key=lambda p: p.stat().st_mtime, default=run_dir / "stage1" / "ckpt")
+        if world.is_main:
+            print(f"\nstopped: {R.stop_message(e, run_dir, newest, 'python cleft.py')}", file=sys.stderr)
+        return 3 if isinstance(e, R.NonFiniteLoss) else 130
+
+
+def train_and_evaluate(args, world, run_dir: Path) -> dict:
     if args.eval_only:  # the finished stages of --resume RUN_DIR, evaluated
         args.init, args.eval = str(run_dir), args.eval or "zero-shot"
-    spec, init = model_spec(args)
-    if D.device.type == "cpu" and spec["vit"] == spec["llm"] == "tiny":
-        # tiny matrices: one thread is as fast as two on an idle CPU and 10-30x faster on a busy one (threads of
-        # a team wait for each other at every op)
-        torch.set_num_threads(1)
-    R.seed_everything(args.seed, D.rank)
-    model = build_model(spec, llm_dtype=R.PRECISIONS[args.precision]).to(D.device)
+    spec = model_spec(args)
+    R.seed_everything(args.seed, world.rank)
+    model = build_model(spec, llm_dtype=R.PRECISIONS[args.precision]).to(world.device)
     tok = load_tokenizer(spec)
     size = 224 if spec["vit"] != "tiny" else 64
     model.llm.grad_ckpt = args.grad_ckpt
-    if init is not None:
-        load_stage(model, init)
-        if D.is_main:
-            print(f"loaded {init}")
+    if args.init:
+        load_stage(model, stage_folder(Path(args.init)))
+        if world.is_main:
+            print(f"loaded {stage_folder(Path(args.init))}")
     if args.eval:
-        return evaluate(args, D, model, tok, run_dir, args.eval, size)
-    out = {}
-    stages = ["contrastive", "prompt"] if args.stage == "all" else [args.stage]
+        return evaluate(args, world, model, tok, run_dir, args.eval, size)
+    results = {}
     has_classes = (data_root(args) / DATASETS[args.data]["split"]).is_file()
-    for stage in stages:
+    for stage in (["contrastive", "prompt"] if args.stage == "all" else [args.stage]):
         folder = run_dir / ("stage1" if stage == "contrastive" else "stage2")
         if (folder / "trainable.safetensors").is_file():  # finished before a --resume
             load_stage(model, folder)
-            if D.is_main:
+            if world.is_main:
                 print(f"{stage}: already finished in {folder}, loaded")
         else:
-            a = recipe(args, stage)
-            R.seed_everything(args.seed, D.rank)
-            (stage_contrastive if stage == "contrastive" else stage_prompt)(a, D, folder, model, tok, size)
+            folder.mkdir(exist_ok=True)  # inside this run's own folder
+            R.seed_everything(args.seed, world.rank)
+            (stage_contrastive if stage == "contrastive" else stage_prompt)(recipe(args, stage), world, folder,
+                                                                           model, tok, size)
             spec = spec | ({"n_ctx": int(model.ctx.shape[0])} if model.ctx is not None else {})
-            finish_stage(model, spec, folder, D)
-        if has_classes and D.is_main:  # the other ranks wait at the barrier
-            out[stage] = evaluate(args, D, model, tok, run_dir, "zero-shot", size, tag=f"_after_{stage}")
-        elif D.is_main:
+            finish_stage(model, spec, folder, world)
+        if has_classes and world.is_main:  # the other ranks wait at the barrier
+            results[stage] = evaluate(args, world, model, tok, run_dir, "zero-shot", size, tag=f"_after_{stage}")
+        elif world.is_main:
             print(f"(no class split {DATASETS[args.data]['split']} for --data {args.data}: zero-shot skipped)")
-        if D.enabled:
-            torch.distributed.barrier()
-    if D.is_main:
+        R.barrier(world)
+    if world.is_main:
         print(f"run folder: {run_dir}")
-    return out
+    return results
+
+
+# flags a resumed run may take with a new value although they are not runtime flags (what to do, not what)
+RESUME_FREE = ("eval", "ckpt_every", "bench_steps", "bench_batch", "count_params")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="CLEFT: contrastive image-text pre-training with a PEFT-tuned LLM, then "
-                                "context-prompt learning (defaults: the official recipe on real data, a short demo on "
-                                "--data demo).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # data and run
-    p.add_argument("--data", default="demo", choices=list(DATASETS), help="dataset preset (data/README.md)")
-    p.add_argument("--data-dir", default=None, help="dataset folder (default data/<preset folder>)")
+                                "context-prompt learning. Schedule defaults are the official recipe of the stage "
+                                "that runs (--data demo: a short demo recipe); typed flags apply to every stage.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    R.add_common_args(p, datasets=DATASETS, data="demo", epochs=50, steps=40000, batch_size=72, lr=4e-5, help={
+        "steps": "per stage; 0 = --epochs over the data; paper: 40000 stage 1 / 8000 stage 2, demo: 150 / 100",
+        "epochs": "linear probe / fine-tune, or a stage with --steps 0; ours: 50 / 10, demo: 30 / 3",
+        "batch_size": "paper: 72 per GPU in both stages, probe 256 / fine-tune 72 (ours), demo: 32, probe 128",
+        "lr": "paper: 4e-5 stage 1 (AdamW), 1e-4 stage 2 (SGD); ours: probe 1e-3, fine-tune 1e-5; demo: 5e-3 / "
+              "0.05 / 1e-2 / 1e-3"})
+    p.add_argument("--weight-decay", type=float, default=0.1, help="paper: 0.1 stage 1, 1e-3 stage 2; ours: probe 0, "
+                   "fine-tune 0.05; decays every tensor but the 1-dim ones, as officially")
+    p.add_argument("--warmup", type=int, default=4000, help="linear warm-up steps; paper: 4000 / 100, demo: 15 / 10")
+    p.add_argument("--min-lr", type=float, default=1e-8, help="end of the cosine; paper: 1e-8 / 1e-5, demo: 1e-5 / 1e-4")
     p.add_argument("--data-pct", type=float, default=1.0, help="fraction of the training set (linear probe, "
                    "fine-tune, stage 2 ce): 0.01 / 0.1 / 1 in the paper")
-    p.add_argument("--out", default=None, help="run folder (default runs/cleft/<data>/<time>)")
-    p.add_argument("--stage", choices=["all", "contrastive", "prompt"], default=None,
-                   help="what to train (default: all on demo, contrastive otherwise)")
+    p.add_argument("--laterals", action="store_true", help="CheXpert: use the lateral views too (official: frontal only)")
+    p.add_argument("--simple-transforms", action="store_true", help="resize + centre crop instead of the official "
+                   "pad / Otsu crop / augmentation pipeline (the demo always uses these)")
+    p.add_argument("--stage", choices=["all", "contrastive", "prompt"], default="contrastive",
+                   help="what to train; demo: all")
     p.add_argument("--init", default=None, metavar="RUN_DIR", help="start from a finished run (its stage2/ or stage1/)")
     p.add_argument("--eval", choices=["zero-shot", "linear-probe", "finetune"], default=None,
                    help="evaluate the --init model on --data instead of training it")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per stage (official: 40k / 8k)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs of --eval linear-probe / finetune")
-    p.add_argument("--batch-size", type=int, default=None, help="batch per process (official: 72 per GPU)")
     p.add_argument("--eval-batch-size", type=int, default=64, help="evaluation batch")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (official: 4e-5 AdamW / 1e-4 SGD)")
-    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (official: 0.1 / 1e-3)")
-    p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (official: 4000 / 100)")
-    p.add_argument("--min-lr", type=float, default=None, help="end of the cosine (official: 1e-8 / 1e-5)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
-                   help="compute precision (default bf16 on CUDA, fp32 on CPU); frozen weights are stored in it")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
-    p.add_argument("--eval-only", action="store_true", help="evaluate the finished stages of --resume RUN_DIR")
     p.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow first step)")
-    p.add_argument("--bench", action="store_true", help="time train steps at real size with random weights")
-    p.add_argument("--bench-steps", type=int, default=3, help="timed steps for --bench (median reported)")
+    p.add_argument("--bench-batch", type=int, default=8, help="batch of --bench")
     p.add_argument("--count-params", action="store_true", help="print the parameter table (meta device) and exit")
-    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default 8 on CUDA, 0 on CPU)")
-    p.add_argument("--log-every", type=int, default=10, help="write the loss to metrics.jsonl every N steps")
-    p.add_argument("--print-every", type=float, default=10.0, help="seconds between progress lines")
     # models
-    p.add_argument("--vit", choices=list(VIT_PRESETS), default=None, help="vision preset (real data: dinov2-reg-b14)")
+    p.add_argument("--vit", choices=list(VIT_PRESETS), default="dinov2-reg-b14", help="vision preset; demo: tiny")
     p.add_argument("--vit-path", default=None, help="HF DINOv2 folder or repo id (overrides the preset's repo)")
-    p.add_argument("--llm", choices=list(LLM_PRESETS), default=None, help="LLM preset (real data: biomedlm)")
+    p.add_argument("--llm", choices=list(LLM_PRESETS), default="biomedlm", help="LLM preset; demo: tiny")
     p.add_argument("--llm-path", default=None, help="HF GPT-2 folder or repo id (overrides the preset's repo)")
     p.add_argument("--peft", choices=["lora", "ia3", "prefix", "none"], default="lora", help="PEFT method on the LLM")
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
@@ -1617,26 +1527,30 @@ def parse_args(argv=None):
                    help="stage 2 loss: ce = zero-shot cross-entropy (paper), infonce on captions (official code)")
     p.add_argument("--train-vit", action="store_true", help="stage 2: also train the ViT (official code)")
     args = p.parse_args(argv)
-    if args.resume and not (Path(args.resume) / "args.json").is_file():  # a typo must not start a new run there
-        p.error(f"--resume {args.resume}: no run folder there (no args.json)")
-    if args.resume:  # --resume RUN_DIR: the run's own flags, except those given again on the command line
-        argv = sys.argv[1:] if argv is None else argv
-        given = {a.dest for a in p._actions if {x.split("=")[0] for x in argv} & set(a.option_strings)}
-        keep = given | {"resume", "eval_only", "out", "device", "num_workers", "print_every", "precision_given"}
-        for k, v in json.loads((Path(args.resume) / "args.json").read_text()).items():
-            if k not in keep and hasattr(args, k):
+    given = R.given_flags(p, argv)
+    args.typed = sorted(given)  # saved in args.json: --resume applies the recipes exactly as the run did
+    if args.resume:
+        try:
+            R.restore_run_args(args, given, free=RESUME_FREE)
+        except R.RunError as e:
+            p.error(str(e))
+        args.typed = sorted(set(args.typed) | given)
+    if args.data == "demo":
+        for k, v in DEMO_MODELS.items():
+            if k not in args.typed:
                 setattr(args, k, v)
-    demo = args.data == "demo"
-    args.vit = args.vit or ("tiny" if demo else "dinov2-reg-b14")
-    args.llm = args.llm or ("tiny" if demo else "biomedlm")
-    args.stage = args.stage or ("all" if demo else "contrastive")
-    args.precision_given = args.precision is not None
-    cuda = torch.cuda.is_available() and (args.device is None or args.device.startswith("cuda"))
-    args.device = args.device or ("cuda" if cuda else "cpu")
-    args.precision = args.precision or ("bf16" if cuda else "fp32")
-    args.num_workers = args.num_workers if args.num_workers is not None else (8 if cuda else 0)
-    if args.eval_only and not args.resume:
-        p.error("--eval-only needs --resume RUN_DIR (the run whose weights to evaluate)")
+    R.finish_common_args(p, args)
+    for flag, ok, want in (("eval_batch_size", args.eval_batch_size >= 1, "at least 1"),
+                           ("ckpt_every", args.ckpt_every >= 1, "at least 1"), ("n_ctx", args.n_ctx >= 1, "at least 1"),
+                           ("max_len", args.max_len >= 2, "at least 2"), ("warmup", args.warmup >= 0, "0 or more"),
+                           ("weight_decay", args.weight_decay >= 0, "0 or more"), ("min_lr", args.min_lr >= 0, "0 or more")):
+        if not ok:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be {want}")
+    for name in ("vit", "llm"):  # a path is a pretrained tower: the tiny presets have none
+        if getattr(args, f"{name}_path") and getattr(args, name) == "tiny":
+            p.error(f"--{name}-path {getattr(args, f'{name}_path')} with --{name} tiny: the tiny preset is random "
+                    f"weights; give a pretrained preset (--{name} {'dinov2-reg-b14' if name == 'vit' else 'biomedlm'}"
+                    f" or another) with the path")
     if args.eval == "zero-shot" and not args.init and not args.eval_only:
         p.error("--eval zero-shot needs --init RUN_DIR (a trained CLEFT run)")
     if not 0 < args.data_pct <= 1:
@@ -1646,18 +1560,18 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    D = R.setup_distributed(args.device)
+    world = R.setup_distributed(args.device)
     try:
         if args.count_params:
             count_params(args)
-        elif args.bench:
-            run_bench(args, D)
-        else:
-            run(args, D)
-        return 0
-    except (DataError, WeightsError, R.NonFiniteLoss) as e:  # user-fixable: a message, not a traceback
+            return 0
+        if args.bench:
+            run_bench(args, world)
+            return 0
+        return run(args, world)
+    except R.USER_ERRORS as e:  # user-fixable: a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
-        return 3 if isinstance(e, R.NonFiniteLoss) else 2
+        return 2
     finally:
         R.cleanup_distributed()
 

@@ -18,6 +18,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F_nn
 from PIL import Image
 
 # Per-channel (R, G, B) statistics. CLIP's are the ones OpenAI computed on its training set; use the ones the
@@ -277,3 +278,179 @@ def eval_transform(size=224, mean=CLIP_MEAN, std=CLIP_STD):
         ToTensor(),
         Normalize(mean, std),
     ])
+
+
+# -----------------------------------------------------------------------------
+# the CLEFT pipeline for X-rays and mammograms (XYPB/CLEFT datasets/utils.py get_imgs and datasets/transforms.py
+# Moco2Transform), on grayscale PIL images ("L"); ToRGB at the end replicates the channel, which is what the
+# official RGB pipeline computes on a gray image (every step acts on the three equal channels alike)
+
+
+class ToGray:
+    """Any PIL image -> 8-bit grayscale "L" (ITU-R 601-2 luma, the formula cv2's gray conversion uses)."""
+
+    def __call__(self, img):
+        _check_pil(img, "ToGray")
+        return img if img.mode == "L" else img.convert("RGB").convert("L")
+
+    def __repr__(self):
+        return "ToGray()"
+
+
+class LongestSidePad:
+    """Resize so the longer side is `size` (the shorter one truncated to int, as the official resize_img), then
+    zero-pad the shorter side to `size`, centred (the odd pixel goes right / bottom). Area averaging (PIL BOX,
+    cv2 INTER_AREA officially) when shrinking, bilinear when enlarging."""
+
+    def __init__(self, size=256):
+        self.size = size
+
+    def __call__(self, img):
+        _check_pil(img, "LongestSidePad")
+        w, h = img.size
+        if h >= w:
+            new_w, new_h = int(w * self.size / h), self.size
+        else:
+            new_w, new_h = self.size, int(h * self.size / w)
+        shrink = new_w <= w and new_h <= h
+        img = img.resize((max(new_w, 1), max(new_h, 1)), Image.BOX if shrink else Image.BILINEAR)
+        out = Image.new(img.mode, (self.size, self.size))
+        out.paste(img, ((self.size - img.size[0]) // 2, (self.size - img.size[1]) // 2))
+        return out
+
+    def __repr__(self):
+        return f"LongestSidePad({self.size})"
+
+
+def otsu_threshold(gray: np.ndarray) -> int:
+    """Otsu's threshold of a uint8 image, as cv2.threshold(..., THRESH_OTSU) computes it: the t in 0..255 that
+    maximises the between-class variance q1 q2 (mu1 - mu2)^2 of {<= t} and {> t} (the first t on a tie);
+    pixels > t are the foreground."""
+    hist = np.bincount(np.asarray(gray, dtype=np.uint8).ravel(), minlength=256).astype(np.float64)
+    p = hist / hist.sum()
+    levels = np.arange(256, dtype=np.float64)
+    q1 = np.cumsum(p)                                   # weight of {<= t}
+    q2 = 1.0 - q1
+    cum_mean = np.cumsum(p * levels)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mu1 = cum_mean / q1
+        mu2 = (cum_mean[-1] - cum_mean) / q2
+        sigma = q1 * q2 * (mu1 - mu2) ** 2
+    eps = np.finfo(np.float32).eps                      # cv2 skips a t with an (almost) empty class
+    sigma[(np.minimum(q1, q2) < eps) | (np.maximum(q1, q2) > 1 - eps)] = -1.0
+    return int(np.argmax(sigma)) if sigma.max() > 0 else 0
+
+
+class OtsuCrop:
+    """Crop to the bounding box of the Otsu foreground (pixels above otsu_threshold), the official OtsuCut: it
+    removes the zero padding and dark borders around an X-ray or a breast. An image without foreground is
+    returned as it is."""
+
+    def __call__(self, img):
+        _check_pil(img, "OtsuCrop")
+        gray = np.asarray(img.convert("L") if img.mode != "L" else img)
+        mask = gray > otsu_threshold(gray)
+        if not mask.any():
+            return img
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        return img.crop((int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1))
+
+    def __repr__(self):
+        return "OtsuCrop()"
+
+
+class RandomApply:
+    """Apply `transform` with probability p (torchvision's RandomApply: one torch.rand draw)."""
+
+    def __init__(self, transform, p):
+        self.transform, self.p = transform, p
+
+    def __call__(self, img):
+        return img if self.p < torch.rand(1).item() else self.transform(img)
+
+    def __repr__(self):
+        return f"RandomApply({self.transform!r}, p={self.p})"
+
+
+class BrightnessContrastJitter:
+    """torchvision ColorJitter(brightness=b, contrast=c) on a PIL image: factors uniform in [1 - b, 1 + b] and
+    [1 - c, 1 + c], applied in a random order, with PIL's ImageEnhance as torchvision's PIL path does."""
+
+    def __init__(self, brightness=0.2, contrast=0.2):
+        self.brightness, self.contrast = brightness, contrast
+
+    def __call__(self, img):
+        from PIL import ImageEnhance
+        order = torch.randperm(4).tolist()                # torchvision draws an order of its four jitters
+        b = float(torch.empty(1).uniform_(1 - self.brightness, 1 + self.brightness))
+        c = float(torch.empty(1).uniform_(1 - self.contrast, 1 + self.contrast))
+        for i in order:
+            if i == 0:
+                img = ImageEnhance.Brightness(img).enhance(b)
+            elif i == 1:
+                img = ImageEnhance.Contrast(img).enhance(c)
+        return img
+
+    def __repr__(self):
+        return f"BrightnessContrastJitter({self.brightness}, {self.contrast})"
+
+
+class GaussianBlur:
+    """torchvision GaussianBlur(kernel, sigma=(lo, hi)): sigma uniform in [lo, hi], a kernel x kernel Gaussian
+    (taps at -k//2..k//2), reflect padding, rounded back to uint8."""
+
+    def __init__(self, kernel=7, sigma=(0.1, 2.0)):
+        self.kernel, self.sigma = kernel, sigma
+
+    def __call__(self, img):
+        sigma = float(torch.empty(1).uniform_(*self.sigma))
+        half = (self.kernel - 1) * 0.5
+        taps = torch.exp(-0.5 * (torch.linspace(-half, half, self.kernel) / sigma) ** 2)
+        taps = taps / taps.sum()
+        x = torch.from_numpy(np.array(img, dtype=np.float32))
+        x = x[None, None] if x.ndim == 2 else x.permute(2, 0, 1)[:, None]  # (C, 1, H, W)
+        k = self.kernel // 2
+        x = F_nn.pad(x, (k, k, k, k), mode="reflect")
+        x = F_nn.conv2d(F_nn.conv2d(x, taps.view(1, 1, 1, -1)), taps.view(1, 1, -1, 1))
+        out = x.round().clamp(0, 255).to(torch.uint8)[:, 0]  # (C, H, W)
+        return Image.fromarray(out[0].numpy() if out.shape[0] == 1 else out.permute(1, 2, 0).numpy(), img.mode)
+
+    def __repr__(self):
+        return f"GaussianBlur({self.kernel}, sigma={self.sigma})"
+
+
+class RandomAffine:
+    """torchvision RandomAffine(degrees, translate, scale) without shear, nearest-neighbour, zero fill: an angle
+    uniform in [-degrees, degrees], a shift of up to translate * size (rounded to pixels), a scale uniform in
+    `scale`, about the image centre (PIL's inverse-matrix transform, as torchvision's PIL path)."""
+
+    def __init__(self, degrees=10.0, translate=(0.0625, 0.0625), scale=(0.8, 1.1)):
+        self.degrees, self.translate, self.scale = degrees, translate, scale
+
+    def __call__(self, img):
+        w, h = img.size
+        angle = float(torch.empty(1).uniform_(-self.degrees, self.degrees))
+        max_dx, max_dy = self.translate[0] * w, self.translate[1] * h
+        tx = int(round(torch.empty(1).uniform_(-max_dx, max_dx).item()))
+        ty = int(round(torch.empty(1).uniform_(-max_dy, max_dy).item()))
+        s = float(torch.empty(1).uniform_(*self.scale))
+        rot, cx, cy = math.radians(angle), w * 0.5, h * 0.5
+        # inverse of: translate(c + t) . rotate . scale . translate(-c)
+        m = [math.cos(rot) / s, math.sin(rot) / s, 0.0, -math.sin(rot) / s, math.cos(rot) / s, 0.0]
+        m[2] = m[0] * (-cx - tx) + m[1] * (-cy - ty) + cx
+        m[5] = m[3] * (-cx - tx) + m[4] * (-cy - ty) + cy
+        return img.transform((w, h), Image.AFFINE, m, resample=Image.NEAREST, fillcolor=0)
+
+    def __repr__(self):
+        return f"RandomAffine({self.degrees}, translate={self.translate}, scale={self.scale})"
+
+
+def official_cleft_transform(size=224, train=False):
+    """The official CLEFT image pipeline (see the section comment), scaled to `size`: longest side to
+    size * 256 / 224 with zero padding, Otsu crop, resize to size x size; in training brightness / contrast
+    jitter (p 0.4), blur (p 0.4), affine, flip; then 3 gray channels, Normalize(0.5, 0.5)."""
+    steps = [ToGray(), LongestSidePad(round(size * 256 / 224)), OtsuCrop(), Resize((size, size), Image.BILINEAR)]
+    if train:
+        steps += [RandomApply(BrightnessContrastJitter(0.2, 0.2), p=0.4), RandomApply(GaussianBlur(7, (0.1, 2.0)), p=0.4),
+                  RandomAffine(10.0, (0.0625, 0.0625), (0.8, 1.1)), RandomHorizontalFlip()]
+    return Compose(steps + [ToRGB(), ToTensor(), Normalize(HALF_MEAN, HALF_STD)])
