@@ -199,7 +199,9 @@ def test_sigterm_leaves_nothing_behind(tmp_path):
                              str(data / "isic"), "--copy"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     deadline = time.time() + 60
-    while not (data.is_dir() and any(p.name.startswith(".isic.partial-") for p in data.iterdir())):
+    copying = lambda: data.is_dir() and any(p.name.startswith(".isic.partial-") and (p / "raw").is_dir()
+                                            for p in data.iterdir())
+    while not copying():  # the split files are written, the copies are being made
         assert time.time() < deadline and proc.poll() is None, proc.communicate()
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)

@@ -206,8 +206,8 @@ class Output:
     def __enter__(self):
         self.out.parent.mkdir(parents=True, exist_ok=True)
         remove_leftovers(self.out)
-        self.tmp.mkdir()
-        try:
+        try:  # from the mkdir on: a signal can arrive at any point, and __exit__ does not run if __enter__ fails
+            self.tmp.mkdir()
             if self.link_raw and not self.copy:
                 try:
                     os.symlink(self.src, self.tmp / "raw", target_is_directory=True)
@@ -215,7 +215,7 @@ class Output:
                     raise DataError(f"cannot create the symlink {self.out / 'raw'} -> {self.src} ({e}); "
                                     f"pass --copy to copy the images instead") from None
         except BaseException:
-            shutil.rmtree(self.tmp, ignore_errors=True)  # __exit__ does not run when __enter__ fails
+            shutil.rmtree(self.tmp, ignore_errors=True)
             raise
         return self
 
