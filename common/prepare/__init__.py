@@ -57,6 +57,7 @@ CONVERTERS = {
     "odir": "fundus:prepare_odir",
     "chexpert": "chexpert:prepare_chexpert",
     "rsna": "rsna:prepare_rsna",
+    "embed": "embed:prepare_embed",
     "mimic-cxr": "mimic:prepare_mimic_cxr",
     "ct-rate": "ct_rate:prepare_ct_rate",
 }
