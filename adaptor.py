@@ -1,0 +1,1620 @@
+"""Adaptor: frozen DINOv2 + frozen BERT, a small shared transformer trained contrastively, then task heads.
+
+Paper: Qin, Liu, Cheng, Guo, Arcucci. "Freeze the backbones: a parameter-efficient contrastive approach to robust
+medical vision-language pre-training" (ICASSP 2024, arXiv 2401.01179). Official code: holajoa/Adaptor-VL-SSL
+(Lightning; read at commit 2414548). Hand-written here in plain PyTorch: DINOv2 (copied from cleft.py), BERT
+(copied from medct_lora.py), the Adaptor, the classification and segmentation heads, all tested against
+transformers and against the official module itself (tests/goldens/make_adaptor_goldens.py).
+
+The model (12,207,617 trainable parameters with DINOv2-B, 11,912,705 with DINOv2-S, as the paper counts):
+  g_img = DINOv2 CLS after the final norm (d_v = 768 / 384), g_txt = BERT pooler_output tanh(W h_CLS) (768)
+  Eq. (1)  v = W_v g_img / |W_v g_img|,   u = W_t g_txt / |W_t g_txt|           W_v, W_t bias-free, to 768
+  Eq. (2)  layer(s; q) = LN2(h + Drop(W2 Drop(ReLU(W1 h)))),  h = LN1(s + Drop(MHA(query=q, key=s, value=s)))
+           2 layers (12 heads, FF 2048, dropout 0.1), the same weights for both modalities, in this order:
+           for each layer: v <- layer(v; u), then u <- layer(u; v)
+  Eq. (3)  S_ij = exp(tau) <u_i, v_j> / (|u_i| |v_j|),  tau learnable, init ln(1/0.07), not clamped
+  Eq. (4)  L = 0.25 CE_dim0(S) + 0.75 CE_dim1(S)   (over texts for each image, over images for each text)
+  Downstream the text is absent and each layer is self-attention: v <- layer(v; v).
+
+What the official model really computes, said plainly: it feeds ONE pooled token per modality, and attention over
+a single key has weight 1 whatever the query, so MHA(q=u, k=v, v=v) = out_proj(v_proj(v)) exactly (a test proves
+it). The "cross-attention" therefore fuses nothing: each modality goes through the same residual linear + FFN
+blocks on its own, and the only cross-modal signal is the contrastive loss. Its query and key projections get no
+gradient at all and stay at their random initialisation. `--tokens` is the version the paper's figure describes:
+the query is still the other modality's global vector, but the keys and values are the frozen patch / word tokens
+(projected and normalised like the global ones), so which tokens are read depends on the other modality. With
+--tokens, features are computed on the fly under no_grad (a token cache for MIMIC-CXR would be ~80 GB).
+
+Frozen features are computed once per (backbone, dataset, split), cached as safetensors with a manifest of ids
+(cache/adaptor/<backbone>/<data>-<split>.{safetensors,json}); image and text rows are paired by id, never by
+position (the official extraction sorts each batch by caption length, so two tokenizers can misalign the pairs).
+
+Run it:
+    python adaptor.py                              # demo: pre-train, classify, segment; tiny models, CPU, ~2 min
+    python adaptor.py --data mimic-cxr --vision dinov2-b --text biobert           # pre-training, paper setting
+    python adaptor.py --task classify --data rsna --data-pct 0.01 --init runs/adaptor/mimic-cxr/<run>
+    python adaptor.py --task classify --data covidx --data-pct 0.1 --init RUN
+    python adaptor.py --task segment --data siim --data-pct 1 --init RUN          # or --data rsna-seg
+    torchrun --nproc_per_node 2 adaptor.py --data mimic-cxr ...   # per-rank negatives as official; --gather: all
+    python adaptor.py --resume RUN ; python adaptor.py --bench
+Data: data/README.md and `python -m common.prepare mimic-cxr|rsna|covidx|siim|rsna-seg --src RAW`. Weights: HF
+folders or repo ids in the HF cache (`python -m common.weights download facebook/dinov2-base`).
+
+Where this file departs from the official code (each is also noted where it happens):
+  - downstream, the official classifier passes the pooled (B, d) features to nn.MultiheadAttention, which reads a
+    2-D input as one unbatched sequence: its "self-attention" mixes the images of a batch, so a prediction depends
+    on the other images in the batch (a test shows it on the official module). Here each image is on its own;
+  - classification uses the frozen adaptor's output computed once (the backbone and adaptor are frozen, so it is
+    the same number the official code recomputes every step); the head is AdamW + cosine per step (official:
+    CosineAnnealingWarmRestarts with T_0 = 0.4 x total steps, stepped once per epoch, i.e. barely moving);
+  - the pre-training schedule is stepped once per batch (official: per batch AND once more per epoch by
+    Lightning); the validation loss is logged, but the last checkpoint is kept (official: W&B-only early stop);
+  - MIMIC-CXR has one frontal image per study here (common.prepare's layout; MGCA keeps every frontal image);
+  - per-image Dice is averaged over the whole split (official: the mean of per-batch means);
+  - CXR-BERT checkpoints have no trained pooler: the official code silently uses a random one; here that is an
+    error unless --missing-pooler random (the official behaviour, seeded) or cls (the CLS hidden state).
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from common import metrics as M
+from common import run as R
+from common.data import ClassificationDataset, DataError, SegmentationDataset, load_image
+from common.transforms import HALF_MEAN, HALF_STD, Normalize, ToTensor
+from common.weights import WeightsError, check_keys, load_config, load_mapped, resolve, tensor_index
+
+REPO = Path(__file__).resolve().parent
+
+# ----------------------------------------------------------------------------------------------------------
+# Configs and presets
+
+
+@dataclass
+# Copied from cleft.py: DINOv2Config
+class DINOv2Config:
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    patch_size: int = 14
+    pos_grid: int = 37             # the checkpoint's position-embedding grid (518 / 14); resized to the input's
+    n_registers: int = 4           # 0 = plain DINOv2 (no register_tokens parameter at all)
+    mlp_ratio: int = 4
+    eps: float = 1e-6
+    layerscale: float = 1.0        # LayerScale init (the pretrained values replace it)
+    pos_antialias: bool = True     # resize the position grid with antialias: True with registers, False without
+
+
+@dataclass
+# Copied from medct_lora.py: BertConfig
+class BertConfig:
+    vocab_size: int = 30522
+    dim: int = 768                 # hidden_size
+    n_layers: int = 12
+    n_heads: int = 12
+    mlp_dim: int = 3072            # intermediate_size
+    max_positions: int = 512
+    type_vocab_size: int = 2
+    eps: float = 1e-12             # layer_norm_eps
+    dropout: float = 0.1           # hidden_dropout_prob (CXR-BERT: 0.25)
+    attn_dropout: float = 0.1      # attention_probs_dropout_prob (CXR-BERT: 0.25)
+    pad_id: int = 0
+
+
+@dataclass
+class AdaptorConfig:
+    vision_dim: int = 768          # d_v: 768 DINOv2-B, 384 DINOv2-S
+    text_dim: int = 768
+    dim: int = 768                 # projection_dim
+    n_layers: int = 2
+    n_heads: int = 12
+    ff: int = 2048
+    dropout: float = 0.1           # attention weights, after the residual branches and inside the FFN
+    image_weight: float = 0.75     # Eq. (4): 0.75 x CE over images + 0.25 x CE over texts
+    tokens: bool = False           # --tokens: keys/values are the frozen token sequences
+
+
+VISION_PRESETS = {  # real sizes written out so the parameter count and --bench need no download
+    "dinov2-b": dict(repo="facebook/dinov2-base", config=DINOv2Config(n_registers=0, pos_antialias=False)),
+    "dinov2-s": dict(repo="facebook/dinov2-small",
+                     config=DINOv2Config(dim=384, n_heads=6, n_registers=0, pos_antialias=False)),
+    "tiny": dict(repo=None, config=DINOv2Config(dim=64, n_layers=4, n_heads=4, patch_size=14, pos_grid=8,
+                                                n_registers=0, pos_antialias=False)),
+}
+TEXT_PRESETS = {
+    "bert": dict(repo="google-bert/bert-base-uncased"),
+    "biobert": dict(repo="dmis-lab/biobert-v1.1"),
+    "pubmedbert": dict(repo="microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext"),
+    "cxrbert": dict(repo="microsoft/BiomedVLP-CXR-BERT-general"),
+    "clinicalbert": dict(repo="emilyalsentzer/Bio_ClinicalBERT"),
+    "tiny": dict(repo=None),
+}
+TINY_BERT = dict(dim=64, n_layers=2, n_heads=4, mlp_dim=128, max_positions=128)  # vocab: the demo's words (demo_tokenizer)
+MAX_WORDS = 112  # official caption length in tokens
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention helper and DINOv2 (copied from cleft.py)
+
+
+# Copied from cleft.py: attention
+def attention(q, k, v, scale: float, mask=None, causal: bool = False, dropout: float = 0.0):
+    """softmax(q k^T * scale + mask) v through PyTorch's fused SDPA kernel (flash / memory-efficient on CUDA).
+    q (B, nh, Tq, hs), k and v (B, nh, Tk, hs) -> (B, nh, Tq, hs). mask (B or 1, 1, Tq, Tk) bool, True = may
+    attend; causal=True instead of a mask for plain left-to-right attention; dropout on the attention weights
+    (pass 0.0 in eval mode: SDPA does not look at module.training)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scale)
+
+
+# Copied from cleft.py: LayerScale
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+# Copied from cleft.py: DINOv2Attention
+class DINOv2Attention(nn.Module):
+    def __init__(self, cfg: DINOv2Config):
+        super().__init__()
+        self.nh = cfg.n_heads
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)  # HF stores query, key, value apart; the key map stacks them
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.nh, C // self.nh).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, N, hs)
+        y = attention(q, k, v, scale=(C // self.nh) ** -0.5)                              # (B, nh, N, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, N, C))
+
+
+# Copied from cleft.py: DINOv2MLP
+class DINOv2MLP(nn.Module):
+    def __init__(self, cfg: DINOv2Config):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.dim, cfg.mlp_ratio * cfg.dim)
+        self.fc2 = nn.Linear(cfg.mlp_ratio * cfg.dim, cfg.dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as DINOv2 was trained
+
+
+# Copied from cleft.py: DINOv2Block
+class DINOv2Block(nn.Module):
+    def __init__(self, cfg: DINOv2Config):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.eps)
+        self.attn = DINOv2Attention(cfg)
+        self.ls1 = LayerScale(cfg.dim, cfg.layerscale)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.eps)
+        self.mlp = DINOv2MLP(cfg)
+        self.ls2 = LayerScale(cfg.dim, cfg.layerscale)
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+# Copied from cleft.py: DINOv2
+class DINOv2(nn.Module):
+    """DINOv2 ViT (Oquab et al. 2023), optionally with register tokens (Darcet et al. 2024).
+
+    forward(pixels (B, 3, H, W)) -> (tokens, prenorm), both (B, 1 + R + h*w, D) with h, w = H // p, W // p:
+        tokens  = after the final LayerNorm: HF Dinov2Model / Dinov2WithRegistersModel last_hidden_state
+        prenorm = the last block's output before it: HF hidden_states[-1] (the hub model's x_prenorm)
+    laid out [CLS, R registers, patches in row-major (h, w) order], R = cfg.n_registers (0 without registers):
+        CLS token       tokens[:, 0]                          (HF pooler_output)
+        patch tokens    tokens[:, 1 + R:]  -> .view(B, h, w, D) for a feature map
+    Any H, W that are multiples of the patch size work: the position grid is resized to (h, w)."""
+
+    def __init__(self, cfg: DINOv2Config):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.dim
+        self.patch_embed = nn.Conv2d(3, D, cfg.patch_size, cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        # plain DINOv2 has no register parameter at all (its checkpoints have no such key)
+        self.register_tokens = nn.Parameter(torch.zeros(1, cfg.n_registers, D)) if cfg.n_registers else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.pos_grid ** 2, D))
+        self.blocks = nn.ModuleList(DINOv2Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(D, eps=cfg.eps)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None) -> "DINOv2":
+        """An HF facebook/dinov2-{small,base,large} or facebook/dinov2-with-registers-* folder (or repo id in the
+        HF cache) -> DINOv2, built on the meta device, every key and shape checked."""
+        folder = resolve(path)
+        with torch.device("meta"):
+            model = cls(dinov2_config_from_hf(load_config(folder)))
+        return load_mapped(model, folder, DINOV2_MAP, dtype=dtype)
+
+    def init_random(self, seed: int = 0):
+        """Random weights for the demo / bench: trunc-normal(0.02) like DINOv2 / HF, LayerNorms at 1 / 0."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("gamma"):
+                p.data.fill_(self.cfg.layerscale)
+            elif "norm" in name:
+                p.data.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias") or name == "register_tokens":
+                p.data.zero_()
+            else:
+                p.data.copy_(torch.randn(p.shape, generator=g).clamp_(-2, 2) * 0.02)
+        return self
+
+    def pos_embed_for(self, h: int, w: int):
+        """Position embeddings for an (h, w) patch grid: the checkpoint's (G, G) grid resized bicubic in fp32, with
+        antialias when cfg.pos_antialias, to size=(h, w) exactly as HF does (the hub model with registers too)."""
+        pos = self.pos_embed
+        G = self.cfg.pos_grid
+        if (h, w) == (G, G):
+            return pos
+        grid = pos[:, 1:].reshape(1, G, G, -1).permute(0, 3, 1, 2)                      # (1, D, G, G)
+        grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False,
+                             antialias=self.cfg.pos_antialias)
+        grid = grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, h * w, -1)               # (1, h*w, D)
+        return torch.cat([pos[:, :1], grid], 1)                                           # (1, 1 + h*w, D)
+
+    def forward(self, pixels):
+        B = pixels.shape[0]
+        x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype))                    # (B, D, h, w)
+        h, w = x.shape[-2:]
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x.flatten(2).transpose(1, 2)], 1)  # (B, 1 + h*w, D)
+        x = x + self.pos_embed_for(h, w)
+        if self.register_tokens is not None:  # after the position embedding (they have none), right after CLS
+            x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]], 1)  # (B, 1 + R + h*w, D)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x), x
+
+# ----------------------------------------------------------------------------------------------------------
+# BERT (copied from medct_lora.py)
+
+
+# Copied from medct_lora.py: BertEmbeddings
+class BertEmbeddings(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.position_embeddings = nn.Embedding(cfg.max_positions, cfg.dim)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.dim)
+        self.LayerNorm = nn.LayerNorm(cfg.dim, eps=cfg.eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, ids, token_type_ids=None):
+        """ids (B, T) -> LayerNorm(word + position + token type) (B, T, D); positions 0..T-1."""
+        T = ids.shape[1]
+        if T > self.position_embeddings.num_embeddings:
+            raise ValueError(f"{T} tokens > max_positions {self.position_embeddings.num_embeddings}")
+        types = torch.zeros_like(ids) if token_type_ids is None else token_type_ids
+        x = self.word_embeddings(ids) + self.token_type_embeddings(types)
+        x = x + self.position_embeddings(torch.arange(T, device=ids.device))
+        return self.dropout(self.LayerNorm(x))
+
+
+# Copied from medct_lora.py: BertSelfAttention
+class BertSelfAttention(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.nh, self.p = cfg.n_heads, cfg.attn_dropout
+        self.query = nn.Linear(cfg.dim, cfg.dim)
+        self.key = nn.Linear(cfg.dim, cfg.dim)
+        self.value = nn.Linear(cfg.dim, cfg.dim)
+
+    def forward(self, x, mask=None):
+        """x (B, T, D), mask (B, 1, 1, T) bool (True = a real token) or None -> (B, T, D), before the output dense."""
+        B, T, C = x.shape
+        q, k, v = (f(x).view(B, T, self.nh, C // self.nh).transpose(1, 2) for f in (self.query, self.key, self.value))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p if self.training else 0.0)
+        return y.transpose(1, 2).reshape(B, T, C)                                        # (B, nh, T, hs) -> (B, T, D)
+
+
+# Copied from medct_lora.py: BertSublayerOutput
+class BertSublayerOutput(nn.Module):
+    """The post-LN step closing each sublayer: LayerNorm(dropout(dense(hidden)) + input_tensor). It is both
+    `attention.output` (dense D -> D) and `output` (dense mlp_dim -> D); HF calls them BertSelfOutput/BertOutput."""
+
+    def __init__(self, cfg: BertConfig, d_in: int):
+        super().__init__()
+        self.dense = nn.Linear(d_in, cfg.dim)
+        self.LayerNorm = nn.LayerNorm(cfg.dim, eps=cfg.eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, hidden, input_tensor):
+        return self.LayerNorm(self.dropout(self.dense(hidden)) + input_tensor)
+
+
+# Copied from medct_lora.py: BertAttention
+class BertAttention(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.self = BertSelfAttention(cfg)                 # HF's name: keys read attention.self.query.weight
+        self.output = BertSublayerOutput(cfg, cfg.dim)
+
+    def forward(self, x, mask=None):
+        return self.output(self.self(x, mask), x)
+
+
+# Copied from medct_lora.py: BertIntermediate
+class BertIntermediate(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.dim, cfg.mlp_dim)
+
+    def forward(self, x):
+        return F.gelu(self.dense(x))                       # exact (erf) GELU: HF hidden_act "gelu"
+
+
+# Copied from medct_lora.py: BertLayer
+class BertLayer(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.attention = BertAttention(cfg)
+        self.intermediate = BertIntermediate(cfg)
+        self.output = BertSublayerOutput(cfg, cfg.mlp_dim)
+
+    def forward(self, x, mask=None):
+        x = self.attention(x, mask)                        # LN(x + attn(x))
+        return self.output(self.intermediate(x), x)        # LN(x + W2 gelu(W1 x))
+
+
+# Copied from medct_lora.py: BERT
+class BERT(nn.Module):
+    """BERT encoder. forward(ids, attention_mask, token_type_ids) -> (last hidden state (B, T, D), pooled (B, D)
+    or None), equal to HF BertModel's last_hidden_state and pooler_output (the pooler is tanh(dense(h[:, 0])),
+    built only with add_pooler=True: CT-CLIP uses the CLS hidden state and never the pooler)."""
+
+    def __init__(self, cfg: BertConfig, add_pooler: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = BertEmbeddings(cfg)
+        self.encoder = nn.ModuleDict({"layer": nn.ModuleList(BertLayer(cfg) for _ in range(cfg.n_layers))})  # HF keys
+        self.pooler = nn.ModuleDict({"dense": nn.Linear(cfg.dim, cfg.dim)}) if add_pooler else None
+        self.grad_ckpt = False     # recompute each layer in backward (activation memory / n_layers)
+
+    def init_random(self, seed: int = 0, std: float = 0.02):
+        """Random weights for the demo / bench: N(0, std) like HF's init, LayerNorms at 1 / 0, biases 0."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if "LayerNorm" in name:
+                p.data.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias"):
+                p.data.zero_()
+            else:
+                p.data.copy_(torch.randn(p.shape, generator=g) * std)
+        return self
+
+    def forward(self, ids, attention_mask=None, token_type_ids=None):
+        """ids (B, T), attention_mask (B, T) 1 = real token, 0 = padding (padded keys are masked out)."""
+        x = self.embeddings(ids, token_type_ids)                                         # (B, T, D)
+        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+        for layer in self.encoder.layer:
+            if self.grad_ckpt and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, mask, use_reentrant=False)
+            else:
+                x = layer(x, mask)
+        pooled = torch.tanh(self.pooler.dense(x[:, 0])) if self.pooler is not None else None
+        return x, pooled
+
+    @classmethod
+    def from_pretrained(cls, path, add_pooler: bool = False, dtype=None) -> "BERT":
+        """HF BERT folder (BertModel, BertForMaskedLM or CXR-BERT layout; config.json + safetensors) -> BERT,
+        built on the meta device, every key and shape checked. add_pooler=True needs trained pooler weights."""
+        folder = resolve(path)
+        cfg = bert_config_from_hf(load_config(folder))
+        with torch.device("meta"):
+            model = cls(cfg, add_pooler=add_pooler)
+        has_pooler = any(k.endswith("pooler.dense.weight") for k in tensor_index(folder))
+        if add_pooler and not has_pooler:
+            raise WeightsError(f"{folder}: add_pooler=True but the checkpoint has no trained pooler (pooler.dense.*); "
+                               f"a pooler filled with random weights would silently give meaningless features")
+        key_map = BERT_MAP if add_pooler else BERT_MAP | {"pooler.dense.{}": None, "bert.pooler.dense.{}": None}
+        return load_mapped(model, folder, key_map, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Adaptor (Eqs. 1-4)
+
+
+class AdaptorAttention(nn.Module):
+    """nn.MultiheadAttention's math and parameter names (in_proj_weight / in_proj_bias / out_proj), so official
+    checkpoints map one to one: query (B, Tq, D) attends over key = value (B, Tk, D) -> (B, Tq, D).
+    pad (B, Tk) bool, True = a padding key to ignore."""
+
+    def __init__(self, dim: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.nh, self.dropout = n_heads, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)    # as nn.MultiheadAttention
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, query, kv, pad=None):
+        B, Tq, D = query.shape
+        Tk, hs = kv.shape[1], D // self.nh
+        w, b = self.in_proj_weight, self.in_proj_bias
+        q = F.linear(query, w[:D], b[:D]).view(B, Tq, self.nh, hs).transpose(1, 2)      # (B, nh, Tq, hs)
+        k, v = F.linear(kv, w[D:], b[D:]).view(B, Tk, 2, self.nh, hs).permute(2, 0, 3, 1, 4)  # 2 x (B, nh, Tk, hs)
+        mask = None if pad is None else ~pad[:, None, None, :]                          # (B, 1, 1, Tk)
+        y = attention(q, k, v, scale=hs ** -0.5, mask=mask, dropout=self.dropout if self.training else 0.0)
+        return self.out_proj(y.transpose(1, 2).reshape(B, Tq, D))
+
+
+class AdaptorLayer(nn.Module):
+    """Eq. (2), post-LN: layer(src; query) = LN2(h + FFN(h)), h = LN1(src + MHA(query, src, src)).
+
+    query=None is self-attention (downstream). memory (B, Tk, D) replaces src as keys/values (--tokens: src is
+    the global vector (B, 1, D), memory its modality's token sequence). With a single key (Tk = 1, the official
+    setting) the attention weight is exactly 1, so MHA(query, src, src) = out_proj(v_proj(src)) for ANY query."""
+
+    def __init__(self, cfg: AdaptorConfig):
+        super().__init__()
+        self.attn = AdaptorAttention(cfg.dim, cfg.n_heads, cfg.dropout)
+        self.linear1 = nn.Linear(cfg.dim, cfg.ff)
+        self.linear2 = nn.Linear(cfg.ff, cfg.dim)
+        self.norm1 = nn.LayerNorm(cfg.dim)
+        self.norm2 = nn.LayerNorm(cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)  # one module for the three dropouts of the official layer (same p)
+
+    def forward(self, src, query=None, memory=None, pad=None):
+        kv = src if memory is None else memory
+        h = self.norm1(src + self.drop(self.attn(src if query is None else query, kv, pad)))      # (B, T, D)
+        return self.norm2(h + self.drop(self.linear2(self.drop(F.relu(self.linear1(h))))))
+
+
+class Adaptor(nn.Module):
+    """Projections (Eq. 1), the shared layers (Eq. 2) and the logit scale (Eq. 3). Module names follow the
+    official Lightning module (projection.visual_projection, ...; its adaptor_module.encoder.i is layers.i)."""
+
+    def __init__(self, cfg: AdaptorConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.projection = nn.ModuleDict(dict(visual_projection=nn.Linear(cfg.vision_dim, cfg.dim, bias=False),
+                                             text_projection=nn.Linear(cfg.text_dim, cfg.dim, bias=False)))
+        self.layers = nn.ModuleList(AdaptorLayer(cfg) for _ in range(cfg.n_layers))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def project(self, x, which: str):
+        return F.normalize(self.projection[which](x), dim=-1)
+
+    def forward(self, img, txt, img_tokens=None, txt_tokens=None, txt_pad=None):
+        """img (B, d_v), txt (B, d_t) pooled features [+ their token sequences with --tokens] -> the joint
+        embeddings x_hat, t_hat (B, D), unit norm."""
+        v, u = self.project(img, "visual_projection")[:, None], self.project(txt, "text_projection")[:, None]
+        mv = None if img_tokens is None else self.project(img_tokens, "visual_projection")        # (B, N, D)
+        mu = None if txt_tokens is None else self.project(txt_tokens, "text_projection")          # (B, T, D)
+        for layer in self.layers:  # official order: the text path reads the image vector this layer produced
+            v = layer(v, query=u, memory=mv)
+            u = layer(u, query=v, memory=mu, pad=txt_pad if mu is not None else None)
+        return F.normalize(v[:, 0], dim=-1), F.normalize(u[:, 0], dim=-1)
+
+    def encode_image(self, img, img_tokens=None):
+        """Downstream image path (no text): self-attention -> (B, D), unit norm. With tokens, the global vector
+        queries the patch tokens (the --tokens pre-training's image path with the image as its own query)."""
+        v = self.project(img, "visual_projection")[:, None]
+        mv = None if img_tokens is None else self.project(img_tokens, "visual_projection")
+        for layer in self.layers:
+            v = layer(v, memory=mv) if mv is None else layer(v, query=v, memory=mv)
+        return F.normalize(v[:, 0], dim=-1)
+
+    def encode_patches(self, patches):
+        """Segmentation path (official): the patch tokens (B, N, d_v) through the same layers as self-attention
+        over the patches -> (B, N, D), each token unit norm."""
+        x = self.project(patches, "visual_projection")
+        for layer in self.layers:
+            x = layer(x)
+        return F.normalize(x, dim=-1)
+
+
+def adaptor_loss(x_hat, t_hat, logit_scale, image_weight: float = 0.75, gather: bool = False):
+    """Eq. (3)-(4). logits_per_text (Bt, Bi) = exp(tau) t_hat x_hat^T; CE over texts for each image (dim 0) and
+    over images for each text (dim 1). gather=False is the official per-rank batch; True gathers both sides
+    from every rank, with gradients (R.gather_with_grad), so DDP = one big batch."""
+    if gather:
+        x_hat, t_hat = R.gather_with_grad(x_hat), R.gather_with_grad(t_hat)
+    logits = logit_scale.exp() * t_hat @ x_hat.T                                          # (B, B)
+    labels = torch.arange(len(logits), device=logits.device)
+    caption_loss = F.cross_entropy(logits.T, labels)   # softmax over texts (dim 0 of logits_per_text)
+    image_loss = F.cross_entropy(logits, labels)       # softmax over images (dim 1)
+    return (1 - image_weight) * caption_loss + image_weight * image_loss
+
+# ----------------------------------------------------------------------------------------------------------
+# Weight loading: HF safetensors -> our modules through literal key maps ("{}" = one dotted component; None
+# drops a key; "q"/"k"/"v" are stacked on dim 0 into one fused qkv tensor)
+
+
+# Copied from cleft.py: DINOV2_MAP
+DINOV2_MAP = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.register_tokens": "register_tokens",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.{}": "patch_embed.{}",
+    "embeddings.mask_token": None,                   # only used by masked-image pre-training
+    "encoder.layer.{}.norm1.{}": "blocks.{}.norm1.{}",
+    "encoder.layer.{}.attention.attention.query.{}": ("blocks.{}.attn.qkv.{}", "q"),
+    "encoder.layer.{}.attention.attention.key.{}": ("blocks.{}.attn.qkv.{}", "k"),
+    "encoder.layer.{}.attention.attention.value.{}": ("blocks.{}.attn.qkv.{}", "v"),
+    "encoder.layer.{}.attention.output.dense.{}": "blocks.{}.attn.proj.{}",
+    "encoder.layer.{}.layer_scale1.lambda1": "blocks.{}.ls1.gamma",
+    "encoder.layer.{}.norm2.{}": "blocks.{}.norm2.{}",
+    "encoder.layer.{}.mlp.fc1.{}": "blocks.{}.mlp.fc1.{}",
+    "encoder.layer.{}.mlp.fc2.{}": "blocks.{}.mlp.fc2.{}",
+    "encoder.layer.{}.layer_scale2.lambda1": "blocks.{}.ls2.gamma",
+    "layernorm.{}": "norm.{}",
+}
+
+# Copied from medct_lora.py: BERT_MAP
+BERT_MAP = {  # HF BertModel keys -> ours (identity); "{}" = one dotted component, None = drop
+    "embeddings.word_embeddings.weight": "embeddings.word_embeddings.weight",
+    "embeddings.position_embeddings.weight": "embeddings.position_embeddings.weight",
+    "embeddings.token_type_embeddings.weight": "embeddings.token_type_embeddings.weight",
+    "embeddings.LayerNorm.{}": "embeddings.LayerNorm.{}",
+    "embeddings.position_ids": None,                  # a buffer older transformers saved (CT-CLIP issue #47)
+    "encoder.layer.{}.attention.self.query.{}": "encoder.layer.{}.attention.self.query.{}",
+    "encoder.layer.{}.attention.self.key.{}": "encoder.layer.{}.attention.self.key.{}",
+    "encoder.layer.{}.attention.self.value.{}": "encoder.layer.{}.attention.self.value.{}",
+    "encoder.layer.{}.attention.output.dense.{}": "encoder.layer.{}.attention.output.dense.{}",
+    "encoder.layer.{}.attention.output.LayerNorm.{}": "encoder.layer.{}.attention.output.LayerNorm.{}",
+    "encoder.layer.{}.intermediate.dense.{}": "encoder.layer.{}.intermediate.dense.{}",
+    "encoder.layer.{}.output.dense.{}": "encoder.layer.{}.output.dense.{}",
+    "encoder.layer.{}.output.LayerNorm.{}": "encoder.layer.{}.output.LayerNorm.{}",
+    "pooler.dense.{}": "pooler.dense.{}",
+}
+
+BERT_MAP |= {"bert." + k: v for k, v in BERT_MAP.items()} | {  # BertForMaskedLM / CXR-BERT files: "bert." prefix
+    "cls.predictions.bias": None,                     # the MLM head (CXR-BERT also has a 128-d projection head)
+    "cls.predictions.transform.dense.{}": None,
+    "cls.predictions.transform.LayerNorm.{}": None,
+    "cls.predictions.decoder.{}": None,
+    "cls_projection_head.dense_to_hidden.{}": None,
+    "cls_projection_head.LayerNorm.{}": None,
+    "cls_projection_head.dense_to_output.{}": None,
+}
+
+OFFICIAL_MAP = {  # the official Lightning checkpoint's state_dict (python -m common.weights convert FILE.ckpt)
+    "projection.visual_projection.weight": "projection.visual_projection.weight",
+    "projection.text_projection.weight": "projection.text_projection.weight",
+    "adaptor_module.encoder.{}.attn.in_proj_weight": "layers.{}.attn.in_proj_weight",
+    "adaptor_module.encoder.{}.attn.in_proj_bias": "layers.{}.attn.in_proj_bias",
+    "adaptor_module.encoder.{}.attn.out_proj.{}": "layers.{}.attn.out_proj.{}",
+    "adaptor_module.encoder.{}.linear1.{}": "layers.{}.linear1.{}",
+    "adaptor_module.encoder.{}.linear2.{}": "layers.{}.linear2.{}",
+    "adaptor_module.encoder.{}.norm1.{}": "layers.{}.norm1.{}",
+    "adaptor_module.encoder.{}.norm2.{}": "layers.{}.norm2.{}",
+    "logit_scale": "logit_scale",
+}
+
+
+# Copied from cleft.py: dinov2_config_from_hf
+def dinov2_config_from_hf(hf: dict) -> DINOv2Config:
+    """HF Dinov2Config or Dinov2WithRegistersConfig (a config.json written by transformers 4.x or 5.x) ->
+    DINOv2Config. Every field that would change what the model computes and is not implemented here is refused;
+    drop_path_rate is ignored (stochastic depth, a training regulariser; 0 in the released checkpoints) and so
+    are the Dinov2Backbone-only fields (out_features, out_indices, stage_names, apply_layernorm,
+    reshape_hidden_states) and use_mask_token (the mask token is only used by masked-image pre-training)."""
+    kind = hf.get("model_type", "dinov2")
+    if kind not in ("dinov2", "dinov2_with_registers"):
+        raise WeightsError(f"config.json has model_type {kind!r}: not a DINOv2 (dinov2, dinov2_with_registers)")
+    dim, heads = hf.get("hidden_size", 768), hf.get("num_attention_heads", 12)
+    image, patch = hf.get("image_size", 224), hf.get("patch_size", 14)
+    image = image[0] if isinstance(image, (list, tuple)) and len(set(image)) == 1 else image
+    patch = patch[0] if isinstance(patch, (list, tuple)) and len(set(patch)) == 1 else patch
+    refused = []
+    if hf.get("hidden_act", "gelu") != "gelu":
+        refused.append(f"hidden_act {hf['hidden_act']!r} (implemented: exact GELU, 'gelu')")
+    if hf.get("use_swiglu_ffn", False):
+        refused.append("use_swiglu_ffn true (the SwiGLU MLP of ViT-g; implemented: the GELU MLP of ViT-S/B/L)")
+    if not hf.get("qkv_bias", True):
+        refused.append("qkv_bias false (implemented: q, k, v with biases)")
+    if hf.get("num_channels", 3) != 3:
+        refused.append(f"num_channels {hf['num_channels']} (implemented: 3)")
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if hf.get(key, 0.0):
+            refused.append(f"{key} {hf[key]} (no dropout is implemented in the ViT)")
+    if not isinstance(image, int) or not isinstance(patch, int):
+        refused.append(f"non-square image_size {image} / patch_size {patch} (implemented: square)")
+    if dim % heads:
+        refused.append(f"hidden_size {dim} not divisible by num_attention_heads {heads}")
+    mlp = hf.get("mlp_ratio", 4)
+    if int(dim * mlp) != dim * mlp or int(mlp) != mlp:
+        refused.append(f"mlp_ratio {mlp} (implemented: an integer ratio)")
+    if refused:
+        raise WeightsError("this DINOv2 config is not supported by cleft.py: " + "; ".join(refused))
+    registers = kind == "dinov2_with_registers"  # plain Dinov2Model ignores num_register_tokens
+    return DINOv2Config(dim=dim, n_layers=hf.get("num_hidden_layers", 12), n_heads=heads, patch_size=patch,
+                        pos_grid=image // patch, n_registers=hf.get("num_register_tokens", 4) if registers else 0,
+                        mlp_ratio=int(mlp), eps=hf.get("layer_norm_eps", hf.get("layer_norm_epsilon", 1e-6)),
+                        layerscale=hf.get("layerscale_value", 1.0), pos_antialias=registers)
+
+
+# Copied from medct_lora.py: bert_config_from_hf
+def bert_config_from_hf(hf: dict) -> BertConfig:
+    """BertConfig from an HF config.json (transformers 4 and 5 write the same BERT keys, except that 5 dropped
+    position_embedding_type, which 4 wrote as "absolute"). Refuses what this BERT does not compute."""
+    refuse = []
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        refuse.append(f"position_embedding_type {hf['position_embedding_type']!r} (only 'absolute')")
+    if hf.get("is_decoder") or hf.get("add_cross_attention"):
+        refuse.append("is_decoder / add_cross_attention (this is the bidirectional encoder only)")
+    if hf.get("hidden_act", "gelu") != "gelu":
+        refuse.append(f"hidden_act {hf['hidden_act']!r} (only 'gelu', the exact erf GELU)")
+    if hf.get("embedding_size", hf["hidden_size"]) != hf["hidden_size"]:
+        refuse.append(f"embedding_size {hf['embedding_size']} != hidden_size (an ALBERT/ELECTRA-style factorisation)")
+    if hf["hidden_size"] % hf["num_attention_heads"]:
+        refuse.append(f"hidden_size {hf['hidden_size']} not divisible by num_attention_heads")
+    if refuse:
+        raise WeightsError("BERT config not supported: " + "; ".join(refuse))
+    # chunk_size_feed_forward only splits the MLP computation into chunks (same result): ignored on purpose
+    return BertConfig(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                      n_heads=hf["num_attention_heads"], mlp_dim=hf["intermediate_size"],
+                      max_positions=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 2),
+                      eps=hf.get("layer_norm_eps", 1e-12), dropout=hf.get("hidden_dropout_prob", 0.1),
+                      attn_dropout=hf.get("attention_probs_dropout_prob", 0.1), pad_id=hf.get("pad_token_id") or 0)
+
+
+def load_bert(path, missing_pooler: str = "error", seed: int = 42, dtype=None) -> BERT:
+    """An HF BERT folder -> BERT with its pooler (the official global text feature is pooler_output). Without
+    trained pooler weights (CXR-BERT, MLM-only files) that is an error unless missing_pooler is "random" (the
+    official behaviour: transformers initialises it randomly; seeded here, normal(0, 0.02) as transformers) or
+    "cls" (no pooler: the CLS hidden state is the global feature)."""
+    folder = resolve(path)
+    has_pooler = any(k.endswith("pooler.dense.weight") for k in tensor_index(folder))
+    if not has_pooler and missing_pooler == "error":
+        raise WeightsError(f"{folder} has no trained pooler (pooler.dense.*): the official code silently uses a "
+                           "random one there. Pass --missing-pooler random (official, seeded) or cls (CLS state)")
+    model = BERT.from_pretrained(folder, add_pooler=has_pooler, dtype=dtype)
+    if not has_pooler and missing_pooler == "random":  # added after construction: the copied BERT stays as is
+        g = torch.Generator().manual_seed(seed)
+        dense = nn.Linear(model.cfg.dim, model.cfg.dim)
+        with torch.no_grad():
+            dense.weight.copy_(torch.randn(dense.weight.shape, generator=g) * 0.02)
+            dense.bias.zero_()
+        model.pooler = nn.ModuleDict({"dense": dense.to(model.embeddings.word_embeddings.weight.dtype)})
+    return model
+
+
+def bert_tokenizer(folder: Path):
+    """tokenizer.json when the folder has one, else WordPiece from vocab.txt (BioBERT, ClinicalBERT), lower-cased
+    as tokenizer_config.json says. Either way: [CLS] ... [SEP], truncated to MAX_WORDS."""
+    from tokenizers import Tokenizer
+    from tokenizers.implementations import BertWordPieceTokenizer
+    if (folder / "tokenizer.json").is_file():
+        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    elif (folder / "vocab.txt").is_file():
+        conf = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").is_file() else {}
+        tok = BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=conf.get("do_lower_case", True))
+    else:
+        raise WeightsError(f"{folder}: no tokenizer.json or vocab.txt")
+    tok.enable_truncation(MAX_WORDS)
+    return tok
+
+
+def demo_tokenizer(captions: list):
+    """The tiny BERT's tokenizer: one WordPiece entry per word of the demo's (cleaned) training captions, in
+    sorted order, so the vocabulary is a function of the demo data only."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordPiece
+    words = sorted({w for c in captions for w in c.split()})
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)}
+    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.enable_truncation(MAX_WORDS)
+    return tok
+
+
+def tokenize(tok, texts) -> tuple:
+    """-> ids (N, T), mask (N, T), padded to the longest caption of the batch (the official pads every caption
+    to 112; with the attention mask the outputs are the same)."""
+    enc = tok.encode_batch(list(texts))
+    T = max(len(e.ids) for e in enc)
+    ids = torch.zeros(len(enc), T, dtype=torch.long)
+    mask = torch.zeros(len(enc), T, dtype=torch.long)
+    for i, e in enumerate(enc):
+        ids[i, :len(e.ids)], mask[i, :len(e.ids)] = torch.tensor(e.ids), 1
+    return ids, mask
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: captions, the official image geometry, datasets, label fractions
+
+PREPARE = "python -m common.prepare {} --src /path/to/the/download"
+DATASETS = {  # folder under data/; pairs = image-report CSVs per split; classify / segment = split JSONs
+    "demo": dict(dir="demo", pairs="reports_{}.csv", splits=("train", "val"), classify="split_demo.json",
+                 segment="split_seg_demo.json", size=112),
+    "mimic-cxr": dict(dir="mimic-cxr", pairs="reports_{}.csv", splits=("train", "validate"), size=224),
+    "rsna": dict(dir="rsna", classify="split_rsna.json", size=224),
+    "covidx": dict(dir="covidx", classify="split_covidx.json", size=224),
+    "siim": dict(dir="siim", segment="split_seg_siim.json", size=896),
+    "rsna-seg": dict(dir="rsna-seg", segment="split_seg_rsna.json", size=224),
+}
+
+
+def clean_caption(text: str) -> str:
+    """The official caption cleaning: split into sentences on "N." and ".", lower-case, keep \\w+ tokens (ASCII
+    only), drop sentences of <= 1 token; "" when fewer than 3 tokens remain (the study is then dropped)."""
+    sents = [s for part in re.split(r"[0-9]+\.", text.replace("\n", " ")) for s in part.split(".")]
+    kept = []
+    for s in sents:
+        toks = re.findall(r"\w+", s.replace("\ufffd\ufffd", " ").lower())
+        if len(toks) <= 1:
+            continue
+        toks = [t for t in (t.encode("ascii", "ignore").decode("ascii") for t in toks) if t]
+        if toks:
+            kept.append(" ".join(toks))
+    return " ".join(kept) if sum(len(s.split()) for s in kept) >= 3 else ""
+
+
+def read_pairs(path: Path) -> tuple:
+    """An image-report CSV -> (ids = image paths, cleaned captions), in file order. The caption is impression +
+    " " + findings when the CSV has those columns (MIMIC-CXR, as official), else its report column."""
+    if not path.is_file():
+        raise DataError(f"image-report CSV not found: {path}")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "image_path" not in rows[0]:
+        raise DataError(f"{path}: expected an image_path column and a report (or findings + impression) column")
+    ids, caps = [], []
+    for r in rows:
+        text = f"{r.get('impression', '')} {r.get('findings', '')}" if "findings" in r else r.get("report", "")
+        c = clean_caption(text)
+        if c:
+            ids.append(r["image_path"])
+            caps.append(c)
+    if len(set(ids)) != len(ids):
+        raise DataError(f"{path}: an image_path appears twice; pairs are matched by it")
+    return ids, caps
+
+
+class PadCrop:
+    """The official (MGCA) geometry: longer side to `load` (= size x 256 / 224) keeping the aspect ratio, zero-pad
+    to a centred square, then a random (train) or centre crop of `size`. Joint: a mask gets the same geometry
+    (nearest). Pixels -> [0, 1] -> mean 0.5 / std 0.5, for DINOv2 too, as official."""
+
+    def __init__(self, size: int, train: bool):
+        self.size, self.load, self.train = size, round(size * 256 / 224), train
+        self.norm = Normalize(HALF_MEAN, HALF_STD)
+
+    def _square(self, img, resample):
+        w, h = img.size
+        s = self.load / max(w, h)
+        img = img.resize((max(1, round(w * s)), max(1, round(h * s))), resample)
+        canvas = Image.new(img.mode, (self.load, self.load))
+        canvas.paste(img, ((self.load - img.size[0]) // 2, (self.load - img.size[1]) // 2))
+        return canvas
+
+    def __call__(self, image, mask=None):
+        off = self.load - self.size
+        top, left = (torch.randint(0, off + 1, (2,)).tolist() if self.train else (off // 2, off // 2))
+        box = (left, top, left + self.size, top + self.size)
+        x = self.norm(ToTensor()(self._square(image.convert("RGB"), Image.BILINEAR).crop(box)))    # (3, S, S)
+        if mask is None:
+            return x
+        m = torch.from_numpy(np.asarray(self._square(mask, Image.NEAREST).crop(box)) >= 128).float()[None]
+        return x, m                                                                               # (1, S, S)
+
+
+class Images(torch.utils.data.Dataset):
+    """Images by relative path (the ids of the feature cache), through PadCrop."""
+
+    def __init__(self, root: Path, paths: list, transform):
+        self.root, self.paths, self.transform = root, paths, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform(load_image(self.root / self.paths[i]))
+
+
+def data_root(args) -> Path:
+    return Path(args.data_dir) if args.data_dir else REPO / "data" / DATASETS[args.data]["dir"]
+
+
+def fraction(labels, pct: float, seed: int) -> np.ndarray:
+    """Indices of a stratified, seeded `pct` of the items (at least one per class present), sorted."""
+    labels = np.asarray(labels)
+    if pct >= 1:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        keep.append(rng.choice(idx, max(1, round(pct * len(idx))), replace=False))
+    return np.sort(np.concatenate(keep))
+
+# ----------------------------------------------------------------------------------------------------------
+# Frozen features: computed once, cached with the ids in order
+
+
+def image_features(vision, pixels):
+    """-> global (B, d_v) = CLS after the final norm, tokens (B, 1 + N, d_v) = all tokens after it (no registers
+    in plain DINOv2; with registers they are dropped)."""
+    out, _ = vision(pixels)
+    R_ = vision.cfg.n_registers
+    tokens = torch.cat([out[:, :1], out[:, 1 + R_:]], 1) if R_ else out
+    return out[:, 0], tokens
+
+
+def text_features(bert, ids, mask):
+    """-> global (B, 768) = pooler_output (or the CLS state without a pooler), tokens (B, T, 768), pad (B, T)."""
+    hidden, pooled = bert(ids, attention_mask=mask)
+    return (pooled if pooled is not None else hidden[:, 0]), hidden, mask == 0
+
+
+@torch.no_grad()
+def extract(fn, n: int, batch: int, desc: str, enabled=True) -> torch.Tensor:
+    """Stack fn(start, end) over [0, n) in batches, with an ETA."""
+    prog, out = R.Progress(math.ceil(n / batch), desc, enabled), []
+    for s in range(0, n, batch):
+        out.append(fn(s, min(n, s + batch)).float().cpu())
+        prog.update()
+    return torch.cat(out)
+
+
+def cached(path: Path, ids: list, compute, world, meta: dict) -> torch.Tensor:
+    """Features (N, d) for `ids`, rows in that order: read from path if its manifest lists exactly these ids,
+    else computed by rank 0 and written atomically (path.safetensors + path.json); other ranks wait and read."""
+    st, man = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    fresh = man.is_file() and st.is_file() and json.loads(man.read_text()).get("ids") == list(ids)
+    if not fresh and world.is_main:
+        feats = compute()
+        st.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"features": feats.contiguous()}, str(st) + ".tmp")
+        man.with_suffix(".json.tmp").write_text(json.dumps(meta | {"n": len(ids), "dim": feats.shape[1],
+                                                                   "ids": list(ids)}) + "\n")
+        os.replace(str(st) + ".tmp", st)
+        os.replace(man.with_suffix(".json.tmp"), man)
+    if world.enabled:
+        torch.distributed.barrier()
+    feats = load_file(str(st))["features"]
+    if json.loads(man.read_text())["ids"] != list(ids) or len(feats) != len(ids):
+        raise DataError(f"{st}: the cache does not match its manifest {man}; delete both to recompute")
+    return feats
+
+
+def paired(img_ids, img_feats, txt_ids, txt_feats) -> tuple:
+    """Pair image and text rows by id (never by position): -> (ids, img (N, d_v), txt (N, d_t)) in img order."""
+    row = {k: i for i, k in enumerate(txt_ids)}
+    ids = [k for k in img_ids if k in row]
+    if not ids:
+        raise DataError("no image id has a caption: the image and text caches do not describe the same pairs")
+    at = {k: i for i, k in enumerate(img_ids)}
+    return ids, img_feats[[at[k] for k in ids]], txt_feats[[row[k] for k in ids]]
+
+# ----------------------------------------------------------------------------------------------------------
+# Training: one step loop for pre-training and both heads
+
+
+def linear_lr(step: int, total: int, warmup: int, lr: float) -> float:
+    """get_linear_schedule_with_warmup (the official pre-training schedule): 0 -> lr over `warmup` steps, then
+    linearly to 0 at `total`."""
+    if step < warmup:
+        return lr * step / max(1, warmup)
+    return lr * max(0.0, (total - step) / max(1, total - warmup))
+
+
+def cosine_lr(step: int, total: int, lr: float, min_lr: float = 1e-8) -> float:
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total))))
+
+
+def train_loop(args, world, folder: Path, model, opt, n: int, step_fn, lr_fn, total: int, ds=None, best=None,
+               desc="train"):
+    """`total` optimizer steps over n items (epochs as needed), resuming from folder/ckpt. step_fn(net, batch)
+    -> loss, where batch is an index list, or the collated items of `ds` (a DataLoader with workers) when given.
+    best (a Best) is evaluated at the end of every epoch and kept in the checkpoint with the trainable tensors,
+    optimizer, RNG and step, so a killed run continues exactly where it stopped."""
+    net = R.wrap_model(model, world, compile=args.compile)
+    ckpts = R.Checkpoints(folder / "ckpt", world)
+    ck, step = ckpts.load(optimizer=opt, resuming=bool(args.resume)), 0
+    trainable = lambda: {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+    if ck is not None:
+        R.load_tensors(model, ck.tensors, f"checkpoint {ck.path}", required=list(trainable()))
+        step = ck.step
+        if best is not None:
+            best.resume(ck.extra)
+    log = R.JsonlLog(folder / "metrics.jsonl", world.is_main)
+    prog = R.Progress(total, desc, world.is_main, every=args.print_every, start=step)
+    nb = len(R.epoch_batches(n, args.batch_size, args.seed, 0, world))
+    while step < total:
+        net.train()
+        epoch, skip = divmod(step, nb)
+        batches = R.epoch_batches(n, args.batch_size, args.seed, epoch, world)[skip:]
+        if ds is not None:
+            batches = R.epoch_loader(ds, batches, world, args.num_workers, args.seed, epoch)
+        for batch in batches:
+            lr = lr_fn(step)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with R.autocast(world.device, args.precision):
+                loss = step_fn(net, batch)
+            value = R.optimizer_step(loss, opt, None, world, step)
+            step += 1
+            if step % args.log_every == 0 or step == total:
+                log.log(step=step, epoch=epoch, loss=value, lr=lr)
+            prog.update(1, loss=value, lr=lr)
+            if best is not None and (step % nb == 0 or step == total):
+                log.log(step=step, epoch=epoch, **best(epoch))
+            if step % args.ckpt_every == 0 or step == total:
+                ckpts.save(step, trainable(), optimizer=opt, extra=best.state() if best is not None else None)
+            if step >= total:
+                break
+    return step
+
+
+def total_steps(args, n: int, world) -> int:
+    nb = len(R.epoch_batches(n, args.batch_size, args.seed, 0, world))
+    return min(args.epochs * nb, args.steps) if args.steps else args.epochs * nb
+
+# ----------------------------------------------------------------------------------------------------------
+# Pre-training
+
+
+def pretrain(args, world, folder: Path, vision, bert, tok, size: int) -> Adaptor:
+    """Eq. (4) over the MIMIC-CXR (or demo) pairs. Cached pooled features by default; --tokens runs the frozen
+    backbones on the fly (no_grad) for their token sequences."""
+    root, d = data_root(args), DATASETS[args.data]
+    sets = {}
+    for split in d["splits"]:
+        ids, caps = read_pairs(root / d["pairs"].format(split))
+        sets[split] = (ids, caps, Images(root, ids, PadCrop(size, train=split == d["splits"][0])))
+    cfg = AdaptorConfig(vision_dim=vision.cfg.dim, text_dim=bert.cfg.dim, n_layers=args.layers, dim=args.dim,
+                        n_heads=args.heads, ff=args.ff, dropout=args.dropout, tokens=args.tokens)
+    model = Adaptor(cfg).to(world.device)
+    train_ids, train_caps, train_images = sets[d["splits"][0]]
+    feats = {}
+    for split, (ids, caps, images) in sets.items():
+        if not args.tokens:
+            feats[split] = paired(ids, frozen_images(args, world, vision, images, split, size),
+                                  ids, frozen_texts(args, world, bert, tok, caps, ids, split))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    total = total_steps(args, len(train_ids), world)
+    warmup = int(args.warmup_frac * total)
+    if args.tokens:
+        caps_of = dict(zip(train_ids, train_caps))
+
+        def step_fn(net, batch):
+            idx = batch
+            pixels = torch.stack([train_images[i] for i in idx]).to(world.device)
+            ids, mask = tokenize(tok, [caps_of[train_ids[i]] for i in idx])
+            with torch.no_grad():
+                g_img, t_img = image_features(vision, pixels)
+                g_txt, t_txt, pad = text_features(bert, ids.to(world.device), mask.to(world.device))
+            x, t = net(g_img.float(), g_txt.float(), t_img.float(), t_txt.float(), pad)
+            return adaptor_loss(x, t, model.logit_scale, cfg.image_weight, args.gather)
+    else:
+        _, img, txt = feats[d["splits"][0]]
+        img, txt = img.to(world.device), txt.to(world.device)
+
+        def step_fn(net, batch):
+            idx = torch.tensor(batch, device=world.device)
+            x, t = net(img[idx], txt[idx])
+            return adaptor_loss(x, t, model.logit_scale, cfg.image_weight, args.gather)
+    if world.is_main:
+        print(f"pre-training: {len(train_ids)} pairs, {total} steps of {args.batch_size} x {world.size}, "
+              f"{sum(p.numel() for p in model.parameters()):,} trainable parameters")
+    train_loop(args, world, folder, model, opt, len(train_ids), step_fn,
+               lambda s: linear_lr(s, total, warmup, args.lr), total, desc="pretrain")
+    if not args.tokens and world.is_main:
+        model.eval()
+        _, img, txt = feats[d["splits"][1]]
+        with torch.no_grad():
+            x, t = model(img.to(world.device), txt.to(world.device))
+            val = adaptor_loss(x, t, model.logit_scale, cfg.image_weight).item()
+            top1 = (t @ x.T).argmax(1).eq(torch.arange(len(t), device=t.device)).float().mean().item()
+        print(f"pre-training: {d['splits'][1]} loss {val:.4f} (one batch of {len(x)}), text->image top-1 {top1:.3f}")
+        R.JsonlLog(folder / "metrics.jsonl").log(split=d["splits"][1], val_loss=val, t2i_top1=top1)
+    finish(model, folder, world, dict(adaptor=asdict(cfg)))
+    return model
+
+
+def finish(model: nn.Module, folder: Path, world, spec: dict):
+    """The finished stage: trainable tensors + model.json (what --init reads)."""
+    if world.is_main:
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(tensors, str(folder / "weights.safetensors"))
+        (folder / "model.json").write_text(json.dumps(spec, indent=2) + "\n")
+    if world.enabled:
+        torch.distributed.barrier()
+
+
+def backbone_key(args, which: str) -> str:
+    path = getattr(args, f"{which}_path")
+    return getattr(args, which) + ("" if not path else "-" + re.sub(r"\W+", "_", str(path))[-40:])
+
+
+def frozen_images(args, world, vision, images: Images, split: str, size: int, tokens_fn=None) -> torch.Tensor:
+    """Cached global image features (N, d_v) of `images`, rows in images.paths order."""
+    path = Path(args.cache_dir) / "adaptor" / backbone_key(args, "vision") / f"{args.data}-{split}-{size}"
+
+    def compute():
+        vision.eval()
+
+        def batch(s, e):
+            pixels = torch.stack([images[i] for i in range(s, e)]).to(world.device)
+            with R.autocast(world.device, args.precision):
+                return image_features(vision, pixels)[0]
+        return extract(batch, len(images), args.eval_batch_size, f"image features {split}")
+    return cached(path, images.paths, compute, world, dict(backbone=backbone_key(args, "vision"), data=args.data,
+                                                           split=split, size=size))
+
+
+def frozen_texts(args, world, bert, tok, captions: list, ids: list, split: str) -> torch.Tensor:
+    path = Path(args.cache_dir) / "adaptor" / backbone_key(args, "text") / f"{args.data}-{split}"
+
+    def compute():
+        bert.eval()
+
+        def batch(s, e):
+            t, m = tokenize(tok, captions[s:e])
+            with R.autocast(world.device, args.precision):
+                return text_features(bert, t.to(world.device), m.to(world.device))[0]
+        return extract(batch, len(captions), args.eval_batch_size, f"text features {split}")
+    return cached(path, ids, compute, world, dict(backbone=backbone_key(args, "text"), data=args.data, split=split))
+
+# ----------------------------------------------------------------------------------------------------------
+# Downstream: the classification head, the segmentation decoder and their losses
+
+
+class ClassifierHead(nn.Module):
+    """The official SSLEvaluator with hidden_dim 512: Linear(768, 512, no bias), BN, ReLU, Dropout 0.1, Linear."""
+
+    def __init__(self, dim: int, n_out: int, hidden: int = 512, dropout: float = 0.1):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),
+                                 nn.Dropout(dropout), nn.Linear(hidden, n_out))
+
+    def forward(self, z):
+        return self.net(z)
+
+
+def conv_bn_relu(cin: int, cout: int, padding: int = 1):
+    return [nn.Conv2d(cin, cout, 3, padding=padding), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+class SegDecoder(nn.Module):
+    """The official ViTDecoder: stage 0 brings the (g, g) patch grid to size / 16 (crop 224: a 3x3 valid conv,
+    16 -> 14; otherwise a padded conv and a resize, as its 896 branch does), then 4 x (conv, BN, ReLU, 2x
+    upsampling) and a 3x3 conv to the mask logits (B, 1, size, size)."""
+
+    def __init__(self, dim: int, grid: int, size: int, features=(512, 256, 128, 64)):
+        super().__init__()
+        valid = grid == size // 16 + 2
+        stage0 = conv_bn_relu(dim, dim, padding=0 if valid else 1)
+        if not valid:
+            stage0.append(nn.Upsample(size=(size // 16, size // 16)))
+        blocks, cin = [nn.Sequential(*stage0)], dim
+        for f in features:
+            blocks.append(nn.Sequential(*conv_bn_relu(cin, f), nn.Upsample(scale_factor=2)))
+            cin = f
+        self.stages = nn.Sequential(*blocks)
+        self.out = nn.Conv2d(cin, 1, 3, padding=1)
+        for m in self.modules():  # the official init
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, grid):
+        return self.out(self.stages(grid))
+
+
+class Segmenter(nn.Module):
+    """Frozen DINOv2 patch tokens -> frozen adaptor self-attention over the patches -> trained decoder."""
+
+    def __init__(self, vision: DINOv2, adaptor: Adaptor, size: int, width: int = 512):
+        super().__init__()
+        self.vision, self.adaptor = vision, adaptor
+        g = size // vision.cfg.patch_size
+        self.decoder = SegDecoder(adaptor.cfg.dim, g, size, features=(width, width // 2, width // 4, width // 8))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vision.eval(), self.adaptor.eval()  # frozen: no adaptor dropout, whatever the loop asks
+        return self
+
+    def forward(self, pixels):
+        with torch.no_grad():
+            _, tokens = image_features(self.vision, pixels)
+            z = self.adaptor.encode_patches(tokens[:, 1:].float())                       # (B, g*g, D)
+        B, N, D = z.shape
+        g = int(N ** 0.5)
+        return self.decoder(z.transpose(1, 2).reshape(B, D, g, g))                     # (B, 1, S, S)
+
+
+def focal_loss(logits, target, gamma: float = 2.0):
+    """Binary focal loss (MGCA's FocalLoss): BCE-with-logits x (1 - p_t)^gamma, mean over pixels."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return (torch.exp(gamma * F.logsigmoid(-logits * (2 * target - 1))) * bce).mean()
+
+
+def dice_loss(x, target, smooth: float = 1.0):
+    """MGCA's "modified" DiceLoss(p=2, reduction="sum"): sum over images of 1 - (sum x t + 1) / (sum x^2 + t^2 + 1).
+    NOTE the official code passes the raw logits as x, not probabilities (kept; --dice-on-probs passes sigmoid)."""
+    x, t = x.flatten(1), target.flatten(1)
+    return (1 - ((x * t).sum(1) + smooth) / ((x.pow(2) + t.pow(2)).sum(1) + smooth)).sum()
+
+
+def seg_loss(logits, target, alpha: float = 10.0, on_probs: bool = False):
+    """MixedLoss: alpha x focal + dice."""
+    return alpha * focal_loss(logits, target) + dice_loss(logits.sigmoid() if on_probs else logits, target)
+
+
+def dice_per_image(probs, target, threshold: float = 0.5) -> torch.Tensor:
+    """(B,) Dice of (probs > threshold) against target > 0.5; an empty target scores 1 if the prediction is empty
+    and 0 otherwise (the official rule)."""
+    p, t = (probs.flatten(1) > threshold).float(), (target.flatten(1) > 0.5).float()
+    dice = 2 * (p * t).sum(1) / (p + t).sum(1).clamp_min(1e-12)
+    return torch.where(t.sum(1) == 0, (p.sum(1) == 0).float(), dice)
+
+
+class Best:
+    """Tracks the best validation score and the head's tensors at that point (kept in the checkpoint)."""
+
+    def __init__(self, head: nn.Module, evaluate, name: str):
+        self.head, self.evaluate, self.name = head, evaluate, name
+        self.score, self.epoch, self.tensors = -math.inf, -1, None
+
+    def __call__(self, epoch: int) -> dict:
+        score = self.evaluate()
+        if score > self.score:
+            self.score, self.epoch = score, epoch
+            self.tensors = {k: v.detach().clone() for k, v in self.head.state_dict().items()}
+        return {f"val_{self.name}": score}
+
+    def state(self) -> dict:
+        return {"best_score": self.score, "best_epoch": self.epoch, "best_tensors": self.tensors}
+
+    def resume(self, extra: dict):
+        if extra.get("best_tensors") is not None:
+            self.score, self.epoch, self.tensors = extra["best_score"], extra["best_epoch"], extra["best_tensors"]
+
+    def restore(self):
+        if self.tensors is not None:
+            self.head.load_state_dict(self.tensors)
+
+
+def classify(args, world, folder: Path, vision, adaptor: Adaptor, size: int) -> dict:
+    """Frozen backbone -> frozen adaptor (image path) -> trained head, at --data-pct of the training labels;
+    best on validation, then test. The frozen part is computed once per split (the same numbers every epoch)."""
+    root, d = data_root(args), DATASETS[args.data]
+    z, y = {}, {}
+    for split in ("train", "val", "test"):
+        ds = ClassificationDataset(root, root / d["classify"], split, PadCrop(size, train=False))
+        paths = [p for p, _, _ in ds.items]
+        g = frozen_images(args, world, vision, Images(ds.root, paths, ds.transform), "cls-" + split, size)
+        with torch.no_grad():
+            adaptor.eval()
+            z[split] = adaptor.encode_image(g.to(world.device))                     # (N, D)
+        y[split] = torch.as_tensor(ds.labels, device=world.device)
+    classnames = ds.classnames
+    keep = fraction(y["train"].cpu().numpy(), args.data_pct, args.seed)
+    zt, yt = z["train"][keep], y["train"][keep]
+    binary = len(classnames) == 2
+    head = ClassifierHead(adaptor.cfg.dim, 1 if binary else len(classnames)).to(world.device)
+    opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+    def probs_of(split):
+        head.eval()
+        with torch.no_grad():
+            out = head(z[split])
+        return torch.cat([1 - out.sigmoid(), out.sigmoid()], 1) if binary else out.softmax(1)
+
+    def score(split):
+        p, t = probs_of(split).cpu().numpy(), y[split].cpu().numpy()
+        return float(M.auroc(t, p[:, 1])) if binary else M.accuracy(t, p.argmax(1))
+
+    def step_fn(net, batch):
+        idx = torch.tensor(batch, device=world.device)
+        out = net(zt[idx])
+        if binary:
+            return F.binary_cross_entropy_with_logits(out[:, 0], yt[idx].float())
+        return F.cross_entropy(out, yt[idx])
+    metric = "auroc" if binary else "accuracy"
+    best = Best(head, lambda: score("val"), metric)
+    total = total_steps(args, len(keep), world)
+    if world.is_main:
+        print(f"classify {args.data}: {len(keep)} of {len(y['train'])} training images ({args.data_pct:g}), "
+              f"{len(classnames)} classes, {total} steps, head {sum(p.numel() for p in head.parameters()):,} params")
+    train_loop(args, world, folder, head, opt, len(keep), step_fn, lambda s: cosine_lr(s, total, args.lr), total,
+               best=best, desc="classify")
+    best.restore()
+    p = probs_of("test").cpu().numpy()
+    rep = M.classification_report(y["test"].cpu().numpy(), p.argmax(1), p, classnames)
+    rep |= {"metric": metric, "test": score("test"), "val": best.score, "best_epoch": best.epoch,
+            "train_items": int(len(keep)), "data_pct": args.data_pct}
+    if world.is_main:
+        (folder / "metrics.json").write_text(json.dumps(rep, indent=2, default=float) + "\n")
+        print(f"classify {args.data}: test {metric} {rep['test']:.4f} (best val {best.score:.4f} at epoch "
+              f"{best.epoch + 1})")
+    finish(head, folder, world, dict(head=dict(classes=classnames)))
+    return rep
+
+
+def segment(args, world, folder: Path, vision, adaptor: Adaptor) -> dict:
+    """Trained decoder on the frozen patch-token path; 10 x focal + dice; per-image Dice at 0.5, best on val."""
+    root, d = data_root(args), DATASETS[args.data]
+    size = args.size or d["size"]
+    sets = {s: SegmentationDataset(root, root / d["segment"], s, joint_transform=PadCrop(size, train=s == "train"))
+            for s in ("train", "val", "test")}
+    train = sets["train"]
+    empty = np.array([not np.asarray(Image.open(root / m)).any() for _, m in train.items])
+    idx = np.arange(len(train))
+    if args.data == "siim":  # official: all positives + as many random negatives
+        rng = np.random.default_rng(args.seed)
+        neg = np.flatnonzero(empty)
+        idx = np.sort(np.concatenate([np.flatnonzero(~empty), rng.choice(neg, min(len(neg), (~empty).sum()), False)]))
+    idx = idx[fraction(empty[idx], args.data_pct, args.seed)]
+    model = Segmenter(vision, adaptor, size, args.decoder_width).to(world.device)
+    for p in model.parameters():
+        p.requires_grad = False
+    for p in model.decoder.parameters():
+        p.requires_grad = True
+    opt = torch.optim.AdamW(model.decoder.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+    def dice_of(split):
+        model.eval()
+        loader = torch.utils.data.DataLoader(sets[split], batch_size=args.eval_batch_size, num_workers=args.num_workers)
+        out = []
+        with torch.no_grad():
+            for x, m in loader:
+                with R.autocast(world.device, args.precision):
+                    logits = model(x.to(world.device))
+                out.append(dice_per_image(logits.float().sigmoid(), m.to(world.device)).cpu())
+        return float(torch.cat(out).mean())
+
+    def step_fn(net, batch):
+        x, m = batch
+        return seg_loss(net(x.to(world.device)).float(), m.to(world.device), on_probs=args.dice_on_probs)
+    best = Best(model.decoder, lambda: dice_of("val"), "dice")
+    total = total_steps(args, len(idx), world)
+    if world.is_main:
+        print(f"segment {args.data}: {len(idx)} of {len(train)} training images ({args.data_pct:g}), {total} steps, "
+              f"decoder {sum(p.numel() for p in model.decoder.parameters()):,} params")
+    train_loop(args, world, folder, model, opt, len(idx), step_fn,
+               lambda s: cosine_lr(s, total, args.lr), total, ds=torch.utils.data.Subset(train, idx.tolist()),
+               best=best, desc="segment")
+    best.restore()
+    rep = {"metric": "dice", "test": dice_of("test"), "val": best.score, "best_epoch": best.epoch,
+           "train_items": int(len(idx)), "data_pct": args.data_pct}
+    if world.is_main:
+        (folder / "metrics.json").write_text(json.dumps(rep, indent=2) + "\n")
+        print(f"segment {args.data}: test Dice {rep['test']:.4f} (best val {best.score:.4f} at epoch {best.epoch + 1})")
+    finish(model.decoder, folder, world, dict(decoder=dict(size=size, width=args.decoder_width)))
+    return rep
+
+# ----------------------------------------------------------------------------------------------------------
+# Benchmark: the adaptor step at batch 1024, ours vs torch.nn layers, and backbone throughput
+
+
+class TorchLayer(nn.Module):
+    """The official layer built from torch.nn.MultiheadAttention (its own code path): the reference for the
+    parity test and the bench."""
+
+    def __init__(self, cfg: AdaptorConfig):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(cfg.dim, cfg.n_heads, dropout=cfg.dropout, batch_first=True)
+        self.linear1, self.linear2 = nn.Linear(cfg.dim, cfg.ff), nn.Linear(cfg.ff, cfg.dim)
+        self.norm1, self.norm2 = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, src, query=None, memory=None, pad=None):
+        kv = src if memory is None else memory
+        h = self.norm1(src + self.drop(self.attn(src if query is None else query, kv, kv, key_padding_mask=pad,
+                                                 need_weights=False)[0]))
+        return self.norm2(h + self.drop(self.linear2(self.drop(F.relu(self.linear1(h))))))
+
+
+def run_bench(args, world):
+    dev, rows = world.device, []
+    precisions = [args.precision] if "precision" in args.given else (["bf16"] if dev.type == "cuda" else ["fp32", "bf16"])
+    vcfg = VISION_PRESETS[args.vision if args.vision != "tiny" else "dinov2-b"]["config"]
+    B = args.batch_size
+    for prec in precisions:
+        for name, layer_cls in (("ours", AdaptorLayer), ("torch.nn", TorchLayer)):
+            torch.manual_seed(0)
+            cfg = AdaptorConfig(vision_dim=vcfg.dim)
+            model = Adaptor(cfg)
+            model.layers = nn.ModuleList(layer_cls(cfg) for _ in range(cfg.n_layers))
+            model = model.to(dev).train()
+            opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01)
+            img, txt = torch.randn(B, vcfg.dim, device=dev), torch.randn(B, 768, device=dev)
+
+            def step():
+                with R.autocast(dev, prec):
+                    loss = adaptor_loss(*model(img, txt), model.logit_scale)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            flops = 6 * sum(p.numel() for p in model.parameters()) * B * 2  # two paths through the layers
+            r = R.bench(step, items=B, flops_per_step=flops, device=dev, dtype=R.PRECISIONS[prec],
+                        steps=args.bench_steps)
+            rows.append(f"adaptor step ({name:8s}) {prec:4s} batch {B}: {1000 / r['step_ms']:.1f} steps/s, "
+                        f"{r['step_ms']:.1f} ms, peak {r['peak_mem_mb']:.0f} MB, MFU {r['mfu']:.1%}")
+            print(rows[-1], flush=True)
+        vision = DINOv2(vcfg).init_random(0).to(dev).eval()
+        bs = 64 if dev.type == "cuda" else 8
+        x = torch.randn(bs, 3, 224, 224, device=dev)
+
+        def fwd():
+            with torch.no_grad(), R.autocast(dev, prec):
+                image_features(vision, x)
+        r = R.bench(fwd, items=bs, flops_per_step=0.0, device=dev, dtype=R.PRECISIONS[prec], steps=args.bench_steps)
+        rows.append(f"DINOv2 ({vcfg.dim}) features {prec:4s} batch {bs} at 224: {r['items_per_s']:.1f} images/s")
+        print(rows[-1], flush=True)
+        bert = BERT(BertConfig(), add_pooler=True).init_random(0).to(dev).eval()
+        ids = torch.randint(0, 30522, (bs, MAX_WORDS), device=dev)
+
+        def fwd_text():
+            with torch.no_grad(), R.autocast(dev, prec):
+                text_features(bert, ids, torch.ones_like(ids))
+        r = R.bench(fwd_text, items=bs, flops_per_step=0.0, device=dev, dtype=R.PRECISIONS[prec], steps=args.bench_steps)
+        rows.append(f"BERT-base features {prec:4s} batch {bs} x {MAX_WORDS} tokens: {r['items_per_s']:.1f} texts/s")
+        print(rows[-1], flush=True)
+    return rows
+
+# ----------------------------------------------------------------------------------------------------------
+# main
+
+RECIPES = {  # the official shell scripts (shell/*.sh) and the issue's downstream settings
+    "pretrain": dict(epochs=50, batch_size=1024, lr=2e-5, weight_decay=0.01),
+    "classify-rsna": dict(epochs=100, batch_size=512, lr=5e-5, weight_decay=1e-4),
+    "classify-covidx": dict(epochs=50, batch_size=128, lr=5e-4, weight_decay=0.05),
+    "segment": dict(epochs=50, batch_size=4, lr=5e-4, weight_decay=1e-4),
+}
+DEMO_RECIPES = {  # tiny models on 600 demo images: short, larger steps, a narrower adaptor and decoder
+    "pretrain": dict(epochs=30, batch_size=100, lr=1e-3, weight_decay=0.01, dim=128, heads=4, ff=256),
+    "classify": dict(epochs=60, batch_size=100, lr=3e-3, weight_decay=1e-4),
+    "segment": dict(epochs=5, batch_size=16, lr=3e-3, weight_decay=1e-4, decoder_width=32),
+}
+
+
+def recipe(args, task: str):
+    """A copy of args with the flags not typed on the command line filled from the task's recipe."""
+    a = argparse.Namespace(**vars(args))
+    key = task if task != "classify" or args.data == "demo" else f"classify-{'rsna' if args.data == 'rsna' else 'covidx'}"
+    for k, v in (DEMO_RECIPES if args.data == "demo" else RECIPES)[key].items():
+        if k not in args.given:
+            setattr(a, k, v)
+    return a
+
+
+def demo_backbones(args, world):
+    """The demo's tiny DINOv2 and BERT play *pretrained* frozen backbones. Frozen random ones give almost the same
+    global feature for every input (the adaptor then learns nothing: pre-training loss stays at ln B), so they are
+    pre-trained once, CLIP-style, on the demo's training pairs (~30 s on a CPU; fixed seeds, independent of
+    --seed) and cached in --cache-dir. The tokenizer's vocabulary is the demo's training captions."""
+    from common.demo import ensure_demo
+    root = Path(args.data_dir) if args.data_dir else REPO / "data" / "demo"
+    if world.is_main:
+        ensure_demo(root)
+    R.barrier(world)
+    ids, caps = read_pairs(root / "reports_train.csv")
+    tok = demo_tokenizer(caps)
+    vision = DINOv2(VISION_PRESETS["tiny"]["config"]).init_random(seed=0)
+    bert = BERT(BertConfig(vocab_size=tok.get_vocab_size(), **TINY_BERT), add_pooler=True).init_random(seed=1)
+    path = Path(args.cache_dir) / "adaptor" / "demo_backbones.safetensors"
+    if not path.is_file() and world.is_main:
+        with torch.random.fork_rng():  # a cold cache must not shift the run's random numbers
+            pretrain_demo_backbones(vision, bert, tok, Images(root, ids, PadCrop(112, train=True)), caps)
+        R.save_tensors(path, {"vision." + k: v for k, v in vision.state_dict().items()} |
+                       {"text." + k: v for k, v in bert.state_dict().items()})
+    R.barrier(world)
+    tensors = load_file(str(path))
+    vision.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("vision.")})
+    bert.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("text.")})
+    return vision, bert, tok
+
+
+def pretrain_demo_backbones(vision, bert, tok, images, caps, steps: int = 120, batch: int = 64):
+    """Demo only: symmetric InfoNCE between the CLS of the tiny DINOv2 and the tiny BERT's pooler (both towers
+    trained, linear heads thrown away), so that "dark, irregular" looks dark and irregular to them."""
+    print(f"pre-training the demo's tiny DINOv2 + BERT on {len(caps)} pairs ({steps} steps, once; cached)")
+    torch.manual_seed(0)
+    heads = nn.ModuleList([nn.Linear(vision.cfg.dim, 64), nn.Linear(bert.cfg.dim, 64)])
+    params = [*vision.parameters(), *bert.parameters(), *heads.parameters()]
+    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.1)
+    scale = math.log(1 / 0.07)
+    prog = R.Progress(steps, "demo backbones", every=10.0)
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = 3e-4 * min(1.0, (step + 1) / 10)
+        idx = torch.randint(0, len(caps), (batch,)).tolist()
+        pixels = torch.stack([images[i] for i in idx])
+        ids, mask = tokenize(tok, [caps[i] for i in idx])
+        f = F.normalize(heads[0](image_features(vision, pixels)[0]), dim=-1)
+        t = F.normalize(heads[1](text_features(bert, ids, mask)[0]), dim=-1)
+        logits = math.exp(scale) * f @ t.T
+        labels = torch.arange(batch)
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        prog.update(1, loss=loss.item())
+
+
+def backbones(args, world):
+    """-> (frozen DINOv2, frozen BERT, tokenizer), in eval mode, frozen weights in the compute dtype on CUDA."""
+    if args.vision == "tiny" or args.text == "tiny":
+        if not (args.vision == args.text == "tiny"):
+            raise R.RunError("--vision tiny and --text tiny go together (the demo's backbones)")
+        vision, bert, tok = demo_backbones(args, world)
+    else:
+        dtype = R.PRECISIONS[args.precision] if world.device.type == "cuda" else None
+        vision = DINOv2.from_pretrained(args.vision_path or VISION_PRESETS[args.vision]["repo"], dtype=dtype)
+        folder = resolve(args.text_path or TEXT_PRESETS[args.text]["repo"])
+        bert, tok = load_bert(folder, args.missing_pooler, args.seed, dtype=dtype), bert_tokenizer(folder)
+    for m in (vision, bert):
+        m.requires_grad_(False).eval()
+    return vision.to(world.device), bert.to(world.device), tok
+
+
+def load_adaptor(path: Path, device) -> Adaptor:
+    """A finished pre-training (RUN or RUN/pretrain) -> the Adaptor, frozen."""
+    for folder in (path, path / "pretrain"):
+        if (folder / "model.json").is_file() and (folder / "weights.safetensors").is_file():
+            spec = json.loads((folder / "model.json").read_text())
+            if "adaptor" in spec:
+                model = Adaptor(AdaptorConfig(**spec["adaptor"]))
+                tensors = load_file(str(folder / "weights.safetensors"))
+                check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                           {k: tuple(v.shape) for k, v in tensors.items()}, source=str(folder))
+                model.load_state_dict(tensors)
+                return model.requires_grad_(False).eval().to(device)
+    raise DataError(f"--init {path}: no finished pre-training there (model.json + weights.safetensors in it or in "
+                    "its pretrain/ folder). Is the run finished? Continue it with --resume.")
+
+
+def preflight(args):
+    """Before any work or run folder: every missing dataset file and weight folder, in one message."""
+    problems, d = [], DATASETS[args.data]
+    root = data_root(args)
+    if args.data != "demo":
+        wanted = [d["pairs"].format(s) for s in d["splits"]] if args.task == "pretrain" else [d.get(args.task)]
+        if args.task != "pretrain" and not d.get(args.task):
+            problems.append(f"--data {args.data} has no {args.task} split; use one of "
+                            f"{[k for k, v in DATASETS.items() if v.get(args.task)]}")
+        for w in filter(None, wanted):
+            if not (root / w).is_file():
+                problems.append(f"data for --data {args.data} not found: {root / w}\n  get it: "
+                                f"{PREPARE.format(args.data)}\n  details: data/README.md")
+        for name, presets in (("vision", VISION_PRESETS), ("text", TEXT_PRESETS)):
+            repo = getattr(args, f"{name}_path") or presets[getattr(args, name)]["repo"]
+            if repo and (name == "vision" or args.task == "pretrain"):
+                try:
+                    resolve(repo)
+                except WeightsError as e:
+                    problems.append(f"--{name} {getattr(args, name)} weights: {e}")
+    if args.task != "pretrain" and not args.init and args.data != "demo":
+        problems.append(f"--task {args.task} needs --init RUN (a finished pre-training run)")
+    if problems:
+        raise DataError("\n\n".join(problems))
+
+
+def run(args, world) -> dict:
+    preflight(args)
+    run_dir = Path(args.resume) if args.resume else R.new_run_dir("adaptor", args.data, args.out, vars(args), world)
+    if world.device.type == "cpu" and args.vision == "tiny":
+        torch.set_num_threads(1)  # tiny matrices: one thread is as fast as two and far faster on a busy CPU
+    R.seed_everything(args.seed, world.rank)
+    vision, bert, tok = backbones(args, world)
+    size = args.size or DATASETS[args.data]["size"]
+    tasks = ["pretrain", "classify", "segment"] if args.data == "demo" and args.task == "all" else [args.task]
+    out, adaptor = {}, load_adaptor(Path(args.init), world.device) if args.init else None
+    for task in tasks:
+        folder = run_dir / task
+        folder.mkdir(parents=True, exist_ok=True)
+        a = recipe(args, task)
+        R.seed_everything(args.seed, world.rank)
+        if task == "pretrain":
+            if (folder / "weights.safetensors").is_file():
+                adaptor = load_adaptor(folder, world.device)
+                continue
+            adaptor = pretrain(a, world, folder, vision, bert, tok, size).requires_grad_(False).eval()
+        elif task == "classify":
+            out[task] = classify(a, world, folder, vision, adaptor, size)
+        else:
+            out[task] = segment(a, world, folder, vision, adaptor)
+    if world.is_main:
+        print(f"run folder: {run_dir}")
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Adaptor: frozen DINOv2 + BERT, a shared transformer adaptor trained "
+                                "contrastively, then classification / segmentation heads. Defaults are the paper's "
+                                "pre-training; other tasks and the demo fill untyped flags from their recipe "
+                                "(RECIPES / DEMO_RECIPES).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    R.add_common_args(p, datasets=DATASETS, data="demo", epochs=50, steps=0, batch_size=1024, lr=2e-5, seed=42,
+                      help={"epochs": "paper: 50 pre-training, 100 RSNA, 50 COVIDx, 50 seg; demo: 40 / 60 / 8",
+                            "batch_size": "paper: 1024 / 512 RSNA / 128 COVIDx / 4 seg; demo: 100 / 100 / 16",
+                            "lr": "paper: 2e-5 / 5e-5 RSNA / 5e-4 COVIDx and seg; demo: 1e-3 / 3e-3 / 3e-3"})
+    p.add_argument("--task", choices=["all", "pretrain", "classify", "segment"], default="all",
+                   help="what to train; all = the demo's three in a row (on real data: pretrain)")
+    p.add_argument("--data-pct", type=float, default=1.0, help="fraction of the training labels (stratified, "
+                   "seeded): 0.01 / 0.1 / 1 in the paper")
+    p.add_argument("--init", default=None, metavar="RUN", help="a finished pre-training run (classify / segment)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW (paper: 0.01 / 1e-4 RSNA / 0.05 COVIDx)")
+    p.add_argument("--warmup-frac", type=float, default=0.02, help="pre-training linear warm-up, fraction of steps")
+    p.add_argument("--eval-batch-size", type=int, default=64, help="feature extraction and evaluation batch")
+    p.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--cache-dir", default=str(REPO / "cache"), help="frozen feature cache")
+    p.add_argument("--vision", choices=list(VISION_PRESETS), default="dinov2-b", help="vision backbone (demo: tiny)")
+    p.add_argument("--vision-path", default=None, help="HF DINOv2 folder or repo id (overrides the preset's)")
+    p.add_argument("--text", choices=list(TEXT_PRESETS), default="biobert", help="text backbone (demo: tiny)")
+    p.add_argument("--text-path", default=None, help="HF BERT folder or repo id (overrides the preset's)")
+    p.add_argument("--missing-pooler", choices=["error", "random", "cls"], default="error",
+                   help="a BERT without a trained pooler (CXR-BERT): refuse, random (official), or use CLS")
+    p.add_argument("--size", type=int, default=0, help="crop size; 0 = the dataset's (demo 112, 224, SIIM 896)")
+    p.add_argument("--layers", type=int, default=2, help="adaptor layers")
+    p.add_argument("--dim", type=int, default=768, help="adaptor width (projection_dim)")
+    p.add_argument("--heads", type=int, default=12, help="adaptor attention heads")
+    p.add_argument("--ff", type=int, default=2048, help="adaptor FFN width")
+    p.add_argument("--dropout", type=float, default=0.1, help="adaptor dropout")
+    p.add_argument("--decoder-width", type=int, default=512, help="segmentation decoder channels of its first stage "
+                   "(then / 2, / 4, / 8; official 512; demo 32)")
+    p.add_argument("--tokens", action="store_true", help="attend over the frozen patch / word tokens (the paper's "
+                   "figure) instead of one pooled token (the official code)")
+    p.add_argument("--gather", action="store_true", help="negatives from all ranks (official: per rank)")
+    p.add_argument("--dice-on-probs", action="store_true", help="dice term on sigmoid probabilities (official: logits)")
+    args = p.parse_args(argv)
+    given = R.given_flags(p, argv)
+    if args.resume:
+        try:
+            R.restore_run_args(args, given)
+        except R.RunError as e:
+            p.error(str(e))
+        given |= set(json.loads((Path(args.resume) / "args.json").read_text()).get("given", []))
+    demo = args.data == "demo"
+    for k, v in (dict(vision="tiny", text="tiny") if demo else dict(task="pretrain")).items():
+        if k not in given:
+            setattr(args, k, v)
+    args.given = sorted(given)
+    R.finish_common_args(p, args)
+    if args.task == "all" and not demo:
+        p.error("--task all is the demo's; on real data run pretrain, then classify / segment with --init")
+    if not 0 < args.data_pct <= 1:
+        p.error(f"--data-pct {args.data_pct}: must be in (0, 1]")
+    if args.eval_only:
+        p.error("--eval-only: evaluation is part of each task here (best on validation, then test); "
+                "run --task classify / segment with --init RUN instead")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    world = R.setup_distributed(args.device)
+    run_dir = None
+    try:
+        if args.bench:
+            run_bench(args, world)
+        else:
+            run(args, world)
+        return 0
+    except R.USER_ERRORS as e:  # user-fixable: a message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (R.NonFiniteLoss, KeyboardInterrupt) as e:
+        print(R.stop_message(e, args.resume or args.out or "runs/adaptor"), file=sys.stderr)
+        return 3
+    finally:
+        R.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""Tests for adaptor.py: parity with transformers (plain DINOv2, BERT with pooler) and with the official Adaptor
+module itself (goldens by tests/goldens/make_adaptor_goldens.py), the single-token identity, parity of the layer
+with torch.nn.MultiheadAttention, trainable counts on the meta device, feature-cache alignment, label fractions,
+the segmentation loss and Dice, and end-to-end runs on the demo (resume, 2-process DDP, bad input)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import adaptor as A  # noqa: E402
+from common import run as R  # noqa: E402
+from common.weights import WeightsError, load_mapped  # noqa: E402
+
+GOLD = REPO / "tests" / "goldens"
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def io(name):
+    return load_file(str(GOLD / name / "io.safetensors"))
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+# ----------------------------------------------------------------------------------------------------------
+# parity: transformers 5.23 and the official module (fp32, eval mode)
+
+
+def test_plain_dinov2_matches_hf_cls_after_norm():
+    model = A.DINOv2.from_pretrained(GOLD / "adaptor_dinov2").eval()
+    g = io("adaptor_dinov2")
+    assert model.cfg.n_registers == 0 and model.register_tokens is None
+    with torch.no_grad():
+        for k in "abc":  # the checkpoint's 4x4 grid, 6x6 and 5x7 (interpolated position embeddings)
+            cls, tokens = A.image_features(model, g[f"pixel_values_{k}"])
+            assert max_diff(tokens, g[f"last_hidden_state_{k}"]) < TOL
+            assert max_diff(cls, g[f"pooler_output_{k}"]) < TOL
+
+
+def test_bert_pooler_output_matches_hf():
+    model = A.load_bert(GOLD / "adaptor_bert").eval()
+    g = io("adaptor_bert")
+    with torch.no_grad():
+        pooled, hidden, pad = A.text_features(model, g["input_ids"], g["attention_mask"])
+    keep = g["attention_mask"].bool()
+    assert max_diff(hidden[keep], g["last_hidden_state"][keep]) < TOL
+    assert max_diff(pooled, g["pooler_output"]) < TOL
+    assert torch.equal(pad, g["attention_mask"] == 0)
+
+
+def test_bert_without_a_trained_pooler_is_reported_not_random():
+    with pytest.raises(WeightsError, match="no trained pooler"):
+        A.load_bert(GOLD / "adaptor_bert_mlm")
+    g = io("adaptor_bert_mlm")
+    cls_model = A.load_bert(GOLD / "adaptor_bert_mlm", missing_pooler="cls").eval()
+    with torch.no_grad():
+        pooled, hidden, _ = A.text_features(cls_model, g["input_ids"], g["attention_mask"])
+    keep = g["attention_mask"].bool()
+    assert max_diff(hidden[keep], g["last_hidden_state"][keep]) < TOL and torch.equal(pooled, hidden[:, 0])
+    r1, r2 = (A.load_bert(GOLD / "adaptor_bert_mlm", missing_pooler="random", seed=42) for _ in range(2))
+    assert torch.equal(r1.pooler.dense.weight, r2.pooler.dense.weight)  # the official random pooler, but seeded
+
+
+def official_adaptor():
+    g = io("adaptor_official")
+    cfg = A.AdaptorConfig(vision_dim=40, text_dim=32, dim=48, n_heads=12, ff=2048)
+    with torch.device("meta"):
+        model = A.Adaptor(cfg)
+    return load_mapped(model, GOLD / "adaptor_official" / "model.safetensors", A.OFFICIAL_MAP).eval(), g
+
+
+def test_adaptor_matches_the_official_module():
+    model, g = official_adaptor()
+    with torch.no_grad():
+        x, t = model(g["image_raw"], g["text_raw"])
+        loss = A.adaptor_loss(x, t, model.logit_scale)
+        assert max_diff(x, g["image_embeds"]) < TOL and max_diff(t, g["text_embeds"]) < TOL
+        assert max_diff(model.logit_scale.exp() * t @ x.T, g["logits_per_text"]) < 1e-4
+        assert abs(loss.item() - g["loss"].item()) < TOL
+        # the official downstream path feeds (B, d) to nn.MultiheadAttention, which reads a 2-D input as ONE
+        # unbatched sequence: self-attention across the images of the batch. Ours is per image (batch-independent)
+        assert max_diff(model.encode_patches(g["image_raw"][None])[0], g["image_only"]) < TOL
+        one = torch.stack([model.encode_patches(r[None, None])[0, 0] for r in g["image_raw"]])
+        assert max_diff(model.encode_image(g["image_raw"]), one) < TOL
+        assert max_diff(model.encode_image(g["image_raw"]), g["image_only"]) > 1e-3
+        assert max_diff(model.encode_patches(g["patches_raw"]), g["patches_out"]) < TOL
+
+
+def test_segmentation_loss_and_dice_match_the_official_code():
+    g = io("adaptor_official")
+    logits, target = g["seg_logits"], g["seg_target"]
+    assert abs(A.focal_loss(logits, target).item() - g["focal_loss"].item()) < 1e-6
+    assert abs(A.seg_loss(logits, target).item() - g["mixed_loss"].item()) < 1e-4
+    assert abs(A.dice_per_image(logits.sigmoid(), target).mean().item() - g["dice_official"].item()) < 1e-6
+
+# ----------------------------------------------------------------------------------------------------------
+# the layer
+
+
+def test_one_pooled_token_the_query_changes_nothing():
+    """MHA over one key: out_proj(v_proj(x)) whatever the query. So the official "cross-attention" fuses nothing,
+    and the query / key projections get no gradient."""
+    torch.manual_seed(0)
+    layer = A.AdaptorLayer(A.AdaptorConfig(dim=48, n_heads=12, ff=64)).eval()
+    x = torch.randn(5, 1, 48)
+    w, b = layer.attn.in_proj_weight, layer.attn.in_proj_bias
+    expected = layer.attn.out_proj(F.linear(x, w[96:], b[96:]))                    # out_proj(v_proj(x))
+    for q in (torch.randn(5, 1, 48), torch.randn(5, 1, 48) * 10, None):
+        got = layer.attn(x if q is None else q, x)
+        assert max_diff(got, expected) < 1e-6
+    a = layer(x, query=torch.randn(5, 1, 48))
+    assert max_diff(a, layer(x, query=torch.randn(5, 1, 48))) < 1e-6
+    a.sum().backward()
+    assert layer.attn.in_proj_weight.grad[:96].abs().max() == 0  # query and key rows: exactly zero gradient
+    assert layer.attn.in_proj_weight.grad[96:].abs().max() > 0
+
+
+def test_layer_equals_torch_multihead_attention_layer():
+    torch.manual_seed(1)
+    cfg = A.AdaptorConfig(dim=48, n_heads=4, ff=96)
+    ours, ref = A.AdaptorLayer(cfg).eval(), A.TorchLayer(cfg).eval()
+    ours.load_state_dict(ref.state_dict())
+    src, q, mem = torch.randn(3, 1, 48), torch.randn(3, 1, 48), torch.randn(3, 7, 48)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[1, 4:] = True
+    with torch.no_grad():
+        assert max_diff(ours(src, query=q), ref(src, query=q)) < 1e-5                         # official setting
+        assert max_diff(ours(src, query=q, memory=mem, pad=pad), ref(src, query=q, memory=mem, pad=pad)) < 1e-5
+        seq = torch.randn(2, 9, 48)
+        assert max_diff(ours(seq), ref(seq)) < 1e-5                                           # segmentation path
+
+
+def test_tokens_mode_reads_the_other_modality():
+    torch.manual_seed(2)
+    model = A.Adaptor(A.AdaptorConfig(vision_dim=16, text_dim=24, dim=48, n_heads=4, ff=64, tokens=True)).eval()
+    img, txt, it, tt = torch.randn(4, 16), torch.randn(4, 24), torch.randn(4, 6, 16), torch.randn(4, 5, 24)
+    pad = torch.zeros(4, 5, dtype=torch.bool)
+    x1, _ = model(img, txt, it, tt, pad)
+    x2, _ = model(img, torch.randn(4, 24), it, tt, pad)
+    assert max_diff(x1, x2) > 1e-3  # with several keys the text query changes the image embedding
+    x3, _ = model(img, txt)
+    x4, _ = model(img, torch.randn(4, 24))
+    assert max_diff(x3, x4) < 1e-6  # the official pooled setting: it does not
+
+
+@pytest.mark.parametrize("vision,count", [(768, 12_207_617), (384, 11_912_705)])
+def test_trainable_count_at_the_papers_setting(vision, count):
+    with torch.device("meta"):
+        model = A.Adaptor(A.AdaptorConfig(vision_dim=vision))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count
+    assert A.VISION_PRESETS["dinov2-b" if vision == 768 else "dinov2-s"]["config"].dim == vision
+
+# ----------------------------------------------------------------------------------------------------------
+# data, cache, losses
+
+
+def test_pairs_are_matched_by_id_never_by_position(tmp_path):
+    world = R.World()
+    ids = [f"img{i}.png" for i in range(6)]
+    img = torch.arange(6.)[:, None].repeat(1, 3)                           # row i describes image i
+    order = [3, 0, 5, 1, 4, 2]  # text features written in another order, e.g. sorted by caption length
+    txt_ids, txt = [ids[i] for i in order], torch.tensor(order, dtype=torch.float)[:, None].repeat(1, 2)
+    got_ids, gi, gt = A.paired(ids, img, txt_ids, txt)
+    assert got_ids == ids and torch.equal(gi[:, 0], gt[:, 0])
+    # the cache refuses a file whose ids are not the ones asked for: recomputed, never read misaligned
+    calls = []
+    path = tmp_path / "c" / "feat"
+    A.cached(path, ids, lambda: calls.append(1) or img, world, {})
+    A.cached(path, ids, lambda: calls.append(1) or img, world, {})
+    assert len(calls) == 1
+    out = A.cached(path, ids[::-1], lambda: calls.append(1) or img.flip(0), world, {})
+    assert len(calls) == 2 and torch.equal(out[:, 0], torch.arange(6.).flip(0))
+    assert json.loads(path.with_suffix(".json").read_text())["ids"] == ids[::-1]
+
+
+def test_data_fraction_is_stratified_and_seeded():
+    labels = np.array([0] * 500 + [1] * 100 + [2] * 10)
+    a, b, c = A.fraction(labels, 0.1, 42), A.fraction(labels, 0.1, 42), A.fraction(labels, 0.1, 7)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert [int((labels[a] == k).sum()) for k in range(3)] == [50, 10, 1]
+    assert [int((labels[A.fraction(labels, 0.01, 0)] == k).sum()) for k in range(3)] == [5, 1, 1]
+    assert len(A.fraction(labels, 1.0, 0)) == len(labels)
+
+
+def test_dice_and_focal_by_hand():
+    probs = torch.tensor([[[0.9, 0.2], [0.7, 0.1]], [[0.1, 0.2], [0.3, 0.4]], [[0.6, 0.1], [0.1, 0.1]]])
+    target = torch.tensor([[[1., 1.], [0., 0.]], [[0., 0.], [0., 0.]], [[0., 0.], [0., 0.]]])
+    # image 0: pred {00, 10}, truth {00, 01}: 2*1/(2+2) = 0.5; image 1: both empty -> 1; image 2: FP on empty -> 0
+    assert A.dice_per_image(probs, target).tolist() == [0.5, 1.0, 0.0]
+    x, t = torch.tensor([2.0, -1.0]), torch.tensor([1.0, 1.0])
+    p = torch.sigmoid(x)
+    want = (-(1 - p) ** 2 * torch.log(p)).mean()                      # gamma 2: -(1-p)^2 log p for positives
+    assert abs(A.focal_loss(x, t).item() - want.item()) < 1e-6
+    d = 1 - ((x * t).sum() + 1) / ((x ** 2 + t ** 2).sum() + 1)       # "modified" dice on logits, one image
+    assert abs(A.dice_loss(x[None], t[None]).item() - d.item()) < 1e-6
+
+
+def test_caption_cleaning_as_official():
+    assert A.clean_caption("1. No acute process. 2. Heart size is NORMAL.\nLungs: clear!") == \
+        "no acute process heart size is normal lungs clear"
+    assert A.clean_caption("Normal. OK.") == ""  # fewer than 3 tokens after dropping one-token sentences
+
+# ----------------------------------------------------------------------------------------------------------
+# end to end on the demo (short schedules)
+
+SHORT = ["--epochs", "2", "--batch-size", "50", "--dim", "32", "--heads", "4", "--ff", "64"]
+
+
+def run_script(args, timeout=300, torchrun=False):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = ([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+           if torchrun else [sys.executable]) + [str(REPO / "adaptor.py"), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def test_demo_end_to_end_above_chance(tmp_path):
+    out = tmp_path / "run"
+    r = run_script(["--out", str(out), "--dim", "64", "--heads", "4", "--ff", "128", "--epochs", "8"]
+                   if False else ["--out", str(out)], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cls = json.loads((out / "classify" / "metrics.json").read_text())
+    seg = json.loads((out / "segment" / "metrics.json").read_text())
+    assert cls["test"] > 0.4, cls["test"]             # 6 classes: chance 0.17
+    assert seg["test"] > 0.5, seg["test"]
+    assert (out / "pretrain" / "weights.safetensors").is_file()
+
+
+def test_resume_continues_bit_identically(tmp_path):
+    common = ["--task", "pretrain", *SHORT, "--ckpt-every", "3", "--epochs", "2", "--batch-size", "100"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_script([*common, "--out", str(a)]).returncode == 0
+    r = run_script([*common, "--out", str(b), "--steps", "3"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    (b / "pretrain" / "weights.safetensors").unlink()  # a run stopped at step 3 of 12: only its checkpoint is left
+    args = json.loads((b / "args.json").read_text())
+    args["steps"], args["given"] = 0, [g for g in args["given"] if g != "steps"]
+    (b / "args.json").write_text(json.dumps(args))
+    r = run_script(["--resume", str(b)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resum" in r.stdout.lower()
+    wa, wb = load_file(str(a / "pretrain" / "weights.safetensors")), load_file(str(b / "pretrain" / "weights.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_ddp_two_processes_equal_one_with_gathered_negatives(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--task", "pretrain", *SHORT, "--dropout", "0", "--steps", "3"]
+    r = run_script([*common, "--batch-size", "100", "--out", str(one)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_script([*common, "--batch-size", "50", "--gather", "--out", str(two)], torchrun=True)
+    if r.returncode != 0:  # one retry: the standalone rendezvous can lose a port race on a busy machine
+        r = run_script([*common, "--batch-size", "50", "--gather", "--out", str(two) + "b"], torchrun=True)
+        two = Path(str(two) + "b")
+    assert r.returncode == 0, r.stderr[-3000:]
+    wa, wb = load_file(str(one / "pretrain" / "weights.safetensors")), load_file(str(two / "pretrain" / "weights.safetensors"))
+    assert max(max_diff(wa[k], wb[k]) for k in wa) < 1e-5
+
+
+def test_bad_input_is_a_message_not_a_traceback(tmp_path):
+    r = run_script(["--data", "rsna", "--task", "classify", "--data-dir", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert r.returncode == 2 and "split_rsna.json" in r.stderr and "common.prepare rsna" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = run_script(["--batch-size", "0"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
