@@ -16,7 +16,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torch.utils.data import Dataset
+
+from common import metrics as M
 from common import run as R
+from common.augment import AffineJitter
+from common.data import DataError, ImageReportDataset, load_image
+from common.transforms import CenterCrop, Compose, Normalize, Resize, ToRGB, ToTensor
 from common.weights import (WeightsError, check_keys, load_config, load_mapped, map_key, read_safetensors, resolve,
                             tensor_index)
 
@@ -57,7 +63,7 @@ class ALTAConfig:
 
 VIT_PRESETS = {
     "vit-b16": ViTConfig(),
-    "tiny": ViTConfig(img_size=32, patch_size=4, dim=64, n_layers=2, n_heads=4, decoder_dim=64, decoder_layers=1,
+    "tiny": ViTConfig(img_size=48, patch_size=8, dim=96, n_layers=4, n_heads=4, decoder_dim=64, decoder_layers=1,
                       decoder_heads=4),
 }
 
@@ -821,3 +827,611 @@ def build_model(vit_cfg: ViTConfig, bert_cfg: BertConfig, cfg: ALTAConfig, init=
     if init is not None:
         load_part(model, init, ALTA_MAP, lambda name: True)
     return model
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: studies of up to four views + a report; tokenizer; MLM masking
+
+
+CXR_MEAN, CXR_STD = (0.4785,) * 3, (0.2834,) * 3      # the official Normalize(0.4785, 0.2834) on grayscale x 3
+DATASETS = {  # what --data means: folder, the reports CSVs, the text length, grayscale or not
+    "demo": dict(dir="data/demo", train="reports_train.csv", val="reports_val.csv", test="reports_test.csv",
+                 split="split_demo.json", max_len=64, gray=False),
+    "mimic-cxr": dict(dir="data/mimic-cxr", train="train.csv", val=None, test=None, max_len=128, gray=True,
+                      prepare="python -m common.prepare mimic-cxr --src <MIMIC-CXR-JPG folder>"),
+}
+SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def load_tokenizer(text_path=None, corpus=None):
+    """CXR-BERT's WordPiece (vocab.txt of the text model folder, lower-cased), or for the demo a WordPiece
+    vocabulary of the specials, single characters and every whole word of `corpus` (deterministic)."""
+    from tokenizers import BertWordPieceTokenizer
+    if text_path is not None:
+        vocab = resolve(text_path) / "vocab.txt"
+        if not vocab.is_file():
+            raise WeightsError(f"{vocab.parent}: no vocab.txt (CXR-BERT's tokenizer) next to the weights")
+        return BertWordPieceTokenizer(str(vocab), lowercase=True)
+    words = sorted({w for t in corpus for w in re.findall(r"\w+|[^\w\s]", t.lower())})
+    chars = sorted({c for w in words for c in w})
+    vocab = list(SPECIALS) + chars + ["##" + c for c in chars] + [w for w in words if w not in chars]
+    return BertWordPieceTokenizer({w: i for i, w in enumerate(vocab)}, lowercase=True)
+
+
+def tokenize(tok, texts, length: int):
+    """texts -> ids, attention_mask (N, length): [CLS] words [SEP] [PAD]..., truncated to `length`."""
+    tok.enable_truncation(length)
+    tok.enable_padding(length=length, pad_id=tok.token_to_id("[PAD]"))
+    enc = tok.encode_batch(list(texts))
+    return (torch.tensor([e.ids for e in enc]), torch.tensor([e.attention_mask for e in enc]))
+
+
+def mlm_mask(ids, tok, g: torch.Generator, prob: float = 0.5, mode_8010: bool = False):
+    """-> (masked ids, labels with -100 where nothing is predicted). `prob` of the non-special tokens are
+    selected; officially every selected token becomes [MASK] (the docstring's 80/10/10 is not what the code
+    does); mode_8010 does 80% [MASK], 10% a random token, 10% unchanged."""
+    special = torch.zeros_like(ids, dtype=torch.bool)
+    for s in ("[PAD]", "[CLS]", "[SEP]"):
+        special |= ids == tok.token_to_id(s)
+    sel = (torch.rand(ids.shape, generator=g) < prob) & ~special
+    labels = torch.where(sel, ids, torch.full_like(ids, -100))
+    out = ids.clone()
+    if not mode_8010:
+        return out.masked_fill(sel, tok.token_to_id("[MASK]")), labels
+    u = torch.rand(ids.shape, generator=g)
+    out[sel & (u < 0.8)] = tok.token_to_id("[MASK]")
+    rand = sel & (u >= 0.8) & (u < 0.9)
+    out[rand] = torch.randint(len(SPECIALS), tok.get_vocab_size(), ids.shape, generator=g)[rand]
+    return out, labels
+
+
+SENTENCE_SPLIT = re.compile(r"(?<!\w\.\w.)(?<![A-Z][a-z]\.)(?<=\.|\?)\s")   # the official splitter
+
+
+def image_transform(size: int, gray: bool):
+    """Resize the shorter side to size x 8/7 (bicubic), centre crop `size`: the official 256 -> 224 and 512 ->
+    448 paths. Grayscale x 3 for X-rays; the demo's colour photographs stay RGB."""
+    return Compose([ToRGB(), Resize(round(size * 8 / 7)), CenterCrop(size)]), \
+        Compose([*([Grayscale3()] if gray else []), ToTensor(), Normalize(CXR_MEAN, CXR_STD)])
+
+
+class Grayscale3:
+    """torchvision Grayscale(num_output_channels=3) on a PIL image: L = ITU-R 601-2 luma, copied to 3 channels."""
+
+    def __call__(self, img):
+        return img.convert("L").convert("RGB")
+
+
+class StudyDataset(Dataset):
+    """One study per CSV row (common.data.ImageReportDataset reads and checks the CSV): the current frontal at
+    2 x size (the reconstruction target; the model resizes it to `size`), the three other views at `size`
+    (zeros + present=False when missing), the report (sentences shuffled when training) and its MLM copy.
+    Randomness comes from a generator seeded by (seed, epoch, index): any worker, any resume, same sample."""
+
+    def __init__(self, csv_path, root, tok, size: int, max_len: int, gray: bool, train: bool, seed: int = 0,
+                 mlm_8010: bool = False):
+        self.table = ImageReportDataset(root, csv_path, multiview=True)
+        self.tok, self.size, self.max_len, self.train, self.seed, self.mlm_8010 = tok, size, max_len, train, seed, mlm_8010
+        self.geo_big, self.to_tensor = image_transform(2 * size, gray)
+        self.geo_small, _ = image_transform(size, gray)
+        self.aug = AffineJitter()
+        self.epoch = 0
+        for it in self.table.items:
+            if not re.search(r"\w", it["report"]):
+                raise DataError(f"{self.table.csv_path}: the report of {it['image_path']} is empty: every study needs "
+                                "a report (drop the row, or write the findings)")
+
+    def __len__(self):
+        return len(self.table.items)
+
+    def __getitem__(self, i):
+        it = self.table.items[i]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 10_007 + i)
+        frontal, lateral = (self.aug.sample(g), self.aug.sample(g)) if self.train else (None, None)
+        load = lambda p: load_image(self.table.root / p)
+        big = self.to_tensor(self.aug(self.geo_big(load(it["image_path"])), frontal))
+        views, present = [], [True]
+        for col, p in (("auxview_image_path", lateral), ("last_image_path", frontal),
+                       ("last_auxview_image_path", lateral)):
+            if it[col] is None:
+                views.append(torch.zeros(3, self.size, self.size))
+            else:
+                views.append(self.to_tensor(self.aug(self.geo_small(load(it[col])), p)))
+            present.append(it[col] is not None)
+        report = it["report"]
+        if self.train:
+            sentences = SENTENCE_SPLIT.split(report)
+            report = " ".join(sentences[j] for j in torch.randperm(len(sentences), generator=g).tolist())
+        ids, am = tokenize(self.tok, [report], self.max_len)
+        mlm_ids, labels = mlm_mask(ids, self.tok, g, mode_8010=self.mlm_8010)
+        return {"big": big, "views": torch.stack(views), "present": torch.tensor(present), "ids": ids[0],
+                "attention_mask": am[0], "mlm_ids": mlm_ids[0], "mlm_labels": labels[0]}
+
+# ----------------------------------------------------------------------------------------------------------
+# Training: the official recipe (AdamW (0.9, 0.95), wd 0.05 off for biases / 1-D tensors, per-step warm-up +
+# half-cosine defined over --sched-epochs and stopped at --epochs, logit scales clamped to [0, ln 100])
+
+
+def lr_at(epoch: float, args) -> float:
+    """util/lr_sched.py: linear warm-up for warmup_epochs, then half-cosine to 0 at sched_epochs (the official
+    run defines it over 100 epochs and stops at 30, where the lr is still ~88% of its peak)."""
+    if epoch < args.warmup_epochs:
+        return args.lr * epoch / args.warmup_epochs
+    t = (epoch - args.warmup_epochs) / max(1e-9, args.sched_epochs - args.warmup_epochs)
+    return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def make_optimizer(model: ALTA, lr: float, wd: float = 0.05):
+    """timm's param_groups_weight_decay: no decay on 1-D tensors and biases; the 3-D cls / view / temporal
+    tokens DO get weight decay (the official code never passes model.no_weight_decay())."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95))
+
+
+def trainable_tensors(model: ALTA) -> dict:
+    return {k: v for k, v in model.named_parameters() if v.requires_grad}
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train(args, world, model: ALTA, ds: StudyDataset, run_dir: Path, select=None) -> dict:
+    """Pre-train with the four losses. select(model) -> a number to maximise (model selection: RSNA validation
+    zero-shot AUROC officially) or None; the best weights go to best.safetensors."""
+    opt = make_optimizer(model, args.lr)
+    scaler = R.make_scaler(args.precision, world.device)
+    net = R.wrap_model(model, world, compile=args.compile)
+    per_epoch = len(R.epoch_batches(len(ds), args.batch_size, args.seed, 0, world))
+    total = args.epochs * per_epoch if not args.steps else min(args.steps, args.epochs * per_epoch)
+    ckpts = R.Checkpoints(run_dir / "ckpt", world)
+    step, best = 0, {"value": None, "epoch": None}
+    ck = ckpts.load(optimizer=opt, scaler=scaler, resuming=bool(args.resume))
+    if ck is not None:
+        R.load_tensors(model, ck.tensors, str(ck.path))
+        step, best = ck.step, ck.extra.get("best", best)
+    log = R.JsonlLog(run_dir / "metrics.jsonl", world.is_main)
+    prog = R.Progress(total, "pre-train", world.is_main, args.print_every, start=step)
+    while step < total:
+        epoch, skip = divmod(step, per_epoch)
+        ds.epoch = epoch
+        batches = R.epoch_batches(len(ds), args.batch_size, args.seed, epoch, world)[skip:]
+        net.train()
+        for batch in R.epoch_loader(ds, batches, world, args.num_workers, args.seed, epoch):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step / per_epoch, args)
+            with R.autocast(world.device, args.precision):
+                losses = net(to_device(batch, world.device))
+            loss = sum(losses.values())
+            value = R.optimizer_step(loss, opt, scaler, world, step)
+            with torch.no_grad():   # official: all four scales clamped to [0, ln 100] after every step
+                for name in ("logit_scale", "logit_scale_local1", "logit_scale_local2", "logit_scale_local3"):
+                    getattr(model, name).clamp_(0, math.log(100))
+            step += 1
+            if step % args.log_every == 0 or step == total:
+                parts = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
+                log.log(step=step, epoch=epoch, lr=opt.param_groups[0]["lr"], loss=value, **parts)
+            prog.update(loss=value)
+            if step == total:
+                break
+        if step % per_epoch == 0 or step == total:   # end of an epoch: select, then checkpoint
+            value = select(model) if select is not None else None
+            if value is not None and (best["value"] is None or value > best["value"]):
+                best = {"value": value, "epoch": epoch}
+                if world.is_main:
+                    R.save_tensors(run_dir / "best.safetensors", trainable_tensors(model))
+            if value is not None:
+                log.log(step=step, epoch=epoch, select=value)
+            ckpts.save(step, trainable_tensors(model), optimizer=opt, scaler=scaler, extra={"best": best})
+    if world.is_main:
+        R.save_tensors(run_dir / "trainable.safetensors", trainable_tensors(model))
+    return best
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation, as the official scripts: one frontal image per study (encode_image), CXR-BERT's projected CLS
+
+
+@torch.no_grad()
+def embed_images(model: ALTA, paths, size: int, gray: bool, device, precision, batch_size: int = 64):
+    geo, to_tensor = image_transform(size, gray)
+    out = []
+    model.eval()
+    for i in range(0, len(paths), batch_size):
+        x = torch.stack([to_tensor(geo(load_image(p))) for p in paths[i:i + batch_size]]).to(device)
+        with R.autocast(device, precision):
+            out.append(model.encode_image(x).float().cpu())
+    return torch.cat(out)                                                                  # (N, E)
+
+
+@torch.no_grad()
+def embed_texts(model: ALTA, tok, texts, length: int, device, precision, normalize=True, batch_size: int = 256):
+    out = []
+    model.eval()
+    for i in range(0, len(texts), batch_size):
+        ids, am = tokenize(tok, texts[i:i + batch_size], length)
+        with R.autocast(device, precision):
+            out.append(model.encode_text(ids.to(device), am.to(device), normalize).float().cpu())
+    return torch.cat(out)
+
+
+def class_embeddings(model, tok, prompts: dict, length: int, device, precision) -> torch.Tensor:
+    """The 5x200 zero-shot rule: a class is the L2-normalised mean of its UNnormalised prompt embeddings."""
+    return torch.stack([F.normalize(embed_texts(model, tok, p, length, device, precision, normalize=False)
+                                    .mean(0), dim=-1) for p in prompts.values()])          # (C, E)
+
+
+def gloria_clean(text: str) -> str:
+    """GLoRIA's report cleaning (the 5x200 retrieval and zero-shot scripts): split at "N." and ".", lower-case
+    \\w+ tokens, drop sentences of <= 1 token, ASCII only."""
+    out = []
+    for sent in (s for part in re.split(r"[0-9]+\.", text.replace("\n", " ")) for s in part.split(".")):
+        words = [w.encode("ascii", "ignore").decode("ascii") for w in re.findall(r"\w+", sent.replace("\ufffd\ufffd", " ").lower())]
+        if len(words) > 1:
+            out.append(" ".join(w for w in words if w))
+    return " ".join(out)
+
+
+def retrieval_precision(img, txt_or_items, query_labels, item_labels, ks) -> dict:
+    """Class-block precision@K: queries x items cosine (both L2-normalised), as the official scripts."""
+    sim = (img @ txt_or_items.T).numpy()
+    return {f"P@{k}": M.precision_at_k(sim, query_labels, item_labels, k) for k in ks}
+
+
+def rsna_protocol(y, p_pos, folds: int = 10, seed: int = 0, step: float = 0.005) -> dict:
+    """RSNA_zeroshot.py: AUROC of p = softmax([cos_pos, cos_neg])[0] (temperature 1); ACC / F1 by a threshold
+    fitted on 9 of 10 stratified folds and measured on the 10th, averaged. NOTE the fit maximises F1 (the
+    official variable is called current_acc but holds F1). The folds are our seeded stratified split, not
+    scikit-learn's StratifiedKFold assignment, so ACC / F1 can differ from the official ones in the 3rd digit."""
+    y, p_pos = np.asarray(y).astype(bool), np.asarray(p_pos, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(y), dtype=int)
+    for cls in (False, True):
+        idx = np.flatnonzero(y == cls)
+        fold[rng.permutation(idx)] = np.arange(len(idx)) % folds
+    grid = np.arange(0, 1 + step, step)
+
+    def acc_f1(yy, pp, t):
+        pred = pp > t
+        tp, fp, fn = (yy & pred).sum(), (pred & ~yy).sum(), (yy & ~pred).sum()
+        prec, rec = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
+        return (yy == pred).mean(), (2 * prec * rec / (prec + rec) if prec + rec > 0 else 0.0)
+
+    accs, f1s = [], []
+    for k in range(folds):
+        tr, te = fold != k, fold == k
+        best_t = max(grid, key=lambda t: (acc_f1(y[tr], p_pos[tr], t)[1], -t))   # first best threshold, as official
+        a, f = acc_f1(y[te], p_pos[te], best_t)
+        accs.append(a)
+        f1s.append(f)
+    return {"AUROC": M.auroc(y.astype(int), p_pos), "ACC": float(np.mean(accs)), "F1": float(np.mean(f1s))}
+
+
+CHEXPERT_CLASS_PROMPTS = {  # GLoRIA's prompt parts (the 5x200 zero-shot script); every combination is used
+    "Atelectasis": {"severity": ["", "mild", "minimal"],
+                    "subtype": ["subsegmental atelectasis", "linear atelectasis", "trace atelectasis",
+                                "bibasilar atelectasis", "retrocardiac atelectasis", "bandlike atelectasis",
+                                "residual atelectasis"],
+                    "location": ["at the mid lung zone", "at the upper lung zone", "at the right lung zone",
+                                 "at the left lung zone", "at the lung bases", "at the right lung base",
+                                 "at the left lung base", "at the bilateral lung bases", "at the left lower lobe",
+                                 "at the right lower lobe"]},
+    "Cardiomegaly": {"severity": [""],
+                     "subtype": ["cardiac silhouette size is upper limits of normal", "cardiomegaly which is unchanged",
+                                 "mildly prominent cardiac silhouette",
+                                 "portable view of the chest demonstrates stable cardiomegaly",
+                                 "portable view of the chest demonstrates mild cardiomegaly",
+                                 "persistent severe cardiomegaly", "heart size is borderline enlarged",
+                                 "cardiomegaly unchanged", "heart size is at the upper limits of normal",
+                                 "redemonstration of cardiomegaly",
+                                 "ap erect chest radiograph demonstrates the heart size is the upper limits of normal",
+                                 "cardiac silhouette size is mildly enlarged",
+                                 "mildly enlarged cardiac silhouette, likely left ventricular enlargement. other "
+                                 "chambers are less prominent",
+                                 "heart size remains at mildly enlarged",
+                                 "persistent cardiomegaly with prominent upper lobe vessels"],
+                     "location": [""]},
+    "Consolidation": {"severity": ["", "increased", "improved", "apperance of"],
+                      "subtype": ["bilateral consolidation", "reticular consolidation", "retrocardiac consolidation",
+                                  "patchy consolidation", "airspace consolidation", "partial consolidation"],
+                      "location": ["at the lower lung zone", "at the upper lung zone", "at the left lower lobe",
+                                   "at the right lower lobe", "at the left upper lobe", "at the right uppper lobe",
+                                   "at the right lung base", "at the left lung base"]},
+    "Edema": {"severity": ["", "mild", "improvement in", "presistent", "moderate", "decreased"],
+              "subtype": ["pulmonary edema", "trace interstitial edema", "pulmonary interstitial edema"],
+              "location": [""]},
+    "Pleural Effusion": {"severity": ["", "small", "stable", "large", "decreased", "increased"],   # NOTE the order:
+                         "location": ["left", "right", "tiny"],                                    # severity, location,
+                         "subtype": ["bilateral pleural effusion", "subpulmonic pleural effusion",  # subtype, as GLoRIA
+                                     "bilateral pleural effusion"]},
+}
+CHEXPERT8_IDS = {"No Finding": 0, "Cardiomegaly": 2, "Edema": 5, "Pneumonia": 7, "Atelectasis": 8,
+                 "Pneumothorax": 9, "Pleural Effusion": 10, "Fracture": 12}   # CheXpert column order
+
+
+def chexpert_prompts() -> dict:
+    """All combinations (n = 10000 exceeds every pool, so the official sampling returns them all): 210 / 15 /
+    192 / 18 / 54 prompts."""
+    out = {}
+    for name, parts in CHEXPERT_CLASS_PROMPTS.items():
+        a, b, c = parts.values()
+        out[name] = [gloria_clean(f"{x} {y} {z}".strip()) for x in a for y in b for z in c]
+    return out
+
+
+def read_rows(path: Path, required) -> list:
+    import csv
+    if not path.is_file():
+        raise DataError(f"{path} not found")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f))
+    missing = [c for c in required if rows and c not in rows[0]]
+    if not rows or missing:
+        raise DataError(f"{path}: needs columns {list(required)} and at least one row (missing: {missing})")
+    return rows
+
+
+def evaluate(what: str, model: ALTA, tok, args, root: Path) -> dict:
+    """One official evaluation; root is the dataset folder. Returns the metrics (printed by the caller)."""
+    dev, prec, size = torch.device(args.device), args.precision, model.cfg.img_size
+    if what in ("demo-zeroshot", "demo-retrieval"):
+        split = json.loads((root / "split_demo.json").read_text())["test"]
+        classes = json.loads((root / "classes.json").read_text())
+        img = embed_images(model, [root / p for p, _, _ in split], size, False, dev, prec)
+        y = np.array([label for _, label, _ in split])
+        if what == "demo-zeroshot":
+            cls = class_embeddings(model, tok, {c: classes["descriptions"][c] for c in classes["classnames"]},
+                                   args.max_len, dev, prec)
+            sim = img @ cls.T
+            return {"ACC": M.accuracy(y, sim.argmax(1).numpy()), "AUROC": M.auroc(y, sim.softmax(1).numpy()),
+                    "chance": 1 / len(cls)}
+        reports = {r["image_path"]: r["report"] for r in read_rows(root / "reports_test.csv", ["image_path", "report"])}
+        txt = embed_texts(model, tok, [gloria_clean(reports[p]) for p, _, _ in split], args.max_len, dev, prec)
+        return retrieval_precision(img, txt, y, y, (5, 10)) | {"chance": float(np.mean(np.bincount(y) / len(y)))}
+    if what.startswith("chexpert5x200"):
+        rows = read_rows(root / "chexpert_5x200.csv", ["Path", *CHEXPERT_CLASS_PROMPTS])
+        y = np.array([[float(r[c] or 0) for c in CHEXPERT_CLASS_PROMPTS] for r in rows]).argmax(1)
+        img = embed_images(model, [root / r["Path"] for r in rows], size, True, dev, prec)
+        if what == "chexpert5x200-zeroshot":
+            sim = img @ class_embeddings(model, tok, chexpert_prompts(), 128, dev, prec).T
+            return {"ACC": M.accuracy(y, sim.argmax(1).numpy())}
+        if "Report Impression" not in rows[0]:
+            raise DataError(f"{root / 'chexpert_5x200.csv'} has no 'Report Impression' column: retrieval needs the "
+                            "CSV shipped by GLoRIA / DopamineLcy/ALTA (CheXpert5X200_dataset/chexpert_5x200.csv)")
+        txt = embed_texts(model, tok, [gloria_clean(r["Report Impression"]) for r in rows], 256, dev, prec)
+        return retrieval_precision(img, txt, y, y, (5, 10, 100))
+    if what.startswith("chexpert8x200"):
+        cand = read_rows(root / "candidate.csv", ["Path"])
+        names = list(cand[0])[5:]                       # the label columns, CheXpert order (official: iloc[:, 5:])
+        c_label = np.array([int(np.argmax([float(r[n] or 0) for n in names])) for r in cand])
+        c_img = embed_images(model, [root / r["Path"] for r in cand], size, True, dev, prec)
+        query = read_rows(root / "query.csv", ["Variable"])
+        q_label = np.array([CHEXPERT8_IDS[r["Variable"]] for r in query])
+        if what == "chexpert8x200-txt2img":
+            q = embed_texts(model, tok, [r["Text"] for r in query], 20, dev, prec)
+        else:
+            q = embed_images(model, [root / r["Path"] for r in query], size, True, dev, prec)
+        return retrieval_precision(q, c_img, q_label, c_label, (5, 10, 50))
+    if what.startswith("rsna"):
+        rows = read_rows(root / ("valid.csv" if what == "rsna-val" else "test.csv"), ["Path", "Pneumonia"])
+        img = embed_images(model, [root / r["Path"] for r in rows], size, True, dev, prec)
+        pos, neg = embed_texts(model, tok, ["There is pneumonia", "There is no pneumonia"], 10, dev, prec)
+        p_pos = torch.stack([img @ pos, img @ neg], 1).softmax(1)[:, 0].numpy()
+        y = np.array([int(float(r["Pneumonia"])) for r in rows])
+        return {"AUROC": M.auroc(y, p_pos)} if what == "rsna-val" else rsna_protocol(y, p_pos)
+    raise ValueError(what)
+
+
+EVALS = {  # --eval NAME: the dataset folder it reads, and how to prepare it
+    "chexpert5x200-retrieval": ("data/chexpert", "python -m common.prepare chexpert --src <CheXpert-v1.0>; the "
+                                "CSV with 'Report Impression' comes with DopamineLcy/ALTA"),
+    "chexpert5x200-zeroshot": ("data/chexpert", "python -m common.prepare chexpert --src <CheXpert-v1.0>"),
+    "chexpert8x200-img2img": ("data/chexpert8x200/image-retrieval", "python -m common.prepare chexpert8x200 ..."),
+    "chexpert8x200-txt2img": ("data/chexpert8x200/text-retrieval", "python -m common.prepare chexpert8x200 ..."),
+    "rsna-zeroshot": ("data/rsna", "python -m common.prepare rsna --src <rsna-pneumonia-detection-challenge>"),
+}
+
+# ----------------------------------------------------------------------------------------------------------
+# Benchmark at the paper's size (random weights, no download)
+
+
+def run_bench(args, world):
+    """A pre-training step with all four losses (B = --batch-size, four views each) and the inference path, at the
+    real size; then the cost of encoding the four views one view at a time instead of as one (B x 4) batch."""
+    dev, prec = world.device, args.precision
+    model = ALTA(ViTConfig(), CXR_BERT, ALTAConfig()).to(dev)
+    mark_trainable(model, model.alta_cfg)
+    R.cast_frozen(model, R.PRECISIONS[prec])
+    B, T, S = args.batch_size, 128, 224
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 30522, (B, T), generator=g)
+    batch = {"big": torch.randn(B, 3, 2 * S, 2 * S), "views": torch.randn(B, 3, 3, S, S),
+             "present": torch.rand(B, 4) < 0.8, "ids": ids, "attention_mask": torch.ones(B, T, dtype=torch.long),
+             "mlm_ids": ids.masked_fill(torch.rand(B, T) < 0.5, 103),
+             "mlm_labels": ids.masked_fill(torch.rand(B, T) < 0.5, -100)}
+    batch["present"][:, 0] = True
+    batch = to_device(batch, dev)
+    opt = make_optimizer(model, 1e-4)
+    scaler = R.make_scaler(prec, dev)
+
+    def step():
+        with R.autocast(dev, prec):
+            loss = sum(model(batch).values())
+        R.optimizer_step(loss, opt, scaler, world, 0)
+
+    def infer():
+        with torch.no_grad(), R.autocast(dev, prec):
+            model.encode_image(batch["big"][:, :, :S, :S])
+
+    flops = R.flops_of(step)
+    print(R.BENCH_COLUMNS)
+    print(R.bench_row("pre-train step, 4 losses, 4 views", prec, B,
+                      R.bench(step, items=B, flops_per_step=flops, device=dev, dtype=R.PRECISIONS[prec],
+                              steps=args.bench_steps), "study"))
+    views = torch.cat([batch["big"][:, None, :, :S, :S], batch["views"]], 1)
+
+    def batched():                      # what forward does: one (B x 4)-image pass
+        with torch.no_grad(), R.autocast(dev, prec):
+            model.encode_views(views, batch["present"])
+
+    def per_view():                     # four B-image passes, one per view
+        with torch.no_grad(), R.autocast(dev, prec):
+            for v in range(4):
+                model.encode_views(views[:, v:v + 1], batch["present"][:, v:v + 1])
+
+    for what, fn in (("inference: encode_image", infer), ("4 views as one (B x 4) batch, fwd", batched),
+                     ("4 views one at a time, fwd", per_view)):
+        r = R.bench(fn, items=B, flops_per_step=R.flops_of(fn), device=dev, dtype=R.PRECISIONS[prec],
+                    steps=args.bench_steps)
+        print(R.bench_row(what, prec, B, r, "study"))
+
+# ----------------------------------------------------------------------------------------------------------
+# main
+
+
+DEMO_RECIPE = dict(vit="tiny", epochs=12, batch_size=24, lr=2e-3, warmup_epochs=1.0, sched_epochs=12.0)
+DEMO_BERT = dict(dim=64, n_layers=2, n_heads=4, mlp_dim=128, max_positions=64)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="alta.py", description=__doc__.split("\n")[0])
+    R.add_common_args(p, datasets=DATASETS, data="demo", epochs=30, batch_size=24, lr=5.625e-5, help={
+        "epochs": "paper: 30 (of a 100-epoch cosine), demo: 12", "batch_size": "paper: 24 per GPU x 4, demo: 24",
+        "lr": "paper: 1.5e-4 x global batch / 256 = 5.625e-5, demo: 2e-3"})
+    p.add_argument("--vit", default="vit-b16", choices=list(VIT_PRESETS), help="ViT size (demo: tiny)")
+    p.add_argument("--init-vision", default=None, metavar="MRM.safetensors", help="the MRM image encoder")
+    p.add_argument("--text", default=None, metavar="FOLDER", help="CXR-BERT-specialized folder (config, safetensors, vocab.txt)")
+    p.add_argument("--init", default=None, metavar="RUN|ALTA.safetensors", help="start from a run's or ALTA's weights")
+    p.add_argument("--eval", default=None, choices=list(EVALS), help="run one official evaluation and stop")
+    p.add_argument("--warmup-epochs", type=float, default=10.0, help="linear warm-up (paper: 10, demo: 1)")
+    p.add_argument("--sched-epochs", type=float, default=100.0, help="length of the half-cosine (paper: 100, demo: 12)")
+    p.add_argument("--mask-ratio", type=float, default=0.75, help="MAE masking of every view")
+    p.add_argument("--mlm-8010", action="store_true", help="80/10/10 MLM corruption (official code: all [MASK])")
+    p.add_argument("--fix-missing", action="store_true", help="train the missing token, leave missing views out")
+    p.add_argument("--train-bert-embed", action="store_true", help="train bert_embed (official: frozen random)")
+    argv = sys.argv[1:] if argv is None else argv
+    args, given = p.parse_args(argv), R.given_flags(p, argv)
+    if args.resume:
+        try:
+            R.restore_run_args(args, given)
+        except R.RunError as e:
+            p.error(str(e))
+    elif args.data == "demo":
+        for k, v in DEMO_RECIPE.items():
+            if k not in given:
+                setattr(args, k, v)
+    elif "lr" not in given:              # official: lr = blr x effective batch / 256
+        args.lr = 1.5e-4 * args.batch_size * int(__import__("os").environ.get("WORLD_SIZE", "1")) / 256
+    args.max_len = DATASETS[args.data]["max_len"]
+    return R.finish_common_args(p, args)
+
+
+def build(args, world, corpus=None):
+    """Model + tokenizer for these flags: the demo's tiny pair, or ViT-B/16 + CXR-BERT (random unless loaded)."""
+    vit_cfg = VIT_PRESETS[args.vit]
+    cfg = ALTAConfig(mask_ratio=args.mask_ratio, fix_missing=args.fix_missing, train_bert_embed=args.train_bert_embed)
+    tok = load_tokenizer(args.text, corpus) if (args.text or corpus) else None
+    if args.text:
+        bert_cfg = bert_config_from_hf(load_config(resolve(args.text)))
+    elif args.vit == "tiny":
+        bert_cfg = BertConfig(vocab_size=tok.get_vocab_size(), **DEMO_BERT)
+    else:
+        bert_cfg = CXR_BERT
+    init = args.init if args.init and str(args.init).endswith(".safetensors") else None
+    model = build_model(vit_cfg, bert_cfg, cfg, init=init, vision=args.init_vision, text=args.text, seed=args.seed)
+    if args.init and init is None:          # a run folder of this script: its best (or last) trained tensors
+        run = Path(args.init)
+        f = run / "best.safetensors" if (run / "best.safetensors").is_file() else run / "trainable.safetensors"
+        if not f.is_file():
+            raise R.RunError(f"--init {run}: neither best.safetensors nor trainable.safetensors there")
+        from safetensors.torch import load_file
+        R.load_tensors(model, load_file(str(f)), str(f))
+    mark_trainable(model, cfg)
+    return model.to(world.device), tok
+
+
+def preflight(args):
+    """Everything missing, said at once, before any work."""
+    problems, d = [], DATASETS[args.data]
+    root = Path(args.data_dir or REPO / d["dir"])
+    if args.data != "demo" and not args.eval and not (root / d["train"]).is_file():
+        problems.append(f"{root / d['train']} not found: prepare it with `{d['prepare']}`")
+    for flag, path in (("--init-vision", args.init_vision), ("--text", args.text)):
+        if path and not Path(path).exists():
+            problems.append(f"{flag} {path}: not found (download: see data/README.md and `python -m common.weights`)")
+    if args.data != "demo" and not args.eval and (not args.init_vision or not args.text):
+        problems.append("real pre-training needs --init-vision MRM.safetensors (convert MRM.pth with `python -m "
+                        "common.weights convert MRM.pth MRM.safetensors --key model`) and --text <CXR-BERT folder>")
+    if args.eval and args.eval != "demo":
+        folder = Path(args.data_dir or REPO / EVALS[args.eval][0])
+        if not folder.is_dir():
+            problems.append(f"--eval {args.eval}: {folder} not found; prepare it with `{EVALS[args.eval][1]}`")
+    if problems:
+        raise DataError("cannot start:\n  " + "\n  ".join(problems))
+    return root
+
+
+def run(args, world) -> dict:
+    root = preflight(args)
+    if args.data == "demo":
+        from common.demo import ensure_demo
+        ensure_demo(root)
+    R.seed_everything(args.seed, world.rank)
+    corpus = None
+    if args.text is None:   # the demo's WordPiece vocabulary: the words of its reports and class descriptions
+        classes = json.loads((root / "classes.json").read_text()) if (root / "classes.json").is_file() else {}
+        corpus = [r["report"] for r in read_rows(root / DATASETS[args.data]["train"], ["report"])]
+        corpus += [t for ts in classes.get("descriptions", {}).values() for t in ts]
+        corpus += [r["report"] for r in read_rows(root / DATASETS[args.data]["test"], ["report"])] \
+            if DATASETS[args.data]["test"] else []
+    model, tok = build(args, world, corpus)
+    if args.eval:
+        res = evaluate(args.eval, model, tok, args, Path(args.data_dir or REPO / EVALS[args.eval][0]))
+        if world.is_main:
+            print(json.dumps({args.eval: res}, indent=1))
+        return res
+    run_dir = Path(args.resume) if args.resume else R.new_run_dir("alta", args.data, args.out, vars(args), world)
+    ds = StudyDataset(root / DATASETS[args.data]["train"], root, tok, model.cfg.img_size, args.max_len,
+                      DATASETS[args.data]["gray"], train=True, seed=args.seed, mlm_8010=args.mlm_8010)
+    rsna = REPO / "data" / "rsna" / "valid.csv"
+    select = None
+    if args.data == "demo":
+        select = lambda m: evaluate("demo-zeroshot", m, tok, args, root)["AUROC"] if world.is_main else None
+    elif rsna.is_file():
+        select = lambda m: evaluate("rsna-val", m, tok, args, rsna.parent)["AUROC"] if world.is_main else None
+    if not args.eval_only:
+        best = train(args, world, model, ds, run_dir, select)
+        if world.is_main:
+            print(f"best selection metric {best['value']} at epoch {best['epoch']}")
+    results = {}
+    if world.is_main and args.data == "demo":
+        for what in ("demo-zeroshot", "demo-retrieval"):
+            results[what] = evaluate(what, model, tok, args, root)
+            print(what, json.dumps(results[what]))
+        (run_dir / "metrics.json").write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    world = R.setup_distributed(args.device)
+    try:
+        if args.bench:
+            run_bench(args, world)
+        else:
+            run(args, world)
+        return 0
+    except R.USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (R.NonFiniteLoss, KeyboardInterrupt) as e:
+        print(f"\nstopped: {e}", file=sys.stderr)
+        return 3 if isinstance(e, R.NonFiniteLoss) else 130
+    finally:
+        R.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
