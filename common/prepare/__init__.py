@@ -60,6 +60,10 @@ CONVERTERS = {
     "embed": "embed:prepare_embed",
     "mimic-cxr": "mimic:prepare_mimic_cxr",
     "ct-rate": "ct_rate:prepare_ct_rate",
+    "covidx": "cxr:prepare_covidx",
+    "siim": "siim:prepare_siim",
+    "rsna-seg": "rsna:prepare_rsna_seg",
+    "chexpert8x200": "chexpert:prepare_chexpert8x200",
 }
 
 

@@ -1,17 +1,22 @@
 """Chest X-ray classification from class folders or list files: Kermany pneumonia, COVID/Pneumonia/Normal
-(cilmp.py)."""
+(cilmp.py), COVIDx (adaptor.py)."""
+import numpy as np
+
 from common.data import DataError
-from common.prepare.util import Output, finish, list_images, paper_test_size, write_classification, write_seeded
+from common.prepare.util import (Output, check_exists, finish, list_images, paper_test_size, write_classification,
+                                 write_seeded)
 
 PAPER_COUNTS = {  # CILMP's dataset table (train / test)
     "pneumonia": {"train": 5216, "test": 624},
     "cpn-x-ray": {"train": 3659, "test": 1569},
+    "covidx": {},  # Adaptor gives no counts; the list files fix them
 }
 
 CLASSNAMES = {  # as the official CILMP loaders spell them, in label order
     "pneumonia": ["normal", "bacteria pneumonia", "virus pneumonia"],
     "pneumonia2": ["normal", "pneumonia"],
     "cpn-x-ray": ["normal", "covid", "pneumonia"],
+    "covidx": ["normal", "pneumonia", "COVID-19"],  # MGCA's label order (the list files' class names)
 }
 
 
@@ -59,7 +64,7 @@ def prepare_cpn_x_ray(src, out, **opts):
     found = {}
     for d in sorted(p for p in src.rglob("*") if p.is_dir()):
         key = d.name.lower()
-        cls = "covid" if "covid" in key else "normal" if key == "normal" else "pneumonia" if key == "pneumonia" else None
+        cls = "covid" if "covid" in key else key if key in ("normal", "pneumonia") else None
         if cls and list_images(d):
             found.setdefault(cls, []).append(d)
     if sorted(found) != sorted(names):
@@ -75,3 +80,79 @@ def prepare_cpn_x_ray(src, out, **opts):
                         "no official split: seeded stratified split, paper's 70/30", PAPER_COUNTS[name], **opts)
 
 
+
+
+COVIDX_LABELS = {"normal": 0, "pneumonia": 1, "COVID-19": 2}  # MGCA's set_label: normal 0, pneumonia 1, else 2
+
+
+def _covidx_lists(root):
+    """(train list, test list): train_COVIDx9A.txt / test_COVIDx9A.txt (the version MGCA and Adaptor use), any
+    other train_COVIDx*.txt with its test_ twin, or the plain train.txt / test.txt of the Kaggle releases."""
+    for train in [root / "train_COVIDx9A.txt", *sorted(root.glob("train_COVIDx*.txt")), root / "train.txt"]:
+        test = train.with_name("test" + train.name[len("train"):])
+        if train.is_file() and test.is_file():
+            return train, test
+    raise DataError(f"covidx: expected the COVIDx list files train_COVIDx9A.txt and test_COVIDx9A.txt (or "
+                    f"train.txt and test.txt) next to the image folders train/ and test/ in {root}")
+
+
+def read_covidx_list(path, warnings):
+    """Rows "patient_id filename class source" (space-separated; a file name may hold spaces) -> [(file, class)]."""
+    rows, seen = [], {}
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) < 4:
+            raise DataError(f"{path}, line {n}: expected 'patient_id filename class source', got {line!r}")
+        filename, cls = " ".join(parts[1:-2]), parts[-2]
+        if cls in ("positive", "negative"):
+            raise DataError(f"{path}: class {cls!r}: this is a binary COVIDx release (COVID-19 positive / "
+                            f"negative); Adaptor's COVIDx task is 3-class (normal / pneumonia / COVID-19): use "
+                            f"train_COVIDx9A.txt / test_COVIDx9A.txt (see data/README.md)")
+        if cls not in COVIDX_LABELS:
+            raise DataError(f"{path}, line {n}: class {cls!r} is not one of {list(COVIDX_LABELS)}")
+        if filename in seen:
+            if seen[filename] != cls:
+                raise DataError(f"{path}: {filename} is listed twice with different classes "
+                                f"({seen[filename]!r}, {cls!r}); fix the file")
+            warnings.append(f"{path.name}: {filename} listed twice (same class): the repeat is dropped")
+            continue
+        seen[filename] = cls
+        rows.append((filename, cls))
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def mgca_train_val(n):
+    """MGCA's COVIDx validation split, exactly: sklearn train_test_split(train_size=0.8, random_state=0), i.e. a
+    permutation by numpy's RandomState(0), the first n - floor(0.8 n) to val and the rest to train, in that
+    order (MGCA's --data_pct subsets sample that order). Not grouped by patient, as MGCA."""
+    n_train = int(np.floor(0.8 * n))
+    perm = np.random.RandomState(0).permutation(n)
+    return perm[n - n_train:].tolist(), perm[:n - n_train].tolist()
+
+
+def prepare_covidx(src, out, **opts):
+    """COVIDx (3-class, e.g. 9A): train_COVIDx9A.txt / test_COVIDx9A.txt + train/, test/ -> split JSON."""
+    name, names = "covidx", CLASSNAMES["covidx"]
+    root = next((src / c for c in ("", "COVIDx", "covidx") if (src / c / "train").is_dir()), src)
+    train_txt, test_txt = _covidx_lists(root)
+    warnings = []
+    raw = {"train": read_covidx_list(train_txt, warnings), "test": read_covidx_list(test_txt, warnings)}
+    paths = {s: [root / s / f for f, _ in rows] for s, rows in raw.items()}
+    check_exists(paths["train"] + paths["test"], name)
+    tr, va = mgca_train_val(len(raw["train"]))
+    label = lambda s, i: COVIDX_LABELS[raw[s][i][1]]
+    with Output(out, root, **opts) as o:
+        ref = {s: [o.place(p) for p in ps] for s, ps in paths.items()}
+        items = {"train": [(ref["train"][i], label("train", i), names[label("train", i)]) for i in tr],
+                 "val": [(ref["train"][i], label("train", i), names[label("train", i)]) for i in va],
+                 "test": [(r, label("test", i), names[label("test", i)]) for i, r in enumerate(ref["test"])]}
+        summary = write_classification(o, name, items, names, notes=[
+            f"{train_txt.name} / {test_txt.name}; val = 20% of the train list by MGCA's split (sklearn "
+            f"train_test_split(train_size=0.8, random_state=0), reproduced exactly with numpy; not grouped by "
+            f"patient, as MGCA), train and val in MGCA's order; test = the official test list"], warnings=warnings)
+        finish(o, name, summary, PAPER_COUNTS.get(name))
+    return summary

@@ -60,8 +60,9 @@ def prepare_adam(src, out, **opts):
                       if (root / d / "AMD").is_dir()), None)
     if test_root is None:
         unlabelled = [d for d in ("Validation400", "Validation-400", "Test400") if (root / d).is_dir()]
-        warnings = [f"adam: {unlabelled[0]}/ is there but has no AMD/ and Non-AMD/ label folders, so it is not used "
-                    f"as the test set (sort its images by the released labels, see data/README.md)"] if unlabelled else []
+        warnings = [f"adam: {unlabelled[0]}/ is there but has no AMD/ and Non-AMD/ label folders, so it is not "
+                    f"used as the test set (sort its images by the released labels, see data/README.md)"
+                    ] if unlabelled else []
         return write_seeded(name, root, out, paths, labels, names, round(len(paths) * 0.5),
                             "no labelled validation set found: seeded stratified 50/50 split of Training400",
                             PAPER_COUNTS[name], warnings=warnings, **opts)

@@ -108,6 +108,22 @@ def dedupe(rows, key, where, warnings=None):
     return kept
 
 
+def parallel_map(fn, items, desc):
+    """[fn(x) for x in items] in a thread pool (numpy, zlib and PIL work without the GIL), in order, with a
+    progress line and an ETA. The first exception stops the work (queued items are dropped) and is raised."""
+    items = list(items)
+    bar = Progress(len(items), desc)
+    results = []
+    pool = ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1))
+    try:
+        for r in pool.map(fn, items):
+            results.append(r)
+            bar.update()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return results
+
+
 def progress(items, desc):
     """Iterate over items, printing a progress line with an ETA every 10 s (and at the end) for long loops."""
     items = list(items)
@@ -171,6 +187,15 @@ def stratified_split(labels, n_test, seed):
     test_set = set(test)
     train = [i for i in range(len(labels)) if i not in test_set]
     return train, sorted(test)
+
+
+def split_70_15_15(labels, seed):
+    """MGCA's proportions for RSNA and SIIM: 70% train, the rest halved into val and test; stratified here so
+    every part keeps the class ratio (MGCA's split is not). -> {"train"|"val"|"test": [index, ...]}."""
+    rest_n = round(len(labels) * 0.3)
+    tr, rest = stratified_split(labels, rest_n, seed)
+    va_local, te_local = stratified_split([labels[i] for i in rest], rest_n - rest_n // 2, seed + 1)
+    return {"train": tr, "val": [rest[i] for i in va_local], "test": [rest[i] for i in te_local]}
 
 
 def paper_test_size(p, n_total, fallback_frac):
@@ -296,6 +321,17 @@ class Output:
         img.save(dst)
         return relpath
 
+    def save_mask(self, relpath, mask):
+        """Write a segmentation mask (bool or 0/255 uint8 array (H, W)) as an 8-bit PNG (mode L, 0/255). With
+        --max-side it is shrunk to exactly the size save_image gives its image, nearest-neighbour (stays 0/255)."""
+        img = Image.fromarray(np.where(np.asarray(mask) > 0, 255, 0).astype(np.uint8), "L")
+        if self.max_side and max(img.size) > self.max_side:
+            img = img.resize(shrunk_size(img.size, self.max_side), Image.NEAREST)
+        dst = self.tmp / relpath
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        img.save(dst)
+        return relpath
+
     def write_json(self, name, obj):
         with open(self.tmp / name, "w") as f:
             json.dump(obj, f, indent=1)
@@ -346,11 +382,16 @@ def check_image(path):
     return None
 
 
+def shrunk_size(size, max_side):
+    """(w, h) scaled so the longer side is max_side, aspect kept."""
+    w, h = size
+    s = max_side / max(w, h)
+    return max(1, round(w * s)), max(1, round(h * s))
+
+
 def shrink(img, max_side):
     """Resize so the longer side is max_side (bicubic, aspect kept)."""
-    w, h = img.size
-    s = max_side / max(w, h)
-    return img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC)
+    return img.resize(shrunk_size(img.size, max_side), Image.BICUBIC)
 
 
 def save_resized(src, dst, max_side):
