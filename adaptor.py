@@ -30,7 +30,7 @@ Frozen features are computed once per (backbone, dataset, split), cached as safe
 position (the official extraction sorts each batch by caption length, so two tokenizers can misalign the pairs).
 
 Run it:
-    python adaptor.py                              # demo: pre-train, classify, segment; tiny models, CPU, ~2 min
+    python adaptor.py                              # demo: pre-train, classify, segment; tiny models, CPU
     python adaptor.py --data mimic-cxr --vision dinov2-b --text biobert           # pre-training, paper setting
     python adaptor.py --task classify --data rsna --data-pct 0.01 --init runs/adaptor/mimic-cxr/<run>
     python adaptor.py --task classify --data covidx --data-pct 0.1 --init RUN
@@ -1253,7 +1253,7 @@ def segment(args, world, folder: Path, vision, adaptor: Adaptor) -> dict:
     sets = {s: SegmentationDataset(root, root / d["segment"], s, joint_transform=PadCrop(size, train=s == "train"))
             for s in ("train", "val", "test")}
     train = sets["train"]
-    empty = np.array([not np.asarray(Image.open(root / m)).any() for _, m in train.items])
+    empty = np.array([not np.asarray(Image.open(train.root / m)).any() for _, m in train.items])
     idx = np.arange(len(train))
     if args.data == "siim":  # official: all positives + as many random negatives
         rng = np.random.default_rng(args.seed)
@@ -1395,57 +1395,21 @@ def recipe(args, task: str):
 
 
 def demo_backbones(args, world):
-    """The demo's tiny DINOv2 and BERT play *pretrained* frozen backbones. Frozen random ones give almost the same
-    global feature for every input (the adaptor then learns nothing: pre-training loss stays at ln B), so they are
-    pre-trained once, CLIP-style, on the demo's training pairs (~30 s on a CPU; fixed seeds, independent of
-    --seed) and cached in --cache-dir. The tokenizer's vocabulary is the demo's training captions."""
+    """The demo's tiny DINOv2 and BERT: seeded random weights (fixed seeds, independent of --seed), the tokenizer's
+    vocabulary from the demo's training captions. NOTE frozen random backbones give nearly the same global feature
+    for every input, so the demo's pre-training learns little (its loss stays near ln B); the heads still learn
+    from what the features carry (the head's BatchNorm removes the shared part). Pre-training the tiny backbones
+    once on the demo pairs, as cilmp.py does for its CLIP, is the known fix and is not done yet."""
     from common.demo import ensure_demo
     root = Path(args.data_dir) if args.data_dir else REPO / "data" / "demo"
     if world.is_main:
         ensure_demo(root)
     R.barrier(world)
-    ids, caps = read_pairs(root / "reports_train.csv")
+    _, caps = read_pairs(root / "reports_train.csv")
     tok = demo_tokenizer(caps)
     vision = DINOv2(VISION_PRESETS["tiny"]["config"]).init_random(seed=0)
     bert = BERT(BertConfig(vocab_size=tok.get_vocab_size(), **TINY_BERT), add_pooler=True).init_random(seed=1)
-    path = Path(args.cache_dir) / "adaptor" / "demo_backbones.safetensors"
-    if not path.is_file() and world.is_main:
-        with torch.random.fork_rng():  # a cold cache must not shift the run's random numbers
-            pretrain_demo_backbones(vision, bert, tok, Images(root, ids, PadCrop(112, train=True)), caps)
-        R.save_tensors(path, {"vision." + k: v for k, v in vision.state_dict().items()} |
-                       {"text." + k: v for k, v in bert.state_dict().items()})
-    R.barrier(world)
-    tensors = load_file(str(path))
-    vision.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("vision.")})
-    bert.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("text.")})
     return vision, bert, tok
-
-
-def pretrain_demo_backbones(vision, bert, tok, images, caps, steps: int = 120, batch: int = 64):
-    """Demo only: symmetric InfoNCE between the CLS of the tiny DINOv2 and the tiny BERT's pooler (both towers
-    trained, linear heads thrown away), so that "dark, irregular" looks dark and irregular to them."""
-    print(f"pre-training the demo's tiny DINOv2 + BERT on {len(caps)} pairs ({steps} steps, once; cached)")
-    torch.manual_seed(0)
-    heads = nn.ModuleList([nn.Linear(vision.cfg.dim, 64), nn.Linear(bert.cfg.dim, 64)])
-    params = [*vision.parameters(), *bert.parameters(), *heads.parameters()]
-    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.1)
-    scale = math.log(1 / 0.07)
-    prog = R.Progress(steps, "demo backbones", every=10.0)
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = 3e-4 * min(1.0, (step + 1) / 10)
-        idx = torch.randint(0, len(caps), (batch,)).tolist()
-        pixels = torch.stack([images[i] for i in idx])
-        ids, mask = tokenize(tok, [caps[i] for i in idx])
-        f = F.normalize(heads[0](image_features(vision, pixels)[0]), dim=-1)
-        t = F.normalize(heads[1](text_features(bert, ids, mask)[0]), dim=-1)
-        logits = math.exp(scale) * f @ t.T
-        labels = torch.arange(batch)
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        prog.update(1, loss=loss.item())
 
 
 def backbones(args, world):
