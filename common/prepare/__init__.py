@@ -6,27 +6,35 @@
 
 You download a dataset from its official source and unpack it anywhere. One command then reads the official
 layout (and only what it needs), checks it, and writes data/NAME/ in the formats common/data.py and
-common/ct.py read: a split JSON for classification, image-report CSVs, CheXpert-style multi-label CSVs, or
-CT volumes plus CSVs. A prepare.json records the source, the seed, the counts per split and class, and the
+common/ct.py read: a split JSON for classification or segmentation (PNG masks), image-report CSVs,
+CheXpert-style multi-label CSVs, or CT volumes plus CSVs. A prepare.json records the source, the seed, the counts per split and class, and the
 paper's counts next to ours. See data/README.md for every dataset's source, access terms and raw layout.
 
 Layout of this package: util.py holds what every converter shares (reading, splitting, the atomic output
-folder, prepare.json); one module per dataset family holds its converters, class names and the papers' counts;
-CONVERTERS below is the registry (one line per dataset).
+folder, the image check, prepare.json); one module per dataset family holds its converters, class names and the
+papers' counts (derm, fundus, misc, cxr, chexpert, rsna, siim, mimic, ct_rate). CONVERTERS below is the
+registry: a new dataset is a function `prepare_x(src, out, *, seed=0, **opts)` in a family module (it writes
+through `with Output(out, root, seed=seed, **opts) as o:` and ends with `finish(o, name, summary, paper)`) plus
+one line here.
 
 How images are referenced. Every converter writes paths relative to data/NAME. Files that are used as they
 are (JPEG/PNG/NIfTI) are reached through data/NAME/raw, a symlink to the --src folder, so a split file says
 "raw/ISIC2018_Task3_Training_Input/ISIC_0024306.jpg" and stays valid whatever machine or folder the raw data
 sits in: move the raw data, re-point one symlink. With --copy (or --max-side N) data/NAME/raw is a real folder
 holding copies (or copies resized so the longer side is at most N) under the same relative paths, so the
-split files do not change. Files that must be converted (DermaMNIST arrays, RSNA DICOMs) go to
-data/NAME/images/.
+split files do not change. Files that must be converted (DermaMNIST arrays, RSNA / SIIM DICOMs) go to
+data/NAME/images/, masks to data/NAME/masks/.
 
 Guarantees, because a half-written dataset is worse than none:
 - the source is never modified;
 - everything is written into a hidden sibling folder and renamed into place at the end, so an interrupted run
-  leaves data/NAME untouched (and the next run deletes the leftover);
-- an existing data/NAME with a prepare.json is left alone (idempotent); --force rebuilds it;
+  (an error, Ctrl-C, SIGTERM) leaves data/NAME untouched, and a hard kill's leftover is deleted by the next run;
+- every image it publishes is decoded first (--no-verify skips it): a truncated download fails here, naming
+  the files, not hours into training;
+- an existing data/NAME with a prepare.json is left alone (idempotent); --force rebuilds it, and replaces only
+  a folder prepare made for the same dataset (never a user's folder or a file);
+- repeated label rows are dropped and said, contradictory ones refused; a split without its ground truth and
+  a class with no training image are warnings (printed, and kept in prepare.json);
 - a wrong --src raises DataError naming the files that were expected; `main` prints it and exits with 2.
 """
 import argparse

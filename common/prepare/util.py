@@ -108,31 +108,6 @@ def dedupe(rows, key, where, warnings=None):
     return kept
 
 
-def parallel_map(fn, items, desc):
-    """[fn(x) for x in items] in a thread pool (numpy, zlib and PIL work without the GIL), in order, with a
-    progress line and an ETA. The first exception stops the work (queued items are dropped) and is raised."""
-    items = list(items)
-    bar = Progress(len(items), desc)
-    results = []
-    pool = ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1))
-    try:
-        for r in pool.map(fn, items):
-            results.append(r)
-            bar.update()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    return results
-
-
-def progress(items, desc):
-    """Iterate over items, printing a progress line with an ETA every 10 s (and at the end) for long loops."""
-    items = list(items)
-    bar = Progress(len(items), desc)
-    for x in items:
-        yield x
-        bar.update()
-
-
 def number(value, where, kind=float):
     """kind(value), or DataError naming where the bad cell is (no bare ValueError from deep inside)."""
     try:
@@ -204,6 +179,35 @@ def paper_test_size(p, n_total, fallback_frac):
     if p.get("train") and p.get("test"):
         return round(n_total * p["test"] / (p["train"] + p["test"]))
     return round(n_total * fallback_frac)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# long work: a thread pool and progress lines with an ETA
+
+
+def parallel_map(fn, items, desc):
+    """[fn(x) for x in items] in a thread pool (numpy, zlib and PIL work without the GIL), in order, with a
+    progress line and an ETA. The first exception stops the work (queued items are dropped) and is raised."""
+    items = list(items)
+    bar = Progress(len(items), desc)
+    results = []
+    pool = ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1))
+    try:
+        for r in pool.map(fn, items):
+            results.append(r)
+            bar.update()
+    finally:  # also on Ctrl-C / SIGTERM: drop the queued items, wait for the running ones
+        pool.shutdown(wait=True, cancel_futures=True)
+    return results
+
+
+def progress(items, desc):
+    """Iterate over items, printing a progress line with an ETA every 10 s (and at the end) for long loops."""
+    items = list(items)
+    bar = Progress(len(items), desc)
+    for x in items:
+        yield x
+        bar.update()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -295,21 +299,13 @@ class Output:
                     return src, problem
             return None
 
-        broken = []
-        bar = Progress(len(jobs), f"{what} {len(jobs)} images:")
-        pool = ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1))
-        try:
-            for result in pool.map(work, jobs):
-                bar.update()
-                if result is not None:
-                    broken.append(result)
-        finally:  # on Ctrl-C / SIGTERM: drop the queued jobs, wait for the running ones, then the folder goes
-            pool.shutdown(wait=True, cancel_futures=True)
+        broken = [r for r in parallel_map(work, jobs, f"{what} {len(jobs)} images:") if r is not None]
         if broken:
             shown = "; ".join(f"{p} ({why})" for p, why in broken[:10])
             raise DataError(f"{len(broken)} of {len(jobs)} images cannot be read: {shown}"
                             + (f"; and {len(broken) - 10} more" if len(broken) > 10 else "")
-                            + ". Re-download them (or pass --no-verify to publish them unchecked)")
+                            + ". Re-download them" + (" (or pass --no-verify to publish them unchecked)"
+                                                      if self.verify else ""))
 
     def save_image(self, relpath, array_or_image):
         """Write a converted image (uint8 array or PIL image) to data/NAME/<relpath>, shrunk to --max-side."""
