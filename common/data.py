@@ -246,14 +246,15 @@ def read_seg_split(path):
 def load_mask(path):
     """
     A mask file as a grayscale PIL image holding only 0 and 255 (mode L). Foreground is any value >= 128, or,
-    for a mask coded 0/1 (max value 1), the value 1. Colour masks are converted to grayscale first.
+    for a mask coded 0/1 (max value 1), the value 1. Palette masks are read by index (index 1 = foreground in a
+    0/1 mask); colour masks are converted to grayscale first.
     """
     path = str(path)
     if not os.path.isfile(path):
         raise DataError(f"mask not found: {path}")
     try:
         with Image.open(path) as m:
-            a = np.asarray(m.convert("L") if m.mode not in ("L", "1", "I;16", "I") else m)
+            a = np.asarray(m if m.mode in ("L", "1", "P", "I;16", "I") else m.convert("L"))
     except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"cannot read mask {path}: {e}") from None
     fg = a >= (1 if a.max() == 1 else 128)

@@ -440,6 +440,10 @@ def test_segmentation_dataset_items(seg_dir):
     assert mask.dtype == torch.float32 and set(mask.unique().tolist()) == {0.0, 1.0}
     assert mask[0].nonzero().tolist() == [[1, 2], [1, 3], [1, 4], [2, 2], [2, 3], [2, 4]]
     assert ds[1][1][0].nonzero().tolist() == [[3, 0]]  # a 0/1-coded mask: 1 is foreground
+    palette = Image.fromarray(m_a // 255, "P")  # index 1 = foreground, whatever colour the palette gives it
+    palette.putpalette([0, 0, 0, 128, 0, 0] + [0] * 762)
+    palette.save(root / "masks" / "a.png")
+    assert torch.equal(ds[0][1], mask)
     assert read_seg_split(root / "seg.json")["val"] == []
 
 
