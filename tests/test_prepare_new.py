@@ -232,6 +232,11 @@ def test_covidx_bad_lists(tmp_path):
     (src / "train_COVIDx9A.txt").unlink()
     with pytest.raises(DataError, match="train_COVIDx9A.txt and test_COVIDx9A.txt"):
         prepare.run("covidx", src, tmp_path / "c4")
+    (src / "labels").mkdir()  # the lists as COVID-Net's repository keeps them, in labels/
+    (src / "labels" / "train_COVIDx9A.txt").write_text("\n".join(lines) + "\n")
+    (src / "test_COVIDx9A.txt").rename(src / "labels" / "test_COVIDx9A.txt")
+    prepare.run("covidx", src, tmp_path / "c5")
+    assert [len(v) for v in read_split(tmp_path / "c5" / "split_covidx.json").values()] == [8, 2, 6]
 
 # ---------------------------------------------------------------------------------------------------------
 # CheXpert 8x200 (ConVIRT's retrieval sets)

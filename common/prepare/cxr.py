@@ -87,11 +87,13 @@ COVIDX_LABELS = {"normal": 0, "pneumonia": 1, "COVID-19": 2}  # MGCA's set_label
 
 def _covidx_lists(root):
     """(train list, test list): train_COVIDx9A.txt / test_COVIDx9A.txt (the version MGCA and Adaptor use), any
-    other train_COVIDx*.txt with its test_ twin, or the plain train.txt / test.txt of the Kaggle releases."""
-    for train in [root / "train_COVIDx9A.txt", *sorted(root.glob("train_COVIDx*.txt")), root / "train.txt"]:
-        test = train.with_name("test" + train.name[len("train"):])
-        if train.is_file() and test.is_file():
-            return train, test
+    other train_COVIDx*.txt with its test_ twin, or the plain train.txt / test.txt of the Kaggle releases; in
+    the image root or its labels/ folder."""
+    for folder in (root, root / "labels"):  # COVID-Net's repository keeps the lists in labels/
+        for train in [folder / "train_COVIDx9A.txt", *sorted(folder.glob("train_COVIDx*.txt")), folder / "train.txt"]:
+            test = train.with_name("test" + train.name[len("train"):])
+            if train.is_file() and test.is_file():
+                return train, test
     raise DataError(f"covidx: expected the COVIDx list files train_COVIDx9A.txt and test_COVIDx9A.txt (or "
                     f"train.txt and test.txt) next to the image folders train/ and test/ in {root}")
 
