@@ -19,23 +19,28 @@ The idea:
 Run it:
     python cleft.py                                            # demo: both stages + zero-shot, tiny models, CPU
     python cleft.py --data chexpert --llm biomedlm --peft lora                 # stage 1, the paper's setting
-    python cleft.py --stage prompt --init runs/cleft/chexpert/<time> --data chexpert          # stage 2
-    python cleft.py --eval zero-shot --init runs/cleft/chexpert/<time> --data chexpert5x200   # or rsna,
+    python cleft.py --data embed                                # stage 1 on EMBED mammograms + metadata captions
+    python cleft.py --stage prompt --init runs/cleft/chexpert/<run> --data chexpert           # stage 2
+    python cleft.py --eval zero-shot --init runs/cleft/chexpert/<run> --data chexpert5x200    # or rsna,
     python cleft.py --eval linear-probe --init RUN --data rsna --data-pct 0.01    # embed-birads, embed-density
     torchrun --nproc_per_node 4 cleft.py --data chexpert --grad-ckpt            # DDP, the paper's 4 GPUs
-    python cleft.py --resume runs/cleft/chexpert/<time>                         # continue a killed run
+    python cleft.py --resume runs/cleft/chexpert/<run>                          # continue a stopped run
     python cleft.py --count-params --data chexpert ; python cleft.py --bench
-Data: data/README.md and `python -m common.prepare chexpert|rsna`. Weights: `python -m common.weights download
-stanford-crfm/BioMedLM` (and facebook/dinov2-with-registers-base); `--vit-path/--llm-path` take local folders.
+Data: data/README.md and `python -m common.prepare chexpert|rsna|embed`. Weights: `python -m common.weights
+download stanford-crfm/BioMedLM` (and facebook/dinov2-with-registers-base); `--vit-path/--llm-path` take folders.
 
-Where this file departs from the official code (each is also noted where it happens):
+As the official code: frontal CheXpert views only (--laterals adds the lateral ones); its image pipeline (pad
+to a square, Otsu foreground crop, resize, and in training jitter / blur / affine / flip: image_transform);
+captions cleaned to \\w+ words, prompts only lower-cased; stage 2 restarts the temperature at 1/0.07; weight
+decay on every tensor but the 1-dim ones. Where this file departs from it (each is noted where it happens):
   - negatives are gathered from all ranks (official: the per-GPU batch of 72 only), so DDP = one big batch;
   - a caption that fills all 64 tokens is pooled at its last token (official: token 0, an indexing bug);
   - stage 2 follows the paper (frozen encoders, cross-entropy over class prompts); the official code trains the
     ViT with InfoNCE on captions in this stage: --prompt-objective infonce --train-vit;
-  - the temperature is clamped at 100 and not weight-decayed; trainables stay fp32 under bf16 autocast (official:
-    bf16-true weights); the RSNA zero-shot prompt says "pneumonia" (official: "pneumothorax");
-  - image augmentation is a mild random resized crop + flip (official: Otsu crop, jitter, blur, affine).
+  - the temperature is clamped at 100; trainables stay fp32 under bf16 autocast (official: bf16-true weights);
+    the RSNA zero-shot prompt says "pneumonia" (official: "pneumothorax");
+  - CheXpert stage-2 / probe sets are the single-positive rows of train.csv (official: the authors' unreleased
+    five-class CSVs); the linear-probe and fine-tune recipes are ours (the official README gives none).
 """
 import argparse
 import csv
@@ -1324,7 +1329,9 @@ DEMO_RECIPES = {
     "linear-probe": dict(epochs=30, batch_size=128, lr=1e-2, weight_decay=0.0),
     "finetune": dict(steps=0, epochs=3, batch_size=32, lr=1e-3, weight_decay=0.05, warmup=10, min_lr=1e-5),
 }
-DEMO_MODELS = dict(vit="tiny", llm="tiny", stage="all")  # --data demo, where not typed
+# --data demo, where not typed: tiny models, both stages, one CPU thread (tiny matrices: the threads of a team
+# would only wait for each other, 10-30x slower on a busy machine)
+DEMO_DEFAULTS = dict(vit="tiny", llm="tiny", stage="all", threads=1)
 
 
 def recipe(args, what: str):
@@ -1536,7 +1543,7 @@ def parse_args(argv=None):
             p.error(str(e))
         args.typed = sorted(set(args.typed) | given)
     if args.data == "demo":
-        for k, v in DEMO_MODELS.items():
+        for k, v in DEMO_DEFAULTS.items():
             if k not in args.typed:
                 setattr(args, k, v)
     R.finish_common_args(p, args)

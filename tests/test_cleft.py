@@ -2,6 +2,7 @@
 PEFT invariants, weight-loading errors, parameter counts, and end-to-end runs on the demo data (both stages,
 kill + --resume, 2-process DDP, missing data)."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -308,7 +310,7 @@ def test_text_pooling_takes_first_pad_or_last_real_token():
 
 
 def demo_args(out, *extra):
-    return ["--out", str(out), "--batch-size", "16", "--log-every", "1", "--print-every", "100", *extra]
+    return ["--out", str(out), "--batch-size", "16", "--log-every", "1", "--print-every", "100", "--threads", "1", *extra]
 
 
 def losses(path, key="loss"):
@@ -331,7 +333,7 @@ def test_demo_both_stages_end_to_end(tmp_path):
 
 
 def test_kill_and_resume_continues_exactly(tmp_path):
-    common = ["--stage", "contrastive", "--steps", "24", "--ckpt-every", "4"]
+    common = ["--stage", "contrastive", "--steps", "12", "--ckpt-every", "3"]
     ref = tmp_path / "ref"
     assert cleft.main(demo_args(ref, *common)) == 0
     killed = tmp_path / "killed"
@@ -397,9 +399,9 @@ def test_missing_data_says_what_to_get(tmp_path, capsys):
     assert "split_rsna.json" in err and "kaggle.com/c/rsna-pneumonia" in err and "common.prepare rsna" in err
 
 
-def make_chexpert(root, n_train=40, n_valid=12):
+def make_chexpert(root, n_train=40, n_valid=12, laterals=()):
     """A CheXpert folder as common.prepare writes it: train.csv / valid.csv (Path + metadata + 14 findings) and
-    split_chexpert5x200.json (test only), with tiny grey PNGs."""
+    split_chexpert5x200.json (test only), with tiny grey PNGs. Train rows in `laterals` are lateral views."""
     import csv
     import numpy as np
     from PIL import Image
@@ -420,7 +422,8 @@ def make_chexpert(root, n_train=40, n_valid=12):
                 cells[CHEXPERT_FINDINGS.index(five[(i + 1) % 5])] = "1.0"
             if i % 3 == 0:
                 cells[CHEXPERT_FINDINGS.index("Support Devices")] = "1.0"
-            out.append([path, "Male", "60", "Frontal", "PA"] + cells)
+            lateral = prefix == "train" and i in laterals
+            out.append([path, "Male", "60", "Lateral" if lateral else "Frontal", "" if lateral else "PA"] + cells)
         return out
 
     for name, n in (("train", n_train), ("valid", n_valid)):
@@ -455,3 +458,164 @@ def test_resume_of_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path, capsys)
         cleft.main(["--resume", str(tmp_path / "typo")])
     assert e.value.code == 2 and "not a run folder" in capsys.readouterr().err
     assert not (tmp_path / "typo").exists()
+
+# ----------------------------------------------------------------------------------------------------------
+# data and evaluation as the official code (issue 9 point 5)
+
+
+def test_chexpert_is_frontal_only_unless_laterals(tmp_path):
+    data = tmp_path / "chexpert"
+    make_chexpert(data, laterals=(1, 2, 5))
+    frontal = cleft.CaptionPairs(data, data / "train.csv", None)
+    both = cleft.CaptionPairs(data, data / "train.csv", None, laterals=True)
+    assert len(both) == 40 and len(frontal) == 37 and not {1, 2, 5} & set(frontal.rows.tolist())
+    five = cleft.OneOfClasses(data, data / "train.csv", ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
+                                                         "Pleural Effusion"], None)
+    assert not {1, 2, 5} & set(five.rows.tolist()) and len(five) == 30 - 3  # rows 1, 2, 5 are single-positive
+
+
+def test_weight_decay_groups_are_the_official_ones():
+    vit = cleft.DINOv2(cleft.DINOv2Config(dim=16, n_layers=1, n_heads=2, patch_size=8, pos_grid=2))
+    llm = cleft.GPT2(cleft.GPT2Config(vocab_size=10, n_positions=16, dim=16, n_layers=1, n_heads=2))
+    model = cleft.CLEFT(vit, cleft.add_peft(llm, cleft.PEFTConfig("ia3")))
+    model.add_context(torch.tensor([1, 2, 3]))
+    cleft.set_trainable(model, ["vit.", "adapter", "img_proj", "txt_proj", "logit_scale", "ctx"])
+    decay, plain = cleft.param_groups(model, 0.1)
+    name = {id(p): k for k, p in model.named_parameters()}
+    decayed = {name[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    # officially every tensor but the 1-dim ones: the 0-dim temperature, tokens, IA3 (out, 1) and the context too
+    assert {"logit_scale", "vit.cls_token", "vit.register_tokens", "vit.pos_embed", "ctx",
+            "llm.h.0.attn.c_attn.ia3_l", "vit.blocks.0.attn.qkv.weight"} <= decayed
+    assert not any(k.endswith(("bias", "gamma")) or "norm" in k for k in decayed)
+
+
+def test_embed_prompts_are_tokenised_as_officially():
+    """Official EMBED prompts keep their punctuation ("4:", "biopsy-proven", "."): only lower-cased."""
+    args = cleft.parse_args(["--data", "embed-birads"])
+    prompts, words = cleft.class_texts(args, [f"BI-RADS {k}" for k in range(7)], REPO)
+    assert prompts[4] == "this is a breast 2d full-field digital mammogram of a patient with birads score 4: " \
+                         "suspicious abnormality."
+    tok = cleft.Tokenizer.from_file(str(REPO / "common" / "tokenizers" / "gpt2_tiny.json"))
+    ids, mask = cleft.tokenize(tok, prompts[4:5], 64, 725, as_captions=False)
+    assert ids[0, :mask.sum()].tolist() == tok.encode(prompts[4]).ids
+    assert cleft.tokenize(tok, prompts[4:5], 64, 725)[1].sum() < mask.sum()  # captions are cleaned: fewer tokens
+
+
+def test_count_params_gives_the_papers_39_percent(capsys):
+    cleft.count_params(cleft.parse_args(["--data", "chexpert"]))
+    out = capsys.readouterr().out
+    assert "149,620,737" in out and "39% fewer trainable (paper: 39%)" in out and "4.2% of its text encoder" in out
+    assert "54% fewer" in out  # the other comparison: the same ViT with a trained BERT-base
+
+
+def test_stage2_restarts_the_temperature_as_officially(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cleft.main(demo_args(out, "--steps", "2", "--eval-batch-size", "120")) == 0
+    s1, s2 = (load_file(str(out / s / "trainable.safetensors"))["logit_scale"] for s in ("stage1", "stage2"))
+    assert abs(s1.item() - math.log(1 / 0.07)) > 1e-4            # stage 1 trained it
+    assert abs(s2.item() - math.log(1 / 0.07)) < 1e-6            # stage 2 starts again at 1/0.07 (frozen in ce)
+
+# ----------------------------------------------------------------------------------------------------------
+# user mistakes: a message and exit 2, no traceback, nothing written (issue 9 point 2)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--batch-size", "-4"], "--batch-size -4: must be at least 1"),
+    (["--lr", "-1"], "--lr -1.0: must be above 0"),
+    (["--epochs", "0"], "--epochs 0: must be at least 1"),
+    (["--steps", "-2"], "--steps -2: must be 0 or more"),
+    (["--precision", "fp16"], "fp16 needs CUDA"),
+    (["--device", "cuda:3"], "not available"),
+    (["--device", "mps"], "not available"),
+    (["--device", "tpu"], "unknown device"),
+    (["--vit", "tiny", "--vit-path", "facebook/dinov2-base"], "the tiny preset is random weights"),
+    (["--llm", "tiny", "--llm-path", "some/folder"], "the tiny preset is random weights"),
+    (["--data-pct", "0"], "--data-pct must be in (0, 1]"),
+    (["--eval", "zero-shot"], "needs --init"),
+])
+def test_user_mistakes_exit_2_with_a_message(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        cleft.main(["--out", str(tmp_path / "run"), *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_that_is_a_file_or_unwritable_or_a_run_is_refused(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        cleft.main(["--out", str(tmp_path / "file")])
+    assert e.value.code == 2 and "that is a file" in capsys.readouterr().err
+    assert cleft.main(["--out", "/proc/cleft-run"]) == 2 and "cannot write" in capsys.readouterr().err
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "args.json").write_text("{}")
+    assert cleft.main(["--out", str(tmp_path / "old"), "--steps", "1"]) == 2
+    assert "holds a run already" in capsys.readouterr().err and (tmp_path / "old" / "args.json").read_text() == "{}"
+
+
+def test_non_finite_loss_says_what_is_true(tmp_path, capsys):
+    code = cleft.main(demo_args(tmp_path / "run", "--stage", "contrastive", "--steps", "4", "--lr", "1e30"))
+    err = capsys.readouterr().err
+    assert code == 3 and "the loss is" in err and "No checkpoint was written yet" in err
+
+
+def test_ctrl_c_says_where_the_last_checkpoint_is(tmp_path):
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, str(REPO / "cleft.py"), *demo_args(run, "--stage", "contrastive", "--steps",
+                          "400", "--ckpt-every", "2")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    t0 = time.time()
+    while not (run / "stage1" / "ckpt" / "latest").exists() and time.time() - t0 < 120 and p.poll() is None:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert "interrupted. The last good checkpoint is" in err and f"--resume {run}" in err
+
+
+def test_resume_refuses_flags_that_change_what_is_trained(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cleft.main(demo_args(run, "--stage", "contrastive", "--steps", "1")) == 0
+    with pytest.raises(SystemExit) as e:
+        cleft.main(["--resume", str(run), "--data", "chexpert", "--lora-r", "4"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--data chexpert (the run has demo)" in err and "--lora-r 4" in err
+
+
+def test_otsu_threshold_and_crop_on_hand_built_images():
+    from PIL import Image
+    from common import transforms as T
+    two = np.zeros((20, 30), np.uint8)
+    two[:, :12] = 50
+    two[:, 12:] = 150
+    assert T.otsu_threshold(two) == 50            # every t in [50, 150) separates them; cv2 keeps the first
+    three = np.array([10] * 100 + [100] * 100 + [200] * 50, np.uint8)
+    # by hand: t = 10 gives q1 q2 (mu1 - mu2)^2 = 0.4 * 0.6 * (10 - 133.3)^2 = 3651 > t = 100: 0.8 * 0.2 * 145^2 = 3364
+    assert T.otsu_threshold(three) == 10
+    img = np.full((60, 80), 8, np.uint8)           # dark border, a bright body with a darker inside
+    img[10:41, 15:71] = 180
+    img[20:30, 30:40] = 120
+    crop = T.OtsuCrop()(Image.fromarray(img))
+    assert crop.size == (56, 31) and np.asarray(crop)[0, 0] == 180
+    blank = Image.fromarray(np.zeros((5, 7), np.uint8))
+    assert T.OtsuCrop()(blank).size == (7, 5)
+
+
+def test_official_image_pipeline_pads_crops_and_resizes():
+    from PIL import Image
+    from common import transforms as T
+    wide = Image.fromarray(np.full((50, 100), 200, np.uint8))
+    padded = np.asarray(T.LongestSidePad(256)(wide))
+    assert padded.shape == (256, 256) and padded[:64].max() == 0 and padded[-64:].max() == 0
+    assert padded[64:192].min() > 0                # 100 x 50 -> 256 x 128, zero rows above and below
+    x = np.zeros((300, 200), np.uint8)
+    x[40:260, 30:170] = np.random.default_rng(0).integers(100, 255, (220, 140))
+    out = T.official_cleft_transform(224, train=False)(Image.fromarray(x))
+    assert out.shape == (3, 224, 224) and torch.equal(out[0], out[1]) and out.min() >= -1 and out.max() <= 1
+    assert out[:, :3].min() > -1                  # the Otsu crop removed the zero padding and the black border
+    torch.manual_seed(0)
+    a = T.official_cleft_transform(64, train=True)(Image.fromarray(x))
+    torch.manual_seed(0)
+    b = T.official_cleft_transform(64, train=True)(Image.fromarray(x))
+    assert a.shape == (3, 64, 64) and torch.equal(a, b)
