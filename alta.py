@@ -1,6 +1,56 @@
 """ALTA: align through adapting a masked-record-modelling ViT and CXR-BERT, with temporal multi-view inputs.
 
-DOCSTRING_PLACEHOLDER
+Paper: Lian, Zhou, Liang, Qin, Wang. "Efficient Medical Vision-Language Alignment Through Adapting Masked Vision
+Models" (arXiv 2506.08990). Official code: DopamineLcy/ALTA (commit 0f474b8), on top of RL4M/MRM-pytorch's MRM
+checkpoint and microsoft/BiomedVLP-CXR-BERT-specialized. Hand-written here in plain PyTorch and tested equal to
+timm (the ViT), the official ALTA code (multi-view encoder, decoder, heads, losses), GLoRIA (the local loss) and
+transformers (BERT + the official adapter formula): tests/goldens/make_alta_goldens.py.
+
+The idea: an MRM ViT-B/16 is good at images but not aligned with text. Freeze it and CXR-BERT, put small
+AIM-style adapters in every layer of both, train the adapters, norms, heads and a few tokens (18.3M of 242.2M
+parameters, 7.57%) with four losses, on studies of up to four radiographs (current / prior x frontal / lateral):
+  global  L_g = (CE(s v t^T) + CE(s t v^T)) / 2, v = norm(head(mean of the 4 CLS)), t = norm(head(text CLS)),
+          s = exp(logit_scale) <= 100, features gathered over ranks with gradients;
+  local   GLoRIA's word-region loss: per caption and image, a = softmax_words(regions . words), context_w =
+          softmax_regions(t1 a^T) regions, score = log sum_w exp(t2 cos(word_w, context_w)); CE over t3 score;
+          t1, t2, t3 learned (exp of logit scales initialised at 1/0.07);
+  recon   MAE with 75% masking of each view; the decoder predicts the 448-px current frontal at p = 32 from the
+          224-px input (super-resolution), per-patch normalised targets, MSE on the masked patches;
+  MLM     a second copy of the report, 50% of its tokens masked, with bert_embed(image feature) added to every
+          token embedding; cross-entropy of the tied MLM head.
+  L = L_g + L_local + L_recon + L_MLM (unweighted), each logged. At inference one frontal image, no masking.
+
+Run it:
+    python alta.py                                            # demo: tiny ViT + BERT, multi-view demo data, CPU
+    python -m common.weights convert MRM.pth MRM.safetensors --key model      # (and ALTA.pth alike)
+    python alta.py --data mimic-cxr --init-vision MRM.safetensors --text <BiomedVLP-CXR-BERT-specialized folder>
+    torchrun --nproc_per_node 4 alta.py --data mimic-cxr ...  # the paper's 4 x 24 studies
+    python alta.py --eval chexpert5x200-retrieval --init ALTA.safetensors --text <CXR-BERT folder>
+        # or chexpert5x200-zeroshot | chexpert8x200-img2img | chexpert8x200-txt2img | rsna-zeroshot; --init RUN
+    python alta.py --resume runs/alta/mimic-cxr/<run> ; python alta.py --bench [--precision fp16]
+
+Official behaviour kept so numbers are comparable, with the fix behind a flag (bugs that change results):
+  - missing_token is created in fp16, zeros, and never trained; a missing view's CLS still enters the 4-way
+    mean and its tokens enter the local loss: --fix-missing trains the token and leaves missing views out of
+    both;
+  - bert_embed (image feature -> BERT space for MLM) is neither loaded (MRM calls its own bert_mlp, 768 -> 384)
+    nor trainable (no pattern of the training rule matches it): a frozen random projection. --train-bert-embed;
+  - MLM turns every selected token into [MASK] although its docstring says 80/10/10: --mlm-8010.
+Fixed here (no flag): the official local loss gathers caption lengths of the doubled (2B) text batch, so under
+DDP every rank above 0 reads another sample's length; here the word masks are gathered with the words (a test
+checks 2 processes = 1 process on the whole batch). Also different from the official code:
+  - the 4 views of a study are encoded as one (B x 4)-image batch, as officially, but missing views are flagged
+    by the data (present) instead of detecting all-zero images; MLM logits are computed for labelled tokens only
+    (the same loss, a fraction of the vocabulary matmul); the local loss is batched over captions;
+  - bf16 autocast by default on CUDA (official: fp16 + GradScaler, --precision fp16);
+  - augmentation randomness comes from a generator per (seed, epoch, study), not by re-seeding global RNGs;
+  - RSNA: common.prepare rsna makes seeded 70/15/15 splits of the labelled stage-2 training images (the official
+    val/test lists are not reproduced); the ACC/F1 folds are ours, not scikit-learn's StratifiedKFold.
+The recipe, as official: AdamW (0.9, 0.95), wd 0.05 except biases and 1-D tensors (the 3-D cls / view /
+temporal tokens are decayed), lr = 1.5e-4 x global batch / 256, per-step warm-up for 10 epochs, then a
+half-cosine defined over 100 epochs but stopped at 30 (the lr is still ~88% of its peak at the end), logit
+scales clamped to [0, ln 100] after each step, model selection by RSNA validation zero-shot AUROC each epoch.
+The demo has no MRM or CXR-BERT to adapt: its tiny towers are random and frozen like the real ones.
 """
 import argparse
 import json
@@ -568,7 +618,9 @@ class ALTA(MAEViT):
             nn.init.zeros_(self.patch_embed.proj.bias)
             self.cls_token.copy_(torch.randn(self.cls_token.shape, generator=g) * 0.02)
             self.mask_token.copy_(torch.randn(self.mask_token.shape, generator=g) * 0.02)
-            self.bert_encoder.bert.init_random(seed + 1)
+            # N(0, 1/sqrt(D)), not HF's 0.02: a random BERT at 0.02 gives every text the same CLS (attention is
+            # uniform and each sublayer adds ~1% to the residual), a useless frozen tower for the demo
+            self.bert_encoder.bert.init_random(seed + 1, std=self.bert_encoder.bert.cfg.dim ** -0.5)
             for m in self.bert_encoder.modules():
                 if isinstance(m, ProjectionHead) or isinstance(m, MLMHead):
                     for p_name, p in m.named_parameters():
@@ -1015,10 +1067,12 @@ def train(args, world, model: ALTA, ds: StudyDataset, run_dir: Path, select=None
                 parts = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
                 log.log(step=step, epoch=epoch, lr=opt.param_groups[0]["lr"], loss=value, **parts)
             prog.update(loss=value)
+            if args.ckpt_every and step % args.ckpt_every == 0 and step % per_epoch and step < total:
+                ckpts.save(step, trainable_tensors(model), optimizer=opt, scaler=scaler, extra={"best": best})
             if step == total:
                 break
         if step % per_epoch == 0 or step == total:   # end of an epoch: select, then checkpoint
-            value = select(model) if select is not None else None
+            value = select(model) if select is not None and not args.no_select else None
             if value is not None and (best["value"] is None or value > best["value"]):
                 best = {"value": value, "epoch": epoch}
                 if world.is_main:
@@ -1202,12 +1256,13 @@ def evaluate(what: str, model: ALTA, tok, args, root: Path) -> dict:
                             "CSV shipped by GLoRIA / DopamineLcy/ALTA (CheXpert5X200_dataset/chexpert_5x200.csv)")
         txt = embed_texts(model, tok, [gloria_clean(r["Report Impression"]) for r in rows], 256, dev, prec)
         return retrieval_precision(img, txt, y, y, (5, 10, 100))
-    if what.startswith("chexpert8x200"):
-        cand = read_rows(root / "candidate.csv", ["Path"])
+    if what.startswith("chexpert8x200"):     # common.prepare chexpert8x200: paths relative to its folder
+        sub = root / ("text-retrieval" if what.endswith("txt2img") else "image-retrieval")
+        cand = read_rows(sub / "candidate.csv", ["Path"])
         names = list(cand[0])[5:]                       # the label columns, CheXpert order (official: iloc[:, 5:])
         c_label = np.array([int(np.argmax([float(r[n] or 0) for n in names])) for r in cand])
         c_img = embed_images(model, [root / r["Path"] for r in cand], size, True, dev, prec)
-        query = read_rows(root / "query.csv", ["Variable"])
+        query = read_rows(sub / "query.csv", ["Variable"])
         q_label = np.array([CHEXPERT8_IDS[r["Variable"]] for r in query])
         if what == "chexpert8x200-txt2img":
             q = embed_texts(model, tok, [r["Text"] for r in query], 20, dev, prec)
@@ -1228,8 +1283,9 @@ EVALS = {  # --eval NAME: the dataset folder it reads, and how to prepare it
     "chexpert5x200-retrieval": ("data/chexpert", "python -m common.prepare chexpert --src <CheXpert-v1.0>; the "
                                 "CSV with 'Report Impression' comes with DopamineLcy/ALTA"),
     "chexpert5x200-zeroshot": ("data/chexpert", "python -m common.prepare chexpert --src <CheXpert-v1.0>"),
-    "chexpert8x200-img2img": ("data/chexpert8x200/image-retrieval", "python -m common.prepare chexpert8x200 ..."),
-    "chexpert8x200-txt2img": ("data/chexpert8x200/text-retrieval", "python -m common.prepare chexpert8x200 ..."),
+    "chexpert8x200-img2img": ("data/chexpert8x200", "python -m common.prepare chexpert8x200 --src <folder with "
+                              "ConVIRT's image-retrieval/, text-retrieval/ and CheXpert-v1.0-small/>"),
+    "chexpert8x200-txt2img": ("data/chexpert8x200", "python -m common.prepare chexpert8x200 --src <same folder>"),
     "rsna-zeroshot": ("data/rsna", "python -m common.prepare rsna --src <rsna-pneumonia-detection-challenge>"),
 }
 
@@ -1308,6 +1364,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup-epochs", type=float, default=10.0, help="linear warm-up (paper: 10, demo: 1)")
     p.add_argument("--sched-epochs", type=float, default=100.0, help="length of the half-cosine (paper: 100, demo: 12)")
     p.add_argument("--mask-ratio", type=float, default=0.75, help="MAE masking of every view")
+    p.add_argument("--ckpt-every", type=int, default=0, help="also checkpoint every N steps (0: at epoch ends)")
+    p.add_argument("--no-select", action="store_true", help="skip the per-epoch model-selection evaluation")
     p.add_argument("--mlm-8010", action="store_true", help="80/10/10 MLM corruption (official code: all [MASK])")
     p.add_argument("--fix-missing", action="store_true", help="train the missing token, leave missing views out")
     p.add_argument("--train-bert-embed", action="store_true", help="train bert_embed (official: frozen random)")
@@ -1315,7 +1373,7 @@ def parse_args(argv=None):
     args, given = p.parse_args(argv), R.given_flags(p, argv)
     if args.resume:
         try:
-            R.restore_run_args(args, given)
+            R.restore_run_args(args, given, free=("steps",))   # a longer --steps only runs further
         except R.RunError as e:
             p.error(str(e))
     elif args.data == "demo":

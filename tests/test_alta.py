@@ -151,3 +151,295 @@ def test_adapted_model_equals_the_base_at_init():
         ours = model.norm(model.blocks[1](model.blocks[0](base.patch_embed(x) + base.pos_embed[:, 1:])))
         ref = base.norm(base.blocks[1](base.blocks[0](base.patch_embed(x) + base.pos_embed[:, 1:])))
         close(ours, ref)
+
+
+# -- losses, masking, targets, missing views -----------------------------------------------------------------
+
+DDP_SCRIPT = r"""
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import alta
+from tests.test_alta import ddp_case
+dist.init_process_group("gloo")
+r, w = dist.get_rank(), dist.get_world_size()
+model, batch = ddp_case()
+n = len(batch["ids"]) // w
+out = model({k: v[r * n:(r + 1) * n] for k, v in batch.items()}, gather=True)
+(out["global"] + out["local"]).backward()
+grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+for g in grads.values():                 # what DDP does: the mean over ranks
+    dist.all_reduce(g)
+    g /= w
+if r == 0:
+    torch.save({"global": out["global"].detach(), "local": out["local"].detach(), "grads": grads}, sys.argv[2])
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def ddp_case():
+    """A tiny model in eval mode with no masking (so each rank's half equals the same rows of the whole batch)
+    and captions of very different lengths on the two ranks (where the official gathered lengths go wrong)."""
+    torch.manual_seed(0)
+    model = tiny_alta(alta.ALTAConfig(proj_dim=16, mask_ratio=0.0))
+    for p in model.parameters():
+        p.data.add_(torch.randn_like(p) * 0.02)
+    g = torch.Generator().manual_seed(1)
+    B, T = 6, 12
+    ids = torch.randint(5, 120, (B, T), generator=g)
+    am = torch.ones(B, T, dtype=torch.long)
+    for i, n in enumerate([12, 11, 10, 4, 3, 5]):   # rank 0: long reports, rank 1: short ones
+        am[i, n:] = 0
+    batch = {"big": torch.randn(B, 3, 112, 112, generator=g), "views": torch.randn(B, 3, 3, 56, 56, generator=g),
+             "present": torch.rand(B, 4, generator=g) < 0.7, "ids": ids.masked_fill(am == 0, 0), "attention_mask": am,
+             "mlm_ids": ids, "mlm_labels": ids.masked_fill(am == 0, -100)}
+    batch["present"][:, 0] = True
+    return model, batch
+
+
+def test_ddp_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    script, out = tmp_path / "ddp.py", tmp_path / "out.pt"
+    script.write_text(DDP_SCRIPT)
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", str(script),
+           str(alta.REPO), str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(alta.REPO))
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=alta.REPO)
+    if r.returncode != 0:   # the standalone rendezvous can lose a port race on a busy machine
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=alta.REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = torch.load(out, weights_only=True)
+    model, batch = ddp_case()
+    ref = model(batch, gather=False)
+    (ref["global"] + ref["local"]).backward()
+    close(got["global"], ref["global"])
+    close(got["local"], ref["local"])
+    for k, p in model.named_parameters():
+        if p.grad is not None:
+            close(got["grads"][k], p.grad, 1e-4)   # sums over ranks in another order: ~1e-5 of a grad of 2
+
+
+def test_mlm_masking_statistics():
+    tok = alta.load_tokenizer(None, ["the lesion is small and brown with a smooth border"])
+    ids, am = alta.tokenize(tok, ["the lesion is small and brown with a smooth border"] * 400, 16)
+    special = (ids == tok.token_to_id("[CLS]")) | (ids == tok.token_to_id("[SEP]")) | (am == 0)
+    masked, labels = alta.mlm_mask(ids, tok, torch.Generator().manual_seed(0))
+    sel = labels != -100
+    assert not sel[special].any()
+    assert abs(sel[~special].float().mean().item() - 0.5) < 0.02
+    assert (masked[sel] == tok.token_to_id("[MASK]")).all() and torch.equal(masked[~sel], ids[~sel])
+    assert torch.equal(labels[sel], ids[sel])
+    masked, labels = alta.mlm_mask(ids, tok, torch.Generator().manual_seed(0), mode_8010=True)
+    sel = labels != -100
+    is_mask = (masked == tok.token_to_id("[MASK]"))[sel].float().mean().item()
+    kept = (masked == ids)[sel].float().mean().item()
+    assert abs(is_mask - 0.8) < 0.03 and 0.07 < kept < 0.16   # 10% kept + random picks of the same token
+
+
+def test_reconstruction_target_shapes_and_normalisation():
+    big = torch.randn(2, 3, 448, 448)
+    target = alta.patchify(big, 32)
+    assert target.shape == (2, 196, 3072)
+    # patch (row 1, col 2), channels last inside the patch
+    assert torch.equal(target[0, 14 + 2].view(32, 32, 3), big[0, :, 32:64, 64:96].permute(1, 2, 0))
+    mask = torch.zeros(2, 196)
+    mask[:, :147] = 1
+    t = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    assert alta.recon_loss(t, big, mask, 32).item() < 1e-10          # a perfect prediction of the normalised patch
+    pred = t.clone()
+    pred[:, 150:] += 5                                                # errors on visible patches do not count
+    assert alta.recon_loss(pred, big, mask, 32).item() < 1e-10
+    ids_keep, ids_restore, m = alta.random_masking(3, 196, 0.75, "cpu")
+    assert ids_keep.shape == (3, 49) and m.sum(1).eq(147).all()
+    assert torch.equal(torch.gather(m, 1, ids_keep), torch.zeros(3, 49))
+
+
+def test_missing_views_become_the_missing_token_and_fix_leaves_them_out():
+    model, batch = ddp_case()
+    model.eval()
+    out = model(batch, gather=False)
+    other = {k: v.clone() for k, v in batch.items()}
+    missing = ~batch["present"][:, 1:]
+    other["views"][missing] = torch.randn_like(other["views"][missing])  # pixels of a missing view never matter
+    again = model(other, gather=False)
+    for k in ("global", "local"):   # equal up to summation order (other rows of the batch changed)
+        close(out[k], again[k], 1e-4)
+    fixed = tiny_alta(alta.ALTAConfig(proj_dim=16, mask_ratio=0.0, fix_missing=True))
+    fixed.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        fixed.missing_token.add_(1.0)      # trained missing token: the present views alone decide the CLS mean
+        model.missing_token.add_(1.0)
+        views = torch.cat([torch.randn(6, 1, 3, 56, 56), batch["views"]], 1)
+        cls, *_ = fixed.encode_views(views, batch["present"])
+    w = batch["present"].float()[..., None]
+    assert not torch.allclose((cls * w).sum(1) / w.sum(1), cls.mean(1))
+    assert not torch.allclose(fixed(batch, gather=False)["global"], model(batch, gather=False)["global"])
+
+
+def test_paired_augmentation_moves_both_images_alike():
+    from PIL import Image
+    from common.augment import AffineJitter
+    aug = AffineJitter()
+    p = aug.sample(torch.Generator().manual_seed(3))
+    assert p == aug.sample(torch.Generator().manual_seed(3))
+    assert -20 <= p.angle <= 20 and 0.95 <= p.scale <= 1.05 and 0.8 <= p.brightness <= 1.2
+    a = Image.fromarray((torch.rand(64, 64, 3) * 255).byte().numpy())
+    big, small = a.resize((128, 128), Image.NEAREST), a
+    out_big, out_small = aug(big, p), aug(small, p)
+    # the same motion at both sizes: the big result, halved, is close to the small one
+    diff = (torch.tensor(list(out_big.resize((64, 64), Image.NEAREST).getdata())).float()
+            - torch.tensor(list(out_small.getdata())).float()).abs().mean()
+    unrelated = aug(small, aug.sample(torch.Generator().manual_seed(4)))
+    diff_other = (torch.tensor(list(unrelated.getdata())).float() - torch.tensor(list(out_small.getdata())).float()).abs().mean()
+    assert diff < diff_other / 2
+    ident = replace_params(p)
+    assert list(aug(a, ident).getdata()) == list(a.getdata())
+
+
+def replace_params(p):
+    from dataclasses import replace
+    return replace(p, angle=0.0, translate=(0.0, 0.0), scale=1.0, shear=0.0, brightness=1.0, contrast=1.0)
+
+
+# -- evaluation metrics on hand-built cases ----------------------------------------------------------------
+
+
+def test_retrieval_precision_and_prompt_averaging():
+    img = F.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), dim=-1)
+    txt = F.normalize(torch.tensor([[1.0, 0.05], [0.1, 1.0], [0.0, 1.0]]), dim=-1)
+    res = alta.retrieval_precision(img, txt, [0, 0, 1], [0, 1, 1], (1, 2))
+    assert res == {"P@1": 1.0, "P@2": pytest.approx((0.5 + 0.5 + 1.0) / 3)}
+    prompts = alta.chexpert_prompts()
+    assert [len(v) for v in prompts.values()] == [210, 15, 192, 18, 54]
+    assert "small left bilateral pleural effusion" in prompts["Pleural Effusion"]
+    assert alta.gloria_clean("1. No acute disease.  2. Mild edema, unchanged. A.") == "no acute disease mild edema unchanged"
+
+
+def test_rsna_protocol_on_a_hand_built_case():
+    y = [0] * 10 + [1] * 10
+    p = [0.1 * (i % 5) for i in range(10)] + [0.6 + 0.03 * i for i in range(10)]
+    res = alta.rsna_protocol(y, p)
+    assert res["AUROC"] == 1.0 and res["ACC"] == 1.0 and res["F1"] == 1.0
+    res = alta.rsna_protocol([0, 1] * 20, [0.5] * 40)       # no information: F1 is maximised by calling all positive
+    assert res["AUROC"] == 0.5 and res["ACC"] == 0.5 and res["F1"] == pytest.approx(2 / 3)
+
+
+# -- weights and converters --------------------------------------------------------------------------------
+
+
+def test_an_alta_pth_with_a_namespace_converts_without_running_code(tmp_path):
+    import argparse
+    from common import weights
+    sd = {"blocks.0.attn_adapter.D_fc1.weight": torch.randn(3, 4), "missing_token": torch.zeros(1, 2, 4).half()}
+    torch.save({"model": sd, "optimizer": {}, "epoch": 29, "args": argparse.Namespace(blr=1.5e-4, model="alta")},
+               tmp_path / "ALTA.pth")
+    with pytest.raises(Exception):
+        torch.load(tmp_path / "ALTA.pth", weights_only=True)          # what the converter must get past
+    weights.convert(tmp_path / "ALTA.pth", tmp_path / "ALTA.safetensors", key="model")
+    got = load_file(str(tmp_path / "ALTA.safetensors"))
+    assert got.keys() == sd.keys() and all(torch.equal(got[k], sd[k]) for k in sd)
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": sd, "args": print}, evil)                    # a global outside the allow-list
+    with pytest.raises(weights.WeightsError):
+        weights.convert(evil, tmp_path / "evil.safetensors", key="model")
+
+
+# -- end to end, resume, user mistakes ---------------------------------------------------------------------
+
+FAST = ["--epochs", "1", "--batch-size", "8", "--no-select", "--log-every", "1"]
+
+
+def test_demo_end_to_end_and_resume_is_bit_identical(tmp_path):
+    """4 steps straight vs 2 steps, then --resume to 4: the same trainable tensors, bit for bit."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert alta.main([*FAST, "--steps", "4", "--out", str(a)]) == 0
+    metrics = __import__("json").loads((a / "metrics.json").read_text())
+    assert {"demo-zeroshot", "demo-retrieval"} <= set(metrics)
+    assert 0 <= metrics["demo-zeroshot"]["ACC"] <= 1 and 0 <= metrics["demo-retrieval"]["P@5"] <= 1
+    rows = [__import__("json").loads(l) for l in (a / "metrics.jsonl").read_text().splitlines()]
+    assert {"global", "local", "recon", "mlm", "lr"} <= set(rows[0]) and len(rows) == 4
+    assert alta.main([*FAST, "--steps", "2", "--out", str(b)]) == 0
+    assert alta.main(["--resume", str(b), "--steps", "4"]) == 0
+    x, y = load_file(str(a / "trainable.safetensors")), load_file(str(b / "trainable.safetensors"))
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_bad_input_gives_a_message_not_a_traceback(tmp_path, capsys):
+    import csv
+    from PIL import Image
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(tmp_path / "a.png")
+    with open(tmp_path / "train.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image_path", "auxview_image_path", "last_image_path", "last_auxview_image_path", "report"])
+        w.writerow(["a.png", "-1", "gone.png", "-1", "Small effusion."])
+        w.writerow(["a.png", "-1", "-1", "-1", "  ...  "])
+    tok = alta.load_tokenizer(None, ["small effusion"])
+    with pytest.raises(alta.DataError, match="report of a.png is empty"):
+        alta.StudyDataset(tmp_path / "train.csv", tmp_path, tok, 32, 16, True, True)
+    with open(tmp_path / "train.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image_path", "auxview_image_path", "last_image_path", "last_auxview_image_path", "report"])
+        w.writerow(["a.png", "-1", "gone.png", "-1", "Small effusion."])
+    ds = alta.StudyDataset(tmp_path / "train.csv", tmp_path, tok, 32, 16, True, True)
+    with pytest.raises(alta.DataError, match="gone.png"):
+        ds[0]
+    assert alta.main(["--data", "mimic-cxr", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "common.prepare mimic-cxr" in err and "MRM.safetensors" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_official_evaluations_run_on_mock_layouts(tmp_path):
+    """The five --eval readers on folders laid out as common.prepare (and the ALTA repo's 5x200 CSV) write them."""
+    import argparse
+    import csv
+    import numpy as np
+    from PIL import Image
+    from common.data import CHEXPERT_FINDINGS
+    rng = np.random.default_rng(0)
+
+    def img(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (30, 26), dtype=np.uint8)).save(path)
+
+    def write(path, header, rows):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerows([header, *rows])
+    five = list(alta.CHEXPERT_CLASS_PROMPTS)
+    rows = []
+    for i in range(105):          # P@100 needs 100 texts
+        img(tmp_path / "cx" / f"{i}.png")
+        rows.append([f"{i}.png", *[("1.0" if k == i % 5 else "0.0") for k in range(5)], f"1. {five[i % 5]} seen. 2. ok"])
+    write(tmp_path / "cx" / "chexpert_5x200.csv", ["Path", *five, "Report Impression"], rows)
+    eight = list(alta.CHEXPERT8_IDS)
+    header = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_FINDINGS]
+    cand = []
+    for i in range(56):           # P@50 needs 50 candidates
+        img(tmp_path / "c8" / "img" / f"{i}.png")
+        cells = ["0.0"] * len(CHEXPERT_FINDINGS)
+        cells[CHEXPERT_FINDINGS.index(eight[i % 8])] = "1.0"
+        cand.append([f"img/{i}.png", "F", "50", "Frontal", "AP", *cells])
+    for sub in ("image-retrieval", "text-retrieval"):
+        write(tmp_path / "c8" / sub / "candidate.csv", header, cand)
+    write(tmp_path / "c8" / "image-retrieval" / "query.csv", ["Variable", "Path"], [[eight[i % 8], f"img/{i}.png"] for i in range(8)])
+    write(tmp_path / "c8" / "text-retrieval" / "query.csv", ["Variable", "Text"], [[n, f"findings of {n}"] for n in eight])
+    for name in ("valid.csv", "test.csv"):
+        write(tmp_path / "rsna" / name, ["Path", "Pneumonia"], [[f"{i}.png", i % 2] for i in range(20)])
+    for i in range(20):
+        img(tmp_path / "rsna" / f"{i}.png")
+    model = tiny_alta(alta.ALTAConfig(proj_dim=16), alta.BertConfig(vocab_size=400, dim=48, n_layers=1, n_heads=4,
+                                                                   mlp_dim=96, max_positions=256))
+    tok = alta.load_tokenizer(None, [t for ps in alta.chexpert_prompts().values() for t in ps] + eight +
+                              ["there is no pneumonia findings of seen ok"])
+    assert tok.get_vocab_size() <= 400
+    args = argparse.Namespace(device="cpu", precision="fp32", max_len=32)
+    res = {w: alta.evaluate(w, model, tok, args, tmp_path / d) for w, d in (
+        ("chexpert5x200-retrieval", "cx"), ("chexpert5x200-zeroshot", "cx"), ("chexpert8x200-img2img", "c8"),
+        ("chexpert8x200-txt2img", "c8"), ("rsna-zeroshot", "rsna"), ("rsna-val", "rsna"))}
+    assert set(res["chexpert5x200-retrieval"]) == {"P@5", "P@10", "P@100"}
+    assert set(res["chexpert8x200-img2img"]) == {"P@5", "P@10", "P@50"} and set(res["rsna-zeroshot"]) == {"AUROC", "ACC", "F1"}
+    assert all(0 <= v <= 1 for r in res.values() for v in r.values())
