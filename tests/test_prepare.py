@@ -661,3 +661,17 @@ def test_ct_rate_wrong_source(tmp_path):
     (src / "dataset" / "metadata" / "validation_metadata.csv").unlink()
     with pytest.raises(DataError, match="metadata/validation_metadata.csv"):
         prepare.run("ct-rate", src, tmp_path / "out")
+
+
+def test_registry_and_list(capsys):
+    # every registered converter resolves to a documented function with the shared signature; --list shows them all
+    import inspect
+    for name in prepare.CONVERTERS:
+        fn = prepare.converter(name)
+        params = inspect.signature(fn).parameters
+        assert fn.__doc__ and list(params)[:2] == ["src", "out"] and any(p.kind == p.VAR_KEYWORD
+                                                                        for p in params.values()), name
+    assert prepare.main(["--list"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == list(prepare.CONVERTERS)
+    assert {"covidx", "siim", "rsna-seg", "chexpert8x200"} <= set(listed)
