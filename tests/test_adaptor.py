@@ -230,30 +230,34 @@ def run_script(args, timeout=300, torchrun=False):
 
 
 def test_demo_end_to_end_above_chance(tmp_path):
-    out = tmp_path / "run"
-    r = run_script(["--out", str(out), "--dim", "64", "--heads", "4", "--ff", "128", "--epochs", "8"]
-                   if False else ["--out", str(out)], timeout=600)
+    """The demo's three tasks, shortened: pre-training, then the two heads on the frozen adaptor (--init)."""
+    run = tmp_path / "pre"
+    r = run_script(["--task", "pretrain", *SHORT, "--out", str(run)])
     assert r.returncode == 0, r.stderr[-3000:]
-    cls = json.loads((out / "classify" / "metrics.json").read_text())
-    seg = json.loads((out / "segment" / "metrics.json").read_text())
-    assert cls["test"] > 0.4, cls["test"]             # 6 classes: chance 0.17
-    assert seg["test"] > 0.5, seg["test"]
-    assert (out / "pretrain" / "weights.safetensors").is_file()
+    r = run_script(["--task", "classify", "--init", str(run), "--epochs", "30", "--out", str(tmp_path / "cls")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_script(["--task", "segment", "--init", str(run), "--epochs", "2", "--decoder-width", "16",
+                    "--out", str(tmp_path / "seg")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    cls = json.loads((tmp_path / "cls" / "classify" / "metrics.json").read_text())
+    seg = json.loads((tmp_path / "seg" / "segment" / "metrics.json").read_text())
+    assert cls["test"] > 0.35, cls["test"]            # 6 balanced classes: chance 0.17
+    assert seg["test"] > 0.4, seg["test"]             # every demo image has a lesion: an empty mask scores 0
 
 
 def test_resume_continues_bit_identically(tmp_path):
-    common = ["--task", "pretrain", *SHORT, "--ckpt-every", "3", "--epochs", "2", "--batch-size", "100"]
+    import shutil
     a, b = tmp_path / "a", tmp_path / "b"
-    assert run_script([*common, "--out", str(a)]).returncode == 0
-    r = run_script([*common, "--out", str(b), "--steps", "3"])
+    r = run_script(["--task", "pretrain", *SHORT, "--ckpt-every", "5", "--out", str(a)])  # 24 steps
     assert r.returncode == 0, r.stderr[-2000:]
-    (b / "pretrain" / "weights.safetensors").unlink()  # a run stopped at step 3 of 12: only its checkpoint is left
-    args = json.loads((b / "args.json").read_text())
-    args["steps"], args["given"] = 0, [g for g in args["given"] if g != "steps"]
-    (b / "args.json").write_text(json.dumps(args))
+    assert sorted(p.name for p in (a / "pretrain" / "ckpt").glob("step_*")) == ["step_0000020", "step_0000024"]
+    shutil.copytree(a, b)  # b = a run killed after its step-20 checkpoint: the last checkpoint and outputs gone
+    for p in ("pretrain/weights.safetensors", "pretrain/model.json"):
+        (b / p).unlink()
+    shutil.rmtree(b / "pretrain" / "ckpt" / "step_0000024")
     r = run_script(["--resume", str(b)])
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "resum" in r.stdout.lower()
+    assert "step_0000020" in r.stdout + r.stderr
     wa, wb = load_file(str(a / "pretrain" / "weights.safetensors")), load_file(str(b / "pretrain" / "weights.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -269,7 +273,10 @@ def test_ddp_two_processes_equal_one_with_gathered_negatives(tmp_path):
         two = Path(str(two) + "b")
     assert r.returncode == 0, r.stderr[-3000:]
     wa, wb = load_file(str(one / "pretrain" / "weights.safetensors")), load_file(str(two / "pretrain" / "weights.safetensors"))
-    assert max(max_diff(wa[k], wb[k]) for k in wa) < 1e-5
+    # the query / key rows of in_proj have a zero gradient in exact arithmetic (one key per softmax); what reaches
+    # them is float noise that Adam's normalisation blows up to lr-sized steps, so they are not compared
+    cut = lambda k, v: v[64:] if "in_proj" in k else v                                    # 2 x dim (32)
+    assert max(max_diff(cut(k, wa[k]), cut(k, wb[k])) for k in wa) < 1e-6
 
 
 def test_bad_input_is_a_message_not_a_traceback(tmp_path):
