@@ -12,8 +12,8 @@ paper's counts next to ours. See data/README.md for every dataset's source, acce
 
 Layout of this package: util.py holds what every converter shares (reading, splitting, the atomic output
 folder, the image check, prepare.json); one module per dataset family holds its converters, class names and the
-papers' counts (derm, fundus, misc, cxr, chexpert, rsna, siim, mimic, ct_rate). CONVERTERS below is the
-registry: a new dataset is a function `prepare_x(src, out, *, seed=0, **opts)` in a family module (it writes
+papers' counts (derm, fundus, endoscopy, pathology, ultrasound, cxr, chexpert, rsna, siim, mimic, ct_rate).
+CONVERTERS below is the registry: a new dataset is a function `prepare_x(src, out, *, seed=0, **opts)` in a family module (it writes
 through `with Output(out, root, seed=seed, **opts) as o:` and ends with `finish(o, name, summary, paper)`) plus
 one line here.
 
@@ -56,11 +56,11 @@ CONVERTERS = {
     "dermamnist": "derm:prepare_dermamnist",
     "derm7pt": "derm:prepare_derm7pt",
     "aptos2019": "fundus:prepare_aptos2019",
-    "kvasir": "misc:prepare_kvasir",
+    "kvasir": "endoscopy:prepare_kvasir",
     "pneumonia": "cxr:prepare_pneumonia",
     "cpn-x-ray": "cxr:prepare_cpn_x_ray",
-    "chaoyang": "misc:prepare_chaoyang",
-    "fetal-us": "misc:prepare_fetal_us",
+    "chaoyang": "pathology:prepare_chaoyang",
+    "fetal-us": "ultrasound:prepare_fetal_us",
     "adam": "fundus:prepare_adam",
     "odir": "fundus:prepare_odir",
     "chexpert": "chexpert:prepare_chexpert",
