@@ -13,9 +13,9 @@ paper's counts next to ours. See data/README.md for every dataset's source, acce
 Layout of this package: util.py holds what every converter shares (reading, splitting, the atomic output
 folder, the image check, prepare.json); one module per dataset family holds its converters, class names and the
 papers' counts (derm, fundus, endoscopy, pathology, ultrasound, cxr, chexpert, rsna, siim, mimic, ct_rate).
-CONVERTERS below is the registry: a new dataset is a function `prepare_x(src, out, *, seed=0, **opts)` in a family module (it writes
-through `with Output(out, root, seed=seed, **opts) as o:` and ends with `finish(o, name, summary, paper)`) plus
-one line here.
+CONVERTERS below is the registry: a new dataset is a function `prepare_x(src, out, *, seed=0, **opts)` in a
+family module (it writes through `with Output(out, root, seed=seed, **opts) as o:` and ends with
+`finish(o, name, summary, paper)`) plus one line here.
 
 How images are referenced. Every converter writes paths relative to data/NAME. Files that are used as they
 are (JPEG/PNG/NIfTI) are reached through data/NAME/raw, a symlink to the --src folder, so a split file says
