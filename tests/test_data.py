@@ -454,7 +454,8 @@ def test_segmentation_joint_transform_and_image_transform(seg_dir):
     def joint(image, mask):  # the same geometry for both: a horizontal flip, then tensors
         seen.append((image.size, mask.size, mask.mode))
         flip = Image.Transpose.FLIP_LEFT_RIGHT
-        return as_chw(np.asarray(image.transpose(flip))), torch.from_numpy(np.asarray(mask.transpose(flip)) > 0)[None].float()
+        mask_tensor = torch.from_numpy(np.asarray(mask.transpose(flip)) > 0)[None].float()
+        return as_chw(np.asarray(image.transpose(flip))), mask_tensor
 
     ds = SegmentationDataset(root, "seg.json", "train", joint_transform=joint, transform=lambda x: x * 2 - 1)
     image, mask = ds[0]

@@ -195,8 +195,8 @@ sys.exit(main(sys.argv[1:]))
 def test_sigterm_leaves_nothing_behind(tmp_path):
     src = make_isic(tmp_path / "raw", per_class=(2, 0, 2))
     data = tmp_path / "data"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_PREPARE, "isic", "--src", str(src), "--out",
-                             str(data / "isic"), "--copy"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    command = [sys.executable, "-c", SLOW_PREPARE, "isic", "--src", str(src), "--out", str(data / "isic"), "--copy"]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     deadline = time.time() + 60
     copying = lambda: data.is_dir() and any(p.name.startswith(".isic.partial-") and (p / "raw").is_dir()

@@ -7,8 +7,8 @@
 You download a dataset from its official source and unpack it anywhere. One command then reads the official
 layout (and only what it needs), checks it, and writes data/NAME/ in the formats common/data.py and
 common/ct.py read: a split JSON for classification or segmentation (PNG masks), image-report CSVs,
-CheXpert-style multi-label CSVs, or CT volumes plus CSVs. A prepare.json records the source, the seed, the counts per split and class, and the
-paper's counts next to ours. See data/README.md for every dataset's source, access terms and raw layout.
+CheXpert-style multi-label CSVs, or CT volumes plus CSVs. A prepare.json records the source, the seed, the
+counts per split and class, and the paper's counts next to ours. See data/README.md for every dataset's source, access terms and raw layout.
 
 Layout of this package: util.py holds what every converter shares (reading, splitting, the atomic output
 folder, the image check, prepare.json); one module per dataset family holds its converters, class names and the
