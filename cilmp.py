@@ -1,8 +1,9 @@
 """CILMP: Conditional Intervention of Large Language Models for Prompt tuning, in one file.
 
 Paper: Du, Yu, Wang. "Conditional Intervention of Large Language Models for Prompt Tuning" (IEEE TMI 2025,
-arXiv 2511.12639). Official code: usr922/cilmp (a PromptSRC/Dassl fork). This file re-implements it from the
-paper plus the facts of the official code, hand-written in PyTorch: CLIP ViT-B/16, a Llama decoder, LoReFT.
+arXiv 2511.12639). Official code: github.com/usr922/cilmp (a PromptSRC/Dassl fork). This file re-implements it
+from the paper plus the facts of the official code, hand-written in PyTorch: CLIP ViT-B/16, a Llama decoder,
+LoReFT.
 
 The idea in four lines:
   1. Ask an LLM "In an image, describe the distinctive visual features of {class}." and keep, for every layer,
@@ -19,28 +20,35 @@ The idea in four lines:
 Run it:
     python cilmp.py                                         # demo: synthetic lesions, tiny CLIP + tiny Llama, CPU
     python cilmp.py --data isic --llm llama3-8b             # the paper's setting (data/README.md for the data)
-    python cilmp.py --data isic --llm llama3-8b --seeds 1,2,3            # mean +- std over seeds, as reported
-    torchrun --nproc_per_node 4 cilmp.py --data isic --llm llama3-8b     # DDP
-    python cilmp.py --data isic --resume runs/cilmp/isic/<time>          # continue a killed run
-    python cilmp.py --data isic --eval-only --resume runs/cilmp/isic/<time>
+    python cilmp.py --data isic --seeds 1,2,3               # mean +- std over seeds, as reported
+    torchrun --nproc_per_node 4 cilmp.py --data isic        # DDP
+    python cilmp.py --resume runs/cilmp/isic/<run>          # continue a killed run (its own flags)
+    python cilmp.py --eval-only --resume runs/cilmp/isic/<run>
     python cilmp.py --bench                                 # real-size step time / MFU with random weights
-Ablations (paper Tables): --no-rd, --no-conditional (plain LoReFT, Eq. 11), --no-intervention (projection only);
-sizes: --prefix-len --suffix-len --rank --n-ctx.
+Ablations and the paper's other experiments: --no-rd, --no-conditional (plain LoReFT, Eq. 11), --no-intervention
+(projection only); --prompt-mode text (Sec. 4.5.2: the LLM's description as a plain text prompt); --llm none
+(deep vision-language prompting without LLM tokens); --label-ratio 0.1 | 0.3 (Sec. 5.2); sizes: --prefix-len
+--suffix-len --rank --n-ctx --n-vpt.
 
-Where this file departs from the official code (each also noted where it happens):
+Where this file departs from the paper or the official code (each also noted where it happens):
+  - loss: the paper's Eq. (14) is a supervised contrastive loss with a learned temperature; the official code
+    (and this file) use cross-entropy over CLIP's frozen logit scale.
+  - the LLM representations are computed here (the official repo ships neither them nor the code). The
+    extraction choices are ours, not the paper's: the Instruct checkpoint, its chat template, greedy decoding,
+    at most 128 new tokens, the end-of-turn token appended when the answer is cut.
   - frozen CLIP runs under bf16 autocast on CUDA with fp32 trainables; the official code is pure fp16 SGD without
     loss scaling (its fp32/amp paths crash). fp16 + GradScaler is offered with --precision fp16.
-  - the LLM representations are computed here (the official repo ships neither them nor the code).
   - Gaussian prompt aggregation (GPA) averages the prompt tensors only; the official code also scales and sums
     the frozen fp16 CLIP weights every epoch (a no-op up to rounding) and keeps interventions at the last epoch,
     which we keep too.
   - text sequences are cut at the longest EOT + 1 instead of padded to 77 (exact: the text tower is causal).
+As the official code (Dassl): the last partial training batch of an epoch is dropped; --n-ctx below 4 keeps
+the rest of "a photo of a" as fixed words, above 4 starts the whole context at N(0, 0.02).
 """
 import argparse
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -50,13 +58,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from common import metrics as M
 from common import run as R
-from common.data import ClassificationDataset, DataError, make_loader, set_epoch
+from common.data import ClassificationDataset, DataError, make_loader
 from common.transforms import CLIP_MEAN, CLIP_STD, eval_transform, train_transform
-from common.weights import WeightsError, check_keys, load_config, read_safetensors, resolve, tensor_index
+from common.weights import WeightsError, load_config, load_mapped, resolve, tensor_index
 
 REPO = Path(__file__).resolve().parent
 
@@ -128,7 +136,7 @@ LLM_PRESETS = {  # the four LLMs of the paper's LLM table, plus a random tiny on
 }
 
 # Class names are the prompts' words: they must match the split file (its third column) and name the cached
-# LLM representations. Lists from the official code's dataset classes (reference notes, §1.6).
+# LLM representations. Lists from the official code's dataset classes (usr922/cilmp cilmp/datasets/*.py).
 DATASETS = {
     "demo": dict(split="split_demo.json", classes=None, get="built in: python -m common.demo"),
     "isic": dict(split="split_isic.json", get="ISIC 2018 Task 3 (challenge.isic-archive.com)", classes=[
@@ -162,13 +170,8 @@ DATASETS = {
         "Fetal brain", "Fetal femur", "Fetal abdomen", "Fetal thorax", "Maternal cervix", "Other planes"]),
 }
 
-# The paper's recipe (Sec. 4.2 + official config vit_b16.yaml). The demo's values are ours, picked so tiny models
-# learn in ~12 CPU epochs: higher lr and warm-up lr, 64 px images.
-PAPER_RECIPE = dict(epochs=100, batch_size=64, lr=0.0025, momentum=0.9, weight_decay=5e-4, warmup_lr=1e-5,
-                    image_size=224, clip="vit-b16", llm="llama3-8b")
-DEMO_RECIPE = dict(epochs=12, batch_size=32, lr=0.01, momentum=0.9, weight_decay=5e-4, warmup_lr=1e-3,
-                   image_size=64, clip="tiny", llm="tiny")
 QUESTION = "In an image, describe the distinctive visual features of {}."
+CTX_INIT = "a photo of a"          # the text context's initial words (paper Sec. 4.2)
 
 # ----------------------------------------------------------------------------------------------------------
 # Model blocks: CLIP (OpenAI layout: pre-LN, QuickGELU, fused qkv) and Llama
@@ -202,9 +205,9 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class CLIP(nn.Module):
-    """OpenAI CLIP with the hooks CILMP needs: extra vision tokens and per-block token replacement.
-
-    encode_image / encode_text return projected, unnormalised features (= HF get_image/text_features)."""
+    """OpenAI CLIP ViT (both towers). encode_image / encode_text return projected, unnormalised features
+    (= HF get_image_features / get_text_features). A method that adds prompt tokens runs the blocks itself:
+    embed_image / embed_text give the input tokens, pool_image / pool_text the features (CILMP.encode_image)."""
 
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
@@ -229,17 +232,12 @@ class CLIP(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None) -> "CLIP":
-        """HF CLIPModel folder or repo id in the HF cache (config.json + safetensors): see load_clip."""
-        return load_clip(path, dtype)
-
-    def half_(self, dtype):
-        """Store the matmul weights (Linear, Conv, Embedding) in `dtype` to halve memory and skip autocast's
-        per-step casts; LayerNorms and the small embeddings stay fp32 (CPU layer_norm rejects bf16 weights with
-        fp32 inputs, and OpenAI's convert_weights keeps them fp32 too)."""
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
-                m.to(dtype)
-        return self
+        """HF CLIPModel folder or repo id in the HF cache (config.json + *.safetensors), built on the meta
+        device, every key and shape checked."""
+        folder = resolve(path)
+        with torch.device("meta"):
+            model = cls(clip_config_from_hf(load_config(folder)))
+        return load_mapped(model, folder, CLIP_MAP, dtype)
 
     def init_random(self, seed: int = 0):
         """Random weights for the demo / bench, with OpenAI CLIP's init scales (width^-0.5 for embeddings and
@@ -265,40 +263,39 @@ class CLIP(nn.Module):
                 p.data.normal_(0, width ** -0.5 if name != "token_embedding.weight" else 0.02, generator=g)
         return self
 
-    def encode_image(self, pixels, vpt=None, deep_vpt=None):
-        """pixels (B, 3, H, W) -> (B, E). vpt (n, W) appended after the patches; deep_vpt[i-1] replaces them
-        before block i (i >= 1), the MaPLe / PromptSRC "IVLP" deep prompting CILMP inherits."""
+    def embed_image(self, pixels):
+        """pixels (B, 3, H, W) -> (B, 1 + N, W): [CLS] + patch tokens, position embedding added (before ln_pre)."""
         x = self.conv1(pixels.to(self.conv1.weight.dtype))                # (B, W, g, g)
         x = x.flatten(2).transpose(1, 2)                                  # (B, N, W)
         cls = self.class_embedding.expand(x.shape[0], 1, -1).to(x.dtype)
-        x = torch.cat([cls, x], 1) + self.vision_pos.to(x.dtype)          # (B, 1 + N, W)
-        n = 0
-        if vpt is not None:  # appended after the position embedding: prompt tokens carry no position
-            n = vpt.shape[0]
-            x = torch.cat([x, vpt.to(x.dtype).expand(x.shape[0], -1, -1)], 1)   # (B, 1 + N + n, W)
-        x = self.ln_pre(x)
-        for i, blk in enumerate(self.vision_blocks):
-            if i > 0 and n and deep_vpt is not None:  # (no vpt: nothing to replace; x[:, :-0] would be empty)
-                x = torch.cat([x[:, :-n], deep_vpt[i - 1].to(x.dtype).expand(x.shape[0], -1, -1)], 1)
+        return torch.cat([cls, x], 1) + self.vision_pos.to(x.dtype)       # (B, 1 + N, W)
+
+    def pool_image(self, x):
+        """(B, T, W) output of the last vision block -> (B, E): CLS pooling."""
+        return self.ln_post(x[:, 0]) @ self.visual_proj.to(x.dtype)
+
+    def encode_image(self, pixels):
+        x = self.ln_pre(self.embed_image(pixels))
+        for blk in self.vision_blocks:
             x = blk(x)
-        return self.ln_post(x[:, 0]) @ self.visual_proj.to(x.dtype)       # CLS pooling, (B, E)
+        return self.pool_image(x)
+
+    def embed_text(self, x):
+        """(N, T, d) token embeddings -> + position embedding (the input of text block 0)."""
+        return x + self.text_pos[:x.shape[1]].to(x.dtype)
+
+    def pool_text(self, x, eot):
+        """(N, T, d) output of the last text block, eot (N,) -> (N, E), pooled at the EOT position."""
+        x = self.ln_final(x)
+        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_proj.to(x.dtype)
 
     def encode_text(self, token_ids):
         """token_ids (N, T) with SOS ... EOT, any padding after EOT -> (N, E), pooled at argmax(ids) = EOT,
         exactly as OpenAI CLIP (EOT has the largest id in CLIP's vocabulary)."""
-        x = self.token_embedding(token_ids)
-        return self.encode_text_embeddings(x, token_ids.argmax(-1))
-
-    def encode_text_embeddings(self, x, eot, deep=None):
-        """x (N, T, d) input embeddings, eot (N,) pooling index. deep(i, x) -> x lets CILMP overwrite prompt
-        slots before block i >= 1. Deep tokens get no position embedding: only the input layer adds it."""
-        x = x + self.text_pos[:x.shape[1]].to(x.dtype)
-        for i, blk in enumerate(self.text_blocks):
-            if i > 0 and deep is not None:
-                x = deep(i, x)
+        x = self.embed_text(self.token_embedding(token_ids))
+        for blk in self.text_blocks:
             x = blk(x, causal=True)
-        x = self.ln_final(x)
-        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_proj.to(x.dtype)
+        return self.pool_text(x, token_ids.argmax(-1))
 
 
 class RMSNorm(nn.Module):
@@ -392,8 +389,25 @@ class Llama(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.bfloat16, device="cpu") -> "Llama":
-        """HF LlamaForCausalLM folder or repo id in the HF cache, sharded or not: see load_llama."""
-        return load_llama(path, dtype, device)
+        """HF LlamaForCausalLM folder or repo id in the HF cache (sharded or not) -> our Llama in `dtype`, one
+        copy in memory (meta + assign). A bare LlamaModel (keys without "model.", no lm_head) loads too: hidden
+        states only, generate() refuses."""
+        folder = resolve(path)
+        cfg = llama_config_from_hf(load_config(folder))
+        keys = tensor_index(folder)
+        bare = not any(k.startswith("model.") for k in keys)
+        key_map = {k.removeprefix("model."): v for k, v in LLAMA_MAP.items()} if bare else dict(LLAMA_MAP)
+        if cfg.tie_embeddings:  # some exports still write lm_head.weight (a copy of the embedding): drop it
+            key_map["lm_head.weight"] = None
+        with torch.device("meta"):
+            model = cls(cfg)
+        if "lm_head.weight" not in keys and not cfg.tie_embeddings:
+            model.lm_head = None
+        load_mapped(model, folder, key_map, dtype, drop_missing=("lm_head.weight",) if cfg.tie_embeddings else ())
+        if cfg.tie_embeddings:
+            model.lm_head.weight = model.embed.weight
+        model.setup_rope("cpu")
+        return model.to(device).eval()
 
     def setup_rope(self, device=None):
         # NOTE footgun: built under torch.device("meta") these buffers hold no data; from_pretrained calls this
@@ -522,67 +536,89 @@ class LLMTokens(nn.Module):
 
 
 class CILMP(nn.Module):
-    """Frozen CLIP + the trainable prompt learner. forward(pixels) -> logits (B, C)."""
+    """Frozen CLIP + the trainable prompt learner. forward(pixels) -> logits (B, C).
 
-    def __init__(self, clip: CLIP, reps: torch.Tensor, suffix_ids: torch.Tensor, eot: torch.Tensor,
+    Text prompt per class: [SOS] [ctx x n_ctx] [LLM x L] [leftover init words] {class} . [EOT]. reps None gives
+    L = 0: the deep vision-language prompting baseline (--llm none) and the plain-text prompts (--prompt-mode
+    text, whose description tokens sit in suffix_ids)."""
+
+    def __init__(self, clip: CLIP, reps: torch.Tensor | None, suffix_ids: torch.Tensor, eot: torch.Tensor,
                  ctx_init_ids: torch.Tensor, cfg: CILMPConfig):
         super().__init__()
         self.clip, self.cfg = clip, cfg
         clip.requires_grad_(False)  # frozen: no weight grads, no optimizer state (activations still backprop)
-        C, L, D_L = reps.shape
-        assert L >= cfg.prefix_len + cfg.suffix_len, f"LLM representations have {L} positions < prefix + suffix"
+        L = 0 if reps is None else reps.shape[1]
+        assert reps is None or L >= cfg.prefix_len + cfg.suffix_len, \
+            f"LLM representations have {L} positions < prefix + suffix"
         # deep prompts go into every block of both towers (paper: depth 12 = all of ViT-B/16's blocks)
         assert cfg.depth == clip.cfg.text_layers == clip.cfg.vision_layers, "prompt depth must equal both towers' depth"
         d, W, E = clip.cfg.text_width, clip.cfg.vision_width, clip.cfg.embed_dim
         self.L = L
         # fixed inputs as buffers (so .to(device) moves them and checkpoints don't need them)
-        self.register_buffer("reps", reps.float(), persistent=False)                          # (C, L, D_L)
+        self.register_buffer("reps", None if reps is None else reps.float(), persistent=False)  # (C, L, D_L)
         with torch.no_grad():
             emb = clip.token_embedding.weight
             self.register_buffer("sos", emb[ctx_init_ids[:1]].float().clone(), persistent=False)   # (1, d)
             self.register_buffer("suffix", emb[suffix_ids].float().clone(), persistent=False)      # (C, S, d)
-            ctx = emb[ctx_init_ids[1:1 + cfg.n_ctx]].float().clone()
+            words = emb[ctx_init_ids[1:]].float().clone()                                          # (4, d)
         self.register_buffer("eot", eot, persistent=False)                                    # (C,)
-        # text context: layer 0 from the words "a photo of a", deeper layers N(0, 0.02) (paper Sec. 4.2)
-        if ctx.shape[0] < cfg.n_ctx:
-            ctx = torch.cat([ctx, torch.randn(cfg.n_ctx - ctx.shape[0], d) * 0.02])
+        # text context of layer 0 (official rule): n_ctx <= 4 takes the first n_ctx words of "a photo of a" (the
+        # rest stay as fixed words in suffix_ids), more than 4 are all N(0, 0.02); deeper layers N(0, 0.02)
+        ctx = words[:cfg.n_ctx] if cfg.n_ctx <= len(words) else torch.randn(cfg.n_ctx, d) * 0.02
         self.ctx = nn.Parameter(ctx)                                                          # (n_ctx, d)
         self.deep_ctx = nn.Parameter(torch.randn(cfg.depth - 1, cfg.n_ctx, d) * 0.02)
         self.vpt = nn.Parameter(torch.randn(cfg.n_vpt, W) * 0.02)
         self.deep_vpt = nn.Parameter(torch.randn(cfg.depth - 1, cfg.n_vpt, W) * 0.02)
-        self.llm_tokens = nn.ModuleList(LLMTokens(D_L, d, E, cfg) for _ in range(cfg.depth))
+        self.llm_tokens = nn.ModuleList(LLMTokens(reps.shape[2], d, E, cfg) for _ in range(cfg.depth)
+                                        if reps is not None)
 
     def trainable_state(self):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("clip.")}
 
-    def load_trainable(self, sd: dict, source: str):
-        """Load prompts + interventions saved by trainable_state; the frozen CLIP comes from its own checkpoint."""
-        check_keys({k: tuple(v.shape) for k, v in self.trainable_state().items()},
-                   {k: tuple(v.shape) for k, v in sd.items()}, source=source)
-        self.load_state_dict(sd, strict=False)
+    def encode_image(self, pixels):
+        """pixels (B, 3, H, W) -> (B, E). The vision prompts (n_vpt, W) go after the patches, after the position
+        embedding (prompt tokens carry no position); before block i >= 1 they are replaced by deep_vpt[i - 1]:
+        the MaPLe / PromptSRC "IVLP" deep prompting CILMP inherits."""
+        clip, n = self.clip, self.cfg.n_vpt
+        x = clip.embed_image(pixels)                                                        # (B, 1 + N, W)
+        x = clip.ln_pre(torch.cat([x, self.vpt.to(x.dtype).expand(x.shape[0], -1, -1)], 1))  # (B, 1 + N + n, W)
+        for i, blk in enumerate(clip.vision_blocks):
+            if i > 0 and n:  # (n = 0: nothing to replace; x[:, :-0] would be empty)
+                x = torch.cat([x[:, :-n], self.deep_vpt[i - 1].to(x.dtype).expand(x.shape[0], -1, -1)], 1)
+            x = blk(x)
+        return clip.pool_image(x)
+
+    def text_inputs(self, v, T: int):
+        """Layer-0 text tokens for every (image, class) pair: v (B, E) -> (B*C, T, d)."""
+        B, C, n = v.shape[0], self.suffix.shape[0], self.cfg.n_ctx
+        parts = [self.sos.expand(B, C, 1, -1), self.ctx.expand(B, C, n, -1)]
+        if self.L:
+            parts.append(self.llm_tokens[0](self.reps, v))                                  # (B, C, L, d)
+        parts.append(self.suffix[None, :, :T - 1 - n - self.L].expand(B, -1, -1, -1))
+        return torch.cat(parts, 2).flatten(0, 1)                                            # (B*C, T, d)
+
+    def encode_text(self, x, v):
+        """x (B*C, T, d) from text_inputs -> (B*C, E). Before block i >= 1: new ctx in slots 1..n and this
+        block's own LLM tokens (its own interventions on the same raw representations) in the next L slots.
+        Deep tokens get no position embedding: only the input layer adds it."""
+        clip, n, L = self.clip, self.cfg.n_ctx, self.L
+        x = clip.embed_text(x)
+        for i, blk in enumerate(clip.text_blocks):
+            if i > 0:
+                new = [self.deep_ctx[i - 1].to(x.dtype).expand(x.shape[0], -1, -1)]
+                if L:
+                    new.append(self.llm_tokens[i](self.reps, v).flatten(0, 1).to(x.dtype))  # (B*C, L, d)
+                x = torch.cat([x[:, :1], *new, x[:, 1 + n + L:]], 1)
+            x = blk(x, causal=True)
+        return clip.pool_text(x, self.eot.repeat(v.shape[0]))
 
     def forward(self, pixels):
-        clip, B, n = self.clip, pixels.shape[0], self.cfg.n_ctx
-        C, L = self.reps.shape[:2]
-        f = clip.encode_image(pixels, self.vpt, self.deep_vpt)                              # (B, E)
-        v = F.normalize(f.float(), dim=-1)
+        v = F.normalize(self.encode_image(pixels).float(), dim=-1)                          # (B, E)
         # Every image gets its own C prompts: B*C text sequences. The text tower is causal, so everything after
         # the longest EOT is dead weight: cut there (exact; at the paper's size 45 of 77 tokens remain).
-        T = int(self.eot.max()) + 1
-        S = T - 1 - n - L
-        llm0 = self.llm_tokens[0](self.reps, v)                                             # (B, C, L, d)
-        x = torch.cat([self.sos.expand(B, C, 1, -1), self.ctx.expand(B, C, n, -1), llm0,
-                       self.suffix[None, :, :S].expand(B, -1, -1, -1)], 2).flatten(0, 1)    # (B*C, T, d)
-
-        def deep(i, x):  # before block i: new ctx in slots 1..n, this block's own LLM tokens in the next L slots
-            llm = self.llm_tokens[i](self.reps, v).flatten(0, 1).to(x.dtype)               # (B*C, L, d)
-            ctx = self.deep_ctx[i - 1].to(x.dtype).expand(x.shape[0], -1, -1)
-            return torch.cat([x[:, :1], ctx, llm, x[:, 1 + n + L:]], 1)
-
-        depth = self.cfg.depth
-        t = clip.encode_text_embeddings(x, self.eot.repeat(B), deep if depth > 1 else None)  # (B*C, E)
-        t = F.normalize(t.float(), dim=-1).view(B, C, -1)
-        return clip.logit_scale.exp() * torch.einsum("be,bce->bc", v, t)                     # (B, C)
+        x = self.text_inputs(v, int(self.eot.max()) + 1)
+        t = F.normalize(self.encode_text(x, v).float(), dim=-1).view(v.shape[0], -1, v.shape[1])  # (B, C, E)
+        return self.clip.logit_scale.exp() * torch.einsum("be,bce->bc", v, t)               # (B, C)
 
 
 def gpa_weights(epochs: int, sigma_frac: float = 0.3):
@@ -598,37 +634,42 @@ GPA_KEYS = ("ctx", "deep_ctx", "vpt", "deep_vpt")  # prompt tensors only; interv
 # ----------------------------------------------------------------------------------------------------------
 # Weight loading: HF safetensors -> our modules through explicit key maps
 
-# HF openai/clip-vit-base-patch16 -> ours. "{}" stands for one dotted component (a layer index, or weight/bias).
-# ("name", "T"): transpose (HF keeps projections as nn.Linear weights, OpenAI CLIP as x @ P).
-# ("name", "q"|"k"|"v"): one third of our fused qkv. None: a key we drop on purpose.
+# HF openai/clip-vit-base-patch16 -> ours (common.weights.load_mapped). "{}" stands for one dotted component (a
+# layer index, or weight/bias). ("name", "T"): transpose (HF keeps projections as nn.Linear weights, OpenAI CLIP
+# as x @ P). ("name", "q"|"k"|"v"): one third of our fused qkv. None: a key we drop on purpose.
 CLIP_MAP = {
     "vision_model.embeddings.patch_embedding.weight": "conv1.weight",
     "vision_model.embeddings.class_embedding": "class_embedding",
     "vision_model.embeddings.position_embedding.weight": "vision_pos",
     "vision_model.pre_layrnorm.{}": "ln_pre.{}",          # sic: HF's spelling
+    "vision_model.encoder.layers.{}.self_attn.q_proj.{}": ("vision_blocks.{}.qkv.{}", "q"),
+    "vision_model.encoder.layers.{}.self_attn.k_proj.{}": ("vision_blocks.{}.qkv.{}", "k"),
+    "vision_model.encoder.layers.{}.self_attn.v_proj.{}": ("vision_blocks.{}.qkv.{}", "v"),
+    "vision_model.encoder.layers.{}.self_attn.out_proj.{}": "vision_blocks.{}.out_proj.{}",
+    "vision_model.encoder.layers.{}.layer_norm1.{}": "vision_blocks.{}.ln_1.{}",
+    "vision_model.encoder.layers.{}.layer_norm2.{}": "vision_blocks.{}.ln_2.{}",
+    "vision_model.encoder.layers.{}.mlp.fc1.{}": "vision_blocks.{}.mlp.0.{}",
+    "vision_model.encoder.layers.{}.mlp.fc2.{}": "vision_blocks.{}.mlp.2.{}",
     "vision_model.post_layernorm.{}": "ln_post.{}",
     "visual_projection.weight": ("visual_proj", "T"),
     "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
     "text_model.embeddings.position_embedding.weight": "text_pos",
+    "text_model.encoder.layers.{}.self_attn.q_proj.{}": ("text_blocks.{}.qkv.{}", "q"),
+    "text_model.encoder.layers.{}.self_attn.k_proj.{}": ("text_blocks.{}.qkv.{}", "k"),
+    "text_model.encoder.layers.{}.self_attn.v_proj.{}": ("text_blocks.{}.qkv.{}", "v"),
+    "text_model.encoder.layers.{}.self_attn.out_proj.{}": "text_blocks.{}.out_proj.{}",
+    "text_model.encoder.layers.{}.layer_norm1.{}": "text_blocks.{}.ln_1.{}",
+    "text_model.encoder.layers.{}.layer_norm2.{}": "text_blocks.{}.ln_2.{}",
+    "text_model.encoder.layers.{}.mlp.fc1.{}": "text_blocks.{}.mlp.0.{}",
+    "text_model.encoder.layers.{}.mlp.fc2.{}": "text_blocks.{}.mlp.2.{}",
     "text_model.final_layer_norm.{}": "ln_final.{}",
     "text_projection.weight": ("text_proj", "T"),
     "logit_scale": "logit_scale",
     "vision_model.embeddings.position_ids": None,         # a buffer some exports include
     "text_model.embeddings.position_ids": None,
 }
-for _tower, _ours in (("vision_model", "vision_blocks"), ("text_model", "text_blocks")):
-    _pre = f"{_tower}.encoder.layers.{{}}."
-    CLIP_MAP |= {
-        _pre + "self_attn.q_proj.{}": (f"{_ours}.{{}}.qkv.{{}}", "q"),
-        _pre + "self_attn.k_proj.{}": (f"{_ours}.{{}}.qkv.{{}}", "k"),
-        _pre + "self_attn.v_proj.{}": (f"{_ours}.{{}}.qkv.{{}}", "v"),
-        _pre + "self_attn.out_proj.{}": f"{_ours}.{{}}.out_proj.{{}}",
-        _pre + "layer_norm1.{}": f"{_ours}.{{}}.ln_1.{{}}",
-        _pre + "layer_norm2.{}": f"{_ours}.{{}}.ln_2.{{}}",
-        _pre + "mlp.fc1.{}": f"{_ours}.{{}}.mlp.0.{{}}",
-        _pre + "mlp.fc2.{}": f"{_ours}.{{}}.mlp.2.{{}}",
-    }
 
+# HF LlamaForCausalLM -> ours. A bare LlamaModel has the same keys without "model." (Llama.from_pretrained).
 LLAMA_MAP = {
     "model.embed_tokens.weight": "embed.weight",
     "model.norm.weight": "norm.weight",
@@ -644,66 +685,6 @@ LLAMA_MAP = {
     "model.layers.{}.post_attention_layernorm.weight": "layers.{}.mlp_norm.weight",
     "model.layers.{}.self_attn.rotary_emb.inv_freq": None,   # old exports saved the buffer; we recompute it
 }
-
-
-def map_key(key: str, key_map: dict):
-    """Checkpoint key -> (our key or None, transform) via a template map, or False when no template matches."""
-    for src, dst in key_map.items():
-        parts = src.split("{}")
-        if len(parts) == 1:
-            vals = [] if key == src else None
-        else:  # match the literal pieces left to right; each {} takes exactly one dotted component
-            vals, rest = [], key
-            for j, lit in enumerate(parts):
-                if j == 0:
-                    if not rest.startswith(lit):
-                        vals = None
-                        break
-                    rest = rest[len(lit):]
-                    continue
-                cut = rest.find(".") if lit else len(rest)
-                cut = len(rest) if cut < 0 else cut
-                if cut == 0 or not rest[cut:].startswith(lit):
-                    vals = None
-                    break
-                vals.append(rest[:cut])
-                rest = rest[cut + len(lit):]
-            if vals is not None and rest:
-                vals = None
-        if vals is None:
-            continue
-        if dst is None:
-            return None, None
-        name, how = dst if isinstance(dst, tuple) else (dst, None)
-        return name.format(*vals), how
-    return False
-
-
-def load_state(model: nn.Module, folder: Path, key_map: dict, dtype=None):
-    """Read safetensors lazily, rename through key_map, check every key and shape against `model`, then
-    load_state_dict(assign=True) so a model built on the meta device gets the tensors without a second copy."""
-    sd, found, qkv = {}, {}, {}
-    for k, t in read_safetensors(folder, dtype=dtype).items():
-        m = map_key(k, key_map)
-        if m is False:
-            found[k] = tuple(t.shape)             # unknown: check_keys reports it as unexpected
-            continue
-        name, how = m
-        if name is None:
-            continue
-        if how in ("q", "k", "v"):
-            qkv.setdefault(name, {})[how] = t
-            continue
-        sd[name] = t.T.contiguous() if how == "T" else t
-    for name, parts in qkv.items():               # fuse q, k, v (only when all three are present)
-        if set(parts) == {"q", "k", "v"} and len({p.shape[1:] for p in parts.values()}) == 1:
-            sd[name] = torch.cat([parts["q"], parts["k"], parts["v"]], 0)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if getattr(model, "cfg", None) is not None and getattr(model.cfg, "tie_embeddings", False):
-        expected.pop("lm_head.weight", None)      # tied: the checkpoint has only the embedding
-    check_keys(expected, found | {k: tuple(v.shape) for k, v in sd.items()}, source=str(folder))
-    model.load_state_dict(sd, strict=False, assign=True)
-    return model
 
 
 # transformers' defaults: config.json files written by transformers 4.x leave out every field equal to them
@@ -802,37 +783,10 @@ def llama_config_from_hf(hf: dict) -> LlamaConfig:
                        tie_embeddings=hf["tie_word_embeddings"])
 
 
-def load_clip(path, dtype=None) -> CLIP:
-    """HF CLIPModel folder (config.json + *.safetensors) -> our CLIP, built on the meta device, every key checked."""
-    folder = resolve(path)
-    cfg = clip_config_from_hf(load_config(folder))
-    with torch.device("meta"):
-        model = CLIP(cfg)
-    return load_state(model, folder, CLIP_MAP, dtype)
-
-
-def load_llama(path, dtype=torch.bfloat16, device="cpu") -> Llama:
-    """HF LlamaForCausalLM folder (sharded or not) -> our Llama in `dtype`, one copy in memory (meta + assign).
-    A bare LlamaModel (keys without "model.", no lm_head) loads too: hidden states only, generate() refuses."""
-    folder = resolve(path)
-    cfg = llama_config_from_hf(load_config(folder))
-    keys = tensor_index(folder)
-    bare = not any(k.startswith("model.") for k in keys)
-    key_map = {k.removeprefix("model."): v for k, v in LLAMA_MAP.items()} if bare else dict(LLAMA_MAP)
-    if cfg.tie_embeddings:  # some exports still write lm_head.weight (a copy of the embedding): drop it
-        key_map["lm_head.weight"] = None
-    with torch.device("meta"):
-        model = Llama(cfg)
-    if "lm_head.weight" not in keys and not cfg.tie_embeddings:
-        model.lm_head = None
-    load_state(model, folder, key_map, dtype)
-    if model.cfg.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
-    model.setup_rope("cpu")
-    return model.to(device).eval()
-
 # ----------------------------------------------------------------------------------------------------------
-# LLM representations (paper Sec. 3.2.1): ask, answer greedily, keep the last token of every layer
+# LLM representations (paper Sec. 3.2.1): ask, answer greedily, keep the last token of every layer.
+# The paper does not give the extraction details; these are ours: the Instruct checkpoint with its own chat
+# template, greedy decoding, at most 128 new tokens, the end-of-turn token appended when the answer was cut.
 
 
 def chat_ids(tok, question: str, chat: str) -> list[int]:
@@ -875,44 +829,49 @@ def llm_representations(llm: Llama, tok, classnames, chat: str, max_new_tokens: 
     return torch.stack(reps), texts
 
 
-def get_representations(args, classnames, dist_info: R.Dist):
-    """Cached per (LLM, dataset classes, question): cache/llm_reps/<llm>/<key>.safetensors + .json beside it.
+def tiny_llm() -> tuple[Llama, object]:
+    """The demo's "LLM": a fixed random tiny Llama (seed 0, wide init so it says different things per class)."""
+    tok = load_tokenizer(REPO / "common" / "tokenizers" / "llama_tiny.json")
+    cfg = LlamaConfig(**(asdict(LLM_PRESETS["tiny"]["config"]) | {"vocab_size": tok.get_vocab_size()}))
+    with torch.random.fork_rng():  # a cold cache must not shift the run's RNG
+        torch.manual_seed(0)
+        llm = Llama(cfg).eval()
+        for p in llm.parameters():  # default init is too tame for a random LLM to say different things
+            if p.ndim > 1:
+                nn.init.normal_(p, 0, 0.5)
+    return llm, tok
+
+
+def get_representations(args, classnames, world: R.World):
+    """-> (reps (C, L, D_L), descriptions), or (None, None) for --llm none. Cached per (LLM, dataset classes,
+    question, answer length) in cache/llm_reps/<llm>/<data>-<key>.safetensors + .json (the descriptions).
     Rank 0 computes, the others wait and read."""
+    if args.llm == "none":
+        return None, None
     key = hashlib.sha1(json.dumps([args.llm, args.llm_path, classnames, QUESTION, args.max_new_tokens]).encode()
                        ).hexdigest()[:12]
     path = Path(args.cache_dir) / "llm_reps" / args.llm / f"{args.data}-{key}.safetensors"
-    if not path.exists() and dist_info.is_main:
+    json_path = path.with_suffix(".json")
+    if not path.exists() and world.is_main:
         print(f"LLM representations: {args.llm} on {len(classnames)} classes (once; cached at {path})")
         if args.llm == "tiny":
-            cfg = LLM_PRESETS["tiny"]["config"]
-            tok = load_tokenizer(REPO / "common" / "tokenizers" / "llama_tiny.json")
-            cfg = LlamaConfig(**(asdict(cfg) | {"vocab_size": tok.get_vocab_size()}))
-            with torch.random.fork_rng():  # a fixed random "LLM", and a cold cache must not shift the run's RNG
-                torch.manual_seed(0)
-                llm = Llama(cfg).eval()
-                for p in llm.parameters():  # default init is too tame for a random LLM to say different things
-                    if p.ndim > 1:
-                        nn.init.normal_(p, 0, 0.5)
+            llm, tok = tiny_llm()
         else:
             folder = resolve(args.llm_path or LLM_PRESETS[args.llm]["repo"])
             tok = load_tokenizer(folder / "tokenizer.json")
-            dtype = torch.bfloat16 if args.device != "cpu" or args.llm_dtype == "bf16" else torch.float32
-            llm = load_llama(folder, dtype=dtype, device=dist_info.device)
+            dtype = torch.bfloat16 if world.device.type != "cpu" or args.llm_dtype == "bf16" else torch.float32
+            llm = Llama.from_pretrained(folder, dtype=dtype, device=world.device)
         reps, texts = llm_representations(llm, tok, classnames, LLM_PRESETS[args.llm]["chat"], args.max_new_tokens)
         del llm
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"reps": reps.contiguous()}, str(tmp))
-        json_path = path.with_suffix(".json")
         json_path.write_text(json.dumps({"llm": args.llm, "question": QUESTION, "classes": classnames,
                                          "descriptions": texts}, indent=2) + "\n")
-        os.replace(tmp, path)
+        R.save_tensors(path, {"reps": reps})  # last: its presence means the cache entry is complete
         for name, text in list(zip(classnames, texts))[:3]:
             print(f"  {name!r}: {text[:200]!r}{'...' if len(text) > 200 else ''}")
         print(f"  (all descriptions: {json_path})")
-    if dist_info.enabled:
-        torch.distributed.barrier()
-    return load_file(str(path))["reps"]
+    R.barrier(world)
+    return load_file(str(path))["reps"], json.loads(json_path.read_text())["descriptions"]
 
 
 def load_tokenizer(path):
@@ -922,16 +881,26 @@ def load_tokenizer(path):
     return Tokenizer.from_file(str(path))
 
 
-def prompt_tokens(tok, classnames, n_ctx: int, L: int, context_length: int):
-    """Token ids for the fixed parts of "[SOS] [ctx x n_ctx] [LLM x L] {class}. [EOT]" with CLIP's tokenizer.
+def prompt_tokens(tok, classnames, n_ctx: int, L: int, context_length: int, descriptions=None):
+    """Token ids for the fixed parts of "[SOS] [ctx x n_ctx] [LLM x L] [leftover] {class}. [description] [EOT]".
 
-    -> ctx_init_ids ([SOS] + "a photo of a" ids), suffix_ids (C, S) = "{class}." + [EOT] (padded with EOT),
-       eot (C,) = EOT position in the full sequence = 1 + n_ctx + L + len(class tokens) + 1."""
-    init = tok.encode("a photo of a").ids                       # [SOS] a photo of a [EOT]
-    eot_id = init[-1]
-    suffix = [tok.encode(name.replace("_", " ") + ".").ids[1:] for name in classnames]  # drop SOS, keep EOT
+    -> ctx_init_ids: [SOS] + the ids of CTX_INIT (the context's initial words),
+       suffix_ids (C, S): the init words the context does not cover (n_ctx < 4: the official code keeps "a photo
+       of a" whole in the text and overwrites only its first n_ctx words), "{class}.", then with descriptions
+       (--prompt-mode text) the LLM's description, cut to fit CLIP's context, and [EOT]; padded with EOT,
+       eot (C,): the EOT position in the full sequence."""
+    init = tok.encode(CTX_INIT).ids                             # [SOS] a photo of a [EOT]
+    words, eot_id = init[1:-1], init[-1]
+    leftover = words[n_ctx:]
+    suffix = []
+    for i, name in enumerate(classnames):
+        body = leftover + tok.encode(name.replace("_", " ") + ".").ids[1:-1]
+        if descriptions is not None:  # ours: the paper (Sec. 4.5.2) does not give the template
+            room = context_length - 2 - n_ctx - L - len(body)
+            body += tok.encode(descriptions[i]).ids[1:-1][:max(room, 0)]
+        suffix.append(body + [eot_id])
     S = max(len(s) for s in suffix)
-    eot = torch.tensor([1 + n_ctx + L + len(s) - 1 for s in suffix])
+    eot = torch.tensor([n_ctx + L + len(s) for s in suffix])
     if int(eot.max()) + 1 > context_length:
         longest = classnames[int(eot.argmax())]
         raise DataError(f"prompt for class {longest!r} needs {int(eot.max()) + 1} tokens > CLIP's {context_length}: "
@@ -941,7 +910,11 @@ def prompt_tokens(tok, classnames, n_ctx: int, L: int, context_length: int):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data wiring
+# Data
+
+
+def data_root(args) -> Path:
+    return Path(args.data_dir or REPO / "data" / DATASETS[args.data].get("dir", args.data))
 
 
 def data_help(name: str, root: Path) -> str:
@@ -953,28 +926,39 @@ def data_help(name: str, root: Path) -> str:
 
 
 def preflight(args):
-    """Check data and weights before any work, and report everything that is missing in one message."""
+    """Check data, weights and the places we write before any work, and report every problem in one message."""
     problems = []
-    root = Path(args.data_dir or REPO / "data" / DATASETS[args.data].get("dir", args.data))
+    root = data_root(args)
     if args.data != "demo" and not (root / DATASETS[args.data]["split"]).exists():
         problems.append(data_help(args.data, root))
     if args.clip != "tiny":
         try:
-            resolve(args.clip_path or CLIP_PRESETS[args.clip]["repo"])
+            clip_config_from_hf(load_config(resolve(args.clip_path or CLIP_PRESETS[args.clip]["repo"])))
         except WeightsError as e:
             problems.append(f"CLIP weights ({args.clip}): {e}")
     cached = list((Path(args.cache_dir) / "llm_reps" / args.llm).glob(f"{args.data}-*.safetensors"))
-    if args.llm != "tiny" and not cached:
+    if args.llm not in ("tiny", "none") and not cached:
         try:
-            resolve(args.llm_path or LLM_PRESETS[args.llm]["repo"])
+            llama_config_from_hf(load_config(resolve(args.llm_path or LLM_PRESETS[args.llm]["repo"])))
         except WeightsError as e:
             problems.append(f"LLM weights ({args.llm}, needed once to compute the class representations): {e}")
+    problems += [f"--cache-dir {p}" for p in [R.check_writable(args.cache_dir)] if p]
     if problems:
         raise DataError("\n\n".join(problems))
 
 
+def label_subset(labels: np.ndarray, ratio: float, seed: int) -> np.ndarray:
+    """Indices of a stratified `ratio` of the training set (paper Sec. 5.2: 10% / 30% of the labels): from each
+    class round(ratio * n_c) items, at least one, drawn with `seed`. Sorted, so the data order stays a function
+    of (seed, epoch) alone."""
+    rng = np.random.default_rng(seed)
+    keep = [rng.permutation(np.flatnonzero(labels == c))[:max(1, round(ratio * int((labels == c).sum())))]
+            for c in np.unique(labels)]
+    return np.sort(np.concatenate(keep))
+
+
 def build_data(args, image_size: int):
-    root = Path(args.data_dir or REPO / "data" / DATASETS[args.data].get("dir", args.data))
+    root = data_root(args)
     if args.data == "demo":
         from common.demo import ensure_demo
         ensure_demo(root)
@@ -983,6 +967,10 @@ def build_data(args, image_size: int):
         raise DataError(data_help(args.data, root))
     train = ClassificationDataset(root, split_file, "train", train_transform(image_size, CLIP_MEAN, CLIP_STD))
     test = ClassificationDataset(root, split_file, "test", eval_transform(image_size, CLIP_MEAN, CLIP_STD))
+    if args.label_ratio < 1:
+        keep = label_subset(train.labels, args.label_ratio, args.seed)
+        train.items, train.labels = [train.items[i] for i in keep], train.labels[keep]
+        print(f"label ratio {args.label_ratio}: {len(keep)} training images (stratified, seed {args.seed})")
     want = DATASETS[args.data]["classes"]
     if want is not None and [c.lower() for c in train.classnames] != [c.lower() for c in want]:
         print(f"note: class names in {split_file} differ from the paper's: {train.classnames} vs {want}; "
@@ -990,26 +978,28 @@ def build_data(args, image_size: int):
     return train, test
 
 
-def build_clip(args, D: R.Dist | None = None):
+# ----------------------------------------------------------------------------------------------------------
+# The frozen CLIP
+
+
+def build_clip(args, world: R.World):
     """-> (frozen CLIP, CLIP tokenizer). Real runs load HF weights. The demo's tiny CLIP must play a *pretrained*
     CLIP (prompt tuning a frozen random network learns nothing: its image features all point the same way, mean
     cosine 0.999), so it is pre-trained contrastively on the demo's image-report pairs once (~30 s on a CPU) and
     cached. Fixed seed: it is the "pretrained model", so it must not change with --seed."""
     if args.clip != "tiny":
         folder = resolve(args.clip_path or CLIP_PRESETS[args.clip]["repo"])
-        return load_clip(folder), load_tokenizer(folder / "tokenizer.json")
+        return CLIP.from_pretrained(folder), load_tokenizer(folder / "tokenizer.json")
     tok = load_tokenizer(REPO / "common" / "tokenizers" / "clip_tiny.json")
     cfg = CLIPConfig(**(asdict(CLIP_PRESETS["tiny"]["config"]) | {"vocab_size": tok.get_vocab_size()}))
     clip = CLIP(cfg).init_random(seed=0)
-    path = Path(args.cache_dir) / "clip_tiny_demo.safetensors"
-    if not path.exists() and (D is None or D.is_main):
+    path = Path(args.cache_dir) / f"clip_tiny_demo-{args.clip_pretrain_steps}.safetensors"
+    if not path.exists() and world.is_main:
         demo = Path(args.data_dir) if args.data == "demo" and args.data_dir else REPO / "data" / "demo"
-        pretrain_tiny_clip(clip, tok, demo)
+        pretrain_tiny_clip(clip, tok, demo, args.clip_pretrain_steps)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(path.with_suffix(".tmp")))
-        os.replace(path.with_suffix(".tmp"), path)
-    if D is not None and D.enabled:
-        torch.distributed.barrier()
+        R.save_tensors(path, clip.state_dict())
+    R.barrier(world)
     clip.load_state_dict(load_file(str(path)))
     return clip, tok
 
@@ -1025,49 +1015,58 @@ def tokenize(tok, texts, context_length: int = 77):
 
 
 def pretrain_tiny_clip(clip: CLIP, tok, root: Path, steps: int = 150, batch: int = 64):
-    """Demo only: 150 steps of CLIP's own symmetric InfoNCE on data/demo/reports_train.csv, so the
+    """Demo only: `steps` (150) steps of CLIP's own symmetric InfoNCE on data/demo/reports_train.csv, so the
     frozen tiny CLIP knows that "dark, irregular" looks dark and irregular, as a real CLIP roughly does."""
     from common.data import ImageReportDataset
     from common.demo import ensure_demo
     ensure_demo(root)
     print(f"pre-training the tiny demo CLIP on {root / 'reports_train.csv'} ({steps} steps, once; cached)")
-    g = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    ds = ImageReportDataset(root, root / "reports_train.csv", train_transform(clip.cfg.image_size, CLIP_MEAN, CLIP_STD))
-    loader = make_loader(ds, batch, shuffle=True, drop_last=True, seed=0)
-    clip.logit_scale.data.fill_(math.log(1 / 0.07))
-    # NOTE lr 1e-3 without warm-up collapses both towers to one constant feature within 5 steps (loss pinned at
-    # ln B); 3e-4 with a short warm-up does not.
-    opt = torch.optim.AdamW(clip.parameters(), lr=3e-4, weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-4, total_steps=steps, pct_start=0.1)
-    prog, step = R.Progress(steps, "clip pretrain", every=10.0), 0
-    while step < steps:
-        for b in loader:
-            f = F.normalize(clip.encode_image(b["image"]), dim=-1)                      # (B, E)
-            t = F.normalize(clip.encode_text(tokenize(tok, b["report"], 48)), dim=-1)   # (B, E)
-            logits = clip.logit_scale.exp() * f @ t.T
-            labels = torch.arange(len(f))
-            loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            clip.logit_scale.data.clamp_(max=math.log(100))
-            step += 1
-            prog.update(1, loss=loss.item())
-            if step == steps:
-                break
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        ds = ImageReportDataset(root, root / "reports_train.csv",
+                                train_transform(clip.cfg.image_size, CLIP_MEAN, CLIP_STD))
+        loader = make_loader(ds, batch, shuffle=True, drop_last=True, seed=0)
+        clip.logit_scale.data.fill_(math.log(1 / 0.07))
+        # NOTE lr 1e-3 without warm-up collapses both towers to one constant feature within 5 steps (loss pinned
+        # at ln B); 3e-4 with a short warm-up does not.
+        opt = torch.optim.AdamW(clip.parameters(), lr=3e-4, weight_decay=0.1)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-4, total_steps=steps, pct_start=0.1)
+        progress, step = R.Progress(steps, "clip pretrain", every=10.0), 0
+        while step < steps:
+            for b in loader:
+                f = F.normalize(clip.encode_image(b["image"]), dim=-1)                      # (B, E)
+                t = F.normalize(clip.encode_text(tokenize(tok, b["report"], 48)), dim=-1)   # (B, E)
+                logits = clip.logit_scale.exp() * f @ t.T
+                labels = torch.arange(len(f))
+                loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                clip.logit_scale.data.clamp_(max=math.log(100))
+                step += 1
+                progress.update(1, loss=loss.item())
+                if step == steps:
+                    break
     clip.logit_scale.data.fill_(math.log(100))  # what real CLIP ends at; CILMP keeps it frozen
-    torch.random.set_rng_state(g)
     return clip
 
 
-def build_model(args, clip, tok, classnames, reps) -> CILMP:
+def cilmp_config(args, depth: int) -> CILMPConfig:
+    """The one place the method's flags become its config."""
     mode = ("none" if args.no_intervention else "plain" if args.no_conditional else
             "no-rd" if args.no_rd else "conditional")
-    cfg = CILMPConfig(n_ctx=args.n_ctx, prefix_len=args.prefix_len, suffix_len=args.suffix_len, rank=args.rank,
-                      dropout=args.dropout, mode=mode, depth=clip.cfg.text_layers)
-    ctx_ids, suffix_ids, eot = prompt_tokens(tok, classnames, cfg.n_ctx, reps.shape[1], clip.cfg.context_length)
+    return CILMPConfig(n_ctx=args.n_ctx, n_vpt=args.n_vpt, depth=depth, prefix_len=args.prefix_len,
+                       suffix_len=args.suffix_len, rank=args.rank, dropout=args.dropout, mode=mode)
+
+
+def build_model(args, clip, tok, classnames, reps, descriptions) -> CILMP:
+    """--prompt-mode text puts the descriptions into the text prompt instead of the LLM representations."""
+    text_mode = args.prompt_mode == "text"
+    reps = None if text_mode else reps
+    cfg = cilmp_config(args, clip.cfg.text_layers)
+    ctx_ids, suffix_ids, eot = prompt_tokens(tok, classnames, cfg.n_ctx, 0 if reps is None else reps.shape[1],
+                                             clip.cfg.context_length, descriptions if text_mode else None)
     torch.manual_seed(args.seed)  # trainable init depends on the seed only (not on what ran before)
     return CILMP(clip, reps, suffix_ids, eot, ctx_ids, cfg)
 
@@ -1085,113 +1084,67 @@ def lr_at(epoch: int, args) -> float:
     return args.lr * 0.5 * (1 + math.cos(math.pi * (epoch - args.warmup_epochs) / args.epochs))
 
 
-def reseed_loader(loader, epoch: int, seed: int):
-    """Make epoch e's shuffle and worker seeds a function of (seed, e) only, so --resume replays them exactly."""
-    set_epoch(loader, epoch)                                  # DistributedSampler
-    g = getattr(loader.sampler, "generator", None)
-    if g is not None:
-        g.manual_seed(seed * 1000 + epoch)                    # single-process RandomSampler
-    if loader.generator is not None:
-        loader.generator.manual_seed(seed * 1000 + epoch + 7)
-
-
-def train(args, D: R.Dist, run_dir: Path):
-    R.seed_everything(args.seed, D.rank)
-    clip, tok = build_clip(args, D)
-    train_ds, test_ds = build_data(args, clip.cfg.image_size)
-    classnames = train_ds.classnames
-    reps = get_representations(args, classnames, D)                                  # (C, L, D_L)
-    model = build_model(args, clip, tok, classnames, reps).to(D.device)
-    if args.precision != "fp32":  # frozen tower stored in the compute dtype; trainables stay fp32
-        model.clip.half_(R.PRECISIONS[args.precision])
+def train(args, world: R.World, run_dir: Path, model: CILMP, train_ds):
+    """SGD on the prompts and interventions, epoch by epoch; checkpoint after every epoch; GPA at the end."""
     params = [p for p in model.parameters() if p.requires_grad]
-    n_train = sum(p.numel() for p in params)
-    if D.is_main:
-        print(f"CILMP: {n_train:,} trainable parameters ({cfg_summary(model)}); CLIP frozen "
-              f"({sum(p.numel() for p in model.clip.parameters()):,})")
-    # SGD on every trainable tensor with the same weight decay, as Dassl does
-    opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    scaler = R.make_scaler(args.precision, D.device)
-    net = model
-    if D.enabled:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[D.device.index] if D.device.type == "cuda" else None)
-    if args.compile:
-        net = torch.compile(net)
-    loader = make_loader(train_ds, args.batch_size, shuffle=True, num_workers=args.num_workers,
-                         drop_last=D.enabled, seed=args.seed)
+    # SGD on every trainable tensor with the same weight decay (Dassl's defaults: momentum 0.9, wd 5e-4)
+    opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    scaler = R.make_scaler(args.precision, world.device)
+    net = R.wrap_model(model, world, compile=args.compile)
+    n_batches = len(R.epoch_batches(len(train_ds), args.batch_size, args.seed, 0, world))  # last partial dropped
     gpa_w = gpa_weights(args.epochs)
     gpa = {k: torch.zeros_like(getattr(model, k)) for k in GPA_KEYS}
-    start, step = 0, 0
-    if args.resume:
-        ck = R.load_checkpoint(run_dir)
-        if ck is not None:
-            tensors, state = ck
-            model.load_trainable({k: v for k, v in tensors.items() if not k.startswith("gpa.")}, f"{run_dir}/ckpt")
-            gpa = {k: tensors["gpa." + k].to(D.device) for k in GPA_KEYS}
-            opt.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            R.set_rng_state(state["rng"][D.rank] if isinstance(state["rng"], list) else state["rng"])
-            start, step = state["epoch"], state["step"]
-            if D.is_main:
-                print(f"resumed from {run_dir}/ckpt at epoch {start}, step {step}")
-    log = R.JsonlLog(run_dir / "metrics.jsonl", D.is_main)
-    total = args.epochs * len(loader) if args.steps is None else min(args.steps, args.epochs * len(loader))
-    prog = R.Progress(total, "train", D.is_main, every=args.print_every, start=step)
-    for epoch in range(start, args.epochs):
-        if step >= total:
-            break
+    ckpts = R.Checkpoints(run_dir / "ckpt", world)
+    step = 0
+    ck = ckpts.load(optimizer=opt, scaler=scaler, resuming=bool(args.resume))
+    if ck is not None:
+        R.load_tensors(model, {k: v for k, v in ck.tensors.items() if not k.startswith("gpa.")}, str(ck.path),
+                       required=model.trainable_state())
+        gpa = {k: ck.tensors["gpa." + k].to(world.device) for k in GPA_KEYS}
+        step = ck.step
+    total = args.epochs * n_batches if not args.steps else min(args.steps, args.epochs * n_batches)
+    log = R.JsonlLog(run_dir / "metrics.jsonl", world.is_main)
+    progress = R.Progress(total, "train", world.is_main, every=args.print_every, start=step)
+    while step < total:
+        epoch, skip = divmod(step, n_batches)
         for g in opt.param_groups:
             g["lr"] = lr_at(epoch, args)
-        reseed_loader(loader, epoch, args.seed)
+        batches = R.epoch_batches(len(train_ds), args.batch_size, args.seed, epoch, world)[skip:]
         net.train()
-        for x, y in loader:
-            x, y = x.to(D.device, non_blocking=True), y.to(D.device, non_blocking=True)
-            with R.autocast(D.device, args.precision):
-                logits = net(x)                                                  # (B, C)
+        for x, y in R.epoch_loader(train_ds, batches, world, args.num_workers, args.seed, epoch):
+            x, y = x.to(world.device, non_blocking=True), y.to(world.device, non_blocking=True)
+            with R.autocast(world.device, args.precision):
+                logits = net(x)                                                          # (B, C)
+            # the paper's Eq. (14) is a supervised contrastive loss with a learned temperature; the official
+            # code trains with this cross-entropy over CLIP's frozen logit scale, and so do we
             loss = F.cross_entropy(logits.float(), y)
-            seen = loss.detach().clone()
-            if D.enabled:  # every rank must stop together, or the others hang in the next all-reduce
-                torch.distributed.all_reduce(seen)
-            R.check_finite(seen, step)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            loss_value = R.optimizer_step(loss, opt, scaler, world, step)
             step += 1
-            lv = seen.item() / D.world_size  # the one host sync of a step (the NaN check above needs it anyway)
             if step % args.log_every == 0 or step == total:
-                log.log(step=step, epoch=epoch, loss=lv, lr=opt.param_groups[0]["lr"])
-            prog.update(1, epoch=epoch, loss=lv, lr=opt.param_groups[0]["lr"])
+                log.log(step=step, epoch=epoch, loss=loss_value, lr=opt.param_groups[0]["lr"])
+            progress.update(1, epoch=epoch, loss=loss_value, lr=opt.param_groups[0]["lr"])
             if step >= total:
                 break
-        with torch.no_grad():  # Gaussian prompt aggregation: a weighted running sum of the prompt tensors
-            for k in GPA_KEYS:
-                gpa[k] += gpa_w[epoch] * getattr(model, k).detach()
-        rng = R.rng_state()
-        if D.enabled:
-            box = [None] * D.world_size
-            torch.distributed.all_gather_object(box, rng)
-            rng = box
-        if D.is_main:
-            R.save_checkpoint(run_dir, model.trainable_state() | {"gpa." + k: v for k, v in gpa.items()},
-                              {"epoch": epoch + 1, "step": step, "optimizer": opt.state_dict(),
-                               "scaler": scaler.state_dict(), "rng": rng})
-        if D.enabled:
-            torch.distributed.barrier()
-    if step == args.epochs * len(loader):  # GPA only for a complete schedule (its weights sum to 1)
+        if step % n_batches == 0:  # a whole epoch: Gaussian prompt aggregation, then a checkpoint
+            with torch.no_grad():
+                for k in GPA_KEYS:
+                    gpa[k] += gpa_w[epoch] * getattr(model, k).detach()
+            ckpts.save(step, model.trainable_state() | {"gpa." + k: v for k, v in gpa.items()},
+                       optimizer=opt, scaler=scaler, extra={"epoch": epoch + 1})
+    if step == args.epochs * n_batches:  # GPA only for a complete schedule (its weights sum to 1)
         with torch.no_grad():
             for k in GPA_KEYS:
                 getattr(model, k).copy_(gpa[k])
-    if D.is_main:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.trainable_state().items()},
-                  str(run_dir / "trainable.safetensors"))
-    return model, test_ds
+    if world.is_main:
+        R.save_tensors(run_dir / "trainable.safetensors", model.trainable_state())
+    return model
 
 
-def cfg_summary(model: CILMP) -> str:
+def describe(model: CILMP) -> str:
     c = model.cfg
-    return (f"mode {c.mode}, L {model.L}, prefix {c.prefix_len}, suffix {c.suffix_len}, rank {c.rank}, "
-            f"n_ctx {c.n_ctx}, depth {c.depth}")
+    llm = (f"L {model.L}, prefix {c.prefix_len}, suffix {c.suffix_len}, rank {c.rank}, mode {c.mode}"
+           if model.L else "no LLM tokens")
+    return f"{llm}, n_ctx {c.n_ctx}, n_vpt {c.n_vpt}, depth {c.depth}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1203,8 +1156,7 @@ def evaluate(model: CILMP, ds, args, device) -> dict:
     """Test-set logits -> ACC, macro-F1, AUROC (one-vs-rest macro on softmax), Cohen's kappa (unweighted and
     quadratic), per-class table and confusion matrix, all from common/metrics."""
     model.eval()
-    # rank 0 evaluates the whole test set: a plain loader, not make_loader's DistributedSampler (which would
-    # give this rank 1/world of it, padded with repeats)
+    # rank 0 evaluates the whole test set with a plain loader (a DistributedSampler would give it 1/world)
     loader = torch.utils.data.DataLoader(ds, args.eval_batch_size, shuffle=False, num_workers=args.num_workers)
     ys, probs = [], []
     for x, y in loader:
@@ -1223,53 +1175,46 @@ def evaluate(model: CILMP, ds, args, device) -> dict:
 BENCH_SIZE = dict(clip=CLIPConfig(), llm_layers=32, llm_dim=4096, classes=7)  # the paper's (tests shrink it)
 
 
-def run_bench(args, D: R.Dist):
+def run_bench(args, world: R.World, precisions):
     """One CILMP train step at the paper's size (ViT-B/16 CLIP, 32 x 4096 LLM representations, C = 7), and the
-    vision tower alone (the block ../shared/bench/hf_baselines.py --which vit-lora times with HF + peft)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    size = BENCH_SIZE
-    dev, B, C, L = D.device, args.bench_batch, size["classes"], size["llm_layers"]
-    precisions = [args.precision] if args.precision_given else (["bf16"] if dev.type == "cuda" else ["fp32", "bf16"])
+    vision tower with its deep prompts alone."""
+    size, dev, B = BENCH_SIZE, world.device, args.batch_size
+    C, L = size["classes"], size["llm_layers"]
     ctx_ids = torch.tensor([49406, 320, 1125, 539, 320])                  # SOS "a photo of a" in CLIP's vocab
     suffix_ids = torch.randint(1000, 40000, (C, 6))
     suffix_ids[:, 4:] = 49407                                             # "{3-token name} ." then EOT
-    eot = torch.full((C,), 1 + 4 + L + 4)
+    eot = torch.full((C,), 4 + L + 4)
     rows = []
-    for prec in precisions:
+    for precision in precisions:
         torch.manual_seed(0)
         clip = CLIP(size["clip"]).init_random(0)
         model = CILMP(clip, torch.randn(C, L, size["llm_dim"]), suffix_ids, eot, ctx_ids,
                       CILMPConfig(depth=size["clip"].text_layers)).to(dev)
-        if prec != "fp32":
-            model.clip.half_(R.PRECISIONS[prec])
+        R.cast_frozen(model, R.PRECISIONS[precision])
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
         res = size["clip"].image_size
         x, y = torch.randn(B, 3, res, res, device=dev), torch.randint(0, C, (B,), device=dev)
 
         def step_full():
-            with R.autocast(dev, prec):
+            with R.autocast(dev, precision):
                 loss = F.cross_entropy(model(x).float(), y)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
         def step_vision():
-            with R.autocast(dev, prec):
-                f = model.clip.encode_image(x, model.vpt, model.deep_vpt)
+            with R.autocast(dev, precision):
+                f = model.encode_image(x)
             f.float().pow(2).mean().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        for name, fn in (("CILMP train step", step_full), ("CLIP ViT-B/16 vision + deep VPT", step_vision)):
-            with FlopCounterMode(display=False) as fc:
-                fn()
-            r = R.bench(fn, items=B, flops_per_step=fc.get_total_flops(), device=dev, dtype=R.PRECISIONS[prec],
+        for what, fn in (("CILMP train step", step_full), ("CLIP ViT-B/16 vision + deep VPT", step_vision)):
+            r = R.bench(fn, items=B, flops_per_step=R.flops_of(fn), device=dev, dtype=R.PRECISIONS[precision],
                         warmup=1, steps=args.bench_steps)
-            rows.append(dict(what=name, precision=prec, batch=B, **r))
-            print(f"{name:34s} {prec:5s} B={B} | step {r['step_ms']:8.1f} ms | {r['items_per_s']:7.2f} img/s | "
-                  f"{r['tflops']:.3f} TFLOP/s | MFU {100 * r['mfu']:5.1f}% of measured matmul peak "
-                  f"{r['matmul_peak_tflops']:.2f} TFLOP/s | peak mem {r['peak_mem_mb']:.0f} MB", flush=True)
+            rows.append(dict(what=what, precision=precision, batch=B, **r))
+            print(R.bench_row(what, precision, B, r), flush=True)
         print(f"trainable parameters at this size: {sum(p.numel() for p in params):,}")
     return rows
 
@@ -1278,46 +1223,42 @@ def run_bench(args, D: R.Dist):
 # main
 
 
-def parse_args(argv=None):
+# The paper's recipe (Sec. 4.2 + the official vit_b16.yaml) is the flags' defaults. The demo's values are ours,
+# picked so tiny models learn in ~12 CPU epochs: higher lr and warm-up lr, tiny CLIP and LLM.
+DEMO_RECIPE = dict(epochs=12, batch_size=32, lr=0.01, warmup_lr=1e-3, clip="tiny", llm="tiny", max_new_tokens=24)
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="CILMP: conditional intervention of LLM representations for prompt "
-                                "tuning of CLIP (defaults: the paper's recipe on real data, a short demo on "
-                                "--data demo).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # data and run
-    p.add_argument("--data", default="demo", choices=list(DATASETS), help="dataset preset (data/README.md)")
-    p.add_argument("--data-dir", default=None, help="dataset folder (default data/<data>)")
-    p.add_argument("--out", default=None, help="run folder (default runs/cilmp/<data>/<time>)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs (paper: 100; demo: 12)")
-    p.add_argument("--steps", type=int, default=None, help="stop after this many optimizer steps (for smoke runs)")
-    p.add_argument("--batch-size", type=int, default=None, help="training batch per process (paper: 64)")
+                                "tuning of CLIP. Defaults are the paper's recipe; --data demo (the default) "
+                                "applies the demo recipe to every flag not typed.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    R.add_common_args(p, datasets=DATASETS, data="demo", epochs=100, batch_size=64, lr=0.0025, seed=1, help={
+        "epochs": "paper: 100, demo: 12", "batch_size": "paper: 64, demo: 32; --bench: 8",
+        "lr": "SGD; paper: 0.0025, demo: 0.01"})
     p.add_argument("--eval-batch-size", type=int, default=100, help="evaluation batch (official: 100)")
-    p.add_argument("--lr", type=float, default=None, help="SGD learning rate (paper: 0.0025)")
-    p.add_argument("--warmup-lr", type=float, default=None, help="constant lr of the warm-up epochs (paper: 1e-5)")
+    p.add_argument("--warmup-lr", type=float, default=1e-5, help="constant lr of the warm-up epochs (paper: 1e-5, demo: 1e-3)")
     p.add_argument("--warmup-epochs", type=int, default=1, help="constant-lr warm-up epochs before the cosine")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay on all trainables (Dassl)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
-                   help="compute precision (default bf16 on CUDA, fp32 on CPU); fp16 adds a GradScaler")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    p.add_argument("--seed", type=int, default=1, help="random seed")
     p.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 1,2,3: one run each, then mean +- std")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
-    p.add_argument("--eval-only", action="store_true", help="evaluate the weights of --resume RUN_DIR, no training")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow first step)")
-    p.add_argument("--bench", action="store_true", help="time a train step at the paper's size with random weights")
-    p.add_argument("--bench-steps", type=int, default=3, help="timed steps for --bench (median reported)")
-    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default 8 on CUDA, 0 on CPU)")
-    p.add_argument("--log-every", type=int, default=10, help="write the loss to metrics.jsonl every N steps")
-    p.add_argument("--print-every", type=float, default=10.0, help="seconds between progress lines")
+    p.add_argument("--label-ratio", type=float, default=1.0,
+                   help="train on this stratified fraction of the training labels (paper Sec. 5.2: 0.1, 0.3)")
     # models
-    p.add_argument("--clip", choices=list(CLIP_PRESETS), default=None, help="CLIP preset (real data: vit-b16)")
-    p.add_argument("--clip-path", default=None, help="HF CLIP folder or repo id (overrides the preset's repo)")
-    p.add_argument("--llm", choices=list(LLM_PRESETS), default=None, help="LLM preset (real data: llama3-8b)")
-    p.add_argument("--llm-path", default=None, help="HF Llama folder or repo id (overrides the preset's repo)")
+    p.add_argument("--clip", choices=list(CLIP_PRESETS), default="vit-b16", help="CLIP preset (demo: tiny)")
+    p.add_argument("--clip-path", default=None, help="HF CLIP folder or repo id for the vit-b16 preset")
+    p.add_argument("--llm", choices=[*LLM_PRESETS, "none"], default="llama3-8b",
+                   help="LLM preset (demo: tiny); none = deep vision-language prompting without LLM tokens")
+    p.add_argument("--llm-path", default=None, help="HF Llama folder or repo id for a real LLM preset")
     p.add_argument("--llm-dtype", choices=["bf16", "fp32"], default="bf16", help="LLM weights dtype on CPU")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="LLM answer length (paper: 128; demo: 24)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="LLM answer length (ours; demo: 24)")
     p.add_argument("--cache-dir", default=str(REPO / "cache"), help="where LLM representations are cached")
+    p.add_argument("--clip-pretrain-steps", type=int, default=150,
+                   help="tiny preset only: contrastive steps that make the demo CLIP a 'pretrained' one (cached)")
     # method
-    p.add_argument("--n-ctx", type=int, default=4, help="learnable text context tokens")
+    p.add_argument("--prompt-mode", choices=["representations", "text"], default="representations",
+                   help="text = the paper's Sec. 4.5.2 baseline: the LLM's description + class name as a plain "
+                        "text prompt, no LLM representations")
+    p.add_argument("--n-ctx", type=int, default=4, help="learnable text context tokens (<= 4: from 'a photo of a')")
+    p.add_argument("--n-vpt", type=int, default=4, help="learnable vision prompt tokens per layer")
     p.add_argument("--prefix-len", type=int, default=4, help="LLM positions edited by the prefix intervention (p)")
     p.add_argument("--suffix-len", type=int, default=4, help="LLM positions edited by the suffix intervention (s)")
     p.add_argument("--rank", type=int, default=8, help="LoReFT subspace / projection rank (r)")
@@ -1325,104 +1266,137 @@ def parse_args(argv=None):
     p.add_argument("--no-rd", action="store_true", help="ablation: condition on the image without the relationship descriptor")
     p.add_argument("--no-conditional", action="store_true", help="ablation: plain LoReFT (Eq. 11)")
     p.add_argument("--no-intervention", action="store_true", help="ablation: project the LLM representations only")
+    return p
+
+
+def parse_args(argv=None):
+    """Flags -> args: --resume fills what is not typed from the run; else the demo recipe fills --data demo."""
+    p = parser()
     args = p.parse_args(argv)
-    argv = sys.argv[1:] if argv is None else argv  # flags typed again win over a resumed run's args.json
-    args.given = sorted(a.dest for a in p._actions if {x.split("=")[0] for x in argv} & set(a.option_strings))
-    recipe = DEMO_RECIPE if args.data == "demo" else PAPER_RECIPE
-    args.bench_batch = args.batch_size or 8  # --bench: batch 8 unless given
-    for k in ("epochs", "batch_size", "lr", "warmup_lr", "clip", "llm"):
-        if getattr(args, k) is None:
-            setattr(args, k, recipe[k])
-    if args.max_new_tokens is None:
-        args.max_new_tokens = 24 if args.llm == "tiny" else 128
-    args.precision_given = args.precision is not None
-    cuda = torch.cuda.is_available() and (args.device is None or args.device.startswith("cuda"))
-    args.device = args.device or ("cuda" if cuda else "cpu")
-    if args.precision is None:
-        args.precision = "bf16" if cuda else "fp32"
-    if args.num_workers is None:
-        args.num_workers = 8 if cuda else 0
-    if args.eval_only and not args.resume:
-        p.error("--eval-only needs --resume RUN_DIR (the run whose weights to evaluate)")
+    given = R.given_flags(p, argv)
+    for preset, path in (("clip", "clip_path"), ("llm", "llm_path")):
+        if path in given and getattr(args, preset) == "tiny" and preset in given:
+            p.error(f"--{path.replace('_', '-')} is for a real model; the tiny {preset} preset has no weights to load")
+    if args.resume:
+        if args.seeds:
+            p.error("--seeds starts new runs; --resume continues one")
+        try:
+            R.restore_run_args(args, given, free=("cache_dir", "llm_dtype"))
+        except R.RunError as e:
+            p.error(str(e))
+        args.seeds = None  # a run of --seeds is resumed on its own
+    elif args.data == "demo":
+        for k, v in DEMO_RECIPE.items():
+            # --clip-path / --llm-path name a real model: they keep the real preset instead of the demo's tiny one
+            if k not in given and not (k in ("clip", "llm") and f"{k}_path" in given):
+                setattr(args, k, v)
+    if args.bench and "batch_size" not in given:
+        args.batch_size = 8
+    R.finish_common_args(p, args)
+    for flag, ok, want in (("n_ctx", args.n_ctx >= 1, "at least 1"), ("n_vpt", args.n_vpt >= 0, "0 or more"),
+                           ("prefix_len", args.prefix_len >= 0, "0 or more"), ("rank", args.rank >= 1, "at least 1"),
+                           ("suffix_len", args.suffix_len >= 0, "0 or more"),
+                           ("dropout", 0 <= args.dropout < 1, "in [0, 1)"),
+                           ("label_ratio", 0 < args.label_ratio <= 1, "in (0, 1]"),
+                           ("warmup_epochs", args.warmup_epochs >= 0, "0 or more"),
+                           ("warmup_lr", args.warmup_lr > 0, "above 0"),
+                           ("max_new_tokens", args.max_new_tokens >= 1, "at least 1"),
+                           ("clip_pretrain_steps", args.clip_pretrain_steps >= 1, "at least 1"),
+                           ("eval_batch_size", args.eval_batch_size >= 1, "at least 1")):
+        if not ok:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be {want}")
+    if args.prompt_mode == "text" and args.llm == "none":
+        p.error("--prompt-mode text puts the LLM's descriptions into the prompt: it needs an LLM (not --llm none)")
     return args
 
 
-# what a resumed run may change; everything else comes from the run's own args.json
-RESUME_OVERRIDES = {"resume", "eval_only", "device", "precision", "precision_given", "num_workers", "print_every",
-                    "compile", "bench", "seeds", "eval_batch_size", "given"}
-
-
-def restore_args(args):
-    """--resume RUN_DIR continues the run as it was configured: its args.json supplies every flag not typed again
-    (and the device, precision, workers, ... are always today's). So `python cilmp.py --resume RUN_DIR` is enough."""
-    saved = Path(args.resume) / "args.json"
-    if not saved.exists():
-        raise DataError(f"--resume {args.resume}: no run folder there ({saved} not found)")
-    for k, v in json.loads(saved.read_text()).items():
-        if k not in RESUME_OVERRIDES and k not in args.given and hasattr(args, k):
-            setattr(args, k, v)
-    args.seeds = None
-
-
-def run_one(args, D: R.Dist) -> dict:
-    if args.resume:
-        restore_args(args)
+def run_one(args, world: R.World) -> dict:
     preflight(args)
-    run_dir = Path(args.resume) if args.resume else R.make_run_dir("cilmp", args.data, args.out, vars(args), D.is_main)
-    if args.eval_only:
-        clip, tok = build_clip(args, D)
-        train_ds, test_ds = build_data(args, clip.cfg.image_size)
-        reps = get_representations(args, train_ds.classnames, D)
-        model = build_model(args, clip, tok, train_ds.classnames, reps).to(D.device)
-        final = run_dir / "trainable.safetensors"
-        if not final.exists():
-            raise DataError(f"{final} not found: the run in {run_dir} has not finished (resume it first)")
-        model.load_trainable(load_file(str(final), device=str(D.device)), str(final))
-    else:
-        model, test_ds = train(args, D, run_dir)
-    if not D.is_main:
+    run_dir = Path(args.resume) if args.resume else R.new_run_dir("cilmp", args.data, args.out, vars(args), world)
+    try:
+        model, test_ds = build_and_train(args, world, run_dir)
+    except (R.NonFiniteLoss, KeyboardInterrupt) as e:
+        raise Stopped(R.stop_message(e, run_dir, command="python cilmp.py"),
+                      3 if isinstance(e, R.NonFiniteLoss) else 2) from None
+    if not world.is_main:
         return {}
-    report = evaluate(model, test_ds, args, D.device)
+    report = evaluate(model, test_ds, args, world.device)
     (run_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     print(M.format_table(report))
     print(f"run folder: {run_dir}")
     return report
 
 
+def build_and_train(args, world: R.World, run_dir: Path):
+    """Frozen CLIP, data, LLM representations, the model; then train it (or load its weights for --eval-only)."""
+    R.seed_everything(args.seed, world.rank)
+    clip, tok = build_clip(args, world)
+    train_ds, test_ds = build_data(args, clip.cfg.image_size)
+    reps, descriptions = get_representations(args, train_ds.classnames, world)           # (C, L, D_L)
+    model = build_model(args, clip, tok, train_ds.classnames, reps, descriptions).to(world.device)
+    R.cast_frozen(model, R.PRECISIONS[args.precision])  # frozen CLIP in the compute dtype; trainables fp32
+    if world.is_main:
+        print(f"CILMP: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters "
+              f"({describe(model)}); CLIP frozen ({sum(p.numel() for p in model.clip.parameters()):,})")
+    if not args.eval_only:
+        return train(args, world, run_dir, model, train_ds), test_ds
+    final = run_dir / "trainable.safetensors"
+    if not final.exists():
+        raise R.RunError(f"{final} not found: the run in {run_dir} has not finished (resume it first)")
+    R.load_tensors(model, load_file(str(final), device=str(world.device)), str(final),
+                   required=model.trainable_state())
+    return model, test_ds
+
+
+class Stopped(Exception):
+    """Training stopped early (non-finite loss, Ctrl-C): the message says what is on disk; exit with .code."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def run_seeds(args, world: R.World):
+    """--seeds 1,2,3: one run per seed (in --out/seed<k> when --out is given), then mean +- std, as reported."""
+    seeds, reports = [int(s) for s in args.seeds.split(",")], []
+    base = Path(args.out) if args.out else None
+    for seed in seeds:
+        args.seed, args.out = seed, str(base / f"seed{seed}") if base else None
+        reports.append(run_one(args, world))
+    if world.is_main:
+        keys = ["acc", "f1_macro", "auroc", "kappa", "kappa_quadratic"]
+        summary = {k: {"mean": float(np.mean([r[k] for r in reports])),
+                       "std": float(np.std([r[k] for r in reports]))} for k in keys}
+        print("over seeds " + ", ".join(map(str, seeds)) + ": " +
+              "  ".join(f"{k} {100 * v['mean']:.2f} +- {100 * v['std']:.2f}" for k, v in summary.items()))
+        if base:
+            (base / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
 def main(argv=None):
     args = parse_args(argv)
-    D = R.setup_distributed(args.device)
-    if D.device.type == "cuda":  # TF32 matmuls for whatever still runs in fp32 (the trainables, --precision fp32)
+    world = R.setup_distributed(args.device)
+    if world.device.type == "cuda":  # TF32 matmuls for whatever still runs in fp32 (the trainables, --precision fp32)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
         if args.bench:
-            run_bench(args, D)
-            return 0
-        if args.seeds:
-            seeds, reports = [int(s) for s in args.seeds.split(",")], []
-            base = Path(args.out) if args.out else None
-            for s in seeds:
-                args.seed = s
-                args.out = str(base / f"seed{s}") if base else None
-                reports.append(run_one(args, D))
-            if D.is_main:
-                keys = ["acc", "f1_macro", "auroc", "kappa", "kappa_quadratic"]
-                summary = {k: {"mean": float(np.mean([r[k] for r in reports])),
-                               "std": float(np.std([r[k] for r in reports]))} for k in keys}
-                print("over seeds " + ", ".join(map(str, seeds)) + ": " +
-                      "  ".join(f"{k} {100 * v['mean']:.2f} +- {100 * v['std']:.2f}" for k, v in summary.items()))
-                if base:
-                    base.mkdir(parents=True, exist_ok=True)
-                    (base / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            given = R.given_flags(parser(), argv)
+            run_bench(args, world, [args.precision] if "precision" in given else
+                      ["bf16"] if world.device.type == "cuda" else ["fp32", "bf16"])
+        elif args.seeds:
+            run_seeds(args, world)
         else:
-            run_one(args, D)
+            run_one(args, world)
         return 0
-    except (DataError, WeightsError) as e:  # user-fixable: a message, not a traceback
+    except R.USER_ERRORS as e:  # user-fixable: a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except R.NonFiniteLoss as e:
+    except Stopped as e:
         print(f"error: {e}", file=sys.stderr)
-        return 3
+        return e.code
+    except KeyboardInterrupt:  # before training started: nothing of this run to keep
+        print("error: interrupted before training started", file=sys.stderr)
+        return 2
     finally:
         R.cleanup_distributed()
 

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -174,7 +175,7 @@ def test_clip_config_refuses_what_it_does_not_implement(change, words):
 def test_llama_sharded_loader_reads_every_shard():
     idx = json.loads((G / "llama_tiny" / "model.safetensors.index.json").read_text())
     assert len(set(idx["weight_map"].values())) >= 2
-    llm = cilmp.load_llama(G / "llama_tiny", dtype=torch.bfloat16)
+    llm = cilmp.Llama.from_pretrained(G / "llama_tiny", dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in llm.parameters())
 
 
@@ -187,7 +188,7 @@ def test_key_map_names_missing_and_misshaped_tensors(tmp_path):
     save_file(sd, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text((G / "clip_tiny" / "config.json").read_text())
     with pytest.raises(WeightsError) as e:
-        cilmp.load_clip(tmp_path)
+        cilmp.CLIP.from_pretrained(tmp_path)
     msg = str(e.value)
     assert "ln_final.bias" in msg and "vision_blocks.1.mlp.0.weight" in msg and "something.extra" in msg
 
@@ -245,22 +246,11 @@ def test_eot_cut_is_exact():
         S = 77 - 1 - 4 - model.L
         pad = model.suffix[:, -1:].expand(-1, S - model.suffix.shape[1], -1)   # more EOT-padding up to 77
         model.suffix = torch.cat([model.suffix, pad], 1)
-        T77 = int(model.eot.max())
-    assert T77 + 1 < 77
-    # compute the padded path explicitly through the text tower
-    with torch.no_grad():
-        B, C, n, L = 2, 3, 4, model.L
-        f = model.clip.encode_image(x, model.vpt, model.deep_vpt)
-        v = F.normalize(f, dim=-1)
-        llm0 = model.llm_tokens[0](model.reps, v)
-        xs = torch.cat([model.sos.expand(B, C, 1, -1), model.ctx.expand(B, C, n, -1), llm0,
-                        model.suffix[None, :, :77 - 1 - n - L].expand(B, -1, -1, -1)], 2).flatten(0, 1)
-        assert xs.shape[1] == 77
-
-        def deep(i, x):
-            llm = model.llm_tokens[i](model.reps, v).flatten(0, 1)
-            return torch.cat([x[:, :1], model.deep_ctx[i - 1].expand(x.shape[0], -1, -1), llm, x[:, 1 + n + L:]], 1)
-        t = F.normalize(model.clip.encode_text_embeddings(xs, model.eot.repeat(B), deep), dim=-1).view(B, C, -1)
+        assert int(model.eot.max()) + 1 < 77
+        v = F.normalize(model.encode_image(x), dim=-1)
+        xs = model.text_inputs(v, 77)
+        assert xs.shape == (2 * 3, 77, 128)
+        t = F.normalize(model.encode_text(xs, v), dim=-1).view(2, 3, -1)
         ref = model.clip.logit_scale.exp() * torch.einsum("be,bce->bc", v, t)
     torch.testing.assert_close(cut, ref, atol=1e-5, rtol=1e-5)
 
@@ -284,6 +274,89 @@ def test_ablation_modes_change_the_parameter_count():
     assert counts["conditional"] == counts["no-rd"] > counts["plain"] > counts["none"]
 
 
+def _tiny_tok_and_clip_cfg():
+    tok = cilmp.load_tokenizer(REPO / "common" / "tokenizers" / "clip_tiny.json")
+    return tok, cilmp.CLIPConfig(**(cilmp.asdict(cilmp.CLIP_PRESETS["tiny"]["config"]) | {"vocab_size": tok.get_vocab_size()}))
+
+
+def test_n_ctx_below_4_keeps_the_leftover_words_and_above_4_starts_random():
+    """Official rule: n_ctx <= 4 learns the first n_ctx words of "a photo of a" and keeps the rest as fixed words
+    after the LLM slots; n_ctx > 4 starts the whole context at N(0, 0.02)."""
+    tok, cfg = _tiny_tok_and_clip_cfg()
+    words = tok.encode("a photo of a").ids[1:-1]
+    name = tok.encode("nevus.").ids[1:-1]
+    for n_ctx in (1, 2, 4, 6):
+        ctx_ids, suffix, eot = cilmp.prompt_tokens(tok, ["nevus"], n_ctx, 10, 77)
+        body = suffix[0].tolist()
+        assert body[:len(words[n_ctx:]) + len(name)] == words[n_ctx:] + name
+        assert body[eot[0] - 1 - n_ctx - 10] == tok.token_to_id("<|endoftext|>")  # EOT where pooling reads
+        clip = cilmp.CLIP(cfg).init_random(0)
+        model = cilmp.CILMP(clip, torch.randn(1, 10, 64), suffix, eot, ctx_ids,
+                            cilmp.CILMPConfig(n_ctx=n_ctx, depth=4, dropout=0.0))
+        emb = clip.token_embedding.weight
+        if n_ctx <= 4:
+            torch.testing.assert_close(model.ctx.data, emb[words[:n_ctx]])
+        else:
+            assert model.ctx.shape == (6, 128) and 0.01 < model.ctx.std() < 0.03
+            assert (model.ctx[:, None] - emb[None, words]).abs().amax(-1).min() > 1e-3  # no word init
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 1)
+
+
+def test_n_vpt_sets_the_vision_prompts_and_0_leaves_the_vision_tower_as_is():
+    tok, cfg = _tiny_tok_and_clip_cfg()
+    ctx_ids, suffix, eot = cilmp.prompt_tokens(tok, ["nevus", "melanoma"], 4, 10, 77)
+    x = torch.randn(2, 3, 64, 64)
+    for n_vpt in (0, 2, 7):
+        clip = cilmp.CLIP(cfg).init_random(0)
+        model = cilmp.CILMP(clip, torch.randn(2, 10, 64), suffix, eot, ctx_ids,
+                            cilmp.CILMPConfig(n_vpt=n_vpt, depth=4, dropout=0.0)).eval()
+        assert model.vpt.shape == (n_vpt, 128) and model.deep_vpt.shape == (3, n_vpt, 128)
+        with torch.no_grad():
+            same = torch.allclose(model.encode_image(x), clip.encode_image(x), atol=1e-6)
+        assert same == (n_vpt == 0)
+        assert model(x).shape == (2, 2)
+
+
+def test_label_subset_is_stratified_and_seeded():
+    labels = np.repeat(np.arange(4), [100, 30, 9, 1])
+    for ratio in (0.1, 0.3):
+        keep = cilmp.label_subset(labels, ratio, seed=1)
+        counts = np.bincount(labels[keep], minlength=4)
+        assert counts.tolist() == [max(1, round(ratio * n)) for n in (100, 30, 9, 1)]
+        assert np.array_equal(keep, cilmp.label_subset(labels, ratio, seed=1))     # seeded
+        assert not np.array_equal(keep, cilmp.label_subset(labels, ratio, seed=2))
+        assert np.all(np.diff(keep) > 0)
+
+
+def test_text_prompt_mode_puts_the_description_into_the_prompt_without_llm_tokens():
+    """--prompt-mode text (Sec. 4.5.2): "[SOS] [ctx] {class}. {description} [EOT]", cut to CLIP's 77 tokens."""
+    tok, cfg = _tiny_tok_and_clip_cfg()
+    names = ["nevus", "melanoma"]
+    descr = ["a small round brown lesion.", "dark irregular lesion " * 40]   # the second one is too long
+    ctx_ids, suffix, eot = cilmp.prompt_tokens(tok, names, 4, 0, 77, descriptions=descr)
+    first = tok.encode("nevus.").ids[1:-1] + tok.encode(descr[0]).ids[1:-1]
+    assert suffix[0, :len(first)].tolist() == first
+    assert int(eot[1]) == 76 and suffix.shape[1] == 77 - 1 - 4      # cut to fit, EOT kept last
+    model = cilmp.CILMP(cilmp.CLIP(cfg).init_random(0), None, suffix, eot, ctx_ids,
+                        cilmp.CILMPConfig(depth=4, dropout=0.0))
+    assert model.L == 0 and len(model.llm_tokens) == 0 and model.reps is None
+    assert {k.split(".")[0] for k in model.trainable_state()} == {"ctx", "deep_ctx", "vpt", "deep_vpt"}
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 2)
+
+
+def test_llm_none_is_deep_vision_language_prompting_without_llm_tokens():
+    args = cilmp.parse_args(["--llm", "none"])
+    assert args.llm == "none" and args.clip == "tiny"
+    tok, cfg = _tiny_tok_and_clip_cfg()
+    ctx_ids, suffix, eot = cilmp.prompt_tokens(tok, ["nevus"], 4, 0, 77)
+    assert int(eot[0]) == 1 + 4 + len(tok.encode("nevus.").ids[1:-1])   # [SOS] ctx nevus . [EOT]
+    model = cilmp.build_model(args, cilmp.CLIP(cfg).init_random(0), tok, ["nevus", "melanoma"], None, None)
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert model.L == 0 and n == 4 * 128 + 3 * 4 * 128 + 4 * 128 + 3 * 4 * 128
+    with pytest.raises(SystemExit):
+        cilmp.parse_args(["--llm", "none", "--prompt-mode", "text"])
+
+
 def test_gpa_weights():
     w = cilmp.gpa_weights(100)
     assert abs(sum(w) - 1) < 1e-12 and w[-1] == max(w) and w[0] < w[-1] / 100
@@ -300,7 +373,7 @@ def _run(args, timeout=600, env=None):
 
 def test_resume_of_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path):
     r = _run(["--resume", str(tmp_path / "nope")])
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "no run folder" in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "not a run folder" in r.stderr
 
 
 def test_missing_real_data_prints_help_not_traceback(tmp_path):
@@ -348,7 +421,9 @@ def _ddp_worker(rank, world, port, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     model, params, opt = _one_step_setup()
-    net = torch.nn.parallel.DistributedDataParallel(model)
+    from common import run as R
+    net = R.wrap_model(model, R.World(rank=rank, size=world))   # DDP over the trainables, CLIP ignored
+    assert isinstance(net, torch.nn.parallel.DistributedDataParallel)
     x, y = _fixed_batch()
     n = x.shape[0] // world
     F.cross_entropy(net(x[rank * n:(rank + 1) * n]), y[rank * n:(rank + 1) * n]).backward()
@@ -365,52 +440,66 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cilmp_cache")
 
 
+# A shortened demo for the tests: a tiny CLIP pre-trained for 40 steps instead of 150, on 30% of the labels
+# (180 images) where a test only needs a run to happen. `python cilmp.py` alone runs the full demo.
+def _fast(cache, *more):
+    return ["--clip-pretrain-steps", "40", "--cache-dir", str(cache), *more]
+
+
 def test_demo_end_to_end_and_eval_only(cache, tmp_path):
-    """The README's demo command (plus --out/--cache-dir): trains, evaluates, writes the run folder."""
+    """The demo on a shortened schedule (3 epochs at batch 64): trains, evaluates, writes the run folder."""
     out = tmp_path / "run"
-    r = _run(["--out", str(out), "--cache-dir", str(cache)])
+    r = _run(_fast(cache, "--epochs", "3", "--batch-size", "64", "--out", str(out)))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
-    # 6 classes, chance 0.167; the frozen tiny CLIP's own linear probe reaches ~0.48, a run ~0.36
-    assert m["acc"] > 0.27 and m["auroc"] > 0.62, (m["acc"], m["auroc"])
+    # 6 classes, chance 0.167 / AUROC 0.5
+    assert m["acc"] > 0.25 and m["auroc"] > 0.6, (m["acc"], m["auroc"])
     assert len(m["per_class"]) == 6 and len(m["confusion"]) == 6
     for f in ("args.json", "env.json", "metrics.jsonl", "trainable.safetensors"):
         assert (out / f).exists(), f
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5      # it learned something
+    assert len(losses) == 3 and losses[-1] < losses[0]                 # 9 steps an epoch (600 // 64), it learned
     assert "kappa" in r.stdout and "melanoma" in r.stdout    # the per-class table was printed
     w = load_file(str(out / "trainable.safetensors"))
     assert w and not any(k.startswith("clip.") for k in w)   # only trainable tensors are saved
     descr = list((cache / "llm_reps" / "tiny").glob("*.json"))
     assert descr and len(json.loads(descr[0].read_text())["descriptions"]) == 6
 
-    r = _run(["--eval-only", "--resume", str(out), "--cache-dir", str(cache)])
+    r = _run(["--eval-only", "--resume", str(out)])
     assert r.returncode == 0, r.stderr[-3000:]
     again = json.loads((out / "metrics.json").read_text())
     assert again["acc"] == m["acc"] and again["confusion"] == m["confusion"]
 
 
-def test_kill_and_resume_reaches_the_same_weights(cache, tmp_path):
-    common = ["--epochs", "3", "--batch-size", "96", "--cache-dir", str(cache)]
+def test_ctrl_c_says_where_the_checkpoint_is_and_resume_reaches_the_same_weights(cache, tmp_path):
+    """Ctrl-C after the first checkpoint: exit 2 with the checkpoint and the --resume command; --resume RUN then
+    ends bit-identical to an uninterrupted run (data order, RNG, optimizer, GPA all restored)."""
+    import signal
+    common = _fast(cache, "--epochs", "3", "--batch-size", "32", "--label-ratio", "0.3")   # 3 x 5 steps
     ref = tmp_path / "ref"
     r = _run(common + ["--out", str(ref)])
     assert r.returncode == 0, r.stderr[-3000:]
-    run = tmp_path / "killed"
+    assert "label ratio 0.3: 180 training images" in r.stdout
+    run = tmp_path / "stopped"
     p = subprocess.Popen([sys.executable, str(REPO / "cilmp.py"), *common, "--out", str(run)], cwd=REPO,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     t0 = time.time()
     while not (run / "ckpt" / "latest").exists() and p.poll() is None and time.time() - t0 < 300:
-        time.sleep(0.05)
-    p.kill()  # SIGKILL: no chance to clean up, as when a job is pre-empted
-    p.wait()
-    assert not (run / "trainable.safetensors").exists(), "the run finished before it could be killed"
+        time.sleep(0.02)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert "interrupted" in err and "last good checkpoint is" in err and f"--resume {run}" in err
+    assert not (run / "trainable.safetensors").exists(), "the run finished before it could be stopped"
     r = _run(["--resume", str(run)])  # the run's own args.json supplies every other flag
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed from" in r.stdout
+    assert "resuming from" in r.stdout
     a, b = load_file(str(ref / "trainable.safetensors")), load_file(str(run / "trainable.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    r = _run(["--resume", str(run), "--data", "isic"])   # a flag that changes what is trained is refused
+    assert r.returncode == 2 and "would change what the run trains" in r.stderr and "--data isic" in r.stderr
 
 
 def test_torchrun_two_cpu_processes(cache, tmp_path):
@@ -420,29 +509,35 @@ def test_torchrun_two_cpu_processes(cache, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        port, str(REPO / "cilmp.py"), "--epochs", "1", "--batch-size", "32", "--steps", "4",
-                        "--out", str(out), "--cache-dir", str(cache)], cwd=REPO, capture_output=True, text=True,
-                       timeout=300, env=env)
+                        port, str(REPO / "cilmp.py"), *_fast(cache, "--epochs", "1", "--batch-size", "32",
+                                                             "--steps", "4", "--out", str(out))],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "train 4/4" in r.stdout                        # 4 steps of 2 x 32 images
     m = json.loads((out / "metrics.json").read_text())
     assert sum(c["n"] for c in m["per_class"]) == 240     # rank 0 evaluated the whole test set, once
-    assert (out / "ckpt" / "latest").exists()
+    assert (out / "args.json").exists() and len(list(out.parent.iterdir())) == 1   # one run folder for both ranks
 
 
-def test_runs_on_a_mock_converted_isic(cache, tmp_path):
-    """`python -m common.prepare isic` on a mock of the official layout, then cilmp.py --data isic, no other step."""
+def test_runs_on_a_mock_converted_isic_in_text_prompt_mode(cache, tmp_path):
+    """`python -m common.prepare isic` on a mock of the official layout, then cilmp.py --data isic with the
+    paper's plain-text baseline (--prompt-mode text) and non-default prompt sizes, no other step."""
     from test_prepare import make_isic
     src = make_isic(tmp_path / "raw", per_class=(3, 1, 2))
     r = subprocess.run([sys.executable, "-m", "common.prepare", "isic", "--src", str(src), "--out",
                         str(tmp_path / "isic")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    r = _run(["--data", "isic", "--data-dir", str(tmp_path / "isic"), "--clip", "tiny", "--llm", "tiny",
-              "--epochs", "2", "--batch-size", "8", "--out", str(tmp_path / "run"), "--cache-dir", str(cache)])
+    r = _run(_fast(cache, "--data", "isic", "--data-dir", str(tmp_path / "isic"), "--clip", "tiny", "--llm", "tiny",
+                   "--max-new-tokens", "24", "--prompt-mode", "text", "--n-ctx", "2", "--n-vpt", "2",
+                   "--epochs", "2", "--batch-size", "8", "--out", str(tmp_path / "run")))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert [c["class"] for c in m["per_class"]] == cilmp.DATASETS["isic"]["classes"]
     assert sum(c["n"] for c in m["per_class"]) == 14
+    w = load_file(str(tmp_path / "run" / "trainable.safetensors"))
+    assert w["ctx"].shape == (2, 128) and w["vpt"].shape == (2, 128) and not any("llm" in k for k in w)
+    assert len(json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])) > 0
+    assert "train 4/4" in r.stdout                        # 21 images // 8 = 2 steps an epoch: the partial batch dropped
 
 
 def test_llama3_and_llama2_chat_formats():
@@ -459,23 +554,84 @@ def test_llama3_and_llama2_chat_formats():
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cache, tmp_path):
     out = tmp_path / "run"
     # epoch 0 is the warm-up at a sane lr; epoch 1 at lr 1e30 blows up
-    r = _run(["--epochs", "3", "--batch-size", "96", "--lr", "1e30", "--out", str(out), "--cache-dir", str(cache)])
+    common = _fast(cache, "--epochs", "3", "--batch-size", "32", "--label-ratio", "0.3", "--lr", "1e30")
+    r = _run(common + ["--out", str(out)])
     assert r.returncode == 3 and "Traceback" not in r.stderr
-    assert "loss is" in r.stderr and "last good checkpoint" in r.stderr
-    assert (out / "ckpt" / "latest").read_text().strip() == "step_0000007"   # 600 images / 96 = 7 steps
-    ck = load_file(str(out / "ckpt" / "step_0000007" / "trainable.safetensors"))
+    assert "loss is" in r.stderr and "last good checkpoint is" in r.stderr and "--resume" in r.stderr
+    assert (out / "ckpt" / "latest").read_text().strip() == "step_0000005"   # 180 images // 32 = 5 steps
+    ck = load_file(str(out / "ckpt" / "step_0000005" / "trainable.safetensors"))
     assert all(torch.isfinite(v).all() for v in ck.values())
     assert not (out / "trainable.safetensors").exists()
+    # without a warm-up the first step blows up: nothing to resume, and the message says so
+    r = _run(common + ["--warmup-epochs", "0", "--out", str(tmp_path / "run0")])
+    assert r.returncode == 3 and "Traceback" not in r.stderr
+    assert "No checkpoint was written yet" in r.stderr and "last good" not in r.stderr
 
 
 def test_seeds_report_mean_and_std(cache, tmp_path):
-    r = _run(["--seeds", "1,2", "--epochs", "1", "--steps", "2", "--batch-size", "16", "--out", str(tmp_path),
-              "--cache-dir", str(cache)])
+    r = _run(_fast(cache, "--seeds", "1,2", "--epochs", "1", "--steps", "1", "--batch-size", "16",
+                   "--out", str(tmp_path)))
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((tmp_path / "summary.json").read_text())
     accs = [json.loads((tmp_path / f"seed{k}" / "metrics.json").read_text())["acc"] for k in (1, 2)]
     assert abs(s["acc"]["mean"] - sum(accs) / 2) < 1e-12 and abs(s["acc"]["std"] - abs(accs[0] - accs[1]) / 2) < 1e-12
     assert "over seeds 1, 2" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# user mistakes: a message and exit 2, nothing written
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--batch-size", "-4"], "--batch-size -4: must be at least 1"),
+    (["--lr", "-1"], "--lr -1.0: must be above 0"),
+    (["--epochs", "0"], "--epochs 0: must be at least 1"),
+    (["--steps", "-1"], "--steps -1"),
+    (["--precision", "fp16"], "fp16 needs CUDA"),
+    (["--device", "cuda"], "--device cuda: not available"),
+    (["--device", "cuda:3"], "--device cuda:3: not available"),
+    (["--device", "mps"], "--device mps: not available"),
+    (["--device", "tpu"], "--device tpu: unknown device"),
+    (["--clip", "tiny", "--clip-path", "openai/clip-vit-base-patch16"], "--clip-path is for a real model"),
+    (["--llm", "tiny", "--llm-path", "some/llama"], "--llm-path is for a real model"),
+    (["--n-ctx", "0"], "--n-ctx 0"), (["--label-ratio", "0"], "--label-ratio 0.0"),
+    (["--label-ratio", "1.5"], "--label-ratio 1.5"), (["--warmup-epochs", "-1"], "--warmup-epochs -1"),
+    (["--eval-only"], "--eval-only needs --resume"),
+])
+def test_user_mistakes_exit_2_with_a_message(argv, words, tmp_path, capsys):
+    if torch.cuda.is_available() and argv[0] in ("--device", "--precision"):
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        cilmp.parse_args(argv + ["--out", str(out)])
+    assert e.value.code == 2 and words in capsys.readouterr().err
+    assert not out.exists()   # nothing written (no args.json left behind)
+
+
+def test_out_that_is_a_file_is_refused(tmp_path, capsys):
+    f = tmp_path / "file.txt"
+    f.write_text("mine")
+    with pytest.raises(SystemExit) as e:
+        cilmp.parse_args(["--out", str(f)])
+    assert e.value.code == 2 and "that is a file" in capsys.readouterr().err and f.read_text() == "mine"
+
+
+def test_clip_path_selects_the_real_clip():
+    args = cilmp.parse_args(["--clip-path", "/some/clip"])   # on the demo data: the real model, not the tiny one
+    assert args.clip == "vit-b16" and args.llm == "tiny"
+
+
+def test_clip_config_without_vision_config_is_a_message_before_any_work(tmp_path):
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    hf = _clip_hf_config()
+    del hf["vision_config"]
+    (folder / "config.json").write_text(json.dumps(hf))
+    (folder / "model.safetensors").symlink_to(G / "clip_tiny" / "model.safetensors")
+    r = _run(["--clip-path", str(folder), "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "c")])
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "has no vision_config" in r.stderr and not (tmp_path / "run").exists()
 
 
 def test_bf16_autocast_with_half_frozen_weights_matches_fp32():
@@ -484,7 +640,7 @@ def test_bf16_autocast_with_half_frozen_weights_matches_fp32():
     model = _tiny_model()
     x = torch.randn(2, 3, 64, 64)
     ref = model(x)
-    model.clip.half_(torch.bfloat16)
+    R.cast_frozen(model, torch.bfloat16)
     assert model.clip.conv1.weight.dtype == torch.bfloat16 and model.clip.ln_pre.weight.dtype == torch.float32
     assert model.ctx.dtype == torch.float32
     with R.autocast(torch.device("cpu"), "bf16"):
@@ -515,10 +671,12 @@ def test_bench_runs_and_reports_every_figure(monkeypatch, capsys):
     tiny = cilmp.CLIPConfig(**(cilmp.asdict(cilmp.CLIP_PRESETS["tiny"]["config"]) | {"vocab_size": 49408}))
     monkeypatch.setattr(cilmp, "BENCH_SIZE", dict(clip=tiny, llm_layers=10, llm_dim=64, classes=3))
     args = cilmp.parse_args(["--bench", "--bench-steps", "1"])
-    rows = cilmp.run_bench(args, cilmp.R.Dist())
+    assert args.batch_size == 8
+    rows = cilmp.run_bench(args, cilmp.R.World(), ["fp32", "bf16"])
     assert [(r["what"], r["precision"]) for r in rows] == [
         ("CILMP train step", "fp32"), ("CLIP ViT-B/16 vision + deep VPT", "fp32"),
         ("CILMP train step", "bf16"), ("CLIP ViT-B/16 vision + deep VPT", "bf16")]
     for r in rows:
         assert r["step_ms"] > 0 and r["items_per_s"] > 0 and 0 < r["mfu"] and r["peak_mem_mb"] > 0
-    assert "MFU" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "MFU" in out and out.count(" | B=8 ") == 4
