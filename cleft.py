@@ -820,9 +820,11 @@ def image_transform(args, size: int, train: bool):
         size x size (bilinear, the aspect ratio is not kept); train only: colour jitter (brightness, contrast
         0.2, p 0.4), Gaussian blur (7 x 7, sigma 0.1-2, p 0.4), random affine (10 degrees, scale 0.8-1.1,
         translate 1/16), horizontal flip; grey RGB; Normalize(0.5, 0.5).
-    What remains different: PIL's box filter stands in for cv2 INTER_AREA and PIL's affine / blur kernels for
-    torchvision's (the same operations; pixel values differ by interpolation rounding). --data demo (colour
-    pictures, tiny ViT) keeps a plain resize + centre crop, and a mild random resized crop + flip in training."""
+    What remains different: images are read with PIL (a colour file -> luma) rather than cv2.imread, and
+    PIL's box filter stands in for cv2 INTER_AREA when shrinking to 256 (both average areas; pixel values can
+    differ by a rounding step); the official RandomGrayscale(p=1) and RandomCrop(224) of a 224 image change
+    nothing and are left out. --simple-transforms, and --data demo (colour pictures, tiny ViT), use a plain
+    resize + centre crop, and a mild random resized crop + flip in training."""
     if DATASETS[args.data]["pipeline"] == "official" and not args.simple_transforms:
         return T.official_cleft_transform(size, train)
     if not train:
