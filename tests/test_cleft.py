@@ -4,6 +4,7 @@ kill + --resume, 2-process DDP, missing data)."""
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -347,7 +348,7 @@ def test_kill_and_resume_continues_exactly(tmp_path):
     assert not (killed / "stage1" / "trainable.safetensors").exists(), "the run finished before it was killed"
     assert cleft.main(["--resume", str(killed)]) == 0  # the other flags come from the run's args.json
     a, b = load_file(str(ref / "stage1" / "trainable.safetensors")), load_file(str(killed / "stage1" / "trainable.safetensors"))
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
 
 
 DDP_SCRIPT = r"""
@@ -619,3 +620,24 @@ def test_official_image_pipeline_pads_crops_and_resizes():
     torch.manual_seed(0)
     b = T.official_cleft_transform(64, train=True)(Image.fromarray(x))
     assert a.shape == (3, 64, 64) and torch.equal(a, b)
+
+
+def test_resume_says_what_it_resumes_from_and_skips_a_damaged_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cleft.main(demo_args(run, "--stage", "contrastive", "--steps", "4", "--ckpt-every", "2")) == 0
+    (run / "stage1" / "trainable.safetensors").unlink()  # as if killed after its last checkpoint
+    state = run / "stage1" / "ckpt" / "step_0000004" / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])         # a truncated latest checkpoint
+    capsys.readouterr()
+    assert cleft.main(["--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "skipping checkpoint" in out and "step_0000004" in out and "resuming from" in out and "step_0000002" in out
+    shutil.rmtree(run / "stage1")                       # killed before its first checkpoint
+    (run / "stage1").mkdir()
+    assert cleft.main(["--resume", str(run)]) == 0
+    assert "no checkpoint in" in capsys.readouterr().out and (run / "stage1" / "trainable.safetensors").is_file()
+
+
+def test_gpt2_config_without_its_sizes_is_a_clear_error():
+    with pytest.raises(WeightsError, match="none of"):
+        cleft.gpt2_config_from_hf({k: v for k, v in GPT2_V4.items() if k != "n_embd"})
