@@ -1,17 +1,66 @@
-"""MedCT-VLM: LoRA in both towers of CT-CLIP, zero-shot multi-label classification of 18 chest-CT findings.
+"""MedCT-VLM: LoRA in both towers of CT-CLIP, zero-shot multi-label classification of chest-CT findings.
 
 Paper: Alzubaidi, Nezami, Behzad. "Scaling Down to Scale Up: Towards Operationally-Efficient and Deployable
 Clinical Models via Cross-Modal Low-Rank Adaptation for Medical Vision-Language Models" (arXiv 2512.00597).
-No code was released. The model it adapts is CT-CLIP v2 (Hamamci et al., ibrahimethemhamamci/CT-CLIP).
+No code was released and only the abstract is public. The model it adapts is CT-CLIP v2 (Hamamci et al.,
+ibrahimethemhamamci/CT-CLIP): a 3-D CT ViT (CTViT) and CXR-BERT, trained contrastively on CT-RATE. Both are
+hand-written here and tested equal to CT-CLIP's own code and to transformers' BertModel.
+
+The idea:
+  1. CT-CLIP: volume (1, 240, 480, 480) -> CTViT -> (24, 24, 24, 512) tokens -> frozen cosine VQ -> mean over
+     the axial axis -> flatten 294,912 -> Linear -> v (512); report -> BERT -> CLS state -> Linear -> t (512).
+  2. LoRA (Hu et al. 2021) on the attention projections of both towers, everything else frozen:
+        W x  ->  W x + (alpha / r) B A dropout(x),   A (r, d_in), B (d_out, r) = 0 at the start
+     BERT query, key, value, attention.output.dense (12 layers); CTViT to_q, to_kv, to_out (8 layers).
+  3. Train on CT-RATE volume-report pairs (Findings_EN) with CT-CLIP's symmetric InfoNCE, scale exp(T):
+        S = exp(T) t v^T,   L = (CE(S, arange) + CE(S^T, arange)) / 2       (negatives gathered over ranks)
+  4. Zero-shot: for each finding p, P(present) = softmax(exp(T) [cos(v, t("{p} is present.")),
+     cos(v, t("{p} is not present."))])_0; AUROC per finding, accuracy / F1 at thresholds from validation volumes.
+
+Run it:
+    python medct_lora.py                                   # demo: synthetic CT, tiny CT-CLIP, CPU, a few minutes
+    python medct_lora.py --data ct-rate --weights ct_clip_v2.safetensors            # the paper's setting
+    python medct_lora.py --data ct-rate --weights ct_clip_v2.safetensors --eval zero-shot   # baseline column
+    python medct_lora.py --eval-only --resume runs/medct_lora/ct-rate/<run>         # the LoRA column again
+    torchrun --nproc_per_node 4 medct_lora.py --data ct-rate --weights ... --grad-ckpt     # DDP
+    python medct_lora.py --resume runs/medct_lora/ct-rate/<run>                     # continue a killed run
+    python medct_lora.py --count-params ; python medct_lora.py --bench
+Data: `python -m common.prepare ct-rate --src RAW` (data/README.md). Weights: CT-CLIP_v2.pt from the CT-RATE
+Hugging Face dataset, converted once with `python -m common.weights convert CT-CLIP_v2.pt ct_clip_v2.safetensors`;
+the tokenizer is the vocab.txt of microsoft/BiomedVLP-CXR-BERT-specialized (`python -m common.weights download`).
+
+Ours, because the paper does not say (each is a flag): LoRA r 16, alpha 32, dropout 0.1 on all seven targets
+(1,507,328 trainable = 0.34% of CT-CLIP v2's 438,148,761; the paper's 1.67M = 0.38% matches no attention-only
+setting at one rank: --count-params prints the arithmetic); AdamW lr 2e-4, weight decay 0.01, 100 warm-up steps
+then cosine, 3 epochs at batch 8 (CT-CLIP: Adam lr 1.25e-6, wd 0, batch 8, clip 0.5, which we keep); --augment
+(flips, intensity jitter) off by default; 5% of the training patients held out to choose thresholds.
+Where this file departs from the official code (each is also noted where it happens):
+  - the VQ codebook never changes (the official VQ in train mode updates it by EMA on every forward); training
+    passes gradients through it straight-through, as the official train-mode forward does;
+  - each volume is encoded once and each prompt once (official: the volume again for every finding), texts are
+    padded to the longest instead of 512 (same result: padding is masked);
+  - thresholds come from validation volumes (official: the test set, --threshold-on-test); the bootstrap really
+    resamples (official: 1000 copies of the same rows); F1 is reported as macro, weighted, samples and the
+    official per-finding weighted F1.
 """
+import argparse
+import json
 import math
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
+from common import metrics as M
+from common import run as R
+from common.ct import CTVolumeDataset
+from common.data import DataError
 from common.weights import WeightsError, load_config, load_mapped, resolve, tensor_index
 
 REPO = Path(__file__).resolve().parent
@@ -455,6 +504,10 @@ class CTCLIP(nn.Module):
         self.to_text_latent = nn.Linear(tcfg.dim, dim_latent, bias=False)
         self.temperature = nn.Parameter(torch.tensor(1.0))
 
+    def forward(self, video, ids, mask):
+        """-> (image latents (B, L), text latents (B, L)): one call, so DDP sees the whole step."""
+        return self.encode_volume(video), self.encode_text(ids, mask)
+
     def encode_volume(self, video):
         """(B, 1, D, H, W) -> (B, L) unit vectors. The axial mean keeps each in-plane position apart (CT-CLIP
         issue #39: intended), so the latent head sees where in the slice a feature is."""
@@ -527,3 +580,723 @@ CTCLIP_MAP = {  # CT-CLIP_v2 state-dict keys -> ours; "{}" = one dotted componen
 }
 CTCLIP_MAP |= {"text_transformer." + k: v and "text." + v for k, v in BERT_MAP.items() if not k.startswith(("bert.", "cls"))}
 CTCLIP_MAP["text_transformer.pooler.dense.{}"] = None   # in the checkpoint (randomly initialised by BertModel), unused
+
+# ----------------------------------------------------------------------------------------------------------
+# LoRA in both towers, added after construction and loading (the wrapped layers keep the pretrained W)
+
+
+# Copied from cleft.py: LoRALinear
+class LoRALinear(nn.Linear):
+    """LoRA (Hu et al. 2021) on a frozen linear layer:
+
+        y = W x + b + (alpha / r) * B A dropout(x),    A (r, in) kaiming-uniform, B (out, r) = 0
+
+    so the layer equals the pretrained one at step 0. merge() folds W <- W + (alpha/r) B A for inference."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
+        nn.Module.__init__(self)  # not nn.Linear.__init__: we take the pretrained W, b as they are (no copy)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)  # adapters stay fp32 under bf16
+        self.lora_A = nn.Linear(base.in_features, r, **kw)                     # nn.Linear init = kaiming-uniform(a=sqrt 5)
+        self.lora_B = nn.Linear(r, base.out_features, **kw)
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_dropout = nn.Dropout(dropout)
+        self.scaling = alpha / r
+        self.merged = False
+
+    def delta(self):
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling                  # (out, in)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)                                          # W x + b
+        if self.merged:
+            return y
+        a = self.lora_A(self.lora_dropout(x).to(self.lora_A.weight.dtype))              # A dropout(x)  (..., r)
+        return y + (self.lora_B(a) * self.scaling).to(y.dtype)                           # + (alpha/r) B A x
+
+    @torch.no_grad()
+    def merge(self):
+        if self.merged:
+            raise RuntimeError("LoRA already merged; merging twice would add B A twice")
+        self.weight += self.delta().to(self.weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if not self.merged:
+            raise RuntimeError("LoRA is not merged")
+        self.weight -= self.delta().to(self.weight.dtype)
+        self.merged = False
+
+LORA_TARGETS = {  # --lora-targets name -> (tower, module path inside each of its layers)
+    "query": ("text", "attention.self.query"),        # BERT: 12 layers, 768 -> 768 each
+    "key": ("text", "attention.self.key"),
+    "value": ("text", "attention.self.value"),
+    "attn_out": ("text", "attention.output.dense"),
+    "to_q": ("vision", "attn.to_q"),                  # CTViT: 4 spatial + 4 temporal layers, 512 -> 256
+    "to_kv": ("vision", "attn.to_kv"),                # 512 -> 512 (k and v fused, as in the checkpoint)
+    "to_out": ("vision", "attn.to_out"),              # 256 -> 512
+}
+
+
+def lora_layers(model: CTCLIP, tower: str) -> list:
+    return list(model.text.encoder.layer) if tower == "text" else [*model.visual.spatial, *model.visual.temporal]
+
+
+def add_lora(model: CTCLIP, targets, r: int, alpha: float, dropout: float) -> CTCLIP:
+    """Freeze all of CT-CLIP, then replace each target nn.Linear by a LoRALinear around it, in place."""
+    model.requires_grad_(False)
+    for name in targets:
+        tower, path = LORA_TARGETS[name]
+        parent_path, attr = path.rsplit(".", 1)
+        for layer in lora_layers(model, tower):
+            parent = layer.get_submodule(parent_path)
+            setattr(parent, attr, LoRALinear(getattr(parent, attr), r, alpha, dropout))
+    return model
+
+
+def lora_state(model: nn.Module) -> dict:
+    """The trained tensors: every LoRA A and B (what a run saves; 6 MB at the default setting)."""
+    return {k: v for k, v in model.state_dict().items() if ".lora_" in k}
+
+
+def set_merged(model: nn.Module, merged: bool):
+    """Fold W <- W + (alpha/r) B A into every LoRA layer (export / faster eval), or take it out again."""
+    for m in model.modules():
+        if isinstance(m, LoRALinear) and m.merged != merged:
+            m.merge() if merged else m.unmerge()
+
+
+def lora_arithmetic(model: CTCLIP, targets, r: int) -> list:
+    """[(target, layers, d_in, d_out, r * (d_in + d_out) * layers)] for --count-params."""
+    rows = []
+    for name in targets:
+        tower, path = LORA_TARGETS[name]
+        layers = lora_layers(model, tower)
+        lin = layers[0].get_submodule(path)
+        rows.append((name, len(layers), lin.in_features, lin.out_features,
+                     r * (lin.in_features + lin.out_features) * len(layers)))
+    return rows
+
+# ----------------------------------------------------------------------------------------------------------
+# The method: CT-CLIP's contrastive loss for training, its two-prompt zero-shot score for evaluation
+
+
+def contrastive_loss(img, txt, scale, gather: bool = True):
+    """Symmetric InfoNCE of CT-CLIP (its forward with return_loss=True), over the batch of all ranks:
+
+        S = exp(T) txt img^T,    L = (CE(S, arange) + CE(S^T, arange)) / 2
+
+    img, txt (B, L) unit vectors; scale = exp(T), T learned in CT-CLIP and frozen here."""
+    if gather:  # negatives from every rank, with gradients back to the rank that made them
+        img, txt = R.gather_with_grad(img), R.gather_with_grad(txt)
+    logits = scale * txt @ img.T                                                        # (N_text, N_img)
+    labels = torch.arange(len(img), device=img.device)
+    return (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.float().T, labels)) / 2
+
+
+def prompts_for(findings) -> list:
+    """2 prompts per finding, in CT-CLIP's zero_shot.py wording (training-time validation used others)."""
+    return [t for p in findings for t in (f"{p} is present.", f"{p} is not present.")]
+
+
+def zero_shot_probs(img, prompt_lat, scale):
+    """P(finding present) for every volume and finding: a softmax over the finding's two prompts,
+
+        P_nc = softmax(exp(T) [cos(v_n, t_c+), cos(v_n, t_c-)])_0 = sigmoid(exp(T) (cos(v_n, t_c+) - cos(v_n, t_c-)))
+
+    img (N, L) and prompt_lat (2C, L) unit vectors in prompts_for order -> (N, C)."""
+    logits = scale * img.float() @ prompt_lat.float().T                                 # (N, 2C)
+    return logits.view(len(img), -1, 2).softmax(-1)[..., 0]
+
+# ----------------------------------------------------------------------------------------------------------
+# Presets. Real sizes are written out so --count-params / --bench need no download.
+
+PRESETS = {
+    "ct-clip-v2": dict(  # CT-CLIP v2 (scripts/run_zero_shot.py) + CXR-BERT-specialized (dropout 0.25 in its config)
+        vision=CTViTConfig(), text=BertConfig(dropout=0.25, attn_dropout=0.25), latent=512, max_len=512,
+        tokenizer="microsoft/BiomedVLP-CXR-BERT-specialized"),
+    "tiny": dict(        # the demo: 64 x 64 x 32 volumes -> 8 x 8 x 8 tokens
+        vision=CTViTConfig(dim=64, image_size=64, frames=32, patch_size=8, temporal_patch_size=4, spatial_depth=2,
+                           temporal_depth=2, heads=4, dim_head=16, codebook_size=512),
+        text=BertConfig(vocab_size=187, dim=64, n_layers=2, n_heads=4, mlp_dim=128, max_positions=128),
+        latent=64, max_len=128, tokenizer=str(REPO / "common" / "tokenizers" / "bert_tiny_vocab.txt")),
+}
+DEFAULT_TARGETS = "query,key,value,attn_out,to_q,to_kv,to_out"
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: CT-RATE's layout (common/ct.py reads it, with CT-CLIP's preprocessing), reports, the tokenizer
+
+DATASETS = {  # folder (under data/ unless --data-dir) -> (volume folder, labels CSV, reports CSV) per split
+    "demo": dict(folder="demo/ct", shape=(64, 64, 32), train=("ct", "labels_train.csv", "reports_train.csv"),
+                 test=("ct", "labels_test.csv", "reports_test.csv")),
+    "ct-rate": dict(folder="ct-rate", shape=(480, 480, 240),
+                    train=("volumes_train", "labels_train.csv", "reports_train.csv"),
+                    test=("volumes_valid", "labels_valid.csv", "reports_valid.csv")),  # CT-CLIP reports on valid
+}
+
+
+def data_root(args) -> Path:
+    return Path(args.data_dir) if args.data_dir else REPO / "data" / DATASETS[args.data]["folder"]
+
+
+def patient_of(name: str) -> str:
+    """train_12_a_1.nii.gz -> train_12 (CT-RATE: <split>_<patient>_<scan>_<reconstruction>)."""
+    return name.split(".nii")[0].rsplit("_", 2)[0]
+
+
+def split_validation(names, frac: float) -> tuple:
+    """(train indices, validation indices): a fixed `frac` of the training PATIENTS (by a hash of the patient id,
+    so the split does not depend on --seed or on file order) is held out for choosing thresholds. Ours: the
+    official protocol picks them on the test set itself."""
+    import hashlib
+    patients = sorted({patient_of(n) for n in names}, key=lambda p: hashlib.sha1(p.encode()).hexdigest())
+    val = set(patients[:max(1, round(frac * len(patients)))])
+    is_val = [patient_of(n) in val for n in names]
+    return [i for i, v in enumerate(is_val) if not v], [i for i, v in enumerate(is_val) if v]
+
+
+def augment_volume(vol):
+    """--augment (ours; the paper shows augmented slices, not how): a left-right flip with p 0.5 and an
+    intensity jitter x (1 +- 0.1) +- 0.05 in CT-CLIP's [-1, 1] units. NOTE the flip swaps "left" and "right"
+    in what the report describes; keep it off for reports that name sides often."""
+    if torch.rand(()) < 0.5:
+        vol = vol.flip(-2)                                                              # (1, z, x, y): x = left-right
+    a, b = (torch.rand(2) * 2 - 1) * torch.tensor([0.1, 0.05])
+    return (vol * (1 + a) + b).clamp(-1, 1)
+
+
+class CTPairs(torch.utils.data.Dataset):
+    """Items of a CTVolumeDataset (volume, labels, report) restricted to `indices`. Volumes small enough (the
+    demo's 0.5 MB) are preprocessed once and kept in memory: resampling is most of a tiny model's step."""
+
+    def __init__(self, base, indices, augment: bool = False):
+        self.base, self.indices, self.augment = base, list(indices), augment
+        self.findings = base.findings
+        self.labels = base.labels[self.indices]                                         # (N, C)
+        self.cache = {} if math.prod(base.target_shape) <= 2 ** 18 else None
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        j = self.indices[i]
+        item = self.cache.get(j) if self.cache is not None else None
+        if item is None:
+            item = self.base[j]                       # a DataError here names the file (common/ct.py)
+            if self.cache is not None:
+                self.cache[j] = item
+        vol = augment_volume(item["volume"]) if self.augment else item["volume"]
+        return {"volume": vol, "labels": item["labels"], "report": item["report"]}
+
+
+def build_data(args) -> tuple:
+    """-> (train pairs, validation pairs for thresholds, test pairs), Findings_EN only (as CT-CLIP trains)."""
+    root, spec = data_root(args), DATASETS[args.data]
+    if args.data == "demo":
+        from common.demo import ensure_demo
+        ensure_demo(root.parent)                      # data/demo/ct -> builds data/demo once
+    meta = root / "metadata.csv"
+    sets = {}
+    for split in ("train", "test"):
+        vols, labels, reports = spec[split]
+        vol_root = root if args.data == "demo" else root / vols
+        sets[split] = CTVolumeDataset(vol_root, root / labels, root / reports, metadata_csv=meta,
+                                      target_shape=spec["shape"])
+    tr, va = split_validation(sets["train"].names, args.val_frac)
+    return (CTPairs(sets["train"], tr, args.augment), CTPairs(sets["train"], va),
+            CTPairs(sets["test"], range(len(sets["test"]))))
+
+
+def load_tokenizer(path):
+    """CXR-BERT's tokenizer: lower-cased WordPiece from its vocab.txt (BertTokenizer(do_lower_case=True) in
+    CT-CLIP), through `tokenizers`. `path` is the vocab file or a folder (HF repo id or local) holding it."""
+    from tokenizers import BertWordPieceTokenizer
+    p = Path(path)
+    vocab = p if p.is_file() else resolve(path) / "vocab.txt"
+    if not vocab.is_file():
+        raise WeightsError(f"{vocab}: the tokenizer's vocab.txt is not there")
+    return BertWordPieceTokenizer(str(vocab), lowercase=True)
+
+
+def tokenize(tok, texts, max_len: int):
+    """[CLS] ... [SEP], truncated to max_len (CT-CLIP: 512), padded with 0 to the longest -> ids, mask (B, T).
+    CT-CLIP pads every text to 512; with the mask that gives the same CLS state at a fraction of the work."""
+    enc = [e.ids[:max_len - 1] + e.ids[-1:] if len(e.ids) > max_len else e.ids for e in tok.encode_batch(list(texts))]
+    ids = torch.zeros(len(enc), max(map(len, enc)), dtype=torch.long)
+    for i, e in enumerate(enc):
+        ids[i, :len(e)] = torch.tensor(e)
+    return ids, (ids != 0).long()
+
+# ----------------------------------------------------------------------------------------------------------
+# Building the model: pretrained CT-CLIP (or the demo's tiny one), then LoRA
+
+
+def build_ctclip(args, world, train_ds, tok) -> CTCLIP:
+    """Real runs load CT-CLIP v2. The demo's tiny CT-CLIP must play a *pretrained* one (LoRA on a frozen random
+    network has nothing to adapt), so it is pre-trained contrastively on the demo's training pairs once and
+    cached; fixed seed, so it does not change with --seed."""
+    spec = PRESETS[args.model]
+    if args.model != "tiny":
+        return CTCLIP.from_pretrained(args.weights, spec["vision"], spec["text"], spec["latent"])
+    path = Path(args.cache_dir) / "ctclip_tiny_demo_v1.safetensors"
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = CTCLIP(spec["vision"], spec["text"], spec["latent"])
+        model.visual.init_random(0), model.text.init_random(1)
+        if not path.exists() and world.is_main:
+            pretrain_tiny_ctclip(model, tok, train_ds, spec["max_len"])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            R.save_tensors(path, model.state_dict())
+    R.barrier(world)
+    R.load_tensors(model, load_file(str(path)), str(path), required=model.state_dict())
+    return model
+
+
+def pretrain_tiny_ctclip(model: CTCLIP, tok, train_ds, max_len: int, steps: int = 40, batch: int = 16):
+    """Demo only: a short full CT-CLIP training (every weight, Adam, the same loss) on the demo's training pairs,
+    deliberately brief so that the zero-shot baseline is above chance but leaves room for LoRA."""
+    print(f"pre-training the tiny demo CT-CLIP on {len(train_ds)} volume-report pairs ({steps} steps, once; cached)")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    world, step = R.World(), 0
+    model.train()
+    while step < steps:
+        for idx in R.epoch_batches(len(train_ds), batch, 0, step, world):
+            items = [train_ds[i] for i in idx]
+            ids, mask = tokenize(tok, [it["report"] for it in items], max_len)
+            img, txt = model(torch.stack([it["volume"] for it in items]), ids, mask)
+            loss = contrastive_loss(img, txt, model.temperature.exp(), gather=False)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step == steps:
+                break
+    model.eval()
+    return model
+
+# ----------------------------------------------------------------------------------------------------------
+# Training: AdamW on the LoRA tensors only, linear warm-up then cosine, CT-CLIP's clip 0.5
+
+
+def lr_at(step: int, total: int, warmup: int, lr: float) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train(args, world, run_dir: Path, model: CTCLIP, train_ds, tok) -> CTCLIP:
+    params = [p for p in model.parameters() if p.requires_grad]
+    # ours: AdamW + weight decay on LoRA; CT-CLIP trained with Adam (0.9, 0.99), eps 1e-8, wd 0, lr 1.25e-6
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), eps=1e-8, weight_decay=args.weight_decay)
+    scaler = R.make_scaler(args.precision, world.device)
+    net = R.wrap_model(model, world, compile=args.compile)
+    n_batches = len(R.epoch_batches(len(train_ds), args.batch_size, args.seed, 0, world))
+    total = args.epochs * n_batches if not args.steps else min(args.steps, args.epochs * n_batches)
+    ckpts = R.Checkpoints(run_dir / "ckpt", world)
+    step = 0
+    ck = ckpts.load(optimizer=opt, scaler=scaler, resuming=bool(args.resume))
+    if ck is not None:
+        R.load_tensors(model, ck.tensors, str(ck.path), required=lora_state(model))
+        step = ck.step
+    scale = model.temperature.detach().float().exp()                                   # exp(T), frozen
+    log = R.JsonlLog(run_dir / "metrics.jsonl", world.is_main)
+    progress = R.Progress(total, "train", world.is_main, every=args.print_every, start=step)
+    dev = world.device
+    while step < total:
+        epoch, skip = divmod(step, n_batches)
+        batches = R.epoch_batches(len(train_ds), args.batch_size, args.seed, epoch, world)[skip:]
+        net.train()                 # dropout as CT-CLIP trains (BERT 0.25); the VQ stays frozen (CosineVQ)
+        for b in R.epoch_loader(train_ds, batches, world, args.num_workers, args.seed, epoch):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, args.warmup_steps, args.lr)
+            ids, mask = tokenize(tok, b["report"], PRESETS[args.model]["max_len"])
+            with R.autocast(dev, args.precision):
+                img, txt = net(b["volume"].to(dev, non_blocking=True), ids.to(dev), mask.to(dev))  # (B, L) each
+            loss = contrastive_loss(img.float(), txt.float(), scale)
+            loss_value = R.optimizer_step(loss, opt, scaler, world, step, clip_grad=args.clip_grad, params=params)
+            step += 1
+            if step % args.log_every == 0 or step == total:
+                log.log(step=step, epoch=epoch, loss=loss_value, lr=opt.param_groups[0]["lr"])
+            progress.update(1, epoch=epoch, loss=loss_value, lr=opt.param_groups[0]["lr"])
+            if step % args.ckpt_every == 0 or step == total:
+                ckpts.save(step, lora_state(model), optimizer=opt, scaler=scaler, extra={"epoch": epoch})
+            if step >= total:
+                break
+    if world.is_main:
+        R.save_tensors(run_dir / "trainable.safetensors", lora_state(model))
+    return model
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation: each volume encoded once, each prompt once (the official script encodes the volume again for
+# every finding: 18 vision passes per volume), thresholds from the validation split, a real bootstrap
+
+
+@torch.no_grad()
+def encode_volumes(model: CTCLIP, ds, args, device) -> torch.Tensor:
+    model.eval()
+    loader = torch.utils.data.DataLoader(ds, args.eval_batch_size, shuffle=False, num_workers=args.num_workers)
+    out = []
+    progress = R.Progress(len(ds), "encode volumes", every=args.print_every)
+    for b in loader:
+        with R.autocast(device, args.precision):
+            out.append(model.encode_volume(b["volume"].to(device)).float().cpu())      # (b, L)
+        progress.update(len(b["volume"]))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_prompts(model: CTCLIP, tok, findings, max_len: int, device, precision: str) -> torch.Tensor:
+    model.eval()
+    ids, mask = tokenize(tok, prompts_for(findings), max_len)
+    with R.autocast(device, precision):
+        return model.encode_text(ids.to(device), mask.to(device)).float().cpu()        # (2C, L)
+
+
+def choose_thresholds(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Per finding, CT-CLIP's rule (bootstrap_values.py: find_threshold): of the 100 thresholds linspace(0, 1),
+    the one whose (FPR, TPR) is nearest to (0, 1), predicting prob > t; ties go to the larger t."""
+    grid = np.linspace(0, 1, 100)
+    out = []
+    for c in range(y.shape[1]):
+        pred = probs[:, c][None, :] > grid[:, None]                                    # (100, N)
+        pos, neg = y[:, c] == 1, y[:, c] == 0
+        tpr = (pred & pos).sum(1) / max(pos.sum(), 1)
+        fpr = (pred & neg).sum(1) / max(neg.sum(), 1)
+        d = np.sqrt((1 - tpr) ** 2 + fpr ** 2)
+        out.append(grid[len(d) - 1 - np.argmin(d[::-1])])                              # last minimum
+    return np.asarray(out)
+
+
+def f1_scores(y: np.ndarray, pred: np.ndarray) -> dict:
+    """y, pred (N, C) 0/1. macro: mean over findings of the positive-class F1; weighted: the same weighted by each
+    finding's positives (sklearn average="weighted"); samples: F1 of each volume's finding set, averaged
+    (sklearn "samples", an empty-vs-empty volume scoring 0); ctclip_weighted: the official per-finding
+    f1_score(average="weighted") over the classes {0, 1}, averaged over findings. Zero divisions give 0."""
+    tp, fp, fn = (y * pred).sum(0), ((1 - y) * pred).sum(0), (y * (1 - pred)).sum(0)
+    f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros(len(tp)), where=(2 * tp + fp + fn) > 0)
+    tn = ((1 - y) * (1 - pred)).sum(0)
+    f1_neg = np.divide(2 * tn, 2 * tn + fp + fn, out=np.zeros(len(tn)), where=(2 * tn + fp + fn) > 0)
+    pos = y.sum(0)
+    stp, sden = (y * pred).sum(1), y.sum(1) + pred.sum(1)
+    return {"f1": f1, "macro_f1": float(f1.mean()),
+            "weighted_f1": float((f1 * pos).sum() / pos.sum()) if pos.sum() else 0.0,
+            "samples_f1": float(np.mean(np.divide(2 * stp, sden, out=np.zeros(len(y)), where=sden > 0))),
+            "ctclip_weighted_f1": float(((f1 * pos + f1_neg * (len(y) - pos)) / len(y)).mean())}
+
+
+def summary(y, probs, thresholds) -> dict:
+    """The scalar metrics of a zero-shot run (a function of rows, so the bootstrap can resample it)."""
+    pred = (probs > thresholds).astype(np.float64)
+    f1 = f1_scores(y, pred)
+    return {"mean_auroc": M.auroc(y, probs), "accuracy": float((pred == y).mean()),
+            **{k: v for k, v in f1.items() if k != "f1"}}
+
+
+def zero_shot_report(y, probs, thresholds, findings, n_boot: int, seed: int) -> dict:
+    """Per-finding table and overall metrics with percentile bootstrap 95% CIs over volumes: every resample
+    draws volumes with replacement (the official script's "bootstrap" reuses the same rows 1000 times)."""
+    y, probs = np.asarray(y, np.float64), np.asarray(probs, np.float64)
+    pred = (probs > thresholds).astype(np.float64)
+    per_auc, f1 = M.auroc(y, probs, average=None), f1_scores(y, pred)
+    rows = [{"finding": f, "n_pos": int(y[:, c].sum()), "auroc": float(per_auc[c]), "threshold": float(thresholds[c]),
+             "accuracy": float((pred[:, c] == y[:, c]).mean()), "f1": float(f1["f1"][c])}
+            for c, f in enumerate(findings)]
+    overall = summary(y, probs, thresholds)
+    ci = {}
+    for k in overall:
+        _, lo, hi = M.bootstrap_ci(lambda a, b: summary(a, b, thresholds)[k], y, probs, n=n_boot, seed=seed)
+        ci[k] = [lo, hi]
+    return {"overall": overall, "ci95": ci, "per_finding": rows, "n": len(y)}
+
+
+def format_report(rep: dict, title: str) -> str:
+    lines = [f"{title} (n = {rep['n']} volumes; thresholds from {rep['thresholds_from']})",
+             f"  {'finding':36s} {'pos':>5s} {'AUROC':>7s} {'thr':>6s} {'acc':>7s} {'F1':>7s}"]
+    for r in rep["per_finding"]:
+        lines.append(f"  {r['finding']:36s} {r['n_pos']:5d} {r['auroc']:7.4f} {r['threshold']:6.3f} "
+                     f"{r['accuracy']:7.4f} {r['f1']:7.4f}")
+    for k, v in rep["overall"].items():
+        lo, hi = rep["ci95"][k]
+        lines.append(f"  {k:20s} {v:.4f}  (95% CI {lo:.4f} - {hi:.4f})")
+    return "\n".join(lines)
+
+
+def evaluate(args, model: CTCLIP, tok, val_ds, test_ds, device) -> dict:
+    """Zero-shot over the dataset's findings; thresholds from validation volumes (never test labels), or from the
+    test set itself with --threshold-on-test (the official protocol behind the paper's numbers)."""
+    findings = test_ds.findings
+    prompts = encode_prompts(model, tok, findings, PRESETS[args.model]["max_len"], device, args.precision)  # 2C passes
+    scale = model.temperature.detach().float().exp().cpu()
+    test_p = zero_shot_probs(encode_volumes(model, test_ds, args, device), prompts, scale).numpy()
+    if args.threshold_on_test:
+        thresholds, source = choose_thresholds(test_ds.labels, test_p), "the test set (official protocol)"
+    else:
+        val_p = zero_shot_probs(encode_volumes(model, val_ds, args, device), prompts, scale).numpy()
+        thresholds, source = choose_thresholds(val_ds.labels, val_p), f"{len(val_ds)} validation volumes"
+    rep = zero_shot_report(test_ds.labels, test_p, thresholds, findings, args.n_boot, args.seed)
+    rep["thresholds_from"] = source
+    return rep
+
+# ----------------------------------------------------------------------------------------------------------
+# Parameter counts and the benchmark (real sizes, random weights)
+
+CT_CLIP_V2_TOTAL = 438_148_761   # parameters of CT-CLIP_v2.pt, incl. the unused *_extra copies (the paper's "440M")
+PAPER_TRAINABLE = 1_670_000      # the paper's "1.67M (0.38%)"; its rank, alpha and targets are not public
+
+
+def count_params(args) -> dict:
+    """Real-size counts on the meta device, and the LoRA arithmetic of the chosen targets and rank."""
+    spec = PRESETS[args.model]
+    with torch.device("meta"):
+        model = add_lora(CTCLIP(spec["vision"], spec["text"], spec["latent"]), args.lora_targets, args.lora_rank,
+                         args.lora_alpha, args.lora_dropout)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{args.model}: {total - trainable:,} frozen parameters (CT-CLIP v2 has {CT_CLIP_V2_TOTAL:,} with the "
+          f"decoder heads, pooler and unused *_extra copies this file does not build)")
+    for name, n, d_in, d_out, cnt in lora_arithmetic(model, args.lora_targets, args.lora_rank):
+        print(f"  LoRA {name:9s} {n:2d} layers x r {args.lora_rank} x ({d_in} + {d_out}) = {cnt:,}")
+    base = CT_CLIP_V2_TOTAL if args.model == "ct-clip-v2" else total - trainable
+    print(f"  trainable {trainable:,} = {100 * trainable / base:.3f}% of {base:,} "
+          f"(paper: 1.67M = 0.38%; r 18 on the same targets would give "
+          f"{sum(r[4] for r in lora_arithmetic(model, args.lora_targets, 18)):,})")
+    return {"total": total, "trainable": trainable}
+
+
+def run_bench(args, world):
+    """Training step and zero-shot cost at the real size with random weights (CUDA) or a reduced volume (CPU:
+    the real widths and depths on 80 x 160 x 160 voxels = 8 x 8 x 8 tokens). The eval speed-up compares the
+    official protocol (18 vision passes per volume, 2 prompts padded to 512 tokens per finding) with ours
+    (1 vision pass per volume, the 36 prompts once per run)."""
+    dev, dtype = world.device, R.PRECISIONS[args.precision]
+    spec = PRESETS["ct-clip-v2"]
+    vcfg = spec["vision"] if dev.type == "cuda" else CTViTConfig(image_size=160, frames=80)
+    torch.manual_seed(0)
+    model = CTCLIP(vcfg, spec["text"], spec["latent"])
+    model.visual.init_random(0), model.text.init_random(1)
+    add_lora(model, args.lora_targets, args.lora_rank, args.lora_alpha, args.lora_dropout).to(dev)
+    R.cast_frozen(model, dtype)
+    model.visual.grad_ckpt = model.text.grad_ckpt = args.grad_ckpt
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    B = args.batch_size
+    vol = torch.randn(B, 1, vcfg.frames, vcfg.image_size, vcfg.image_size, device=dev)
+    ids = torch.randint(1000, 30000, (B, 256), device=dev)
+    mask = torch.ones_like(ids)
+
+    def step():
+        model.train()
+        with R.autocast(dev, args.precision):
+            img, txt = model(vol, ids, mask)
+        loss = contrastive_loss(img.float(), txt.float(), model.temperature.detach().exp(), gather=False)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    flops = R.flops_of(step)
+    r = R.bench(step, items=B, flops_per_step=flops, device=dev, dtype=dtype, steps=args.bench_steps)
+    size = "x".join(map(str, (vcfg.frames, vcfg.image_size, vcfg.image_size)))
+    print(R.BENCH_COLUMNS)
+    print(R.bench_row(f"train LoRA r{args.lora_rank}, {size}" + (", grad-ckpt" if args.grad_ckpt else ""),
+                      args.precision, B, r, unit="vol"))
+    model.eval()
+    one = vol[:1]
+    p512 = torch.randint(1000, 30000, (2, 512), device=dev)
+    p8 = torch.randint(1000, 30000, (36, 8), device=dev)
+
+    def timed(fn, reps=args.bench_steps):
+        with torch.no_grad(), R.autocast(dev, args.precision):
+            fn()
+            R._sync(dev)
+            t = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            R._sync(dev)
+        return (time.perf_counter() - t) / reps
+
+    t_vol = timed(lambda: model.encode_volume(one))
+    t_pair = timed(lambda: model.encode_text(p512, torch.ones_like(p512)))
+    t_prompts = timed(lambda: model.encode_text(p8, torch.ones_like(p8)))
+    n = 3039  # CT-RATE validation volumes (reconstructions) in the official zero-shot table
+    official, ours = 18 * (t_vol + t_pair), t_vol + t_prompts / n
+    print(f"zero-shot per volume: official protocol {official * 1e3:.1f} ms (18 x ({t_vol * 1e3:.1f} ms vision + "
+          f"{t_pair * 1e3:.1f} ms for 2 prompts at 512 tokens)), ours {ours * 1e3:.1f} ms (1 vision pass + the 36 "
+          f"prompts once per {n} volumes: {t_prompts * 1e3:.1f} ms) -> {official / ours:.1f}x faster")
+    return r
+
+# ----------------------------------------------------------------------------------------------------------
+# main
+
+DEMO_RECIPE = dict(model="tiny", epochs=12, batch_size=8, lr=2e-3, warmup_steps=10, val_frac=0.25, n_boot=200,
+                   ckpt_every=20, eval_before=True, eval_batch_size=16)
+PREPARE = "python -m common.prepare ct-rate --src /path/to/CT-RATE  (the Hugging Face dataset ibrahimhamamci/CT-RATE)"
+CONVERT = ("download models/CT-CLIP-Related/CT-CLIP_v2.pt from ibrahimhamamci/CT-RATE, then\n"
+           "    python -m common.weights convert CT-CLIP_v2.pt ct_clip_v2.safetensors\n"
+           "and pass --weights ct_clip_v2.safetensors")
+
+
+def preflight(args):
+    """Data, weights, tokenizer and the places we write, checked before any work: every problem in one message."""
+    problems = []
+    root = data_root(args)
+    if args.data != "demo":
+        need = [root / DATASETS[args.data][s][i] for s in ("train", "test") for i in (0, 1, 2)] + [root / "metadata.csv"]
+        missing = [str(p) for p in need if not p.exists()]
+        if missing:
+            problems.append(f"{args.data} data not found ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); "
+                            f"prepare it with:\n    {PREPARE}")
+    if args.model != "tiny":
+        if not args.weights or not Path(args.weights).is_file():
+            problems.append(f"CT-CLIP weights {'--weights ' + args.weights if args.weights else '(--weights)'} not "
+                            f"found: {CONVERT}")
+        try:
+            load_tokenizer(args.tokenizer or PRESETS[args.model]["tokenizer"])
+        except WeightsError as e:
+            problems.append(f"CXR-BERT tokenizer: {e}")
+    spec = PRESETS[args.model]["vision"]
+    shape = (spec.image_size, spec.image_size, spec.frames)
+    if tuple(DATASETS[args.data]["shape"]) != shape:
+        problems.append(f"--model {args.model} takes volumes of {shape} (x, y, z) voxels; --data {args.data} gives "
+                        f"{DATASETS[args.data]['shape']}: use --model {'tiny' if args.data == 'demo' else 'ct-clip-v2'}")
+    problems += [f"--cache-dir {p}" for p in [R.check_writable(args.cache_dir)] if p and args.model == "tiny"]
+    if problems:
+        raise DataError("\n\n".join(problems))
+
+
+def run(args, world) -> dict:
+    """Build, (evaluate before,) train LoRA, evaluate; or only evaluate (--eval zero-shot, --eval-only)."""
+    preflight(args)
+    run_dir = Path(args.resume) if args.resume else R.new_run_dir("medct_lora", args.data, args.out, vars(args), world)
+    R.seed_everything(args.seed, world.rank)
+    tok = load_tokenizer(args.tokenizer or PRESETS[args.model]["tokenizer"])
+    train_ds, val_ds, test_ds = build_data(args)
+    model = build_ctclip(args, world, train_ds, tok)
+    if world.is_main:
+        print(f"data: {len(train_ds)} training, {len(val_ds)} validation (thresholds), {len(test_ds)} test volumes; "
+              f"{len(test_ds.findings)} findings")
+    results, dev = {}, world.device
+    if args.eval == "zero-shot" or args.eval_before:
+        model.requires_grad_(False).to(dev)
+        if world.is_main:
+            results["before"] = evaluate(args, model, tok, val_ds, test_ds, dev)
+            print(format_report(results["before"], "zero-shot, CT-CLIP without LoRA"))
+    if args.eval != "zero-shot":
+        torch.manual_seed(args.seed)  # LoRA init depends on the seed only
+        add_lora(model, args.lora_targets, args.lora_rank, args.lora_alpha, args.lora_dropout).to(dev)
+        R.cast_frozen(model, R.PRECISIONS[args.precision])  # frozen base in bf16 on CUDA; LoRA and norms fp32
+        model.visual.grad_ckpt = model.text.grad_ckpt = args.grad_ckpt
+        if world.is_main:
+            n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            print(f"LoRA r {args.lora_rank}, alpha {args.lora_alpha} on {','.join(args.lora_targets)}: {n:,} trainable")
+        if args.eval_only:
+            final = run_dir / "trainable.safetensors"
+            if not final.exists():
+                raise R.RunError(f"{final} not found: the run in {run_dir} has not finished (resume it first)")
+            R.load_tensors(model, load_file(str(final), device=str(dev)), str(final), required=lora_state(model))
+        else:
+            try:
+                train(args, world, run_dir, model, train_ds, tok)
+            except (R.NonFiniteLoss, KeyboardInterrupt) as e:
+                raise R.RunError(R.stop_message(e, run_dir, command="python medct_lora.py")) from None
+        if world.is_main:
+            results["after"] = evaluate(args, model, tok, val_ds, test_ds, dev)
+            print(format_report(results["after"], "zero-shot, CT-CLIP + LoRA"))
+    if world.is_main:
+        if "before" in results and "after" in results:
+            b, a = results["before"]["overall"]["mean_auroc"], results["after"]["overall"]["mean_auroc"]
+            print(f"mean AUROC: {b:.4f} before LoRA -> {a:.4f} after ({100 * (a - b):+.1f} pp)")
+        (run_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(f"run folder: {run_dir}")
+    return results
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="MedCT-VLM: LoRA in both towers of CT-CLIP, zero-shot over chest-CT "
+                                            "findings", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    R.add_common_args(p, datasets=DATASETS, data="demo", epochs=3, batch_size=8, lr=2e-4, seed=0, help={
+        "epochs": "ours; demo: 12", "batch_size": "per process; CT-CLIP: 8, demo: 8",
+        "lr": "AdamW on LoRA, ours; CT-CLIP trained everything at 1.25e-6; demo: 2e-3"})
+    p.add_argument("--model", choices=list(PRESETS), default="ct-clip-v2", help="model preset (demo: tiny)")
+    p.add_argument("--weights", default=None, help="CT-CLIP v2 safetensors (converted from CT-CLIP_v2.pt)")
+    p.add_argument("--tokenizer", default=None, help="CXR-BERT vocab.txt, its folder or HF repo id "
+                                                     "(default: the preset's)")
+    p.add_argument("--cache-dir", default=str(REPO / "cache"), help="where the demo's pre-trained tiny CT-CLIP is kept")
+    p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r (ours; the paper does not give it)")
+    p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha: scaling alpha / r (ours)")
+    p.add_argument("--lora-dropout", type=float, default=0.1, help="dropout on the LoRA input (ours)")
+    p.add_argument("--lora-targets", default=DEFAULT_TARGETS, help=f"comma-separated, of {', '.join(LORA_TARGETS)}")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (ours; CT-CLIP: 0)")
+    p.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up, then cosine to 0 (ours; demo: 10)")
+    p.add_argument("--clip-grad", type=float, default=0.5, help="gradient-norm clip (CT-CLIP's 0.5)")
+    p.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps (demo: 20)")
+    p.add_argument("--augment", action="store_true", help="flips and intensity jitter (ours; off by default)")
+    p.add_argument("--grad-ckpt", action="store_true", help="recompute each transformer layer in backward")
+    p.add_argument("--eval", choices=["zero-shot"], default=None,
+                   help="zero-shot: evaluate CT-CLIP without LoRA and stop (the paper's baseline column)")
+    p.add_argument("--eval-before", action="store_true", help="also evaluate before training (demo: on)")
+    p.add_argument("--eval-batch-size", type=int, default=2, help="volumes per evaluation batch (demo: 16)")
+    p.add_argument("--threshold-on-test", action="store_true",
+                   help="choose thresholds on the test set, as the official script (compare with the paper's 61.3)")
+    p.add_argument("--val-frac", type=float, default=0.05,
+                   help="share of training patients held out to choose thresholds (ours; demo: 0.25)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (demo: 200)")
+    p.add_argument("--count-params", action="store_true", help="print real-size counts and the LoRA arithmetic")
+    return p
+
+
+def parse_args(argv=None):
+    p = parser()
+    args = p.parse_args(argv)
+    given = R.given_flags(p, argv)
+    if args.resume:
+        try:
+            R.restore_run_args(args, given, free=("cache_dir", "eval_before", "n_boot", "threshold_on_test"))
+        except R.RunError as e:
+            p.error(str(e))
+    elif args.data == "demo" and not args.bench and not args.count_params:
+        for k, v in DEMO_RECIPE.items():
+            if k not in given:
+                setattr(args, k, v)
+    R.finish_common_args(p, args)
+    args.lora_targets = args.lora_targets if isinstance(args.lora_targets, list) else \
+        [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    unknown = [t for t in args.lora_targets if t not in LORA_TARGETS]
+    for flag, ok, want in (("lora_rank", args.lora_rank >= 1, "at least 1"), ("lora_alpha", args.lora_alpha > 0, "above 0"),
+                           ("lora_dropout", 0 <= args.lora_dropout < 1, "in [0, 1)"),
+                           ("lora_targets", args.lora_targets and not unknown, f"a list of {', '.join(LORA_TARGETS)}"),
+                           ("warmup_steps", args.warmup_steps >= 0, "0 or more"),
+                           ("clip_grad", args.clip_grad > 0, "above 0"), ("ckpt_every", args.ckpt_every >= 1, "at least 1"),
+                           ("val_frac", 0 < args.val_frac < 1, "in (0, 1)"), ("n_boot", args.n_boot >= 1, "at least 1"),
+                           ("eval_batch_size", args.eval_batch_size >= 1, "at least 1")):
+        if not ok:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be {want}")
+    if args.eval and (args.resume or args.eval_only):
+        p.error("--eval zero-shot evaluates CT-CLIP without LoRA; for a trained run use --eval-only --resume RUN")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.count_params:
+        count_params(args)
+        return 0
+    world = R.setup_distributed(args.device)
+    if world.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        run_bench(args, world) if args.bench else run(args, world)
+        return 0
+    except R.USER_ERRORS as e:  # user-fixable: a message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted before training started", file=sys.stderr)
+        return 2
+    finally:
+        R.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -151,3 +152,221 @@ def test_vq_never_changes_its_codebook_and_passes_gradients_straight_through():
     assert torch.allclose(x.grad, torch.ones_like(x))         # straight-through: d q / d x = identity
     with torch.no_grad():
         assert torch.allclose(model.visual.vq(x)[0], model.eval().visual.vq(x)[0], atol=1e-6)
+
+
+def test_contrastive_loss_and_zero_shot_logits_match_official():
+    model, g = tiny_ctclip(), io("ctclip_tiny")
+    scale = model.temperature.exp()
+    with torch.no_grad():
+        img, txt = model(g["video"], g["text_ids"], g["text_mask"])
+        loss = mc.contrastive_loss(img, txt, scale, gather=False)
+        prompts = model.encode_text(g["prompt_ids"], g["prompt_mask"])
+        logits = scale * prompts @ model.encode_volume(g["video"][:1])[0]
+    assert abs(loss.item() - g["loss"].item()) < TOL
+    assert max_diff(logits, g["zero_shot_logits"]) < TOL
+    probs = mc.zero_shot_probs(model.encode_volume(g["video"][:1]), prompts, scale)
+    assert abs(probs.item() - g["zero_shot_logits"].softmax(0)[0].item()) < TOL     # zero_shot.py: softmax[0]
+
+# ----------------------------------------------------------------------------------------------------------
+# the real CT-CLIP v2 checkpoint: its key list (names and shapes, from the official state dict) on the meta device
+
+
+def v2_keys() -> dict:
+    """CT-CLIP_v2.pt's state dict: every name with its shape (buffers included)."""
+    keys = {"temperature": (), "to_text_latent.weight": (512, 768), "to_text_latent_extra.weight": (512, 768),
+            "to_visual_latent.weight": (512, 294912), "to_visual_latent_extra.weight": (512, 294912)}
+    t = "text_transformer."
+    keys |= {t + "embeddings.word_embeddings.weight": (30522, 768), t + "embeddings.position_embeddings.weight":
+             (512, 768), t + "embeddings.token_type_embeddings.weight": (2, 768), t + "embeddings.position_ids": (1, 512),
+             t + "embeddings.LayerNorm.weight": (768,), t + "embeddings.LayerNorm.bias": (768,),
+             t + "pooler.dense.weight": (768, 768), t + "pooler.dense.bias": (768,)}
+    for i in range(12):
+        L = f"{t}encoder.layer.{i}."
+        for n in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
+            keys |= {L + n + ".weight": (768, 768), L + n + ".bias": (768,)}
+        keys |= {L + "intermediate.dense.weight": (3072, 768), L + "intermediate.dense.bias": (3072,),
+                 L + "output.dense.weight": (768, 3072), L + "output.dense.bias": (768,)}
+        for n in ("attention.output.LayerNorm", "output.LayerNorm"):
+            keys |= {L + n + ".weight": (768,), L + n + ".bias": (768,)}
+    v = "visual_transformer."
+    keys |= {v + "spatial_rel_pos_bias.net.0.0.weight": (512, 2), v + "spatial_rel_pos_bias.net.0.0.bias": (512,),
+             v + "spatial_rel_pos_bias.net.1.0.weight": (512, 512), v + "spatial_rel_pos_bias.net.1.0.bias": (512,),
+             v + "spatial_rel_pos_bias.net.2.weight": (8, 512), v + "spatial_rel_pos_bias.net.2.bias": (8,),
+             v + "vq._codebook.embed": (1, 8192, 512), v + "vq._codebook.cluster_size": (1, 8192),
+             v + "vq._codebook.initted": (1,), v + "to_pixels.0.weight": (4000, 512), v + "to_pixels.0.bias": (4000,),
+             v + "to_pixels_first_frame.0.weight": (400, 512), v + "to_pixels_first_frame.0.bias": (400,)}
+    for emb, n in (("to_patch_emb", 4000), ("to_patch_emb_first_frame", 400)):
+        keys |= {f"{v}{emb}.1.weight": (n,), f"{v}{emb}.1.bias": (n,), f"{v}{emb}.2.weight": (512, n),
+                 f"{v}{emb}.2.bias": (512,), f"{v}{emb}.3.weight": (512,), f"{v}{emb}.3.bias": (512,)}
+    for stage in ("spatial", "temporal"):
+        s = f"{v}enc_{stage}_transformer."
+        keys |= {s + "norm_out.gamma": (512,), s + "norm_out.beta": (512,)}
+        for j in range(4):
+            L = f"{s}layers.{j}."
+            keys |= {L + "0.dsconv.weight": (512, 1, 3, 3, 3), L + "0.dsconv.bias": (512,), L + "1.null_kv": (8, 0, 32),
+                     L + "1.q_scale": (32,), L + "1.k_scale": (32,), L + "1.norm.gamma": (512,), L + "1.norm.beta": (512,),
+                     L + "1.context_norm.gamma": (512,), L + "1.context_norm.beta": (512,),
+                     L + "1.to_q.weight": (256, 512), L + "1.to_kv.weight": (512, 512), L + "1.to_out.weight": (512, 256),
+                     L + "3.0.weight": (512,), L + "3.0.bias": (512,), L + "3.1.weight": (2730, 512),
+                     L + "3.4.weight": (512, 1365)}
+    return keys
+
+
+def test_key_map_against_the_real_v2_key_list_on_the_meta_device():
+    from common.weights import map_key
+    keys = v2_keys()
+    buffers = [k for k in keys if k.endswith((".beta", "position_ids")) or "_codebook." in k]
+    params = sum(torch.Size(s).numel() for k, s in keys.items() if k not in buffers)
+    assert params == mc.CT_CLIP_V2_TOTAL == 438_148_761    # the list is complete: it adds up to CT-CLIP v2's count
+    spec = mc.PRESETS["ct-clip-v2"]
+    with torch.device("meta"):
+        model = mc.CTCLIP(spec["vision"], spec["text"], spec["latent"])
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    mapped = {}
+    for k, shape in keys.items():
+        m = map_key(k, mc.CTCLIP_MAP)
+        assert m is not False, f"no template for {k}"
+        if m[0] is not None:
+            assert m[0] not in mapped, f"two checkpoint keys map to {m[0]}"
+            mapped[m[0]] = shape
+    assert mapped == ours                                     # every tensor of ours, each with the right shape
+    dropped = sum(torch.Size(s).numel() for k, s in keys.items() if k not in buffers and map_key(k, mc.CTCLIP_MAP)[0] is None)
+    assert sum(p.numel() for p in model.parameters()) == 283_701_577 == params - dropped
+
+
+def test_real_size_lora_counts_on_the_meta_device(capsys):
+    args = mc.parse_args(["--count-params"])
+    counts = mc.count_params(args)
+    assert counts["trainable"] == 16 * (4 * 12 * (768 + 768) + 8 * ((512 + 256) + (512 + 512) + (256 + 512)))
+    assert counts["trainable"] == 1_507_328 and counts["total"] == 283_701_577 + 1_507_328
+    out = capsys.readouterr().out
+    assert "1,507,328 = 0.344% of 438,148,761" in out and "to_kv" in out
+
+# ----------------------------------------------------------------------------------------------------------
+# LoRA
+
+
+def tiny_lora_model(seed=0):
+    model = tiny_ctclip()
+    torch.manual_seed(seed)
+    mc.add_lora(model, list(mc.LORA_TARGETS), r=4, alpha=8, dropout=0.0)
+    return model.eval()
+
+
+def test_lora_is_the_identity_at_init_and_only_lora_trains():
+    g = io("ctclip_tiny")
+    base = tiny_ctclip()
+    model = tiny_lora_model()
+    with torch.no_grad():
+        a = base(g["video"], g["text_ids"], g["text_mask"])
+        b = model(g["video"], g["text_ids"], g["text_mask"])
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    trainable = [k for k, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in k or ".lora_B." in k for k in trainable)
+    assert len(trainable) == 2 * (4 * 2 + 3 * 4)              # 2 BERT layers x 4 + 4 CTViT layers x 3, A and B
+    assert sum(isinstance(m, mc.LoRALinear) for m in model.modules()) == 4 * 2 + 3 * 4
+
+
+def test_lora_merge_equals_the_unmerged_forward_and_gradients_reach_both_towers():
+    g = io("ctclip_tiny")
+    model = tiny_lora_model()
+    with torch.no_grad():
+        for k, p in model.named_parameters():
+            if ".lora_B." in k:
+                p.normal_(0, 0.5)
+    model.train()
+    img, txt = model(g["video"], g["text_ids"], g["text_mask"])
+    mc.contrastive_loss(img, txt, 2.0, gather=False).backward()
+    for tower in ("visual.", "text."):  # the straight-through VQ lets the CTViT's LoRA learn
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for k, p in model.named_parameters()
+                   if k.startswith(tower) and ".lora_A." in k), tower
+    model.eval()
+    with torch.no_grad():
+        ref = model(g["video"], g["text_ids"], g["text_mask"])
+        assert max_diff(ref[0], tiny_ctclip()(g["video"], g["text_ids"], g["text_mask"])[0]) > 1e-4  # LoRA acts
+        mc.set_merged(model, True)
+        merged = model(g["video"], g["text_ids"], g["text_mask"])
+        mc.set_merged(model, False)
+        back = model(g["video"], g["text_ids"], g["text_mask"])
+    for x, y, z in zip(ref, merged, back):
+        assert max_diff(x, y) < 1e-5 and max_diff(x, z) < 1e-5
+
+# ----------------------------------------------------------------------------------------------------------
+# zero-shot scoring, thresholds, metrics
+
+
+def test_zero_shot_probability_on_a_hand_built_case():
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])                            # two volumes
+    s = 2 ** -0.5
+    prompts = torch.tensor([[1.0, 0.0], [0.0, 1.0], [s, s], [s, -s]])       # finding 0: +, -; finding 1: +, -
+    p = mc.zero_shot_probs(img, prompts, torch.tensor(3.0))
+    expect = torch.tensor([[torch.sigmoid(torch.tensor(3.0)), torch.sigmoid(torch.tensor(0.0))],
+                           [torch.sigmoid(torch.tensor(-3.0)), torch.sigmoid(torch.tensor(3.0 * 2 * s))]])
+    assert torch.allclose(p, expect, atol=1e-6)
+    assert mc.prompts_for(["Emphysema"]) == ["Emphysema is present.", "Emphysema is not present."]
+
+
+def test_thresholds_follow_the_official_rule_and_never_see_test_labels():
+    rng = np.random.default_rng(0)
+    y = (rng.random((200, 3)) < 0.3).astype(float)
+    p = np.clip(y * 0.3 + rng.random((200, 3)) * 0.7, 0, 1)
+    t = mc.choose_thresholds(y, p)
+    grid = np.linspace(0, 1, 100)
+    for c in range(3):  # brute force: the official loop, "<=" keeps the last minimum
+        best, best_t = 1e9, 0
+        for th in grid:
+            pred = p[:, c] > th
+            tpr = (pred & (y[:, c] == 1)).sum() / (y[:, c] == 1).sum()
+            fpr = (pred & (y[:, c] == 0)).sum() / (y[:, c] == 0).sum()
+            d = np.sqrt((1 - tpr) ** 2 + fpr ** 2)
+            if d <= best:
+                best, best_t = d, th
+        assert t[c] == best_t
+
+    class Split:
+        def __init__(self, labels):
+            self.labels, self.findings = labels, ["a", "b"]
+
+        def __len__(self):
+            return len(self.labels)
+    calls = []
+    real = mc.choose_thresholds
+    args = mc.parse_args([])
+    model = type("M", (), {"temperature": torch.tensor(1.0)})()
+    try:
+        mc.choose_thresholds = lambda yy, pp: calls.append(yy) or real(yy, pp)
+        enc = iter([torch.eye(2)[[0, 1, 0, 1]], torch.eye(2)[[1, 0]]])            # test volumes, then validation
+        orig_v, orig_p = mc.encode_volumes, mc.encode_prompts
+        mc.encode_volumes = lambda *a: next(enc)
+        mc.encode_prompts = lambda *a: torch.eye(2)[[0, 1, 1, 0]]
+        val, test = Split(np.array([[1.0, 0.0], [0.0, 1.0]])), Split(np.array([[1, 0], [0, 1], [1, 1], [0, 0.0]]))
+        rep = mc.evaluate(args, model, None, val, test, "cpu")
+    finally:
+        mc.choose_thresholds, mc.encode_volumes, mc.encode_prompts = real, orig_v, orig_p
+    assert len(calls) == 1 and calls[0] is val.labels             # thresholds from the validation labels only
+    assert "validation" in rep["thresholds_from"]
+
+
+def test_f1_variants_on_a_hand_built_case():
+    y = np.array([[1, 0], [1, 1], [0, 0], [0, 1.0]])
+    pred = np.array([[1, 0], [0, 1], [0, 1], [0, 1.0]])
+    f = mc.f1_scores(y, pred)
+    # finding 0: tp 1, fn 1 -> F1 2/3; finding 1: tp 2, fp 1 -> 4/5
+    assert np.allclose(f["f1"], [2 / 3, 4 / 5]) and np.isclose(f["macro_f1"], (2 / 3 + 4 / 5) / 2)
+    assert np.isclose(f["weighted_f1"], (2 / 3 * 2 + 4 / 5 * 2) / 4)
+    assert np.isclose(f["samples_f1"], (1 + 2 / 3 + 0 + 1) / 4)               # sklearn average="samples"
+    f1_neg = [2 * 2 / (2 * 2 + 1), 2 * 1 / (2 * 1 + 1)]                        # F1 of class 0 per finding
+    assert np.isclose(f["ctclip_weighted_f1"], np.mean([(2 / 3 * 2 + f1_neg[0] * 2) / 4, (4 / 5 * 2 + f1_neg[1] * 2) / 4]))
+
+
+def test_bootstrap_cis_resample_and_vary_with_the_seed():
+    rng = np.random.default_rng(1)
+    y = (rng.random((60, 3)) < 0.4).astype(float)
+    p = np.clip(0.3 * y + 0.7 * rng.random((60, 3)), 0, 1)
+    t = np.full(3, 0.5)
+    a = mc.zero_shot_report(y, p, t, ["a", "b", "c"], n_boot=200, seed=0)
+    b = mc.zero_shot_report(y, p, t, ["a", "b", "c"], n_boot=200, seed=1)
+    assert a["overall"] == b["overall"]
+    lo, hi = a["ci95"]["mean_auroc"]
+    assert lo < a["overall"]["mean_auroc"] < hi and hi - lo > 0.02           # the rows really were resampled
+    assert a["ci95"]["mean_auroc"] != b["ci95"]["mean_auroc"]
