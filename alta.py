@@ -618,11 +618,19 @@ class ALTA(MAEViT):
             nn.init.zeros_(self.patch_embed.proj.bias)
             self.cls_token.copy_(torch.randn(self.cls_token.shape, generator=g) * 0.02)
             self.mask_token.copy_(torch.randn(self.mask_token.shape, generator=g) * 0.02)
-            # N(0, 1/sqrt(D)), not HF's 0.02: a random BERT at 0.02 gives every text the same CLS (attention is
-            # uniform and each sublayer adds ~1% to the residual), a useless frozen tower for the demo
-            self.bert_encoder.bert.init_random(seed + 1, std=self.bert_encoder.bert.cfg.dim ** -0.5)
+            # N(0, 0.4), not HF's 0.02: a random BERT at 0.02 gives every text the same CLS (attention is uniform
+            # and each sublayer adds ~1% to the residual; mean cosine 0.99 between demo reports, 0.7 at 0.4), a
+            # useless frozen tower for the demo. Real runs load CXR-BERT over it.
+            self.bert_encoder.bert.init_random(seed + 1, std=0.4)
             for m in self.bert_encoder.modules():
-                if isinstance(m, ProjectionHead) or isinstance(m, MLMHead):
+                if isinstance(m, ProjectionHead):     # the same xavier init as the image heads
+                    for lin in (m.dense_to_hidden, m.dense_to_output):
+                        bound = math.sqrt(6 / (lin.in_features + lin.out_features))
+                        lin.weight.copy_(torch.rand(lin.weight.shape, generator=g) * 2 * bound - bound)
+                        nn.init.zeros_(lin.bias)
+                    nn.init.ones_(m.LayerNorm.weight)
+                    nn.init.zeros_(m.LayerNorm.bias)
+                elif isinstance(m, MLMHead):
                     for p_name, p in m.named_parameters():
                         if "LayerNorm" in p_name:
                             p.fill_(1.0 if p_name.endswith("weight") else 0.0)
@@ -656,10 +664,11 @@ class ALTA(MAEViT):
         return F.normalize(z.float(), dim=-1) if normalize else z
 
     # -- pre-training ----------------------------------------------------------------------------------------
-    def encode_views(self, views, present):
+    def encode_views(self, views, present, which: slice = slice(None)):
         """views (B, V=4, 3, H, W) in VIEWS order, present (B, V) bool -> CLS (B, V, D), visible tokens
         (B, V, n_keep, D), and the masking of each view: ids_restore, mask (B, V, N). Each image is its own
-        sequence (B*V, 1 + n_keep, D): no attention across views, as the official code."""
+        sequence (B*V, 1 + n_keep, D): no attention across views, as the official code. `which`: the views given,
+        when not all four (--bench encodes them one at a time)."""
         B, V = present.shape
         x = self.patch_embed(views.flatten(0, 1))                                        # (B*V, N, D)
         # a missing view (an all-zero image officially) becomes the missing token, then gets positions as usual
@@ -668,7 +677,7 @@ class ALTA(MAEViT):
         ids_keep, ids_restore, mask = random_masking(B * V, x.shape[1], self.alta_cfg.mask_ratio, x.device)
         x = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, x.shape[2]))           # (B*V, n_keep, D)
         x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(len(x), -1, -1), x], 1)
-        vt = self.view_embedding[0, self.view_ids] + self.temporal_embedding[0, self.time_ids]  # (V, D)
+        vt = (self.view_embedding[0, self.view_ids] + self.temporal_embedding[0, self.time_ids])[which]  # (V, D)
         x = (x.view(B, V, *x.shape[1:]) + vt[:, None]).flatten(0, 1)                     # on every token, CLS too
         for blk in self.blocks:
             x = blk(x)
@@ -940,10 +949,11 @@ SENTENCE_SPLIT = re.compile(r"(?<!\w\.\w.)(?<![A-Z][a-z]\.)(?<=\.|\?)\s")   # th
 
 
 def image_transform(size: int, gray: bool):
-    """Resize the shorter side to size x 8/7 (bicubic), centre crop `size`: the official 256 -> 224 and 512 ->
-    448 paths. Grayscale x 3 for X-rays; the demo's colour photographs stay RGB."""
-    return Compose([ToRGB(), Resize(round(size * 8 / 7)), CenterCrop(size)]), \
-        Compose([*([Grayscale3()] if gray else []), ToTensor(), Normalize(CXR_MEAN, CXR_STD)])
+    """-> (geometry, to_tensor), with the random affine + jitter going between the two when training.
+    Geometry: the shorter side to size x 8/7 (bicubic), centre crop `size` (the official 256 -> 224 and 512 -> 448
+    paths). Then grayscale x 3 for X-rays (the demo's colour photographs stay RGB), tensor, Normalize(0.4785, 0.2834)."""
+    geometry = Compose([ToRGB(), Resize(round(size * 8 / 7)), CenterCrop(size)])
+    return geometry, Compose([*([Grayscale3()] if gray else []), ToTensor(), Normalize(CXR_MEAN, CXR_STD)])
 
 
 class Grayscale3:
@@ -1230,12 +1240,12 @@ def read_rows(path: Path, required) -> list:
 def evaluate(what: str, model: ALTA, tok, args, root: Path) -> dict:
     """One official evaluation; root is the dataset folder. Returns the metrics (printed by the caller)."""
     dev, prec, size = torch.device(args.device), args.precision, model.cfg.img_size
-    if what in ("demo-zeroshot", "demo-retrieval"):
-        split = json.loads((root / "split_demo.json").read_text())["test"]
+    if what in ("demo-zeroshot", "demo-retrieval", "demo-val"):   # demo-val: zero-shot on the validation split
+        split = json.loads((root / "split_demo.json").read_text())["val" if what == "demo-val" else "test"]
         classes = json.loads((root / "classes.json").read_text())
         img = embed_images(model, [root / p for p, _, _ in split], size, False, dev, prec)
         y = np.array([label for _, label, _ in split])
-        if what == "demo-zeroshot":
+        if what != "demo-retrieval":
             cls = class_embeddings(model, tok, {c: classes["descriptions"][c] for c in classes["classnames"]},
                                    args.max_len, dev, prec)
             sim = img @ cls.T
@@ -1293,19 +1303,19 @@ EVALS = {  # --eval NAME: the dataset folder it reads, and how to prepare it
 # Benchmark at the paper's size (random weights, no download)
 
 
-def run_bench(args, world):
+def run_bench(args, world, vit_cfg: ViTConfig = ViTConfig(), bert_cfg: BertConfig = CXR_BERT):
     """A pre-training step with all four losses (B = --batch-size, four views each) and the inference path, at the
     real size; then the cost of encoding the four views one view at a time instead of as one (B x 4) batch."""
     dev, prec = world.device, args.precision
-    model = ALTA(ViTConfig(), CXR_BERT, ALTAConfig()).to(dev)
+    model = ALTA(vit_cfg, bert_cfg, ALTAConfig()).to(dev)
     mark_trainable(model, model.alta_cfg)
     R.cast_frozen(model, R.PRECISIONS[prec])
-    B, T, S = args.batch_size, 128, 224
+    B, T, S = args.batch_size, min(128, bert_cfg.max_positions), vit_cfg.img_size
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, 30522, (B, T), generator=g)
+    ids = torch.randint(5, bert_cfg.vocab_size, (B, T), generator=g)
     batch = {"big": torch.randn(B, 3, 2 * S, 2 * S), "views": torch.randn(B, 3, 3, S, S),
              "present": torch.rand(B, 4) < 0.8, "ids": ids, "attention_mask": torch.ones(B, T, dtype=torch.long),
-             "mlm_ids": ids.masked_fill(torch.rand(B, T) < 0.5, 103),
+             "mlm_ids": ids.masked_fill(torch.rand(B, T) < 0.5, 4),
              "mlm_labels": ids.masked_fill(torch.rand(B, T) < 0.5, -100)}
     batch["present"][:, 0] = True
     batch = to_device(batch, dev)
@@ -1321,11 +1331,12 @@ def run_bench(args, world):
         with torch.no_grad(), R.autocast(dev, prec):
             model.encode_image(batch["big"][:, :, :S, :S])
 
-    flops = R.flops_of(step)
+    rows = []
+    r = R.bench(step, items=B, flops_per_step=R.flops_of(step), device=dev, dtype=R.PRECISIONS[prec],
+                steps=args.bench_steps)
+    rows.append(("pre-train step, 4 losses, 4 views", r))
     print(R.BENCH_COLUMNS)
-    print(R.bench_row("pre-train step, 4 losses, 4 views", prec, B,
-                      R.bench(step, items=B, flops_per_step=flops, device=dev, dtype=R.PRECISIONS[prec],
-                              steps=args.bench_steps), "study"))
+    print(R.bench_row(rows[-1][0], prec, B, r, "study"))
     views = torch.cat([batch["big"][:, None, :, :S, :S], batch["views"]], 1)
 
     def batched():                      # what forward does: one (B x 4)-image pass
@@ -1335,13 +1346,15 @@ def run_bench(args, world):
     def per_view():                     # four B-image passes, one per view
         with torch.no_grad(), R.autocast(dev, prec):
             for v in range(4):
-                model.encode_views(views[:, v:v + 1], batch["present"][:, v:v + 1])
+                model.encode_views(views[:, v:v + 1], batch["present"][:, v:v + 1], slice(v, v + 1))
 
     for what, fn in (("inference: encode_image", infer), ("4 views as one (B x 4) batch, fwd", batched),
                      ("4 views one at a time, fwd", per_view)):
         r = R.bench(fn, items=B, flops_per_step=R.flops_of(fn), device=dev, dtype=R.PRECISIONS[prec],
                     steps=args.bench_steps)
+        rows.append((what, r))
         print(R.bench_row(what, prec, B, r, "study"))
+    return rows
 
 # ----------------------------------------------------------------------------------------------------------
 # main
@@ -1366,9 +1379,11 @@ def parse_args(argv=None):
     p.add_argument("--mask-ratio", type=float, default=0.75, help="MAE masking of every view")
     p.add_argument("--ckpt-every", type=int, default=0, help="also checkpoint every N steps (0: at epoch ends)")
     p.add_argument("--no-select", action="store_true", help="skip the per-epoch model-selection evaluation")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     p.add_argument("--mlm-8010", action="store_true", help="80/10/10 MLM corruption (official code: all [MASK])")
     p.add_argument("--fix-missing", action="store_true", help="train the missing token, leave missing views out")
     p.add_argument("--train-bert-embed", action="store_true", help="train bert_embed (official: frozen random)")
+    p.add_argument("--train-all", action="store_true", help="train the towers too (random towers: no MRM to adapt)")
     argv = sys.argv[1:] if argv is None else argv
     args, given = p.parse_args(argv), R.given_flags(p, argv)
     if args.resume:
@@ -1376,7 +1391,7 @@ def parse_args(argv=None):
             R.restore_run_args(args, given, free=("steps",))   # a longer --steps only runs further
         except R.RunError as e:
             p.error(str(e))
-    elif args.data == "demo":
+    elif args.data == "demo" and not args.eval:
         for k, v in DEMO_RECIPE.items():
             if k not in given:
                 setattr(args, k, v)
@@ -1407,6 +1422,9 @@ def build(args, world, corpus=None):
         from safetensors.torch import load_file
         R.load_tensors(model, load_file(str(f)), str(f))
     mark_trainable(model, cfg)
+    if args.train_all:                       # everything but the fixed sin-cos tables
+        for name, p in model.named_parameters():
+            p.requires_grad = "pos_embed" not in name
     return model.to(world.device), tok
 
 
@@ -1422,8 +1440,12 @@ def preflight(args):
     if args.data != "demo" and not args.eval and (not args.init_vision or not args.text):
         problems.append("real pre-training needs --init-vision MRM.safetensors (convert MRM.pth with `python -m "
                         "common.weights convert MRM.pth MRM.safetensors --key model`) and --text <CXR-BERT folder>")
-    if args.eval and args.eval != "demo":
+    if args.eval:
         folder = Path(args.data_dir or REPO / EVALS[args.eval][0])
+        if not args.text:
+            problems.append(f"--eval {args.eval} needs --text <CXR-BERT-specialized folder> (its tokenizer and config)")
+        if not args.init:
+            problems.append(f"--eval {args.eval} needs --init ALTA.safetensors or --init RUN_DIR")
         if not folder.is_dir():
             problems.append(f"--eval {args.eval}: {folder} not found; prepare it with `{EVALS[args.eval][1]}`")
     if problems:
@@ -1456,15 +1478,18 @@ def run(args, world) -> dict:
     rsna = REPO / "data" / "rsna" / "valid.csv"
     select = None
     if args.data == "demo":
-        select = lambda m: evaluate("demo-zeroshot", m, tok, args, root)["AUROC"] if world.is_main else None
+        select = lambda m: evaluate("demo-val", m, tok, args, root)["AUROC"] if world.is_main else None
     elif rsna.is_file():
         select = lambda m: evaluate("rsna-val", m, tok, args, rsna.parent)["AUROC"] if world.is_main else None
     if not args.eval_only:
         best = train(args, world, model, ds, run_dir, select)
-        if world.is_main:
-            print(f"best selection metric {best['value']} at epoch {best['epoch']}")
+        if world.is_main and best["value"] is not None:
+            print(f"model selection: best {best['value']:.4f} at epoch {best['epoch']}; evaluating those weights")
+    if (run_dir / "best.safetensors").is_file():   # as the official best_auroc checkpoint
+        from safetensors.torch import load_file
+        R.load_tensors(model, load_file(str(run_dir / "best.safetensors")), str(run_dir / "best.safetensors"))
     results = {}
-    if world.is_main and args.data == "demo":
+    if world.is_main and args.data == "demo" and not args.no_eval:
         for what in ("demo-zeroshot", "demo-retrieval"):
             results[what] = evaluate(what, model, tok, args, root)
             print(what, json.dumps(results[what]))
