@@ -1443,8 +1443,10 @@ def run(args, world) -> int:
 
 
 def train_and_evaluate(args, world, run_dir: Path) -> dict:
-    if args.eval_only:  # the finished stages of --resume RUN_DIR, evaluated
-        args.init, args.eval = str(run_dir), args.eval or "zero-shot"
+    if args.eval_only or (args.resume and args.eval):  # evaluate what --resume RUN_DIR trained
+        args.eval = args.eval or "zero-shot"
+        if any((run_dir / s / "trainable.safetensors").is_file() for s in ("stage1", "stage2")):
+            args.init = str(run_dir)  # (a resumed --eval run keeps the --init it evaluates)
     spec = model_spec(args)
     R.seed_everything(args.seed, world.rank)
     model = build_model(spec, llm_dtype=R.PRECISIONS[args.precision]).to(world.device)

@@ -516,6 +516,9 @@ def test_stage2_restarts_the_temperature_as_officially(tmp_path, capsys):
     s1, s2 = (load_file(str(out / s / "trainable.safetensors"))["logit_scale"] for s in ("stage1", "stage2"))
     assert abs(s1.item() - math.log(1 / 0.07)) > 1e-4            # stage 1 trained it
     assert abs(s2.item() - math.log(1 / 0.07)) < 1e-6            # stage 2 starts again at 1/0.07 (frozen in ce)
+    capsys.readouterr()
+    assert cleft.main(["--resume", str(out), "--eval", "linear-probe"]) == 0  # evaluates the run's own weights
+    assert f"loaded {out / 'stage2'}" in capsys.readouterr().out and (out / "metrics_linear-probe.json").is_file()
 
 # ----------------------------------------------------------------------------------------------------------
 # user mistakes: a message and exit 2, no traceback, nothing written (issue 9 point 2)
