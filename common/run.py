@@ -205,10 +205,6 @@ class World:
     def enabled(self) -> bool:
         return self.size > 1
 
-    @property
-    def world_size(self) -> int:  # the old name; scripts use .size
-        return self.size
-
 
 def setup_distributed(device: str = "auto") -> World:
     """torch.distributed when launched by torchrun (RANK/WORLD_SIZE set), else a single process.
@@ -809,61 +805,3 @@ def bench_row(what: str, precision: str, batch: int, r: dict, unit: str = "img")
     return (f"{what:40s} | {precision:5s} | B={batch:<5d} | step {r['step_ms']:9.1f} ms | "
             f"{r['items_per_s']:9.2f} {unit}/s | {r['tflops']:7.3f} TFLOP/s | MFU {100 * r['mfu']:5.1f}% "
             f"(of {r['matmul_peak_tflops']:.1f} measured) | peak mem {r['peak_mem_mb']:.0f} MB")
-
-# ----------------------------------------------------------------------------------------------------------
-# the interface cilmp.py and cleft.py used before the plumbing above; removed once both are migrated
-
-
-Dist = World
-
-
-def make_run_dir(script: str, data: str, out=None, args: dict | None = None, is_main: bool = True) -> Path:
-    if out is None:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        if dist.is_available() and dist.is_initialized():
-            holder = [stamp]
-            dist.broadcast_object_list(holder, src=0)
-            stamp = holder[0]
-        out = REPO_ROOT / "runs" / script / data / stamp
-    out = Path(out)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if args is not None:
-            (out / "args.json").write_text(json.dumps(args, indent=2, default=str) + "\n")
-        (out / "env.json").write_text(json.dumps({"torch": torch.__version__, "argv": sys.argv}) + "\n")
-    return out
-
-
-def save_checkpoint(run_dir: Path, tensors: dict, state: dict, keep: int = 2) -> Path:
-    root = Path(run_dir) / "ckpt"
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{int(state['step']):07d}"
-    tmp = root / (name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
-    torch.save(state, tmp / "state.pt")
-    final = root / name
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    ptr = root / "latest.tmp"
-    ptr.write_text(name + "\n")
-    os.replace(ptr, root / "latest")
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in done[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(run_dir: Path):
-    root = Path(run_dir) / "ckpt"
-    ptr = root / "latest"
-    if not ptr.exists():
-        return None
-    d = root / ptr.read_text().strip()
-    return load_file(str(d / "trainable.safetensors")), torch.load(d / "state.pt", map_location="cpu", weights_only=True)
-
-
-def check_finite(loss: torch.Tensor, step: int):
-    if not torch.isfinite(loss).all():
-        raise NonFiniteLoss(step, loss.item())
