@@ -281,8 +281,8 @@ class GPT2Attention(nn.Module):
         self.upcast = cfg.upcast_attn
 
     def forward(self, x, mask, past=None):
-        """x (B, T, D); mask (B, 1, T, P + T) bool or None for plain causal; past = prefix (k, v), each
-        (B, nh, P, hs), prepended to this layer's keys and values (prefix tuning)."""
+        """x (B, T, D); mask (B, 1, T, P + T) bool or None for plain causal; past = (k, v), each (B, nh, P, hs),
+        prepended to this layer's keys and values (HF's past_key_values; a prefix for prefix tuning)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.nh, C // self.nh).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
         if past is not None:
@@ -333,7 +333,6 @@ class GPT2(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(GPT2Block(cfg, i) for i in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.dim, eps=cfg.eps)
-        self.prefix = None        # PrefixKV when prefix tuning is on (add_peft)
         self.grad_ckpt = False    # --grad-ckpt: recompute each block in backward (activation memory / n_layers)
 
     @classmethod
@@ -358,13 +357,14 @@ class GPT2(nn.Module):
                 p.data.copy_(torch.randn(p.shape, generator=g) * s)
         return self
 
-    def forward(self, ids=None, attention_mask=None, embeds=None):
-        """ids (B, T) or embeds (B, T, D) (stage-2 prompts), attention_mask (B, T) 1 = real token. Right padding
-        assumed (pad = eos), so position ids are simply 0..T-1, shifted by P when a prefix is present
-        (HF GPT-2 starts positions at the past length)."""
+    def forward(self, ids=None, attention_mask=None, embeds=None, past=None):
+        """ids (B, T) or embeds (B, T, D) (stage-2 prompts), attention_mask (B, T) 1 = real token; past: one
+        (k, v) per layer, each (B, nh, P, hs), that every query also attends to (HF's past_key_values). Right
+        padding assumed (pad = eos), so position ids are simply 0..T-1, shifted by P when there is a past (HF
+        GPT-2 starts positions at the past length)."""
         x = self.wte(ids) if embeds is None else embeds                                  # (B, T, D)
         B, T = x.shape[:2]
-        P = self.prefix.n if self.prefix is not None else 0
+        P = past[0][0].shape[2] if past is not None else 0
         if P + T > self.cfg.n_positions:
             raise ValueError(f"sequence of {P + T} tokens > n_positions {self.cfg.n_positions}")
         x = self.drop(x + self.wpe(torch.arange(P, P + T, device=x.device)))
@@ -375,12 +375,11 @@ class GPT2(nn.Module):
                 keys[:, P:] = attention_mask.bool()
             causal = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)      # query t sees keys <= P+t
             mask = causal[None, None] & keys[:, None, None, :]
-        pasts = self.prefix(B) if P else [None] * len(self.h)
-        for blk, past in zip(self.h, pasts):
+        for blk, layer_past in zip(self.h, past if past is not None else [None] * len(self.h)):
             if self.grad_ckpt and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, mask, past, use_reentrant=False)
+                x = checkpoint(blk, x, mask, layer_past, use_reentrant=False)
             else:
-                x = blk(x, mask, past)
+                x = blk(x, mask, layer_past)
         return self.ln_f(x)
 
 # ----------------------------------------------------------------------------------------------------------
@@ -485,7 +484,8 @@ class PrefixKV(nn.Module):
         every layer i attends to [K_i^prefix ; K_i] and [V_i^prefix ; V_i],  K/V^prefix learned (P, D) each
 
     stored as one embedding table (P, n_layers * 2 * D) laid out [layer0 k, layer0 v, layer1 k, ...], peft's
-    layout; N(0, 1) init like peft's nn.Embedding. Positions of the real tokens then start at P."""
+    layout; N(0, 1) init like peft's nn.Embedding. forward(B) is GPT2's `past` argument (positions of the real
+    tokens then start at P). add_peft puts it on the LLM as llm.prefix; run_llm passes it."""
 
     def __init__(self, n: int, cfg: GPT2Config, device=None):
         super().__init__()
@@ -512,6 +512,13 @@ def add_peft(llm: GPT2, cfg: PEFTConfig) -> GPT2:
     elif cfg.method not in ("lora", "ia3", "none"):
         raise ValueError(f"unknown PEFT method {cfg.method!r} (lora, ia3, prefix, none)")
     return llm
+
+
+def run_llm(llm: GPT2, ids=None, attention_mask=None, embeds=None):
+    """The LLM's hidden states (N, T, D), with the prefix of prefix tuning when add_peft put one on it."""
+    n = (ids if embeds is None else embeds).shape[0]
+    prefix = getattr(llm, "prefix", None)
+    return llm(ids, attention_mask, embeds=embeds, past=prefix(n) if prefix is not None else None)
 
 
 def is_adapter(name: str) -> bool:
@@ -568,7 +575,7 @@ class CLEFT(nn.Module):
             N = ids.shape[0]
             emb = torch.cat([self.ctx.to(self.llm.wte.weight.dtype).expand(N, -1, -1), self.llm.wte(ids)], 1)
             mask = torch.cat([mask.new_ones(N, self.ctx.shape[0]), mask], 1)
-        h = self.llm(ids if emb is None else None, mask, embeds=emb)                     # (N, T', D)
+        h = run_llm(self.llm, ids if emb is None else None, mask, embeds=emb)            # (N, T', D)
         last = mask.sum(1).clamp(max=h.shape[1] - 1)                                      # first pad, or last token
         pooled = h[torch.arange(h.shape[0], device=h.device), last]                      # (N, D)
         return F.normalize(self.txt_proj(pooled).float(), dim=-1)                        # (N, E)

@@ -97,7 +97,7 @@ def test_peft_matches_peft_library(method):
     llm, g = peft_llm(method), io(f"cleft_{method}")
     base = cleft.GPT2.from_pretrained(GOLD / "cleft_gpt2_scaled").eval()
     with torch.no_grad():
-        h = llm(g["input_ids"], g["attention_mask"])
+        h = cleft.run_llm(llm, g["input_ids"], g["attention_mask"])  # with the prefix for "prefix"
         assert max_diff(h, g["last_hidden_state"]) < TOL
         # and the adapter does change the output (non-zero lora_B, non-one IA3 vectors, a random prefix)
         assert max_diff(base(g["input_ids"], g["attention_mask"]), g["last_hidden_state"]) > 1e-2
