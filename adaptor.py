@@ -1203,11 +1203,17 @@ def classify(args, world, folder: Path, vision, adaptor: Adaptor, size: int) -> 
     z, y = {}, {}
     for split in ("train", "val", "test"):
         ds = ClassificationDataset(root, root / d["classify"], split, PadCrop(size, train=False))
-        paths = [p for p, _, _ in ds.items]
-        g = frozen_images(args, world, vision, Images(ds.root, paths, ds.transform), "cls-" + split, size)
-        with torch.no_grad():
-            adaptor.eval()
-            z[split] = adaptor.encode_image(g.to(world.device))                     # (N, D)
+        images, adaptor = Images(ds.root, [p for p, _, _ in ds.items], ds.transform), adaptor.eval()
+        if adaptor.cfg.tokens:  # the global vector queries the patch tokens: computed on the fly, not cached
+
+            def batch(s, e):
+                g, tokens = image_features(vision, torch.stack([images[i] for i in range(s, e)]).to(world.device))
+                return adaptor.encode_image(g.float(), tokens.float())
+            z[split] = extract(batch, len(images), args.eval_batch_size, f"adaptor features {split}").to(world.device)
+        else:
+            g = frozen_images(args, world, vision, images, "cls-" + split, size)
+            with torch.no_grad():
+                z[split] = adaptor.encode_image(g.to(world.device))                 # (N, D)
         y[split] = torch.as_tensor(ds.labels, device=world.device)
     classnames = ds.classnames
     keep = fraction(y["train"].cpu().numpy(), args.data_pct, args.seed)
