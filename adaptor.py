@@ -926,7 +926,8 @@ def train_loop(args, world, folder: Path, model, opt, n: int, step_fn, lr_fn, to
     optimizer, RNG and step, so a killed run continues exactly where it stopped."""
     net = R.wrap_model(model, world, compile=args.compile)
     ckpts = R.Checkpoints(folder / "ckpt", world)
-    ck, step = ckpts.load(optimizer=opt, resuming=bool(args.resume)), 0
+    scaler = R.make_scaler(args.precision, world.device)  # fp16 only; a no-op otherwise
+    ck, step = ckpts.load(optimizer=opt, scaler=scaler, resuming=bool(args.resume)), 0
     trainable = lambda: {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
     if ck is not None:
         R.load_tensors(model, ck.tensors, f"checkpoint {ck.path}", required=list(trainable()))
@@ -948,7 +949,7 @@ def train_loop(args, world, folder: Path, model, opt, n: int, step_fn, lr_fn, to
                 group["lr"] = lr
             with R.autocast(world.device, args.precision):
                 loss = step_fn(net, batch)
-            value = R.optimizer_step(loss, opt, None, world, step)
+            value = R.optimizer_step(loss, opt, scaler, world, step)
             step += 1
             if step % args.log_every == 0 or step == total:
                 log.log(step=step, epoch=epoch, loss=value, lr=lr)
@@ -956,7 +957,8 @@ def train_loop(args, world, folder: Path, model, opt, n: int, step_fn, lr_fn, to
             if best is not None and (step % nb == 0 or step == total):
                 log.log(step=step, epoch=epoch, **best(epoch))
             if step % args.ckpt_every == 0 or step == total:
-                ckpts.save(step, trainable(), optimizer=opt, extra=best.state() if best is not None else None)
+                ckpts.save(step, trainable(), optimizer=opt, scaler=scaler,
+                           extra=best.state() if best is not None else None)
             if step >= total:
                 break
     return step
@@ -1334,7 +1336,10 @@ class TorchLayer(nn.Module):
 
 
 def run_bench(args, world):
+    """Real sizes, random weights: the adaptor's training step on pooled features at --batch-size (1024), ours and
+    the same layers built from torch.nn.MultiheadAttention, then the frozen backbones' feature throughput."""
     dev, rows = world.device, []
+    print(R.BENCH_COLUMNS)
     precisions = [args.precision] if "precision" in args.given else (["bf16"] if dev.type == "cuda" else ["fp32", "bf16"])
     vcfg = VISION_PRESETS[args.vision if args.vision != "tiny" else "dinov2-b"]["config"]
     B = args.batch_size
@@ -1354,11 +1359,11 @@ def run_bench(args, world):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            flops = 6 * sum(p.numel() for p in model.parameters()) * B * 2  # two paths through the layers
+            flops = R.flops_of(step)
             r = R.bench(step, items=B, flops_per_step=flops, device=dev, dtype=R.PRECISIONS[prec],
                         steps=args.bench_steps)
-            rows.append(f"adaptor step ({name:8s}) {prec:4s} batch {B}: {1000 / r['step_ms']:.1f} steps/s, "
-                        f"{r['step_ms']:.1f} ms, peak {r['peak_mem_mb']:.0f} MB, MFU {r['mfu']:.1%}")
+            rows.append(R.bench_row(f"adaptor step, {name} ({1000 / r['step_ms']:.3g} steps/s)", prec, B, r,
+                                    unit="pair"))
             print(rows[-1], flush=True)
         vision = DINOv2(vcfg).init_random(0).to(dev).eval()
         bs = 64 if dev.type == "cuda" else 8
@@ -1367,8 +1372,9 @@ def run_bench(args, world):
         def fwd():
             with torch.no_grad(), R.autocast(dev, prec):
                 image_features(vision, x)
-        r = R.bench(fwd, items=bs, flops_per_step=0.0, device=dev, dtype=R.PRECISIONS[prec], steps=args.bench_steps)
-        rows.append(f"DINOv2 ({vcfg.dim}) features {prec:4s} batch {bs} at 224: {r['items_per_s']:.1f} images/s")
+        r = R.bench(fwd, items=bs, flops_per_step=R.flops_of(fwd), device=dev, dtype=R.PRECISIONS[prec],
+                    steps=args.bench_steps)
+        rows.append(R.bench_row(f"DINOv2 ({vcfg.dim}) features at 224", prec, bs, r))
         print(rows[-1], flush=True)
         bert = BERT(BertConfig(), add_pooler=True).init_random(0).to(dev).eval()
         ids = torch.randint(0, 30522, (bs, MAX_WORDS), device=dev)
@@ -1376,8 +1382,9 @@ def run_bench(args, world):
         def fwd_text():
             with torch.no_grad(), R.autocast(dev, prec):
                 text_features(bert, ids, torch.ones_like(ids))
-        r = R.bench(fwd_text, items=bs, flops_per_step=0.0, device=dev, dtype=R.PRECISIONS[prec], steps=args.bench_steps)
-        rows.append(f"BERT-base features {prec:4s} batch {bs} x {MAX_WORDS} tokens: {r['items_per_s']:.1f} texts/s")
+        r = R.bench(fwd_text, items=bs, flops_per_step=R.flops_of(fwd_text), device=dev, dtype=R.PRECISIONS[prec],
+                    steps=args.bench_steps)
+        rows.append(R.bench_row(f"BERT-base features, {MAX_WORDS} tokens", prec, bs, r, unit="text"))
         print(rows[-1], flush=True)
     return rows
 
@@ -1469,12 +1476,13 @@ def backbones(args, world):
             raise R.RunError("--vision tiny and --text tiny go together (the demo's backbones)")
         vision, bert, tok = demo_backbones(args, world)
     else:
-        dtype = R.PRECISIONS[args.precision] if world.device.type == "cuda" else None
-        vision = DINOv2.from_pretrained(args.vision_path or VISION_PRESETS[args.vision]["repo"], dtype=dtype)
+        vision = DINOv2.from_pretrained(args.vision_path or VISION_PRESETS[args.vision]["repo"])
         folder = resolve(args.text_path or TEXT_PRESETS[args.text]["repo"])
-        bert, tok = load_bert(folder, args.missing_pooler, args.seed, dtype=dtype), bert_tokenizer(folder)
+        bert, tok = load_bert(folder, args.missing_pooler, args.seed), bert_tokenizer(folder)
     for m in (vision, bert):
         m.requires_grad_(False).eval()
+        if world.device.type == "cuda" and args.precision != "fp32":  # frozen weights stored in the compute dtype
+            R.cast_frozen(m, R.PRECISIONS[args.precision])
     return vision.to(world.device), bert.to(world.device), tok
 
 
