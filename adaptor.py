@@ -19,8 +19,9 @@ The model (12,207,617 trainable parameters with DINOv2-B, 11,912,705 with DINOv2
 What the official model really computes, said plainly: it feeds ONE pooled token per modality, and attention over
 a single key has weight 1 whatever the query, so MHA(q=u, k=v, v=v) = out_proj(v_proj(v)) exactly (a test proves
 it). The "cross-attention" therefore fuses nothing: each modality goes through the same residual linear + FFN
-blocks on its own, and the only cross-modal signal is the contrastive loss. Its query and key projections get no
-gradient at all and stay at their random initialisation. `--tokens` is the version the paper's figure describes:
+blocks on its own, and the only cross-modal signal is the contrastive loss. Its query and key projections get a
+zero gradient and stay at their random initialisation (apart from weight decay, and float noise that Adam's
+normalisation turns into lr-sized steps). `--tokens` is the version the paper's figure describes:
 the query is still the other modality's global vector, but the keys and values are the frozen patch / word tokens
 (projected and normalised like the global ones), so which tokens are read depends on the other modality. With
 --tokens, features are computed on the fly under no_grad (a token cache for MIMIC-CXR would be ~80 GB).
@@ -46,13 +47,15 @@ Where this file departs from the official code (each is also noted where it happ
   - downstream, the official classifier passes the pooled (B, d) features to nn.MultiheadAttention, which reads a
     2-D input as one unbatched sequence: its "self-attention" mixes the images of a batch, so a prediction depends
     on the other images in the batch (a test shows it on the official module). Here each image is on its own;
-  - classification uses the frozen adaptor's output computed once (the backbone and adaptor are frozen, so it is
-    the same number the official code recomputes every step); the head is AdamW + cosine per step (official:
+  - classification trains on the frozen adaptor's output computed once per image with the centre crop (the
+    official code re-runs the frozen backbone and adaptor every step); the head is AdamW + cosine per step (official:
     CosineAnnealingWarmRestarts with T_0 = 0.4 x total steps, stepped once per epoch, i.e. barely moving);
   - the pre-training schedule is stepped once per batch (official: per batch AND once more per epoch by
     Lightning); the validation loss is logged, but the last checkpoint is kept (official: W&B-only early stop);
   - MIMIC-CXR has one frontal image per study here (common.prepare's layout; MGCA keeps every frontal image);
-  - per-image Dice is averaged over the whole split (official: the mean of per-batch means);
+  - per-image Dice is averaged over the whole split (official: the mean of per-batch means); the dice loss term is
+    the official one, computed on the raw logits (--dice-on-probs: on probabilities);
+  - the pre-training image crop is drawn once, at feature extraction (as official: no augmentation in effect);
   - CXR-BERT checkpoints have no trained pooler: the official code silently uses a random one; here that is an
     error unless --missing-pooler random (the official behaviour, seeded) or cls (the CLS hidden state).
 """
