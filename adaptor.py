@@ -32,8 +32,8 @@ position (the official extraction sorts each batch by caption length, so two tok
 
 Run it:
     python adaptor.py                              # demo: pre-train, classify, segment; tiny models, CPU
-        (measured on a busy 2-core CPU, ~4 min + ~4 min once for the demo backbones: pre-training val loss 3.77
-        vs ln 120 = 4.79, text->image top-1 0.083 vs chance 0.008; 6-class accuracy 0.43 vs 0.17; Dice 0.57)
+        (measured on a busy 2-core CPU, 3.3 min + ~4 min once for the demo backbones: pre-training val loss 3.78
+        vs ln 120 = 4.79, text->image top-1 0.067 vs chance 0.008; 6-class accuracy 0.45 vs 0.17; Dice 0.65)
     python adaptor.py --data mimic-cxr --vision dinov2-b --text biobert           # pre-training, paper setting
     python adaptor.py --task classify --data rsna --data-pct 0.01 --init runs/adaptor/mimic-cxr/<run>
     python adaptor.py --task classify --data covidx --data-pct 0.1 --init RUN
