@@ -219,7 +219,8 @@ def test_ddp_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
     close(got["local"], ref["local"])
     for k, p in model.named_parameters():
         if p.grad is not None:
-            close(got["grads"][k], p.grad, 1e-4)   # sums over ranks in another order: ~1e-5 of a grad of 2
+            # sums over ranks in another order: relative to the largest entry of each gradient
+            close(got["grads"][k], p.grad, 1e-5 * max(1.0, p.grad.abs().max().item()))
 
 
 def test_mlm_masking_statistics():
@@ -290,13 +291,11 @@ def test_paired_augmentation_moves_both_images_alike():
     big, small = a.resize((128, 128), Image.NEAREST), a
     out_big, out_small = aug(big, p), aug(small, p)
     # the same motion at both sizes: the big result, halved, is close to the small one
-    diff = (torch.tensor(list(out_big.resize((64, 64), Image.NEAREST).getdata())).float()
-            - torch.tensor(list(out_small.getdata())).float()).abs().mean()
+    px = lambda im: torch.from_numpy(__import__("numpy").asarray(im, dtype="float32"))
+    diff = (px(out_big.resize((64, 64), Image.NEAREST)) - px(out_small)).abs().mean()
     unrelated = aug(small, aug.sample(torch.Generator().manual_seed(4)))
-    diff_other = (torch.tensor(list(unrelated.getdata())).float() - torch.tensor(list(out_small.getdata())).float()).abs().mean()
-    assert diff < diff_other / 2
-    ident = replace_params(p)
-    assert list(aug(a, ident).getdata()) == list(a.getdata())
+    assert diff < (px(unrelated) - px(out_small)).abs().mean() / 2
+    assert torch.equal(px(aug(a, replace_params(p))), px(a))   # identity parameters: the image unchanged
 
 
 def replace_params(p):
