@@ -43,7 +43,6 @@ decay on every tensor but the 1-dim ones. Where this file departs from it (each 
     five-class CSVs); the linear-probe and fine-tune recipes are ours (the official README gives none).
 """
 import argparse
-import csv
 import json
 import math
 import re
@@ -60,12 +59,11 @@ from tokenizers import Tokenizer
 from tokenizers.models import BPE
 from tokenizers.pre_tokenizers import ByteLevel
 from torch.utils.checkpoint import checkpoint
-from torch.utils.data import Dataset
 
 from common import metrics as M
 from common import run as R
-from common.data import (CHEXPERT_FINDINGS, ClassificationDataset, DataError, ImageReportDataset, MultiLabelDataset,
-                         caption_from_labels, read_split, val_split_name)
+from common.data import (CaptionDataset, ClassificationDataset, DataError, OneOfClassesDataset, fraction_of, read_split,
+                         val_split_name)
 from common import transforms as T
 from common.demo import ensure_demo
 from common.weights import WeightsError, load_config, load_mapped, resolve
@@ -812,8 +810,9 @@ def data_root(args) -> Path:
     return Path(args.data_dir or REPO / "data" / DATASETS[args.data]["dir"])
 
 
-def require_file(path: Path, args, what: str) -> Path:
-    """The data file, or a DataError saying what to get and where to put it."""
+def data_file(args, name: str, what: str) -> Path:
+    """data_root/name, or a DataError saying what to get and where to put it."""
+    path = data_root(args) / name
     if not path.is_file():
         raise DataError(f"{what} for --data {args.data} not found: {path}\n  get it: {DATASETS[args.data]['get']}\n"
                         f"  (or point --data-dir at the folder holding it; formats: data/README.md)")
@@ -840,102 +839,40 @@ def image_transform(args, size: int, train: bool):
                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(T.HALF_MEAN, T.HALF_STD)])
 
 
-def frontal_rows(csv_path: Path) -> np.ndarray:
-    """bool (N,): the rows of a CheXpert CSV whose AP/PA column is PA or AP, the frontal views the official
-    code keeps (lateral views have no AP/PA value). A CSV without the column counts as all frontal."""
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "AP/PA" not in rows[0]:
-        return np.ones(len(rows), dtype=bool)
-    return np.array([(r["AP/PA"] or "").strip() in ("PA", "AP") for r in rows])
-
-
-class CaptionPairs(Dataset):
-    """(image, caption) pairs: the report column of an image-report CSV (the demo; EMBED, whose captions
-    common/prepare/embed.py builds from the metadata as the official dataset does), or, for a CheXpert CSV, a
-    caption built from its labels: "this is a chest x ray of a patient with " + the positive findings (CLEFT has no
-    reports for CheXpert). Uncertain (-1) and blank count as negative, as in the official code. CheXpert keeps
-    the frontal views only unless laterals=True (official: frontal only)."""
-
-    def __init__(self, root, csv_path, transform, laterals: bool = False):
-        with open(csv_path, encoding="utf-8-sig") as f:
-            header = [h.strip() for h in f.readline().split(",")]
-        if "report" in header:
-            self.ds = ImageReportDataset(root, csv_path, transform)
-            captions = self.ds.reports
-            keep = np.ones(len(captions), dtype=bool)
-        else:
-            self.ds = MultiLabelDataset(root, csv_path, CHEXPERT_FINDINGS, uncertain="zero", transform=transform)
-            captions = [caption_from_labels(v, CHEXPERT_FINDINGS) for v in self.ds.labels]
-            keep = np.ones(len(captions), dtype=bool) if laterals else frontal_rows(csv_path)
-        self.rows = np.flatnonzero(keep)
-        self.captions = [captions[i] for i in self.rows]
-        if not self.captions:
-            raise DataError(f"{csv_path}: no frontal (AP/PA) image; --laterals uses the lateral views too")
-
-    def __len__(self):
-        return len(self.captions)
-
-    def __getitem__(self, i):
-        item = self.ds[self.rows[i]]
-        return (item["image"] if isinstance(item, dict) else item[0]), self.captions[i]
-
-
-class OneOfClasses(Dataset):
-    """(image, label) from a CheXpert CSV: the (frontal, unless laterals) rows whose only positive among
-    `classnames` is one of them. Our stand-in for the official (unreleased) train_cheXbert_95_five_classes.csv,
-    for stage 2 and the linear probe / fine-tune on CheXpert-5x200."""
-
-    def __init__(self, root, csv_path, classnames, transform, laterals: bool = False):
-        self.ds = MultiLabelDataset(root, csv_path, classnames, uncertain="zero", transform=transform)
-        keep = (self.ds.labels.sum(1) == 1) & (True if laterals else frontal_rows(csv_path))
-        self.rows = np.flatnonzero(keep)
-        if len(self.rows) == 0:
-            raise DataError(f"{csv_path}: no {'' if laterals else 'frontal '}row has exactly one positive among "
-                            f"{classnames}")
-        self.labels, self.classnames = self.ds.labels[self.rows].argmax(1), list(classnames)
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.ds[self.rows[i]][0], int(self.labels[i])
-
-
 def caption_sets(args, size: int):
-    """Stage-1 image-text pairs (train, val) of --data."""
+    """Stage-1 image-text pairs (train, val) of --data: the report column of an image-report CSV (the demo;
+    EMBED, whose captions common/prepare/embed.py builds from the metadata as the official dataset does), or,
+    for CheXpert (no reports in CLEFT), CXR_PREFIX + its positive findings, uncertain (-1) and blank counted as
+    negative, frontal views only unless --laterals: all as the official code (common.data.CaptionDataset)."""
     d = DATASETS[args.data]
     if "pairs" not in d:
         raise DataError(f"--data {args.data} has no image-text pairs for contrastive pre-training; use --data "
                         f"chexpert or embed (or demo), or evaluate with --eval")
-    root = data_root(args)
-    train_csv, val_csv = (require_file(root / f, args, "image-text CSV") for f in d["pairs"])
-    return (CaptionPairs(root, train_csv, image_transform(args, size, True), args.laterals),
-            CaptionPairs(root, val_csv, image_transform(args, size, False), args.laterals))
+    train_csv, val_csv = (data_file(args, f, "image-text CSV") for f in d["pairs"])
+    return tuple(CaptionDataset(data_root(args), path, image_transform(args, size, train),
+                                frontal_only=not args.laterals) for path, train in ((train_csv, True), (val_csv, False)))
 
 
 def class_sets(args, size: int, train_transform=True):
     """(train, val, test) classification sets of --data, each with .labels and .classnames. CheXpert: the test
-    set is CheXpert-5x200, train / val are the one-positive rows of train.csv / valid.csv (see OneOfClasses)."""
+    set is CheXpert-5x200, train / val are the (frontal unless --laterals) rows of train.csv / valid.csv whose
+    only positive among the five classes is one of them: our stand-in for the official (unreleased)
+    train_cheXbert_95_five_classes.csv (common.data.OneOfClassesDataset)."""
     d, root = DATASETS[args.data], data_root(args)
-    split = require_file(root / d["split"], args, "split file")
+    split = data_file(args, d["split"], "split file")
     tf_train, tf_eval = image_transform(args, size, train_transform), image_transform(args, size, False)
     test = ClassificationDataset(root, split, "test", tf_eval)
     if "classes" in d and len(test.classnames) != d["classes"]:
         raise DataError(f"{split}: --data {args.data} needs {d['classes']} classes, the file has {len(test.classnames)}")
     if "class_csvs" in d:
-        train_csv, val_csv = (require_file(root / f, args, "CheXpert CSV") for f in d["class_csvs"])
-        train, val = (OneOfClasses(root, f, test.classnames, t, args.laterals)
-                      for f, t in ((train_csv, tf_train), (val_csv, tf_eval)))
+        train, val = (OneOfClassesDataset(root, data_file(args, f, "CheXpert CSV"), test.classnames, t,
+                                          frontal_only=not args.laterals)
+                      for f, t in zip(d["class_csvs"], (tf_train, tf_eval)))
     else:
         train = ClassificationDataset(root, split, "train", tf_train)
         val = ClassificationDataset(root, split, val_split_name(read_split(split)), tf_eval)
-    if args.data_pct < 1.0:  # the official code: df.sample(frac, random_state=42)
-        idx = np.random.RandomState(42).permutation(len(train))[:max(1, round(args.data_pct * len(train)))]
-        labels, names = np.asarray(train.labels)[idx], train.classnames
-        train = torch.utils.data.Subset(train, idx.tolist())
-        train.labels, train.classnames = labels, names
-    return train, val, test
+    # the official df.sample(frac, random_state=42): a fixed subset (not pandas' own draw)
+    return (fraction_of(train, args.data_pct, seed=42) if args.data_pct < 1 else train), val, test
 
 
 def class_texts(args, classnames, root: Path):
@@ -1017,9 +954,24 @@ def param_groups(model: nn.Module, weight_decay: float) -> list:
             {"params": [p for _, p in named if p.ndim == 1], "weight_decay": 0.0}]
 
 
-def finetuned_state(model: CLEFT) -> dict:
-    """Everything a run changed, i.e. all but the frozen pretrained LLM weights: what --init reloads."""
-    return {k: v for k, v in model.state_dict().items() if not k.startswith("llm.") or is_adapter(k)}
+def set_trainable(model: nn.Module, names: list):
+    """requires_grad on the parameters whose name starts with one of `names` (or is an adapter, for "adapter").
+    The ViT's final norm stays frozen: CLEFT pools BEFORE it, so it gets no gradient (and DDP would complain)."""
+    for k, p in model.named_parameters():
+        p.requires_grad_((any(k.startswith(n) for n in names) or ("adapter" in names and is_adapter(k)))
+                         and not k.startswith("vit.norm."))
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def stage1_trainable(model: CLEFT, args) -> list:
+    """Stage 1 trains the ViT (unless --freeze-vit), the PEFT adapter, both projections and the temperature."""
+    return set_trainable(model, ([] if args.freeze_vit else ["vit."]) + ["adapter", "img_proj", "txt_proj",
+                                                                         "logit_scale"])
+
+
+def stage_length(args, n_items: int, world) -> int:
+    """Optimizer steps of a stage: --steps, or --epochs over the training set when --steps is 0."""
+    return args.steps or args.epochs * len(R.epoch_batches(n_items, args.batch_size, args.seed, 0, world))
 
 
 def train_steps(args, world, stage_dir: Path, model, opt, ds, loss_fn, total: int, warmup: int, after_step=None,
@@ -1035,6 +987,9 @@ def train_steps(args, world, stage_dir: Path, model, opt, ds, loss_fn, total: in
     if resumed is not None:
         R.load_tensors(model, resumed.tensors, str(resumed.path))
         step = resumed.step
+    if world.is_main:
+        print(f"{desc}: {len(ds)} training items, {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
+              f"trainable parameters, {total} steps of {args.batch_size} x {world.size}")
     log = R.JsonlLog(stage_dir / "metrics.jsonl", world.is_main)
     progress = R.Progress(total, desc, world.is_main, every=args.print_every, start=step)
     n_batches = len(R.epoch_batches(len(ds), args.batch_size, args.seed, 0, world))
@@ -1063,58 +1018,39 @@ def train_steps(args, world, stage_dir: Path, model, opt, ds, loss_fn, total: in
     return step
 
 
-def stage_length(args, n_items: int, world) -> int:
-    """Optimizer steps of a stage: --steps, or --epochs over the training set when --steps is 0."""
-    return args.steps or args.epochs * len(R.epoch_batches(n_items, args.batch_size, args.seed, 0, world))
-
-
-def set_trainable(model: nn.Module, names: list):
-    """requires_grad on the parameters whose name starts with one of `names` (or is an adapter, for "adapter").
-    The ViT's final norm stays frozen: CLEFT pools BEFORE it, so it gets no gradient (and DDP would complain)."""
-    for k, p in model.named_parameters():
-        p.requires_grad_((any(k.startswith(n) for n in names) or ("adapter" in names and is_adapter(k)))
-                         and not k.startswith("vit.norm."))
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def stage1_trainable(model: CLEFT, args) -> list:
-    """Stage 1 trains the ViT (unless --freeze-vit), the PEFT adapter, both projections and the temperature."""
-    return set_trainable(model, ([] if args.freeze_vit else ["vit."]) + ["adapter", "img_proj", "txt_proj",
-                                                                         "logit_scale"])
+def to_device(world, *tensors):
+    return [t.to(world.device) for t in tensors]
 
 
 def stage_contrastive(args, world, stage_dir: Path, model: CLEFT, tok, size: int):
     """Stage 1: InfoNCE between images and captions (stage1_trainable), with AdamW + warm-up + cosine; logit
-    scale clamped at 100."""
+    scale clamped at 100. Then the validation loss, which the official code picks checkpoints by (we report it)."""
     train_ds, val_ds = caption_sets(args, size)
-    params = stage1_trainable(model, args)
+    stage1_trainable(model, args)
     R.cast_frozen(model, R.PRECISIONS[args.precision])
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
-    eos, length = model.llm.cfg.eos_id, args.max_len
-    total = stage_length(args, len(train_ds), world)
 
     def loss_fn(net, batch, gather=True):
         x, captions = batch
-        ids, mask = tokenize(tok, captions, length, eos)
-        img, txt, scale = net(x.to(world.device), ids.to(world.device), mask.to(world.device))
-        return contrastive_loss(img, txt, scale, gather)
+        ids, mask = tokenize(tok, captions, args.max_len, model.llm.cfg.eos_id)
+        return contrastive_loss(*net(*to_device(world, x, ids, mask)), gather)
 
     def clamp():
         with torch.no_grad():
             model.logit_scale.clamp_(max=math.log(100))
 
+    total = stage_length(args, len(train_ds), world)
+    train_steps(args, world, stage_dir, model, opt, train_ds, loss_fn, total, args.warmup, clamp,
+                desc="stage 1 (contrastive)")
     if world.is_main:
-        print(f"stage 1 (contrastive): {len(train_ds)} pairs, {sum(p.numel() for p in params):,} trainable "
-              f"parameters, {total} steps of {args.batch_size} x {world.size}")
-    train_steps(args, world, stage_dir, model, opt, train_ds, loss_fn, total, args.warmup, clamp, desc="stage 1")
-    if world.is_main:  # the official code picks checkpoints by this; we report it
         model.eval()
         with torch.no_grad(), R.autocast(world.device, args.precision):
             losses = [loss_fn(model, b, gather=False).item() for b in eval_loader(val_ds, args, drop_last=True)]
         if losses:
-            print(f"stage 1 validation loss {np.mean(losses):.4f} ({len(val_ds)} pairs, batches of "
-                  f"{args.eval_batch_size}; chance 2 ln {args.eval_batch_size} = {2 * math.log(args.eval_batch_size):.2f})")
-            R.JsonlLog(stage_dir / "metrics.jsonl").log(step=total, val_loss=float(np.mean(losses)))
+            B, loss = args.eval_batch_size, float(np.mean(losses))
+            print(f"stage 1 validation loss {loss:.4f} ({len(val_ds)} pairs, batches of {B}; chance 2 ln {B} = "
+                  f"{2 * math.log(B):.2f})")
+            R.JsonlLog(stage_dir / "metrics.jsonl").log(step=total, val_loss=loss)
 
 
 def stage_prompt(args, world, stage_dir: Path, model: CLEFT, tok, size: int):
@@ -1127,8 +1063,7 @@ def stage_prompt(args, world, stage_dir: Path, model: CLEFT, tok, size: int):
                                       args.n_ctx).to(model.llm.wte.weight.device))
     with torch.no_grad():
         model.logit_scale.fill_(math.log(1 / 0.07))
-    names = ["ctx"] + (["vit.", "img_proj", "logit_scale"] if args.train_vit else [])
-    params = set_trainable(model, names)
+    set_trainable(model, ["ctx"] + (["vit.", "img_proj", "logit_scale"] if args.train_vit else []))
     R.cast_frozen(model, R.PRECISIONS[args.precision])
     opt = torch.optim.SGD(param_groups(model, args.weight_decay), lr=args.lr, momentum=0.9)
     eos = model.llm.cfg.eos_id
@@ -1136,28 +1071,24 @@ def stage_prompt(args, world, stage_dir: Path, model: CLEFT, tok, size: int):
         train_ds = class_sets(args, size)[0]
         words = class_texts(args, train_ds.classnames, data_root(args))[1]
         length = max(len(tok.encode(" " + w.lower()).ids) for w in words) + 1
-        ids, mask = (t.to(world.device) for t in tokenize(tok, words, length, eos, space=True, as_captions=False))
+        ids, mask = to_device(world, *tokenize(tok, words, length, eos, space=True, as_captions=False))
 
         def loss_fn(net, batch):
-            x, y = batch
-            img, txt, scale = net(x.to(world.device), ids, mask)                         # (B, E), (C, E)
-            return F.cross_entropy(scale * img @ txt.t(), y.to(world.device))            # (B, C) logits
+            x, y = to_device(world, *batch)
+            img, txt, scale = net(x, ids, mask)                                          # (B, E), (C, E)
+            return F.cross_entropy(scale * img @ txt.t(), y)                             # (B, C) logits
     else:
         train_ds = caption_sets(args, size)[0]
         prefix = clean(DATASETS[args.data]["prefix"])
 
         def loss_fn(net, batch):  # official: the caption's label words only, after the learned context
             x, captions = batch
-            words = [clean(c).removeprefix(prefix) for c in captions]
-            ids, mask = tokenize(tok, words, args.max_len - 1, eos, space=True)
-            img, txt, scale = net(x.to(world.device), ids.to(world.device), mask.to(world.device))
-            return contrastive_loss(img, txt, scale)
+            ids, mask = tokenize(tok, [clean(c).removeprefix(prefix) for c in captions], args.max_len - 1, eos,
+                                 space=True)
+            return contrastive_loss(*net(*to_device(world, x, ids, mask)))
 
-    total = stage_length(args, len(train_ds), world)
-    if world.is_main:
-        print(f"stage 2 (context prompt, {args.prompt_objective}): {len(train_ds)} images, "
-              f"{sum(p.numel() for p in params):,} trainable parameters, {total} steps")
-    train_steps(args, world, stage_dir, model, opt, train_ds, loss_fn, total, args.warmup, desc="stage 2")
+    train_steps(args, world, stage_dir, model, opt, train_ds, loss_fn, stage_length(args, len(train_ds), world),
+                args.warmup, desc=f"stage 2 (context prompt, {args.prompt_objective})")
 
 # ----------------------------------------------------------------------------------------------------------
 # Evaluation: zero-shot, linear probe, fine-tune; ACC / AUROC / macro-F1 / kappa from common/metrics
@@ -1171,7 +1102,7 @@ def eval_loader(ds, args, drop_last=False):
 
 def report(y, probs, classnames) -> dict:
     """AUROC is one-vs-rest macro on softmax probabilities; with 2 classes that equals the binary AUC."""
-    return M.classification_report(y, probs.argmax(1), probs, classnames)
+    return M.classification_report(y.numpy(), probs.argmax(1).numpy(), probs.numpy(), classnames)
 
 
 @torch.no_grad()
@@ -1194,10 +1125,10 @@ def zero_shot(args, world, model: CLEFT, tok, ds) -> dict:
     texts, space = (words, True) if model.ctx is not None else (prompts, False)
     ids, mask = tokenize(tok, texts, args.max_len, model.llm.cfg.eos_id, space, as_captions=False)
     with R.autocast(world.device, args.precision):
-        txt = model.encode_text(ids.to(world.device), mask.to(world.device))            # (C, E)
+        txt = model.encode_text(*to_device(world, ids, mask))                            # (C, E)
     scale = model.logit_scale.exp()
     probs, y = predict(args, world, lambda x: (scale * model.encode_image(x) @ txt.t()).float().softmax(-1), ds)
-    return report(y.numpy(), probs.numpy(), ds.classnames)                                # probs (N, C)
+    return report(y, probs, ds.classnames)                                               # probs (N, C)
 
 
 class Classifier(nn.Module):
@@ -1212,12 +1143,11 @@ class Classifier(nn.Module):
         return self.head(self.vit(x)[1].mean(1))
 
 
-def linear_probe(args, world, model: CLEFT, sets) -> dict:
+def linear_probe(args, world, model: CLEFT, train, test) -> dict:
     """Frozen ViT, features computed once (no augmentation), a linear head trained with AdamW on them (the
     official code trains the head with the ViT frozen but recomputes the features every epoch)."""
-    train, val, test = sets
     model.eval()
-    X, y = (t.to(world.device) for t in predict(args, world, model.image_features, train))   # (N, Dv), (N,)
+    X, y = to_device(world, *predict(args, world, model.image_features, train))          # (N, Dv), (N,)
     X_test, y_test = predict(args, world, model.image_features, test)
     head = nn.Linear(X.shape[1], len(train.classnames)).to(world.device)
     opt = torch.optim.AdamW(param_groups(head, args.weight_decay), lr=args.lr)
@@ -1229,23 +1159,25 @@ def linear_probe(args, world, model: CLEFT, sets) -> dict:
             loss.backward()
             opt.step()
     with torch.no_grad():
-        probs = head(X_test.to(world.device)).softmax(-1).cpu()
-    return report(y_test.numpy(), probs.numpy(), test.classnames)
+        return report(y_test, head(X_test.to(world.device)).softmax(-1).cpu(), test.classnames)
 
 
-def finetune(args, world, model: CLEFT, sets, run_dir: Path) -> dict:
+def finetune(args, world, model: CLEFT, train, test, run_dir: Path) -> dict:
     """The whole ViT + a linear head, cross-entropy, AdamW + warm-up + cosine over --epochs."""
-    train, val, test = sets
     clf = Classifier(model, len(train.classnames)).to(world.device)
     set_trainable(clf, ["vit.", "head."])
     opt = torch.optim.AdamW(param_groups(clf, args.weight_decay), lr=args.lr)
     total = stage_length(args, len(train), world)
-    loss_fn = lambda net, b: F.cross_entropy(net(b[0].to(world.device)), b[1].to(world.device))
+
+    def loss_fn(net, batch):
+        x, y = to_device(world, *batch)
+        return F.cross_entropy(net(x), y)
+
     train_steps(args, world, run_dir / "finetune", clf, opt, train, loss_fn, total, min(args.warmup, total // 10),
                 desc="fine-tune")
     clf.eval()
     logits, y = predict(args, world, clf, test)
-    return report(y.numpy(), logits.softmax(-1).numpy(), test.classnames)
+    return report(y, logits.softmax(-1), test.classnames)
 
 # ----------------------------------------------------------------------------------------------------------
 # Parameter count and benchmark at the paper's size (random weights, no download)
@@ -1279,9 +1211,9 @@ def count_params(args):
     print(f"{'component':<22}{'total':>16}{'trainable':>14}")
     for name, total, trainable in rows:
         print(f"{name:<22}{total:>16,}{trainable:>14,}")
-    by_name = {r[0]: r for r in rows}
-    ours, adapter = by_name["total"][2], by_name["text: PEFT adapter"][2]
-    same_vit_bert = by_name["vision: DINOv2"][2] + by_name["image projection"][2] + BERT_BASE + 768 * 512 + 512
+    trained = {r[0]: r[2] for r in rows}
+    ours, adapter = trained["total"], trained["text: PEFT adapter"]
+    same_vit_bert = trained["vision: DINOv2"] + trained["image projection"] + BERT_BASE + 768 * 512 + 512
     print(f"vs vanilla CLIP ViT-B/16 ({CLIP_B16:,} trainable): {100 * (1 - ours / CLIP_B16):.0f}% fewer trainable "
           f"(paper: 39%); adapter = {100 * adapter / CLIP_B16_TEXT:.1f}% of its text encoder (paper: 4%)")
     print(f"vs this ViT with a fully trained BERT-base text encoder ({same_vit_bert:,}): "
@@ -1298,8 +1230,7 @@ def run_bench(args, world):
     llm = add_peft(GPT2(LLM_PRESETS["gpt2"]["config"]).init_random(0), PEFTConfig("lora", dropout=0.0)).to(dev)
     set_trainable(llm, ["adapter"])
     vit = DINOv2(VIT_PRESETS["dinov2-reg-b14"]["config"]).init_random(0).to(dev)
-    ids = torch.randint(0, 50257, (B, 64), device=dev)
-    x = torch.randn(B, 3, 224, 224, device=dev)
+    ids, x = torch.randint(0, 50257, (B, 64), device=dev), torch.randn(B, 3, 224, 224, device=dev)
     print(R.BENCH_COLUMNS)
     rows = []
     for name, net, fn, items, unit in (("GPT-2 124M + LoRA r8 (c_attn), T=64", llm, lambda: llm(ids), B * 64, "tok"),
@@ -1346,11 +1277,8 @@ DEMO_DEFAULTS = dict(vit="tiny", llm="tiny", stage="all", threads=1)
 def recipe(args, what: str):
     """A copy of args with the flags the user did not type filled from the recipe of `what` (typed flags
     apply to every stage that runs)."""
-    a = argparse.Namespace(**vars(args))
-    for k, v in (DEMO_RECIPES if args.data == "demo" else RECIPES)[what].items():
-        if k not in args.typed:
-            setattr(a, k, v)
-    return a
+    chosen = (DEMO_RECIPES if args.data == "demo" else RECIPES)[what]
+    return argparse.Namespace(**vars(args) | {k: v for k, v in chosen.items() if k not in args.typed})
 
 
 def model_spec(args) -> dict:
@@ -1372,31 +1300,36 @@ def stage_folder(path: Path) -> Path:
                     f"stage1/ or stage2/ subfolder). Is the run finished? Continue it with --resume.")
 
 
-def load_stage(model: CLEFT, folder: Path):
+def load_stage(model: CLEFT, folder: Path, world, message=None):
     """Load a finished stage's tensors (everything but the frozen pretrained LLM) into a fresh model."""
     tensors = load_file(str(folder / "trainable.safetensors"))
     if "ctx" in tensors and model.ctx is None:
         model.add_context(torch.zeros(tensors["ctx"].shape[0], dtype=torch.long, device=model.llm.wte.weight.device))
     R.load_tensors(model, tensors, str(folder / "trainable.safetensors"))
+    if world.is_main:
+        print(message or f"loaded {folder}")
 
 
 def finish_stage(model: CLEFT, spec: dict, folder: Path, world):
-    """Save what the stage changed (finetuned_state) and its model.json, which --init and --resume read back."""
+    """Save what the stage changed (all but the frozen pretrained LLM weights) and its model.json: what --init
+    and --resume read back."""
     if world.is_main:
-        R.save_tensors(folder / "trainable.safetensors", {k: v.float() for k, v in finetuned_state(model).items()})
+        changed = {k: v.float() for k, v in model.state_dict().items() if not k.startswith("llm.") or is_adapter(k)}
+        R.save_tensors(folder / "trainable.safetensors", changed)
         (folder / "model.json").write_text(json.dumps(spec, indent=2) + "\n")
     R.barrier(world)
 
 
 def evaluate(args, world, model: CLEFT, tok, run_dir: Path, what: str, size: int, tag: str = "") -> dict:
+    """Zero-shot, linear probe or fine-tune on the test set of --data -> run_dir/metrics_<what><tag>.json."""
     a = recipe(args, what) if what != "zero-shot" else args
     train, val, test = class_sets(a, size, train_transform=what == "finetune")
     if what == "zero-shot":
         result = zero_shot(a, world, model, tok, test)
     elif what == "linear-probe":
-        result = linear_probe(a, world, model, (train, val, test))
+        result = linear_probe(a, world, model, train, test)
     else:
-        result = finetune(a, world, model, (train, val, test), run_dir)
+        result = finetune(a, world, model, train, test, run_dir)
     if world.is_main:
         name = f"{what}{tag}" + (f"_{args.data_pct:g}" if args.data_pct < 1 else "")
         (run_dir / f"metrics_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -1413,22 +1346,20 @@ def preflight(args):
     if args.data != "demo" and not args.init and not args.resume:
         d = DATASETS[args.data]
         wanted = d["pairs"][0] if "pairs" in d and args.stage in ("all", "contrastive") and not args.eval else d["split"]
-        if not (data_root(args) / wanted).is_file():
-            problems.append(f"data for --data {args.data} not found: {data_root(args) / wanted}\n  get it: {d['get']}"
-                            f"\n  details: data/README.md")
-        for name, path, presets in (("vit", args.vit_path, VIT_PRESETS), ("llm", args.llm_path, LLM_PRESETS)):
-            repo = path or presets[getattr(args, name)].get("repo")
-            if repo:
-                try:
+        try:
+            data_file(args, wanted, "data")
+        except DataError as e:
+            problems.append(str(e))
+        for name, presets in (("vit", VIT_PRESETS), ("llm", LLM_PRESETS)):
+            repo = getattr(args, f"{name}_path") or presets[getattr(args, name)]["repo"]
+            try:
+                if repo:
                     resolve(repo)
-                except WeightsError as e:
-                    problems.append(f"--{name} {getattr(args, name)} weights: {e}")
-    if not args.resume:
-        problem = R.check_writable(Path(args.out) if args.out else REPO / "runs" / "cleft")
-        if problem:
-            problems.append(f"--out {problem}")
-    if problems:
-        raise DataError("\n\n".join(problems))
+            except WeightsError as e:
+                problems.append(f"--{name} {getattr(args, name)} weights: {e}")
+    problem = None if args.resume else R.check_writable(Path(args.out) if args.out else REPO / "runs" / "cleft")
+    if problems or problem:
+        raise DataError("\n\n".join(problems + ([f"--out {problem}"] if problem else [])))
 
 
 def run(args, world) -> int:
@@ -1442,14 +1373,16 @@ def run(args, world) -> int:
         train_and_evaluate(args, world, run_dir)
         return 0
     except (R.NonFiniteLoss, KeyboardInterrupt) as e:
-        stages = [p / "ckpt" for p in (run_dir / "stage1", run_dir / "stage2", run_dir / "finetune") if (p / "ckpt").is_dir()]
-        newest = max(stages, key=lambda p: p.stat().st_mtime, default=run_dir / "stage1" / "ckpt")
+        ckpts = [run_dir / s / "ckpt" for s in ("stage1", "stage2", "finetune") if (run_dir / s / "ckpt").is_dir()]
+        newest = max(ckpts, key=lambda p: p.stat().st_mtime, default=run_dir / "stage1" / "ckpt")
         if world.is_main:
             print(f"\nstopped: {R.stop_message(e, run_dir, newest, 'python cleft.py')}", file=sys.stderr)
         return 3 if isinstance(e, R.NonFiniteLoss) else 130
 
 
 def train_and_evaluate(args, world, run_dir: Path) -> dict:
+    """--eval: that evaluation of the --init (or --resume) model. Else the stages of --stage in order, each
+    followed by a zero-shot evaluation; a stage a resumed run had finished is loaded, not trained again."""
     if args.eval_only or (args.resume and args.eval):  # evaluate what --resume RUN_DIR trained
         args.eval = args.eval or "zero-shot"
         if any((run_dir / s / "trainable.safetensors").is_file() for s in ("stage1", "stage2")):
@@ -1457,13 +1390,10 @@ def train_and_evaluate(args, world, run_dir: Path) -> dict:
     spec = model_spec(args)
     R.seed_everything(args.seed, world.rank)
     model = build_model(spec, llm_dtype=R.PRECISIONS[args.precision]).to(world.device)
-    tok = load_tokenizer(spec)
-    size = 224 if spec["vit"] != "tiny" else 64
     model.llm.grad_ckpt = args.grad_ckpt
+    tok, size = load_tokenizer(spec), 224 if spec["vit"] != "tiny" else 64
     if args.init:
-        load_stage(model, stage_folder(Path(args.init)))
-        if world.is_main:
-            print(f"loaded {stage_folder(Path(args.init))}")
+        load_stage(model, stage_folder(Path(args.init)), world)
     if args.eval:
         return evaluate(args, world, model, tok, run_dir, args.eval, size)
     results = {}
@@ -1471,14 +1401,12 @@ def train_and_evaluate(args, world, run_dir: Path) -> dict:
     for stage in (["contrastive", "prompt"] if args.stage == "all" else [args.stage]):
         folder = run_dir / ("stage1" if stage == "contrastive" else "stage2")
         if (folder / "trainable.safetensors").is_file():  # finished before a --resume
-            load_stage(model, folder)
-            if world.is_main:
-                print(f"{stage}: already finished in {folder}, loaded")
+            load_stage(model, folder, world, f"{stage}: already finished in {folder}, loaded")
         else:
             folder.mkdir(exist_ok=True)  # inside this run's own folder
             R.seed_everything(args.seed, world.rank)
-            (stage_contrastive if stage == "contrastive" else stage_prompt)(recipe(args, stage), world, folder,
-                                                                           model, tok, size)
+            train_stage = stage_contrastive if stage == "contrastive" else stage_prompt
+            train_stage(recipe(args, stage), world, folder, model, tok, size)
             spec = spec | ({"n_ctx": int(model.ctx.shape[0])} if model.ctx is not None else {})
             finish_stage(model, spec, folder, world)
         if has_classes and world.is_main:  # the other ranks wait at the barrier
@@ -1554,9 +1482,7 @@ def parse_args(argv=None):
             p.error(str(e))
         args.typed = sorted(set(args.typed) | given)
     if args.data == "demo":
-        for k, v in DEMO_DEFAULTS.items():
-            if k not in args.typed:
-                setattr(args, k, v)
+        vars(args).update({k: v for k, v in DEMO_DEFAULTS.items() if k not in args.typed})
     R.finish_common_args(p, args)
     for flag, ok, want in (("eval_batch_size", args.eval_batch_size >= 1, "at least 1"),
                            ("ckpt_every", args.ckpt_every >= 1, "at least 1"), ("n_ctx", args.n_ctx >= 1, "at least 1"),
@@ -1564,11 +1490,11 @@ def parse_args(argv=None):
                            ("weight_decay", args.weight_decay >= 0, "0 or more"), ("min_lr", args.min_lr >= 0, "0 or more")):
         if not ok:
             p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be {want}")
-    for name in ("vit", "llm"):  # a path is a pretrained tower: the tiny presets have none
-        if getattr(args, f"{name}_path") and getattr(args, name) == "tiny":
-            p.error(f"--{name}-path {getattr(args, f'{name}_path')} with --{name} tiny: the tiny preset is random "
-                    f"weights; give a pretrained preset (--{name} {'dinov2-reg-b14' if name == 'vit' else 'biomedlm'}"
-                    f" or another) with the path")
+    for name, pretrained in (("vit", "dinov2-reg-b14"), ("llm", "biomedlm")):  # the tiny presets have no weights
+        path = getattr(args, f"{name}_path")
+        if path and getattr(args, name) == "tiny":
+            p.error(f"--{name}-path {path} with --{name} tiny: the tiny preset is random weights; give a pretrained "
+                    f"preset (--{name} {pretrained} or another) with the path")
     if args.eval == "zero-shot" and not args.init and not args.eval_only:
         p.error("--eval zero-shot needs --init RUN_DIR (a trained CLEFT run)")
     if not 0 < args.data_pct <= 1:
@@ -1582,11 +1508,11 @@ def main(argv=None):
     try:
         if args.count_params:
             count_params(args)
-            return 0
-        if args.bench:
+        elif args.bench:
             run_bench(args, world)
-            return 0
-        return run(args, world)
+        else:
+            return run(args, world)
+        return 0
     except R.USER_ERRORS as e:  # user-fixable: a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,7 +9,8 @@ Three on-disk formats (examples in data/README.md, "On-disk formats"):
      last_image_path, last_auxview_image_path ("-1" or empty = that view is missing)
      -> ImageReportDataset
   3. CheXpert-style multi-label CSV: a Path column plus one column per finding holding 1 / 0 / -1 / blank
-     -> MultiLabelDataset, caption_from_labels()
+     -> MultiLabelDataset, caption_from_labels(); formats 2 and 3 as (image, caption) pairs: CaptionDataset;
+        the single-positive rows of format 3 as a classification set: OneOfClassesDataset
   4. segmentation split JSON: {"train": [[image_relpath, mask_relpath], ...], "val": [...], "test": [...]},
      masks are single-channel PNGs of the image's size, 0 = background, 255 (or 1) = foreground
      -> read_seg_split(), SegmentationDataset, JointResize
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler, Subset
 
 from common.transforms import ToTensor
 
@@ -456,7 +457,8 @@ class MultiLabelDataset(Dataset):
                CheXpert convention and the default) or "ignore" (label 0, mask 0).
     findings:  the label columns, in the order you want them; None = every column except Path and the
                metadata columns Sex, Age, Frontal/Lateral, AP/PA.
-    Attributes: findings, labels (N, F) float32, mask (N, F) float32, paths [str], root.
+    Attributes: findings, labels (N, F) float32, mask (N, F) float32, paths [str], root, frontal (N,) bool
+    (the rows whose AP/PA column is PA or AP: CheXpert's frontal views; all True without that column).
     """
 
     def __init__(self, root, csv_path, findings=None, uncertain="zero", transform=None, blank="zero"):
@@ -480,6 +482,9 @@ class MultiLabelDataset(Dataset):
         n, f = len(rows), len(self.findings)
         self.labels = np.zeros((n, f), dtype=np.float32)  # (N, F)
         self.mask = np.ones((n, f), dtype=np.float32)  # (N, F)
+        # CheXpert's AP/PA column: PA or AP on a frontal view, blank on a lateral one (no column: all frontal)
+        self.frontal = np.array([row["AP/PA"].strip() in ("PA", "AP") if "AP/PA" in header else True
+                                 for _, row in rows], dtype=bool)
         self.paths = []
         for r, (line, row) in enumerate(rows):
             path = row["Path"].strip()
@@ -526,6 +531,78 @@ def caption_from_labels(values, findings, prefix="this is a chest x ray of a pat
         raise ValueError(f"caption_from_labels: {len(values)} values but {len(findings)} findings")
     positives = [name.lower() for name, v in zip(findings, values) if v == 1.0]
     return prefix + (", ".join(positives) if positives else "no findings")
+
+
+# -----------------------------------------------------------------------------
+# views of formats 2 and 3: (image, caption) pairs, single-label rows, a fixed fraction of a training set
+
+
+class CaptionDataset(Dataset):
+    """
+    (image, caption) pairs. From an image-report CSV (format 2): its report column. From a CheXpert-style
+    multi-label CSV (format 3): caption_from_labels() of its findings, uncertain (-1) and blank counted as
+    negative (how CLEFT captions CheXpert, which comes without reports). frontal_only keeps the frontal views
+    of a multi-label CSV (MultiLabelDataset.frontal). Attributes: captions [str], rows (indices into the CSV).
+    """
+
+    def __init__(self, root, csv_path, transform=None, frontal_only=False, findings=CHEXPERT_FINDINGS):
+        path = _find_file(csv_path, root, "image-text CSV")
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            header = [h.strip() for h in next(csv.reader(f), [])]
+        if "report" in header:
+            self.ds = ImageReportDataset(root, path, transform)
+            captions, keep = self.ds.reports, np.ones(len(self.ds), dtype=bool)
+        else:
+            self.ds = MultiLabelDataset(root, path, findings, uncertain="zero", transform=transform)
+            captions = [caption_from_labels(v, self.ds.findings) for v in self.ds.labels]
+            keep = self.ds.frontal if frontal_only else np.ones(len(self.ds), dtype=bool)
+        self.rows = np.flatnonzero(keep)
+        self.captions = [captions[i] for i in self.rows]
+        if not self.captions:
+            raise DataError(f"{path}: no frontal (AP/PA) image, and frontal_only leaves out the lateral views")
+
+    def __len__(self):
+        return len(self.captions)
+
+    def __getitem__(self, i):
+        item = self.ds[self.rows[i]]
+        return (item["image"] if isinstance(item, dict) else item[0]), self.captions[i]
+
+
+class OneOfClassesDataset(Dataset):
+    """
+    (image, class index) from a multi-label CSV (format 3): the rows with exactly one positive among
+    `classnames` (uncertain and blank = negative), labelled by it; frontal_only as in CaptionDataset. A
+    classification set cut out of a multi-label one, e.g. CheXpert's single-finding rows for five classes.
+    Attributes: labels (N,) int, classnames, rows (indices into the CSV).
+    """
+
+    def __init__(self, root, csv_path, classnames, transform=None, frontal_only=False):
+        self.ds = MultiLabelDataset(root, csv_path, classnames, uncertain="zero", transform=transform)
+        keep = (self.ds.labels.sum(1) == 1) & (self.ds.frontal if frontal_only else True)
+        self.rows = np.flatnonzero(keep)
+        if len(self.rows) == 0:
+            raise DataError(f"{self.ds.csv_path}: no {'frontal ' if frontal_only else ''}row has exactly one "
+                            f"positive among {list(classnames)}")
+        self.labels, self.classnames = self.ds.labels[self.rows].argmax(1), list(classnames)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.ds[self.rows[i]][0], int(self.labels[i])
+
+
+def fraction_of(ds, frac, seed=42):
+    """
+    A fixed random fraction of a labelled dataset (.labels, .classnames), at least one item: the first
+    round(frac * N) of a numpy RandomState(seed) permutation, so every run with the same seed trains on the
+    same items. A torch Subset that keeps .labels and .classnames for the selected items.
+    """
+    idx = np.random.RandomState(seed).permutation(len(ds))[:max(1, round(frac * len(ds)))]
+    sub = Subset(ds, idx.tolist())
+    sub.labels, sub.classnames = np.asarray(ds.labels)[idx], ds.classnames
+    return sub
 
 
 # -----------------------------------------------------------------------------

@@ -442,7 +442,7 @@ def make_chexpert(root, n_train=40, n_valid=12, laterals=()):
 def test_chexpert_captions_from_labels_then_zero_shot_and_linear_probe(tmp_path):
     data = tmp_path / "chexpert"
     five = make_chexpert(data)
-    ds = cleft.CaptionPairs(data, data / "train.csv", None)
+    ds = cleft.caption_sets(cleft.parse_args(["--data", "chexpert", "--data-dir", str(data)]), 64)[0]
     assert ds.captions[3] == "this is a chest x ray of a patient with edema, pleural effusion, support devices"
     tiny = ["--vit", "tiny", "--llm", "tiny", "--data-dir", str(data), "--batch-size", "8", "--print-every", "100"]
     assert cleft.main(["--data", "chexpert", "--steps", "2", "--out", str(tmp_path / "run"), *tiny]) == 0
@@ -471,12 +471,14 @@ def test_resume_of_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path, capsys)
 def test_chexpert_is_frontal_only_unless_laterals(tmp_path):
     data = tmp_path / "chexpert"
     make_chexpert(data, laterals=(1, 2, 5))
-    frontal = cleft.CaptionPairs(data, data / "train.csv", None)
-    both = cleft.CaptionPairs(data, data / "train.csv", None, laterals=True)
+    flags = ["--data", "chexpert", "--data-dir", str(data)]
+    frontal = cleft.caption_sets(cleft.parse_args(flags), 64)[0]
+    both = cleft.caption_sets(cleft.parse_args([*flags, "--laterals"]), 64)[0]
     assert len(both) == 40 and len(frontal) == 37 and not {1, 2, 5} & set(frontal.rows.tolist())
-    five = cleft.OneOfClasses(data, data / "train.csv", ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
-                                                         "Pleural Effusion"], None)
+    five = cleft.class_sets(cleft.parse_args(flags), 64)[0]
+    assert five.classnames == ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
     assert not {1, 2, 5} & set(five.rows.tolist()) and len(five) == 30 - 3  # rows 1, 2, 5 are single-positive
+    assert len(cleft.class_sets(cleft.parse_args([*flags, "--laterals"]), 64)[0]) == 30
 
 
 def test_weight_decay_groups_are_the_official_ones():

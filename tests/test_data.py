@@ -13,9 +13,10 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
-from common.data import (CHEXPERT_FINDINGS, _seed_worker, ClassificationDataset, DataError, ImageReportDataset, MultiLabelDataset,
-                         JointResize, SegmentationDataset, caption_from_labels, classnames_from_split, load_image,
-                         make_loader, read_seg_split, read_split, set_epoch, val_split_name)
+from common.data import (CHEXPERT_FINDINGS, _seed_worker, CaptionDataset, ClassificationDataset, DataError,
+                         ImageReportDataset, JointResize, MultiLabelDataset, OneOfClassesDataset, SegmentationDataset,
+                         caption_from_labels, classnames_from_split, fraction_of, load_image, make_loader,
+                         read_seg_split, read_split, set_epoch, val_split_name)
 from common.transforms import eval_transform
 
 
@@ -308,6 +309,62 @@ def test_csv_with_bom_and_non_utf8(cls_dir):
     assert MultiLabelDataset(root, p).labels.tolist() == [[1.0]]
     p.write_bytes(b"Path,Edema\nimg/\xff\xfe.png,1\n")
     assert_data_error(lambda: MultiLabelDataset(root, p), p, "not a UTF-8 text file")
+
+
+# -----------------------------------------------------------------------------
+# views: caption pairs, single-positive rows, a fixed fraction
+
+CXR = "this is a chest x ray of a patient with "
+
+
+def test_caption_dataset_from_reports_or_labels_and_frontal_views(cls_dir):
+    root, arrays = cls_dir
+    (root / "f.csv").write_text(ML_CSV)
+    assert MultiLabelDataset(root, "f.csv").frontal.tolist() == [True, True, False]  # c has no AP/PA: lateral
+    ds = CaptionDataset(root, "f.csv", findings=None)  # uncertain and blank are negatives
+    assert ds.captions == [CXR + "no finding", CXR + "edema, pleural effusion", CXR + "pleural effusion"]
+    x, caption = ds[2]
+    assert torch.equal(x, as_chw(arrays["img/c.png"])) and caption == CXR + "pleural effusion"
+    frontal = CaptionDataset(root, "f.csv", findings=None, frontal_only=True)
+    assert frontal.rows.tolist() == [0, 1] and torch.equal(frontal[1][0], as_chw(arrays["img/b.png"]))
+    (root / "nocol.csv").write_text("Path,Edema\nimg/a.png,1\n")  # no AP/PA column: every row counts as frontal
+    assert len(CaptionDataset(root, "nocol.csv", findings=None, frontal_only=True)) == 1
+    (root / "lat.csv").write_text("Path,AP/PA,Edema\nimg/a.png,,1\n")
+    assert_data_error(lambda: CaptionDataset(root, "lat.csv", findings=None, frontal_only=True), "no frontal")
+    (root / "r.csv").write_text("image_path,report\nimg/d.png,Heart normal.\nimg/a.png,Small effusion.\n")
+    reports = CaptionDataset(root, "r.csv", frontal_only=True)  # reports: no views to filter
+    assert reports.captions == ["Heart normal.", "Small effusion."]
+    assert torch.equal(reports[0][0], as_chw(arrays["img/d.png"])) and reports[1][1] == "Small effusion."
+
+
+def test_one_of_classes_keeps_single_positive_rows(cls_dir):
+    root, arrays = cls_dir
+    (root / "f.csv").write_text(ML_CSV)
+    names = ["Edema", "Pleural Effusion", "No Finding"]
+    ds = OneOfClassesDataset(root, "f.csv", names)  # b has two positives among them: left out
+    assert ds.rows.tolist() == [0, 2] and ds.labels.tolist() == [2, 1] and ds.classnames == names
+    x, y = ds[1]
+    assert torch.equal(x, as_chw(arrays["img/c.png"])) and y == 1
+    assert OneOfClassesDataset(root, "f.csv", names, frontal_only=True).rows.tolist() == [0]
+    assert_data_error(lambda: OneOfClassesDataset(root, "f.csv", ["Cardiomegaly"]), "f.csv", "exactly one positive")
+
+
+def test_fraction_of_is_a_fixed_subset_that_keeps_its_labels():
+    class Labelled(Dataset):
+        labels, classnames = np.arange(10) % 3, ["a", "b", "c"]
+
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return i, int(self.labels[i])
+
+    sub = fraction_of(Labelled(), 0.3)
+    items = [sub[j][0] for j in range(len(sub))]
+    assert len(items) == 3 and len(set(items)) == 3 and items == [fraction_of(Labelled(), 0.3)[j][0] for j in range(3)]
+    assert sub.labels.tolist() == [i % 3 for i in items] and sub.classnames == ["a", "b", "c"]
+    assert items == np.random.RandomState(42).permutation(10)[:3].tolist()  # the documented draw
+    assert len(fraction_of(Labelled(), 0.01)) == 1 and sorted(fraction_of(Labelled(), 1.0).indices) == list(range(10))
 
 
 # -----------------------------------------------------------------------------
