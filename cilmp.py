@@ -160,8 +160,8 @@ DATASETS = {
         "normal z-line", "polyps", "ulcerative colitis"]),
     "pneumonia": dict(split="split_pneumonia.json", get="Kermany chest_xray (data.mendeley.com/datasets/rscbjbr9sj)",
                       classes=["normal", "bacteria pneumonia", "virus pneumonia"]),
-    "pneumonia2": dict(dir="pneumonia", split="split_pneumonia2.json", get="Kermany chest_xray (data.mendeley.com/datasets/rscbjbr9sj)",
-                       classes=["normal", "pneumonia"]),     # the official code's 2-class variant
+    "pneumonia2": dict(dir="pneumonia", split="split_pneumonia2.json", classes=["normal", "pneumonia"],
+                       get="Kermany chest_xray (data.mendeley.com/datasets/rscbjbr9sj)"),  # official 2-class
     "cpn-x-ray": dict(split="split_cpn-x-ray.json", get="CPN-X-ray (data.mendeley.com/datasets/dvntn9yhd2)",
                       classes=["normal", "covid", "pneumonia"]),
     "chaoyang": dict(split="split_chaoyang.json", get="Chaoyang (bupt-ai-cz.github.io/HSA-NRL)",
@@ -446,8 +446,8 @@ class Llama(nn.Module):
                                "states but cannot generate the class descriptions; use the LlamaForCausalLM "
                                "checkpoint (e.g. meta-llama/Meta-Llama-3-8B-Instruct)")
         shape = (1, self.cfg.n_kv_heads, T + max_new_tokens, self.cfg.head_dim)
-        cache = [(torch.zeros(shape, dtype=p.dtype, device=p.device), torch.zeros(shape, dtype=p.dtype, device=p.device))
-                 for _ in self.layers]
+        cache = [(torch.zeros(shape, dtype=p.dtype, device=p.device),
+                  torch.zeros(shape, dtype=p.dtype, device=p.device)) for _ in self.layers]
         out, pos, x = [], 0, ids
         for _ in range(max_new_tokens):
             h = self(x, cache=cache, pos=pos)
@@ -764,7 +764,8 @@ def llama_config_from_hf(hf: dict) -> LlamaConfig:
         problems.append(f"model_type {hf['model_type']!r} (this file implements Llama)")
     if hf["hidden_act"] != "silu":
         problems.append(f"hidden_act {hf['hidden_act']!r} (SwiGLU with silu only)")
-    problems += [f"{k}: true (no biases in Llama's projections here)" for k in ("attention_bias", "mlp_bias") if hf.get(k)]
+    problems += [f"{k}: true (no biases in Llama's projections here)" for k in ("attention_bias", "mlp_bias")
+                 if hf.get(k)]
     if hf.get("sliding_window") is not None or hf.get("use_sliding_window"):
         problems.append(f"sliding_window {hf.get('sliding_window')} (full causal attention only)")
     if any(t != "full_attention" for t in hf.get("layer_types") or []):
@@ -921,7 +922,8 @@ def data_help(name: str, root: Path) -> str:
     d = DATASETS[name]
     return (f"dataset {name!r} not found: expected {root / d['split']}.\n"
             f"  1. download: {d['get']}\n"
-            f"  2. prepare:  python -m common.prepare {d.get('dir', name)} --src /path/to/the/download   (writes {root})\n"
+            f"  2. prepare:  python -m common.prepare {d.get('dir', name)} --src /path/to/the/download"
+            f"   (writes {root})\n"
             f"  details: data/README.md, section '{d.get('dir', name)}'")
 
 
@@ -1140,13 +1142,6 @@ def train(args, world: R.World, run_dir: Path, model: CILMP, train_ds):
     return model
 
 
-def describe(model: CILMP) -> str:
-    c = model.cfg
-    llm = (f"L {model.L}, prefix {c.prefix_len}, suffix {c.suffix_len}, rank {c.rank}, mode {c.mode}"
-           if model.L else "no LLM tokens")
-    return f"{llm}, n_ctx {c.n_ctx}, n_vpt {c.n_vpt}, depth {c.depth}"
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -1176,8 +1171,7 @@ BENCH_SIZE = dict(clip=CLIPConfig(), llm_layers=32, llm_dim=4096, classes=7)  # 
 
 
 def run_bench(args, world: R.World, precisions):
-    """One CILMP train step at the paper's size (ViT-B/16 CLIP, 32 x 4096 LLM representations, C = 7), and the
-    vision tower with its deep prompts alone."""
+    """One CILMP train step at the paper's size (ViT-B/16 CLIP, 32 x 4096 LLM representations, C = 7)."""
     size, dev, B = BENCH_SIZE, world.device, args.batch_size
     C, L = size["classes"], size["llm_layers"]
     ctx_ids = torch.tensor([49406, 320, 1125, 539, 320])                  # SOS "a photo of a" in CLIP's vocab
@@ -1196,25 +1190,17 @@ def run_bench(args, world: R.World, precisions):
         res = size["clip"].image_size
         x, y = torch.randn(B, 3, res, res, device=dev), torch.randint(0, C, (B,), device=dev)
 
-        def step_full():
+        def step():
             with R.autocast(dev, precision):
                 loss = F.cross_entropy(model(x).float(), y)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        def step_vision():
-            with R.autocast(dev, precision):
-                f = model.encode_image(x)
-            f.float().pow(2).mean().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        for what, fn in (("CILMP train step", step_full), ("CLIP ViT-B/16 vision + deep VPT", step_vision)):
-            r = R.bench(fn, items=B, flops_per_step=R.flops_of(fn), device=dev, dtype=R.PRECISIONS[precision],
-                        warmup=1, steps=args.bench_steps)
-            rows.append(dict(what=what, precision=precision, batch=B, **r))
-            print(R.bench_row(what, precision, B, r), flush=True)
+        r = R.bench(step, items=B, flops_per_step=R.flops_of(step), device=dev, dtype=R.PRECISIONS[precision],
+                    warmup=1, steps=args.bench_steps)
+        rows.append(dict(what="CILMP train step", precision=precision, batch=B, **r))
+        print(R.bench_row("CILMP train step (ViT-B/16, 32 x 4096 LLM)", precision, B, r), flush=True)
         print(f"trainable parameters at this size: {sum(p.numel() for p in params):,}")
     return rows
 
@@ -1237,7 +1223,8 @@ def parser() -> argparse.ArgumentParser:
         "epochs": "paper: 100, demo: 12", "batch_size": "paper: 64, demo: 32; --bench: 8",
         "lr": "SGD; paper: 0.0025, demo: 0.01"})
     p.add_argument("--eval-batch-size", type=int, default=100, help="evaluation batch (official: 100)")
-    p.add_argument("--warmup-lr", type=float, default=1e-5, help="constant lr of the warm-up epochs (paper: 1e-5, demo: 1e-3)")
+    p.add_argument("--warmup-lr", type=float, default=1e-5,
+                   help="constant lr of the warm-up epochs (paper: 1e-5, demo: 1e-3)")
     p.add_argument("--warmup-epochs", type=int, default=1, help="constant-lr warm-up epochs before the cosine")
     p.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 1,2,3: one run each, then mean +- std")
     p.add_argument("--label-ratio", type=float, default=1.0,
@@ -1263,7 +1250,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--suffix-len", type=int, default=4, help="LLM positions edited by the suffix intervention (s)")
     p.add_argument("--rank", type=int, default=8, help="LoReFT subspace / projection rank (r)")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout on the intervention output")
-    p.add_argument("--no-rd", action="store_true", help="ablation: condition on the image without the relationship descriptor")
+    p.add_argument("--no-rd", action="store_true",
+                   help="ablation: condition on the image without the relationship descriptor")
     p.add_argument("--no-conditional", action="store_true", help="ablation: plain LoReFT (Eq. 11)")
     p.add_argument("--no-intervention", action="store_true", help="ablation: project the LLM representations only")
     return p
@@ -1337,7 +1325,7 @@ def build_and_train(args, world: R.World, run_dir: Path):
     R.cast_frozen(model, R.PRECISIONS[args.precision])  # frozen CLIP in the compute dtype; trainables fp32
     if world.is_main:
         print(f"CILMP: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters "
-              f"({describe(model)}); CLIP frozen ({sum(p.numel() for p in model.clip.parameters()):,})")
+              f"({model.cfg}, L {model.L}); CLIP frozen ({sum(p.numel() for p in model.clip.parameters()):,})")
     if not args.eval_only:
         return train(args, world, run_dir, model, train_ds), test_ds
     final = run_dir / "trainable.safetensors"

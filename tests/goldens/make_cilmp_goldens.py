@@ -51,7 +51,7 @@ LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{
 # corpus
 
 CLASSNAMES = [
-    # CILMP datasets (cilmp_cleft.md section 1.6)
+    # CILMP datasets (the class names of usr922/cilmp cilmp/datasets/*.py)
     "Melanoma", "Melanocytic nevus", "Basal cell carcinoma", "Actinic keratosis", "Benign keratosis",
     "Dermatofibroma", "Vascular lesion",
     "normal fundus", "fundus with age-related macular degeneration",
