@@ -39,7 +39,7 @@ Run it:
     python adaptor.py --task classify --data covidx --data-pct 0.1 --init RUN
     python adaptor.py --task segment --data siim --data-pct 1 --init RUN          # or --data rsna-seg
     torchrun --nproc_per_node 2 adaptor.py --data mimic-cxr ...   # per-rank negatives as official; --gather: all
-    python adaptor.py --resume RUN ; python adaptor.py --bench
+    python adaptor.py --resume RUN ; python adaptor.py --resume RUN --eval-only ; python adaptor.py --bench
 Data: data/README.md and `python -m common.prepare mimic-cxr|rsna|covidx|siim|rsna-seg --src RAW`. Weights: HF
 folders or repo ids in the HF cache (`python -m common.weights download facebook/dinov2-base`).
 
@@ -1044,6 +1044,12 @@ def finish(model: nn.Module, folder: Path, world, spec: dict):
         torch.distributed.barrier()
 
 
+def load_trained(folder: Path) -> dict:
+    if not (folder / "weights.safetensors").is_file():
+        raise DataError(f"--eval-only: {folder} has no finished weights.safetensors; finish the run with --resume first")
+    return load_file(str(folder / "weights.safetensors"))
+
+
 def backbone_key(args, which: str, model: nn.Module) -> str:
     """Cache folder name: the preset and a fingerprint of the weights (a changed checkpoint is a new cache)."""
     first = next(iter(model.state_dict().values()))
@@ -1249,9 +1255,13 @@ def classify(args, world, folder: Path, vision, adaptor: Adaptor, size: int) -> 
     if world.is_main:
         print(f"classify {args.data}: {len(keep)} of {len(y['train'])} training images ({args.data_pct:g}), "
               f"{len(classnames)} classes, {total} steps, head {sum(p.numel() for p in head.parameters()):,} params")
-    train_loop(args, world, folder, head, opt, len(keep), step_fn, lambda s: cosine_lr(s, total, args.lr), total,
-               best=best, desc="classify")
-    best.restore()
+    if args.eval_only:  # --resume RUN --eval-only: the head this run kept (its best on validation)
+        R.load_tensors(head, load_trained(folder), str(folder))
+        best.score = score("val")
+    else:
+        train_loop(args, world, folder, head, opt, len(keep), step_fn, lambda s: cosine_lr(s, total, args.lr), total,
+                   best=best, desc="classify")
+        best.restore()
     p = probs_of("test").cpu().numpy()
     rep = M.classification_report(y["test"].cpu().numpy(), p.argmax(1), p, classnames)
     rep |= {"metric": metric, "test": score("test"), "val": best.score, "best_epoch": best.epoch,
@@ -1304,10 +1314,14 @@ def segment(args, world, folder: Path, vision, adaptor: Adaptor) -> dict:
     if world.is_main:
         print(f"segment {args.data}: {len(idx)} of {len(train)} training images ({args.data_pct:g}), {total} steps, "
               f"decoder {sum(p.numel() for p in model.decoder.parameters()):,} params")
-    train_loop(args, world, folder, model, opt, len(idx), step_fn,
-               lambda s: cosine_lr(s, total, args.lr), total, ds=torch.utils.data.Subset(train, idx.tolist()),
-               best=best, desc="segment")
-    best.restore()
+    if args.eval_only:
+        R.load_tensors(model.decoder, load_trained(folder), str(folder))
+        best.score = dice_of("val")
+    else:
+        train_loop(args, world, folder, model, opt, len(idx), step_fn,
+                   lambda s: cosine_lr(s, total, args.lr), total, ds=torch.utils.data.Subset(train, idx.tolist()),
+                   best=best, desc="segment")
+        best.restore()
     rep = {"metric": "dice", "test": dice_of("test"), "val": best.score, "best_epoch": best.epoch,
            "train_items": int(len(idx)), "data_pct": args.data_pct}
     if world.is_main:
@@ -1555,8 +1569,8 @@ def run(args, world) -> dict:
         a = recipe(args, task)
         R.seed_everything(args.seed, world.rank)
         if task == "pretrain":
-            if (folder / "weights.safetensors").is_file():
-                adaptor = load_adaptor(folder, world.device)
+            if (folder / "weights.safetensors").is_file() or args.eval_only:
+                adaptor = load_adaptor(folder if not args.init else Path(args.init), world.device)
                 continue
             adaptor = pretrain(a, world, folder, vision, bert, tok, size).requires_grad_(False).eval()
         elif task == "classify":
@@ -1623,9 +1637,6 @@ def parse_args(argv=None):
         p.error("--task all is the demo's; on real data run pretrain, then classify / segment with --init")
     if not 0 < args.data_pct <= 1:
         p.error(f"--data-pct {args.data_pct}: must be in (0, 1]")
-    if args.eval_only:
-        p.error("--eval-only: evaluation is part of each task here (best on validation, then test); "
-                "run --task classify / segment with --init RUN instead")
     return args
 
 

@@ -245,6 +245,9 @@ def test_demo_end_to_end_above_chance(tmp_path):
     seg = json.loads((tmp_path / "seg" / "segment" / "metrics.json").read_text())
     assert cls["test"] > 0.35, cls["test"]            # 6 balanced classes: chance 0.17
     assert seg["test"] > 0.4, seg["test"]             # every demo image has a lesion: an empty mask scores 0
+    assert run_main(["--resume", tmp_path / "cls", "--eval-only"]) == 0  # the kept head, evaluated again
+    again = json.loads((tmp_path / "cls" / "classify" / "metrics.json").read_text())
+    assert again["test"] == cls["test"] and again["val"] == cls["val"]
 
 
 def test_resume_continues_bit_identically(tmp_path):
