@@ -267,12 +267,18 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 def wrap_model(model: nn.Module, world: World, compile: bool = False) -> nn.Module:
     """DDP over the trainable parameters only, then torch.compile if asked. Checkpoints use the raw model.
 
-    Frozen weights are identical on every rank (the same pretrained file), so DDP is told to ignore them:
+    Frozen weights (and the buffers of frozen modules) are identical on every rank (the same pretrained file),
+    so DDP is told to ignore them:
     otherwise it broadcasts them from rank 0 at start-up (5 GB for an 8B LLM's worth of frozen weights) and
     registers hooks for parameters that never get a gradient."""
     net = model
     if world.enabled and any(p.requires_grad for p in model.parameters()):
         frozen = [k for k, p in model.named_parameters() if not p.requires_grad]
+        # buffers of modules with nothing to train (a frozen VQ codebook: 16 MB) would be broadcast from rank 0
+        # before every forward; a trained BatchNorm keeps its running statistics synchronised as usual
+        frozen += [f"{name}.{b}" if name else b for name, m in model.named_modules()
+                   if not any(p.requires_grad for p in m.parameters(recurse=False))
+                   for b, _ in m.named_buffers(recurse=False)]
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
         net = nn.parallel.DistributedDataParallel(model, device_ids=[world.device.index]
                                                   if world.device.type == "cuda" else None)

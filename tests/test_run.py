@@ -179,10 +179,17 @@ def _two_ranks(rank, port, out):
             result = "went on"
         except R.NonFiniteLoss:
             result = "stopped"
+        frozen = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+        frozen[0].requires_grad_(False)
+        frozen[0].register_buffer("codebook", torch.full((2,), float(rank)))    # a frozen module's buffer
+        net = R.wrap_model(frozen, world)
+        net(torch.randn(4, 3))
+        ignored = sorted(net.parameters_to_ignore)
         x = torch.full((2, 1), float(rank), requires_grad=True)
         g = R.gather_with_grad(x)
         (g * torch.arange(4.0).view(4, 1)).sum().backward()
-        torch.save({"result": result, "gathered": g.detach(), "grad": x.grad}, f"{out}/rank{rank}.pt")
+        torch.save({"result": result, "gathered": g.detach(), "grad": x.grad, "ignored": ignored,
+                    "codebook": frozen[0].codebook}, f"{out}/rank{rank}.pt")
     finally:
         R.cleanup_distributed()
 
@@ -192,6 +199,9 @@ def test_two_processes_stop_together_and_gather_with_gradients(tmp_path):
     torch.multiprocessing.spawn(_two_ranks, args=(port, str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["result"] == r1["result"] == "stopped"
+    # frozen weights and the buffers of frozen modules are not DDP's; a trained BatchNorm's statistics are
+    assert r0["ignored"] == ["0.bias", "0.codebook", "0.weight"]
+    assert r1["codebook"].tolist() == [1.0, 1.0]           # never overwritten by rank 0's
     assert torch.equal(r0["gathered"], torch.tensor([[0.0], [0.0], [1.0], [1.0]]))
     # every rank's loss is sum_i i * g_i over the gathered rows; summed over the 2 ranks' losses
     assert torch.equal(r0["grad"], 2 * torch.tensor([[0.0], [1.0]])) and torch.equal(r1["grad"], 2 * torch.tensor([[2.0], [3.0]]))
