@@ -50,8 +50,8 @@ The recipe, as official: AdamW (0.9, 0.95), wd 0.05 except biases and 1-D tensor
 temporal tokens are decayed), lr = 1.5e-4 x global batch / 256, per-step warm-up for 10 epochs, then a
 half-cosine defined over 100 epochs but stopped at 30 (the lr is still ~88% of its peak at the end), logit
 scales clamped to [0, ln 100] after each step, model selection by RSNA validation zero-shot AUROC each epoch.
-The demo has no MRM or CXR-BERT to adapt: its tiny towers are random (a BERT with uniform attention, no dropout) and frozen
-by the same rule as the real ones; only the adapters, norms, heads and tokens learn.
+The demo has no MRM or CXR-BERT to adapt: its tiny towers are random (a BERT with uniform attention, no
+dropout) and frozen by the same rule as the real ones; only the adapters, norms, heads and tokens learn.
 """
 import argparse
 import json
@@ -810,7 +810,8 @@ VISION_MAP = {  # MRM.pth ["model"] and the vision half of ALTA.pth
     "blocks.{}.mlp.fc1.{}": "blocks.{}.mlp.fc1.{}", "blocks.{}.mlp.fc2.{}": "blocks.{}.mlp.fc2.{}",
     "norm.{}": "norm.{}",
     "decoder_embed.{}": "decoder_embed.{}", "decoder_pos_embed": "decoder_pos_embed",
-    "decoder_blocks.{}.norm1.{}": "decoder_blocks.{}.norm1.{}", "decoder_blocks.{}.norm2.{}": "decoder_blocks.{}.norm2.{}",
+    "decoder_blocks.{}.norm1.{}": "decoder_blocks.{}.norm1.{}",
+    "decoder_blocks.{}.norm2.{}": "decoder_blocks.{}.norm2.{}",
     "decoder_blocks.{}.attn.qkv.{}": "decoder_blocks.{}.attn.qkv.{}",
     "decoder_blocks.{}.attn.proj.{}": "decoder_blocks.{}.attn.proj.{}",
     "decoder_blocks.{}.mlp.fc1.{}": "decoder_blocks.{}.mlp.fc1.{}",
@@ -830,17 +831,20 @@ MRM_MAP = VISION_MAP | {  # MRM's own text side (a 6-layer 384-d BERT and its im
 }
 ALTA_MAP = VISION_MAP | {  # ALTA.pth ["model"]: everything
     "missing_token": "missing_token", "temporal_embedding": "temporal_embedding", "view_embedding": "view_embedding",
-    "blocks.{}.attn_adapter.{}.{}": "blocks.{}.attn_adapter.{}.{}", "blocks.{}.mlp_adapter.{}.{}": "blocks.{}.mlp_adapter.{}.{}",
+    "blocks.{}.attn_adapter.{}.{}": "blocks.{}.attn_adapter.{}.{}",
+    "blocks.{}.mlp_adapter.{}.{}": "blocks.{}.mlp_adapter.{}.{}",
     "projection_head.{}.{}": "projection_head.{}.{}", "local_projection_head.{}.{}": "local_projection_head.{}.{}",
     "logit_scale": "logit_scale", "logit_scale_local1": "logit_scale_local1",
     "logit_scale_local2": "logit_scale_local2", "logit_scale_local3": "logit_scale_local3",
     "bert_embed.{}": "bert_embed.{}",
     "bert_encoder.bert.embeddings.{}.{}": "bert_encoder.bert.embeddings.{}.{}",
     "bert_encoder.bert.embeddings.position_ids": None,       # a buffer transformers < 4.31 saved
-    "bert_encoder.bert.encoder.layer.{}.attention.self.{}.{}": "bert_encoder.bert.encoder.layer.{}.attention.self.{}.{}",
+    "bert_encoder.bert.encoder.layer.{}.attention.self.{}.{}":
+        "bert_encoder.bert.encoder.layer.{}.attention.self.{}.{}",
     "bert_encoder.bert.encoder.layer.{}.attention.output.{}.{}":
         "bert_encoder.bert.encoder.layer.{}.attention.output.{}.{}",
-    "bert_encoder.bert.encoder.layer.{}.intermediate.dense.{}": "bert_encoder.bert.encoder.layer.{}.intermediate.dense.{}",
+    "bert_encoder.bert.encoder.layer.{}.intermediate.dense.{}":
+        "bert_encoder.bert.encoder.layer.{}.intermediate.dense.{}",
     "bert_encoder.bert.encoder.layer.{}.output.{}.{}": "bert_encoder.bert.encoder.layer.{}.output.{}.{}",
     "bert_encoder.bert.encoder.layer.{}.attn_adapter.{}.{}": "bert_encoder.bert.encoder.layer.{}.attn_adapter.{}.{}",
     "bert_encoder.bert.encoder.layer.{}.mlp_adapter.{}.{}": "bert_encoder.bert.encoder.layer.{}.mlp_adapter.{}.{}",
@@ -903,7 +907,8 @@ CXR_MEAN, CXR_STD = (0.4785,) * 3, (0.2834,) * 3      # the official Normalize(0
 DATASETS = {  # what --data means: folder, the reports CSVs, the text length, grayscale or not
     "demo": dict(dir="data/demo", train="reports_train.csv", val="reports_val.csv", test="reports_test.csv",
                  split="split_demo.json", max_len=64, gray=False),
-    "mimic-cxr": dict(dir="data/mimic-cxr", train="train.csv", val=None, test=None, max_len=128, gray=True,
+    "mimic-cxr": dict(dir="data/mimic-cxr", train="reports_train.csv", val="reports_validate.csv", test=None,
+                      max_len=128, gray=True,
                       prepare="python -m common.prepare mimic-cxr --src <MIMIC-CXR-JPG folder>"),
 }
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -957,7 +962,8 @@ SENTENCE_SPLIT = re.compile(r"(?<!\w\.\w.)(?<![A-Z][a-z]\.)(?<=\.|\?)\s")   # th
 def image_transform(size: int, gray: bool):
     """-> (geometry, to_tensor), with the random affine + jitter going between the two when training.
     Geometry: the shorter side to size x 8/7 (bicubic), centre crop `size` (the official 256 -> 224 and 512 -> 448
-    paths). Then grayscale x 3 for X-rays (the demo's colour photographs stay RGB), tensor, Normalize(0.4785, 0.2834)."""
+    paths). Then grayscale x 3 for X-rays (the demo's colour photographs stay RGB), tensor, Normalize(0.4785,
+    0.2834)."""
     geometry = Compose([ToRGB(), Resize(round(size * 8 / 7)), CenterCrop(size)])
     return geometry, Compose([*([Grayscale3()] if gray else []), ToTensor(), Normalize(CXR_MEAN, CXR_STD)])
 
@@ -978,7 +984,8 @@ class StudyDataset(Dataset):
     def __init__(self, csv_path, root, tok, size: int, max_len: int, gray: bool, train: bool, seed: int = 0,
                  mlm_8010: bool = False):
         self.table = ImageReportDataset(root, csv_path, multiview=True)
-        self.tok, self.size, self.max_len, self.train, self.seed, self.mlm_8010 = tok, size, max_len, train, seed, mlm_8010
+        self.tok, self.size, self.max_len, self.train = tok, size, max_len, train
+        self.seed, self.mlm_8010 = seed, mlm_8010
         self.geo_big, self.to_tensor = image_transform(2 * size, gray)
         self.geo_small, _ = image_transform(size, gray)
         self.aug = AffineJitter()
@@ -1138,7 +1145,8 @@ def gloria_clean(text: str) -> str:
     \\w+ tokens, drop sentences of <= 1 token, ASCII only."""
     out = []
     for sent in (s for part in re.split(r"[0-9]+\.", text.replace("\n", " ")) for s in part.split(".")):
-        words = [w.encode("ascii", "ignore").decode("ascii") for w in re.findall(r"\w+", sent.replace("\ufffd\ufffd", " ").lower())]
+        words = re.findall(r"\w+", sent.replace("\ufffd\ufffd", " ").lower())
+        words = [w.encode("ascii", "ignore").decode("ascii") for w in words]
         if len(words) > 1:
             out.append(" ".join(w for w in words if w))
     return " ".join(out)
@@ -1378,7 +1386,8 @@ def parse_args(argv=None):
         "lr": "paper: 1.5e-4 x global batch / 256 = 5.625e-5, demo: 1e-3"})
     p.add_argument("--vit", default="vit-b16", choices=list(VIT_PRESETS), help="ViT size (demo: tiny)")
     p.add_argument("--init-vision", default=None, metavar="MRM.safetensors", help="the MRM image encoder")
-    p.add_argument("--text", default=None, metavar="FOLDER", help="CXR-BERT-specialized folder (config, safetensors, vocab.txt)")
+    p.add_argument("--text", default=None, metavar="FOLDER",
+                   help="CXR-BERT-specialized folder (config.json, safetensors, vocab.txt)")
     p.add_argument("--init", default=None, metavar="RUN|ALTA.safetensors", help="start from a run's or ALTA's weights")
     p.add_argument("--eval", default=None, choices=list(EVALS), help="run one official evaluation and stop")
     p.add_argument("--warmup-epochs", type=float, default=10.0, help="linear warm-up (paper: 10, demo: 1)")
