@@ -53,6 +53,16 @@ def test_plain_dinov2_matches_hf_cls_after_norm():
             assert max_diff(cls, g[f"pooler_output_{k}"]) < TOL
 
 
+def test_the_copied_dinov2_loads_the_register_variant_too():
+    model = A.DINOv2.from_pretrained(GOLD / "cleft_dinov2").eval()  # cleft.py's golden: Dinov2WithRegistersModel
+    g = io("cleft_dinov2")
+    assert model.cfg.n_registers == 4
+    with torch.no_grad():
+        cls, tokens = A.image_features(model, g["pixel_values_a"])
+    assert max_diff(cls, g["last_hidden_state_a"][:, 0]) < TOL
+    assert tokens.shape[1] == g["last_hidden_state_a"].shape[1] - 4                 # registers dropped
+
+
 def test_bert_pooler_output_matches_hf():
     model = A.load_bert(GOLD / "adaptor_bert").eval()
     g = io("adaptor_bert")
