@@ -601,27 +601,27 @@ def build_model(spec: dict, device="cpu", llm_dtype=None) -> CLEFT:
     pretrained model). Built on `device` ("meta" for counting parameters without memory)."""
     vit_preset, llm_preset = VIT_PRESETS[spec["vit"]], LLM_PRESETS[spec["llm"]]
     dev = torch.device(device)
-    if spec["vit"] == "tiny" or dev.type == "meta":
+    meta = dev.type == "meta"
+    if spec["vit"] == "tiny" or meta:
         with dev:
             vit = DINOv2(vit_preset["config"])
-        vit = vit if dev.type == "meta" else vit.init_random(0)
+        vit = vit if meta else vit.init_random(0)
     else:
         vit = DINOv2.from_pretrained(spec["vit_path"] or vit_preset["repo"])
-    if spec["llm"] == "tiny" or dev.type == "meta":
+    if spec["llm"] == "tiny" or meta:
         cfg = llm_preset["config"]
         if spec["llm"] == "tiny":  # the vocabulary comes from the tokenizer file
             cfg = replace(cfg, vocab_size=load_tokenizer(spec).get_vocab_size())
         with dev:
             llm = GPT2(cfg)
         # the tiny stand-in "pretrained" LLM gets std 1/sqrt(dim), so its random attention actually mixes tokens
-        llm = llm if dev.type == "meta" else llm.init_random(0, cfg.dim ** -0.5 if spec["llm"] == "tiny" else 0.02)
+        llm = llm if meta else llm.init_random(0, cfg.dim ** -0.5)
     else:
         llm = GPT2.from_pretrained(spec["llm_path"] or llm_preset["repo"], dtype=llm_dtype)
     torch.manual_seed(spec["seed"])  # adapter / projection init depends on the seed only
     add_peft(llm, PEFTConfig(**spec["peft"]))
     with dev:
-        model = CLEFT(vit, llm, spec["emb_dim"])
-    return model
+        return CLEFT(vit, llm, spec["emb_dim"])
 
 # ----------------------------------------------------------------------------------------------------------
 # Weight loading: HF safetensors -> our modules through literal key maps. "{}" is one dotted component (a layer
@@ -737,19 +737,13 @@ def gpt2_config_from_hf(hf: dict) -> GPT2Config:
     dim, heads = field("n_embd", "hidden_size"), field("n_head", "num_attention_heads")
     act = hf.get("activation_function", "gelu_new")
     drops = {k: hf.get(k, 0.1) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
-    refused = []
-    if act not in ("gelu_new", "gelu_pytorch_tanh"):  # both are the tanh approximation of GELU
-        refused.append(f"activation_function {act!r} (implemented: gelu_new)")
-    if not hf.get("scale_attn_weights", True):
-        refused.append("scale_attn_weights false (implemented: scores / sqrt(head size))")
-    if hf.get("add_cross_attention", False):
-        refused.append("add_cross_attention true (implemented: decoder-only)")
-    if hf.get("n_inner") not in (None, 4 * dim):
-        refused.append(f"n_inner {hf['n_inner']} (implemented: 4 x n_embd)")
-    if len(set(drops.values())) > 1:
-        refused.append(f"different dropouts {drops} (implemented: one rate for all three)")
-    if dim % heads:
-        refused.append(f"n_embd {dim} not divisible by n_head {heads}")
+    refused = [why for bad, why in (  # gelu_new and gelu_pytorch_tanh are both the tanh approximation of GELU
+        (act not in ("gelu_new", "gelu_pytorch_tanh"), f"activation_function {act!r} (implemented: gelu_new)"),
+        (not hf.get("scale_attn_weights", True), "scale_attn_weights false (implemented: scores / sqrt(head size))"),
+        (hf.get("add_cross_attention", False), "add_cross_attention true (implemented: decoder-only)"),
+        (hf.get("n_inner") not in (None, 4 * dim), f"n_inner {hf.get('n_inner')} (implemented: 4 x n_embd)"),
+        (len(set(drops.values())) > 1, f"different dropouts {drops} (implemented: one rate for all three)"),
+        (dim % heads, f"n_embd {dim} not divisible by n_head {heads}")) if bad]
     if refused:
         raise WeightsError("this GPT-2 config is not supported by cleft.py: " + "; ".join(refused))
     eos = hf.get("eos_token_id", hf.get("vocab_size", 50257) - 1)
@@ -782,27 +776,24 @@ BIRADS = ["additional imaging required", "negative", "benign finding", "probably
           "suspicious abnormality", "highly suggestive of malignancy", "known biopsy-proven malignancy"]
 DENSITY = ["almost entirely fat", "scattered fibroglandular densities", "heterogeneously dense", "extremely dense"]
 PREPARE = "python -m common.prepare {} --src /path/to/the/download"
-EMBED_GET = ("EMBED (Emory, by application: github.com/Emory-HITI/EMBED_Open_Data); " + PREPARE.format("embed"))
 # folder under data/; image-text CSVs (stage 1); class split (stage 2 / evaluation); CheXpert CSVs whose
 # one-positive rows train stage 2 / the probes; the zero-shot prompts; the official image pipeline or the demo's
+CXR = dict(prompts="cxr", prefix=CXR_PREFIX, pipeline="official")
+CHEXPERT = dict(CXR, dir="chexpert", split="split_chexpert5x200.json", class_csvs=("train.csv", "valid.csv"))
+EMBED = dict(dir="embed", prefix=MAMMO_PREFIX, pipeline="official",
+             get="EMBED (Emory, by application: github.com/Emory-HITI/EMBED_Open_Data); " + PREPARE.format("embed"))
 DATASETS = {
     "demo": dict(dir="demo", pairs=("reports_train.csv", "reports_val.csv"), split="split_demo.json",
                  prompts="demo", prefix="", pipeline="demo", get="built in: python -m common.demo"),
-    "chexpert": dict(dir="chexpert", pairs=("train.csv", "valid.csv"), split="split_chexpert5x200.json",
-                     class_csvs=("train.csv", "valid.csv"), prompts="cxr", prefix=CXR_PREFIX, pipeline="official",
-                     get="CheXpert v1.0 (stanfordmlgroup.github.io/competitions/chexpert); " + PREPARE.format("chexpert")),
-    "chexpert5x200": dict(dir="chexpert", split="split_chexpert5x200.json", class_csvs=("train.csv", "valid.csv"),
-                          prompts="cxr", prefix=CXR_PREFIX, pipeline="official",
-                          get="as for chexpert: " + PREPARE.format("chexpert")),
-    "rsna": dict(dir="rsna", split="split_rsna.json", prompts="cxr", prefix=CXR_PREFIX, pipeline="official",
-                 get="RSNA Pneumonia Detection (kaggle.com/c/rsna-pneumonia-detection-challenge); "
-                     + PREPARE.format("rsna")),
-    "embed": dict(dir="embed", pairs=("captions_train.csv", "captions_valid.csv"), split="split_embed-birads.json",
-                  prompts="birads", prefix=MAMMO_PREFIX, classes=7, pipeline="official", get=EMBED_GET),
-    "embed-birads": dict(dir="embed", split="split_embed-birads.json", prompts="birads", prefix=MAMMO_PREFIX,
-                         classes=7, pipeline="official", get=EMBED_GET),
-    "embed-density": dict(dir="embed", split="split_embed-density.json", prompts="density", prefix=MAMMO_PREFIX,
-                          classes=4, pipeline="official", get=EMBED_GET),
+    "chexpert": dict(CHEXPERT, pairs=("train.csv", "valid.csv"), get="CheXpert v1.0 (stanfordmlgroup.github.io/"
+                     "competitions/chexpert); " + PREPARE.format("chexpert")),
+    "chexpert5x200": dict(CHEXPERT, get="as for chexpert: " + PREPARE.format("chexpert")),
+    "rsna": dict(CXR, dir="rsna", split="split_rsna.json", get="RSNA Pneumonia Detection "
+                 "(kaggle.com/c/rsna-pneumonia-detection-challenge); " + PREPARE.format("rsna")),
+    "embed": dict(EMBED, pairs=("captions_train.csv", "captions_valid.csv"), split="split_embed-birads.json",
+                  prompts="birads", classes=7),
+    "embed-birads": dict(EMBED, split="split_embed-birads.json", prompts="birads", classes=7),
+    "embed-density": dict(EMBED, split="split_embed-density.json", prompts="density", classes=4),
 }
 
 
@@ -848,9 +839,9 @@ def caption_sets(args, size: int):
     if "pairs" not in d:
         raise DataError(f"--data {args.data} has no image-text pairs for contrastive pre-training; use --data "
                         f"chexpert or embed (or demo), or evaluate with --eval")
-    train_csv, val_csv = (data_file(args, f, "image-text CSV") for f in d["pairs"])
-    return tuple(CaptionDataset(data_root(args), path, image_transform(args, size, train),
-                                frontal_only=not args.laterals) for path, train in ((train_csv, True), (val_csv, False)))
+    files = [(data_file(args, f, "image-text CSV"), train) for f, train in zip(d["pairs"], (True, False))]
+    return tuple(CaptionDataset(data_root(args), f, image_transform(args, size, train), frontal_only=not args.laterals)
+                 for f, train in files)
 
 
 def class_sets(args, size: int, train_transform=True):
