@@ -67,7 +67,6 @@ import math
 import os
 import re
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -1037,8 +1036,7 @@ def pretrain(args, world, folder: Path, vision, bert, tok, size: int) -> Adaptor
 def finish(model: nn.Module, folder: Path, world, spec: dict):
     """The finished stage: trainable tensors + model.json (what --init reads)."""
     if world.is_main:
-        tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(tensors, str(folder / "weights.safetensors"))
+        R.save_tensors(folder / "weights.safetensors", {k: v.detach().float().cpu() for k, v in model.state_dict().items()})
         (folder / "model.json").write_text(json.dumps(spec, indent=2) + "\n")
     if world.enabled:
         torch.distributed.barrier()
