@@ -1470,6 +1470,8 @@ def preflight(args):
 
 
 def run(args, world) -> dict:
+    if args.eval_only:                       # --resume RUN --eval-only: that run's best (or last) weights
+        args.init = args.resume
     root = preflight(args)
     if args.data == "demo":
         from common.demo import ensure_demo
