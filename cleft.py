@@ -1178,26 +1178,23 @@ CLIP_B16 = 149_620_737     # OpenAI CLIP ViT-B/16 (both towers, projections, log
 CLIP_B16_TEXT = 63_165_952  # its text transformer (token + position embeddings included)
 
 
-def param_table(model: CLEFT) -> list:
-    """[(component, total, trainable)] for a model whose requires_grad flags are set (works on the meta device)."""
-    def count(prefix, adapters=None):
-        ps = [(k, p) for k, p in model.named_parameters() if k.startswith(prefix)
-              and (adapters is None or is_adapter(k) == adapters)]
-        return sum(p.numel() for _, p in ps), sum(p.numel() for _, p in ps if p.requires_grad)
-    rows = [("vision: DINOv2", *count("vit.")), ("text: LLM (frozen)", *count("llm.", False)),
-            ("text: PEFT adapter", *count("llm.", True)), ("image projection", *count("img_proj")),
-            ("text projection", *count("txt_proj")), ("temperature", *count("logit_scale"))]
-    return rows + [("total", sum(r[1] for r in rows), sum(r[2] for r in rows))]
-
-
 def count_params(args):
     """--count-params: stage-1 trainables at the chosen presets, built on the meta device (no memory), and the
     paper's two comparisons. "39% fewer trainable parameters" is against vanilla OpenAI CLIP ViT-B/16 trained
-    in full (149.6M); "4% of the trainable language model parameters" is the adapter against its text encoder."""
+    in full (149.6M); "4% of the trainable language model parameters" is the adapter against its text encoder.
+    -> [(component, total, trainable)]"""
     spec = model_spec(args)
     model = build_model(spec, device="meta")
     stage1_trainable(model, args)
-    rows = param_table(model)
+
+    def count(prefix, adapters=None):
+        ps = [p for k, p in model.named_parameters() if k.startswith(prefix)
+              and (adapters is None or is_adapter(k) == adapters)]
+        return sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad)
+    rows = [("vision: DINOv2", *count("vit.")), ("text: LLM (frozen)", *count("llm.", False)),
+            ("text: PEFT adapter", *count("llm.", True)), ("image projection", *count("img_proj")),
+            ("text projection", *count("txt_proj")), ("temperature", *count("logit_scale"))]
+    rows.append(("total", sum(r[1] for r in rows), sum(r[2] for r in rows)))
     print(f"CLEFT stage 1, --vit {spec['vit']} --llm {spec['llm']} --peft {spec['peft']['method']}")
     print(f"{'component':<22}{'total':>16}{'trainable':>14}")
     for name, total, trainable in rows:
