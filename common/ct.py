@@ -392,8 +392,14 @@ class CTVolumeDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, idx):
         arr, spacing, slope, inter = self.load_hu_input(idx)
-        volume = preprocess_ct(arr, spacing, slope, inter, self.target_spacing, self.target_shape,
-                               self.clip_before_resample)                 # (1, D, H, W)
+        try:
+            volume = preprocess_ct(arr, spacing, slope, inter, self.target_spacing, self.target_shape,
+                                   self.clip_before_resample)             # (1, D, H, W)
+        except DataError as e:  # e.g. a volume so small or a spacing so odd that resampling leaves nothing
+            raise DataError(f"{self.paths[idx]}: {e}") from None
+        if not np.isfinite(volume.numpy()).all():
+            raise DataError(f"{self.paths[idx]}: the volume holds NaN or infinite values (after the rescale "
+                            f"to HU with slope {slope}, intercept {inter})")
         name = self.names[idx]
         return {"volume": volume, "labels": torch.from_numpy(self.labels[idx].copy()),
                 "report": self.reports.get(name, ""), "name": name}
