@@ -672,6 +672,8 @@ def test_bench_runs_and_reports_every_figure(monkeypatch, capsys):
     """--bench at a tiny size (the real one takes minutes): both precisions, both steps, all the figures."""
     tiny = cilmp.CLIPConfig(**(cilmp.asdict(cilmp.CLIP_PRESETS["tiny"]["config"]) | {"vocab_size": 49408}))
     monkeypatch.setattr(cilmp, "BENCH_SIZE", dict(clip=tiny, llm_layers=10, llm_dim=64, classes=3))
+    peak = cilmp.R.matmul_peak_flops  # the MFU denominator from a 256^3 matmul (2048^3 in bf16 takes minutes on CPU)
+    monkeypatch.setattr(cilmp.R, "matmul_peak_flops", lambda device, dtype: peak(device, dtype, n=256))
     args = cilmp.parse_args(["--bench", "--bench-steps", "1"])
     assert args.batch_size == 8
     rows = cilmp.run_bench(args, cilmp.R.World(), ["fp32", "bf16"])
