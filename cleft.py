@@ -916,12 +916,6 @@ def tokenize(tok, texts, length: int, eos: int, space: bool = False, as_captions
         ids[i, :len(e)], mask[i, :len(e)] = torch.tensor(e), 1
     return ids, mask
 
-
-def context_ids(tok, text: str, n: int) -> torch.Tensor:
-    """peft PromptTuningInit.TEXT: the init text's tokens, repeated then cut to n."""
-    e = tok.encode(text).ids or [0]
-    return torch.tensor((e * (n // len(e) + 1))[:n])
-
 # ----------------------------------------------------------------------------------------------------------
 # Training: one step loop shared by both stages and the fine-tune evaluation
 
@@ -1049,9 +1043,9 @@ def stage_prompt(args, world, stage_dir: Path, model: CLEFT, tok, size: int):
     cross-entropy over the class prompts (--prompt-objective ce, the default). Official code: InfoNCE on the
     captions with the ViT trained too (--prompt-objective infonce --train-vit). SGD + warm-up + cosine. As in
     the official code the temperature restarts at 1/0.07 (its --pretrained_encoder loads the encoders only)."""
-    if model.ctx is None:
-        model.add_context(context_ids(tok, args.ctx_init or DATASETS[args.data]["prefix"] or "a photo of a",
-                                      args.n_ctx).to(model.llm.wte.weight.device))
+    if model.ctx is None:  # peft PromptTuningInit.TEXT: the init text's tokens, repeated then cut to n_ctx
+        e = tok.encode(args.ctx_init or DATASETS[args.data]["prefix"] or "a photo of a").ids or [0]
+        model.add_context(torch.tensor((e * (args.n_ctx // len(e) + 1))[:args.n_ctx]).to(model.llm.wte.weight.device))
     with torch.no_grad():
         model.logit_scale.fill_(math.log(1 / 0.07))
     set_trainable(model, ["ctx"] + (["vit.", "img_proj", "logit_scale"] if args.train_vit else []))
