@@ -10,7 +10,7 @@ Here the parameters are an explicit value, drawn from a torch.Generator:
                                               # a fraction of each image's size, as torchvision's is
 The geometry is torchvision's PIL path (inverse affine matrix about the image centre, nearest-neighbour
 resampling, zero fill); the jitter is torchvision's PIL path (ImageEnhance brightness and contrast, applied in a
-random order).
+random order); tests/test_alta.py checks both pixel for pixel against torchvision (tests/goldens/alta_augment).
 """
 import math
 from dataclasses import dataclass

@@ -452,3 +452,16 @@ def test_bench_reports_every_figure_at_a_tiny_size(monkeypatch):
     assert [w for w, _ in rows][0].startswith("pre-train step") and len(rows) == 4
     for _, r in rows:
         assert r["step_ms"] > 0 and r["items_per_s"] > 0 and r["tflops"] > 0 and r["peak_mem_mb"] > 0
+
+
+def test_paired_augmentation_equals_torchvision():
+    """common/augment.py against torchvision's functional affine + brightness / contrast (golden)."""
+    import numpy as np
+    from PIL import Image
+    from common.augment import AffineJitter, AffineJitterParams
+    io = load_file(str(GOLD / "alta_augment" / "io.safetensors"))
+    params = [(13.0, (0.05, -0.08), 1.03, 7.0, 1.1, 0.9, True), (-17.5, (-0.1, 0.02), 0.96, -9.0, 0.85, 1.15, False)]
+    img = Image.fromarray(io["image"].numpy())
+    for i, p in enumerate(params):
+        out = np.asarray(AffineJitter()(img, AffineJitterParams(*p)))
+        assert np.array_equal(out, io[f"out{i}"].numpy()), i

@@ -22,6 +22,8 @@ Everything is CPU fp32, seeded, tiny and random (no pretrained weights). Writes:
                                  of the official cxrbert.py, with ALTA.pth key names (bert_encoder.*) + io
   tests/goldens/alta_loss/       the official ClipLoss / LocalClipLoss and GLoRIA's local_loss on random
                                  features: values and input gradients
+  tests/goldens/alta_augment/    torchvision's functional affine (nearest, zero fill) + adjust_brightness /
+                                 adjust_contrast on a PIL image, for two parameter sets (common/augment.py)
 """
 import io
 import shutil
@@ -277,11 +279,32 @@ def _gloria_local(gloria_loss, ctx, words, cap_lens):
     return (loss0 + loss1) / 2, att
 
 
+AUG_PARAMS = [  # angle, translate (fractions), scale, shear, brightness, contrast, brightness first
+    (13.0, (0.05, -0.08), 1.03, 7.0, 1.1, 0.9, True), (-17.5, (-0.1, 0.02), 0.96, -9.0, 0.85, 1.15, False)]
+
+
+def make_augment():
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    img = np.random.default_rng(40).integers(0, 255, (40, 52, 3), dtype=np.uint8)
+    out = {"image": torch.from_numpy(img)}
+    for i, (angle, (fx, fy), scale, shear, bright, contrast, bright_first) in enumerate(AUG_PARAMS):
+        x = TF.affine(Image.fromarray(img), angle=angle, translate=[round(fx * 52), round(fy * 40)], scale=scale,
+                      shear=[shear, 0.0], interpolation=InterpolationMode.NEAREST, fill=0)
+        ops = [lambda z: TF.adjust_brightness(z, bright), lambda z: TF.adjust_contrast(z, contrast)]
+        for op in (ops if bright_first else ops[::-1]):
+            x = op(x)
+        out[f"out{i}"] = torch.from_numpy(np.asarray(x).copy())
+    save(fresh_dir("alta_augment") / "io.safetensors", out)
+
+
 def main():
     with tempfile.TemporaryDirectory() as tmp:
         alta_root = checkout(ALTA_GIT, ALTA_COMMIT, Path(tmp) / "alta")
         gloria_root = checkout(GLORIA_GIT, GLORIA_COMMIT, Path(tmp) / "gloria")
         make_vit()
+        make_augment()
         official, loss_functions, pos_embed = import_official(alta_root)
         make_official(official, pos_embed)
         import adapter_block
