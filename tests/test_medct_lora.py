@@ -423,8 +423,14 @@ def _run(argv, timeout=400, env=None):
 
 @pytest.fixture(scope="session")
 def cache(tmp_path_factory):
-    """The demo's pre-trained tiny CT-CLIP, made once for the session by the first run that needs it."""
-    return tmp_path_factory.mktemp("medct_cache")
+    """The demo's pre-trained tiny CT-CLIP, made once for the session by the first run that needs it (or copied
+    from the repo's cache/ when a demo run made it already: fixed seed, so it is the same tensors)."""
+    import shutil
+    folder = tmp_path_factory.mktemp("medct_cache")
+    made = REPO / "cache" / "ctclip_tiny_demo_v2_200.safetensors"
+    if made.exists():
+        shutil.copy(made, folder / made.name)
+    return folder
 
 
 def test_demo_end_to_end(cache, tmp_path):
@@ -496,7 +502,11 @@ def _ddp_worker(rank, world, port, out):
 
 
 def _one_step_setup():
-    model = tiny_lora_model()
+    """Train mode (the straight-through VQ gives every LoRA tensor a gradient, as DDP needs) without dropout."""
+    model = tiny_lora_model().train()
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Dropout, mc.BertSelfAttention)):
+            m.p = 0.0
     with torch.no_grad():
         for k, p in model.named_parameters():
             if ".lora_B." in k:
