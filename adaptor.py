@@ -141,7 +141,7 @@ VISION_PRESETS = {  # real sizes written out so the parameter count and --bench 
                                                 n_registers=0, pos_antialias=False)),
 }
 TEXT_PRESETS = {
-    "bert": dict(repo="google-bert/bert-base-uncased"),
+    "bert": dict(repo="bert-base-uncased"),
     "biobert": dict(repo="dmis-lab/biobert-v1.1"),
     "pubmedbert": dict(repo="microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext"),
     "cxrbert": dict(repo="microsoft/BiomedVLP-CXR-BERT-general"),
