@@ -564,3 +564,36 @@ def test_missing_data_and_weights_are_one_message(tmp_path):
 def test_user_mistakes_are_messages(argv, msg, tmp_path):
     r = _run(argv + ["--out", str(tmp_path / "run")])
     assert r.returncode == 2 and "Traceback" not in r.stderr and msg in r.stderr, r.stderr[-2000:]
+
+
+def test_each_volume_and_each_prompt_is_encoded_once():
+    """The official zero-shot runs the vision tower once per finding (18x per volume); ours once per volume."""
+    model = tiny_ctclip()
+    tok = mc.load_tokenizer(GOLD / "medct_bert_mlm")
+    g = io("ctclip_tiny")
+
+    class Vols(torch.utils.data.Dataset):
+        findings = ["Cardiomegaly", "Emphysema", "Lung nodule"]
+        labels = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1.0]])
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return {"volume": g["video"][i % 2], "labels": torch.tensor(self.labels[i]), "report": ""}
+    calls = {"vol": 0, "txt": 0}
+    enc_v, enc_t = model.encode_volume, model.encode_text
+    model.encode_volume = lambda v: calls.__setitem__("vol", calls["vol"] + len(v)) or enc_v(v)
+    model.encode_text = lambda i, m: calls.__setitem__("txt", calls["txt"] + len(i)) or enc_t(i, m)
+    args = mc.parse_args(["--eval-batch-size", "3", "--threshold-on-test", "--n-boot", "20"])
+    args.model = "tiny"
+    rep = mc.evaluate(args, model, tok, None, Vols(), "cpu")
+    assert calls == {"vol": 4, "txt": 2 * 3}                  # 4 volumes once each, 2 prompts per finding once
+    assert "test set" in rep["thresholds_from"] and len(rep["per_finding"]) == 3
+
+
+def test_augment_keeps_shape_and_range():
+    torch.manual_seed(0)
+    vol = torch.rand(1, 4, 6, 6) * 2 - 1
+    out = mc.augment_volume(vol)
+    assert out.shape == vol.shape and out.min() >= -1 and out.max() <= 1 and not torch.equal(out, vol)
