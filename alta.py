@@ -1487,6 +1487,7 @@ def run(args, world) -> dict:
         corpus += [r["report"] for r in read_rows(root / DATASETS[args.data]["test"], ["report"])] \
             if DATASETS[args.data]["test"] else []
     model, tok = build(args, world, corpus)
+    R.cast_frozen(model, R.PRECISIONS[args.precision])    # frozen Linear / Conv / Embedding weights in bf16 / fp16
     if args.eval:
         res = evaluate(args.eval, model, tok, args, Path(args.data_dir or REPO / EVALS[args.eval][0]))
         if world.is_main:
