@@ -23,7 +23,8 @@ parameters, 7.57%) with four losses, on studies of up to four radiographs (curre
 Run it:
     python alta.py                                            # demo: tiny ViT + BERT, multi-view demo data, CPU
         # (8 epochs, ~6 min on a busy 2-core CPU; measured: zero-shot ACC 0.246 / AUROC 0.598 over 6 classes,
-        #  chance 0.167; image->report P@5 0.213, chance 0.167)
+        #  chance 0.167; image->report P@5 0.213, chance 0.167. NOTE it depends on the random towers: another
+        #  draw of the same init gave ACC 0.167 / P@5 0.201)
     python -m common.weights convert MRM.pth MRM.safetensors --key model      # (and ALTA.pth alike)
     python alta.py --data mimic-cxr --init-vision MRM.safetensors --text <BiomedVLP-CXR-BERT-specialized folder>
     torchrun --nproc_per_node 4 alta.py --data mimic-cxr ...  # the paper's 4 x 24 studies
@@ -600,9 +601,10 @@ class ALTA(MAEViT):
         self.register_buffer("time_ids", torch.tensor(TIME_IDS), persistent=False)
 
     def init_weights(self, seed: int = 0):
-        """The official initialize_weights for the vision side (xavier-uniform Linear and patch embedding, LN 1/0,
-        cls / mask tokens N(0, 0.02), adapter up-projections zero) and BERT's N(0, 0.02) for the text side. Real
-        runs then load MRM and CXR-BERT over it; what they do not hold (adapters, heads, bert_embed) keeps this."""
+        """Random weights: the official initialize_weights for the vision side (xavier-uniform Linear and patch
+        embedding, LN 1/0, cls / mask tokens N(0, 0.02), adapter up-projections zero), xavier text heads and a
+        random BERT (below). Real runs then load MRM and CXR-BERT over it; what those files do not hold
+        (adapters, image heads, bert_embed, the extra tokens) keeps these values."""
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, m in self.named_modules():
