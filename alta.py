@@ -23,8 +23,8 @@ parameters, 7.57%) with four losses, on studies of up to four radiographs (curre
 Run it:
     python alta.py                                            # demo: tiny ViT + BERT, multi-view demo data, CPU
         # (8 epochs, ~6 min on a busy 2-core CPU; measured: zero-shot ACC 0.246 / AUROC 0.598 over 6 classes,
-        #  chance 0.167; image->report P@5 0.213, chance 0.167. NOTE it depends on the random towers: another
-        #  draw of the same init gave ACC 0.167 / P@5 0.201)
+        #  chance 0.167; image->report P@5 0.213, chance 0.167. NOTE it depends on the random towers: --seed 1
+        #  gave ACC 0.171 / AUROC 0.609 / P@5 0.171, another init draw ACC 0.167 / P@5 0.201)
     python -m common.weights convert MRM.pth MRM.safetensors --key model      # (and ALTA.pth alike)
     python alta.py --data mimic-cxr --init-vision MRM.safetensors --text <BiomedVLP-CXR-BERT-specialized folder>
     torchrun --nproc_per_node 4 alta.py --data mimic-cxr ...  # the paper's 4 x 24 studies
