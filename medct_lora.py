@@ -1154,6 +1154,10 @@ def run_bench(args, world):
 # ----------------------------------------------------------------------------------------------------------
 # main
 
+# NOTE measured on the demo (30 test volumes, 45 training pairs): the zero-shot mean AUROC is 0.61 before LoRA and
+# not reliably higher after: 0.54 with this recipe, 0.59 at lr 1e-3, 0.62 with text-only targets. The few pairs are
+# fitted (loss 2.1 -> ~0.6) without a gain on held-out volumes; the frozen VQ lets small CTViT updates change its
+# codes only rarely.
 DEMO_RECIPE = dict(model="tiny", epochs=40, batch_size=8, lr=3e-3, warmup_steps=20, lora_rank=8, lora_alpha=16.0,
                    val_frac=0.25, n_boot=200, ckpt_every=50, eval_before=True, eval_batch_size=16)
 PREPARE = "python -m common.prepare ct-rate --src /path/to/CT-RATE  (the Hugging Face dataset ibrahimhamamci/CT-RATE)"
