@@ -22,9 +22,9 @@ parameters, 7.57%) with four losses, on studies of up to four radiographs (curre
 
 Run it:
     python alta.py                                            # demo: tiny ViT + BERT, multi-view demo data, CPU
-        # (8 epochs, ~6 min on a busy 2-core CPU; measured: zero-shot ACC 0.246 / AUROC 0.598 over 6 classes,
-        #  chance 0.167; image->report P@5 0.213, chance 0.167. NOTE it depends on the random towers: --seed 1
-        #  gave ACC 0.171 / AUROC 0.609 / P@5 0.171, another init draw ACC 0.167 / P@5 0.201)
+        # (8 epochs, ~6 min on a busy 2-core CPU, plus ~5 min once to pre-train the tiny towers; 6 classes,
+        #  zero-shot and image->report P@5 chance 0.167. Measured with RANDOM towers, before that pre-training:
+        #  --seed 0 ACC 0.246 / AUROC 0.598 / P@5 0.213, --seed 1 ACC 0.171 / AUROC 0.609 / P@5 0.171)
     python -m common.weights convert MRM.pth MRM.safetensors --key model      # (and ALTA.pth alike)
     python alta.py --data mimic-cxr --init-vision MRM.safetensors --text <BiomedVLP-CXR-BERT-specialized folder>
     torchrun --nproc_per_node 4 alta.py --data mimic-cxr ...  # the paper's 4 x 24 studies
@@ -53,8 +53,12 @@ The recipe, as official: AdamW (0.9, 0.95), wd 0.05 except biases and 1-D tensor
 temporal tokens are decayed), lr = 1.5e-4 x global batch / 256, per-step warm-up for 10 epochs, then a
 half-cosine defined over 100 epochs but stopped at 30 (the lr is still ~88% of its peak at the end), logit
 scales clamped to [0, ln 100] after each step, model selection by RSNA validation zero-shot AUROC each epoch.
-The demo has no MRM or CXR-BERT to adapt: its tiny towers are random (a BERT with uniform attention, no
-dropout) and frozen by the same rule as the real ones; only the adapters, norms, heads and tokens learn.
+The demo has no MRM or CXR-BERT to adapt, and frozen random towers carry almost no class signal (zero-shot ACC
+0.17-0.25 by seed, chance 0.167). So, as cilmp.py and adaptor.py do for theirs, the tiny ViT + BERT are
+pre-trained once (fixed seed 0, independent of --seed; --tower-pretrain-steps 200 of symmetric InfoNCE on the
+current images and reports of reports_train.csv, every tower weight trained) and cached in --cache-dir, keyed by
+the configs and vocabulary: they play MRM and CXR-BERT, frozen by the same rule as the real ones; only the
+adapters, norms, heads and tokens learn. Never done for real weights.
 """
 import argparse
 import json
@@ -1375,6 +1379,60 @@ def run_bench(args, world, vit_cfg: ViTConfig = ViTConfig(), bert_cfg: BertConfi
     return rows
 
 # ----------------------------------------------------------------------------------------------------------
+# The demo's stand-ins for MRM and CXR-BERT: the tiny towers, pre-trained once (demo only, never real weights)
+
+
+def demo_towers(args, world, model: ALTA, tok, root: Path):
+    """Load the demo's "pretrained" tiny towers into `model` (the tensors MRM and CXR-BERT would provide, plus
+    the image head). Frozen random towers carry almost no class signal (zero-shot ACC at chance for some seeds),
+    so a tiny ViT + BERT, built with a fixed seed (0, independent of --seed), is trained once on the demo's
+    current images and reports and cached under --cache-dir, keyed by the configs, vocabulary and steps."""
+    key = json.dumps([asdict(model.cfg), asdict(model.bert_encoder.bert.cfg), sorted(tok.get_vocab().items()),
+                      args.tower_pretrain_steps])
+    path = Path(args.cache_dir) / f"alta_tiny_towers-{__import__('hashlib').sha1(key.encode()).hexdigest()[:10]}.safetensors"
+    wanted = lambda k: is_vision_key(k) or is_cxrbert_key(k) or k.startswith("projection_head.")
+    if not path.is_file() and world.is_main:
+        with torch.random.fork_rng():       # a cold cache must not shift the run's random numbers
+            towers = ALTA(model.cfg, model.bert_encoder.bert.cfg, model.alta_cfg).init_weights(0)
+            pretrain_demo_towers(towers, tok, root, args.tower_pretrain_steps, args.max_len)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        R.save_tensors(path, {k: v for k, v in towers.state_dict().items() if wanted(k)})
+    R.barrier(world)
+    from safetensors.torch import load_file
+    tensors = load_file(str(path))
+    if set(tensors) != {k for k in model.state_dict() if wanted(k)}:
+        raise R.RunError(f"{path}: not the demo towers of this configuration (delete it to rebuild)")
+    model.load_state_dict(tensors, strict=False)
+    model.bert_encoder.local_projection_head.load_state_dict(model.bert_encoder.cls_projection_head.state_dict())
+
+
+def pretrain_demo_towers(model: ALTA, tok, root: Path, steps: int = 200, max_len: int = 64, batch: int = 32):
+    """Demo only: symmetric InfoNCE between encode_image (current frontal) and encode_text (projected CLS) on
+    reports_train.csv, every tower weight trained (adapters stay at zero, outside it). NOTE lr 3e-4 with a short
+    warm-up, as cilmp.py's tiny CLIP: higher rates collapse both towers to one feature."""
+    print(f"pre-training the demo's tiny ViT + BERT on {root / 'reports_train.csv'} ({steps} steps, once; cached)",
+          flush=True)
+    torch.manual_seed(0)
+    rows = read_rows(root / "reports_train.csv", ["image_path", "report"])
+    geo, to_tensor = image_transform(model.cfg.img_size, False)
+    pixels = torch.stack([to_tensor(geo(load_image(root / r["image_path"]))) for r in rows])   # (N, 3, H, W)
+    ids, am = tokenize(tok, [r["report"] for r in rows], max_len)                             # (N, T)
+    params = [p for k, p in model.named_parameters() if "adapter" not in k and "pos_embed" not in k]
+    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.1)
+    prog = R.Progress(steps, "demo towers", every=10.0)
+    model.train()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = 3e-4 * min(1.0, (step + 1) / 20)
+        idx = torch.randint(0, len(rows), (batch,))
+        loss = global_loss(model.encode_image(pixels[idx]), model.encode_text(ids[idx], am[idx]), 1 / 0.07)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        prog.update(1, loss=loss.item())
+    return model.eval()
+
+# ----------------------------------------------------------------------------------------------------------
 # main
 
 
@@ -1404,6 +1462,9 @@ def parse_args(argv=None):
     p.add_argument("--fix-missing", action="store_true", help="train the missing token, leave missing views out")
     p.add_argument("--train-bert-embed", action="store_true", help="train bert_embed (official: frozen random)")
     p.add_argument("--train-all", action="store_true", help="train the towers too (random towers: no MRM to adapt)")
+    p.add_argument("--tower-pretrain-steps", type=int, default=200,
+                   help="demo only: contrastive steps that make the tiny towers 'pretrained' ones (cached)")
+    p.add_argument("--cache-dir", default=str(REPO / "cache"), help="where the demo's pre-trained towers are cached")
     argv = sys.argv[1:] if argv is None else argv
     args, given = p.parse_args(argv), R.given_flags(p, argv)
     if args.resume:
@@ -1421,7 +1482,7 @@ def parse_args(argv=None):
     return R.finish_common_args(p, args)
 
 
-def build(args, world, corpus=None):
+def build(args, world, corpus=None, root=None):
     """Model + tokenizer for these flags: the demo's tiny pair, or ViT-B/16 + CXR-BERT (random unless loaded)."""
     vit_cfg = VIT_PRESETS[args.vit]
     cfg = ALTAConfig(mask_ratio=args.mask_ratio, fix_missing=args.fix_missing, train_bert_embed=args.train_bert_embed)
@@ -1434,6 +1495,8 @@ def build(args, world, corpus=None):
         bert_cfg = CXR_BERT
     init = args.init if args.init and str(args.init).endswith(".safetensors") else None
     model = build_model(vit_cfg, bert_cfg, cfg, init=init, vision=args.init_vision, text=args.text, seed=args.seed)
+    if args.vit == "tiny" and not args.text and not args.init_vision and corpus is not None and init is None:
+        demo_towers(args, world, model, tok, root)   # the demo's MRM + CXR-BERT; --init / checkpoints load over
     if args.init and init is None:          # a run folder of this script: its best (or last) trained tensors
         run = Path(args.init)
         f = run / "best.safetensors" if (run / "best.safetensors").is_file() else run / "trainable.safetensors"
@@ -1488,7 +1551,7 @@ def run(args, world) -> dict:
         corpus += [t for ts in classes.get("descriptions", {}).values() for t in ts]
         corpus += [r["report"] for r in read_rows(root / DATASETS[args.data]["test"], ["report"])] \
             if DATASETS[args.data]["test"] else []
-    model, tok = build(args, world, corpus)
+    model, tok = build(args, world, corpus, root)
     R.cast_frozen(model, R.PRECISIONS[args.precision])    # frozen Linear / Conv / Embedding weights in bf16 / fp16
     if args.eval:
         res = evaluate(args.eval, model, tok, args, Path(args.data_dir or REPO / EVALS[args.eval][0]))

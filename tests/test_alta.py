@@ -354,13 +354,17 @@ FAST = ["--epochs", "1", "--batch-size", "8", "--no-select", "--log-every", "1"]
 def test_demo_end_to_end_and_resume_is_bit_identical(tmp_path):
     """4 steps straight vs 2 steps, then --resume to 4: the same trainable tensors, bit for bit."""
     a, b = tmp_path / "a", tmp_path / "b"
-    assert alta.main([*FAST, "--steps", "4", "--out", str(a)]) == 0
+    fast = [*FAST, "--cache-dir", str(tmp_path / "cache"), "--tower-pretrain-steps", "2"]
+    assert alta.main([*fast, "--steps", "4", "--out", str(a)]) == 0
+    cached = list((tmp_path / "cache").glob("alta_tiny_towers-*.safetensors"))
+    assert len(cached) == 1     # the demo's pre-trained towers, built once and reused by the runs below
     metrics = __import__("json").loads((a / "metrics.json").read_text())
     assert {"demo-zeroshot", "demo-retrieval"} <= set(metrics)
     assert 0 <= metrics["demo-zeroshot"]["ACC"] <= 1 and 0 <= metrics["demo-retrieval"]["P@5"] <= 1
     rows = [__import__("json").loads(l) for l in (a / "metrics.jsonl").read_text().splitlines()]
     assert {"global", "local", "recon", "mlm", "lr"} <= set(rows[0]) and len(rows) == 4
-    assert alta.main([*FAST, "--steps", "2", "--no-eval", "--out", str(b)]) == 0
+    assert alta.main([*fast, "--steps", "2", "--no-eval", "--out", str(b)]) == 0
+    assert list((tmp_path / "cache").glob("alta_tiny_towers-*.safetensors")) == cached
     assert alta.main(["--resume", str(b), "--steps", "4"]) == 0   # --no-eval comes from the run's args.json
     x, y = load_file(str(a / "trainable.safetensors")), load_file(str(b / "trainable.safetensors"))
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
@@ -465,3 +469,21 @@ def test_paired_augmentation_equals_torchvision():
     for i, p in enumerate(params):
         out = np.asarray(AffineJitter()(img, AffineJitterParams(*p)))
         assert np.array_equal(out, io[f"out{i}"].numpy()), i
+
+
+def test_demo_tower_pretraining_trains_the_towers_not_the_adapters(tmp_path):
+    """The demo's stand-in for MRM / CXR-BERT: contrastive steps move the tower weights; adapters stay zero."""
+    from common.demo import ensure_demo
+    root = alta.REPO / "data" / "demo"
+    ensure_demo(root)
+    rows = alta.read_rows(root / "reports_train.csv", ["report"])
+    tok = alta.load_tokenizer(corpus=[r["report"] for r in rows])
+    bert = alta.BertConfig(vocab_size=tok.get_vocab_size(), **alta.DEMO_BERT)
+    m = alta.ALTA(alta.VIT_PRESETS["tiny"], bert, alta.ALTAConfig()).init_weights(0)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    alta.pretrain_demo_towers(m, tok, root, steps=2, batch=8)
+    after = m.state_dict()
+    for k in ("blocks.0.attn.qkv.weight", "bert_encoder.bert.encoder.layer.0.attention.self.query.weight",
+              "projection_head.dense_to_hidden.weight", "bert_encoder.cls_projection_head.dense_to_hidden.weight"):
+        assert not torch.equal(before[k], after[k]), k
+    assert all(torch.equal(before[k], after[k]) for k in after if "adapter" in k or "pos_embed" in k)
