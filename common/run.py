@@ -562,6 +562,7 @@ def _tuplify(x):
 def save_tensors(path, tensors: dict):
     """Atomic safetensors write: a temporary file renamed into place, so a kill never leaves half a file."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp-{secrets.token_hex(3)}")
     # safetensors refuses shared or non-contiguous storage; trainables are small, a copy is cheap.
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp))
