@@ -682,3 +682,10 @@ def test_bench_runs_and_reports_every_figure(monkeypatch, capsys):
         assert r["step_ms"] > 0 and r["items_per_s"] > 0 and 0 < r["mfu"] and r["peak_mem_mb"] > 0
     out = capsys.readouterr().out
     assert "MFU" in out and out.count(" | B=8 ") == 2
+
+
+def test_an_unwritable_cache_dir_is_reported_before_any_work(tmp_path, capsys):
+    # the preflight lists it with missing data/weights, before the tiny CLIP pre-training or an LLM pass
+    assert cilmp.main(["--cache-dir", "/proc/cilmp-cache", "--out", str(tmp_path / "run")]) == 2
+    assert "--cache-dir /proc/cilmp-cache: cannot write there" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
