@@ -279,6 +279,7 @@ else:  # naive: a real model, then the state dict copied into it -> two copies
     model.load_state_dict(sd)
 # touches every byte; weighted by position so that swapped tensors would show. (Summing in fp32 on purpose:
 # sum(dtype=torch.float64) makes a float64 copy of each tensor, which would count in the peak.)
+torch.set_num_threads(1)  # a bf16 sum depends on the reduction order: one thread, as the fixture sums
 checksum = sum((i + 1) * float(p.sum()) for i, p in enumerate(model.parameters()))
 print(json.dumps({"increase": status("VmHWM:") - base, "checksum": checksum,
                   "meta": any(p.is_meta for p in model.parameters()),
@@ -292,6 +293,8 @@ def big_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("big")
     g = torch.Generator().manual_seed(0)
     shards, fp32_sum, bf16_sum, nbytes, position = [], 0.0, 0.0, 0, 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bf16 sums depend on the reduction order: the load script sums on one thread too
     for start in range(0, LAYERS, PER_SHARD):
         shard = {}
         for i in range(start, start + PER_SHARD):
@@ -303,6 +306,7 @@ def big_checkpoint(tmp_path_factory):
             bf16_sum += position * float(t.to(torch.bfloat16).sum())
             nbytes += t.numel() * 4
         shards.append(shard)
+    torch.set_num_threads(threads)
     write_sharded(folder, shards)
     return folder, nbytes, fp32_sum, bf16_sum
 
