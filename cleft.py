@@ -55,15 +55,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from tokenizers import Tokenizer
-from tokenizers.models import BPE
-from tokenizers.pre_tokenizers import ByteLevel
 from torch.utils.checkpoint import checkpoint
 
 from common import metrics as M
 from common import run as R
-from common.data import (CaptionDataset, ClassificationDataset, DataError, OneOfClassesDataset, fraction_of, read_split,
-                         val_split_name)
+from common.data import CaptionDataset, DataError, bpe_tokenizer, classification_sets, dataset_file, right_padded
 from common import transforms as T
 from common.demo import ensure_demo
 from common.weights import WeightsError, load_config, load_mapped, resolve
@@ -803,11 +799,7 @@ def data_root(args) -> Path:
 
 def data_file(args, name: str, what: str) -> Path:
     """data_root/name, or a DataError saying what to get and where to put it."""
-    path = data_root(args) / name
-    if not path.is_file():
-        raise DataError(f"{what} for --data {args.data} not found: {path}\n  get it: {DATASETS[args.data]['get']}\n"
-                        f"  (or point --data-dir at the folder holding it; formats: data/README.md)")
-    return path
+    return dataset_file(data_root(args), name, f"{what} for --data {args.data}", DATASETS[args.data]["get"])
 
 
 def image_transform(args, size: int, train: bool):
@@ -839,31 +831,23 @@ def caption_sets(args, size: int):
     if "pairs" not in d:
         raise DataError(f"--data {args.data} has no image-text pairs for contrastive pre-training; use --data "
                         f"chexpert or embed (or demo), or evaluate with --eval")
-    files = [(data_file(args, f, "image-text CSV"), train) for f, train in zip(d["pairs"], (True, False))]
+    files = [data_file(args, f, "image-text CSV") for f in d["pairs"]]
     return tuple(CaptionDataset(data_root(args), f, image_transform(args, size, train), frontal_only=not args.laterals)
-                 for f, train in files)
+                 for f, train in zip(files, (True, False)))
 
 
 def class_sets(args, size: int, train_transform=True):
     """(train, val, test) classification sets of --data, each with .labels and .classnames. CheXpert: the test
     set is CheXpert-5x200, train / val are the (frontal unless --laterals) rows of train.csv / valid.csv whose
     only positive among the five classes is one of them: our stand-in for the official (unreleased)
-    train_cheXbert_95_five_classes.csv (common.data.OneOfClassesDataset)."""
-    d, root = DATASETS[args.data], data_root(args)
+    train_cheXbert_95_five_classes.csv (common.data.classification_sets). --data-pct takes a fixed subset of
+    train with seed 42, as the official df.sample(frac, random_state=42) (not pandas' own draw)."""
+    d = DATASETS[args.data]
     split = data_file(args, d["split"], "split file")
-    tf_train, tf_eval = image_transform(args, size, train_transform), image_transform(args, size, False)
-    test = ClassificationDataset(root, split, "test", tf_eval)
-    if "classes" in d and len(test.classnames) != d["classes"]:
-        raise DataError(f"{split}: --data {args.data} needs {d['classes']} classes, the file has {len(test.classnames)}")
-    if "class_csvs" in d:
-        train, val = (OneOfClassesDataset(root, data_file(args, f, "CheXpert CSV"), test.classnames, t,
-                                          frontal_only=not args.laterals)
-                      for f, t in zip(d["class_csvs"], (tf_train, tf_eval)))
-    else:
-        train = ClassificationDataset(root, split, "train", tf_train)
-        val = ClassificationDataset(root, split, val_split_name(read_split(split)), tf_eval)
-    # the official df.sample(frac, random_state=42): a fixed subset (not pandas' own draw)
-    return (fraction_of(train, args.data_pct, seed=42) if args.data_pct < 1 else train), val, test
+    csvs = [data_file(args, f, "CheXpert CSV") for f in d["class_csvs"]] if "class_csvs" in d else None
+    return classification_sets(data_root(args), split, image_transform(args, size, train_transform),
+                               image_transform(args, size, False), csvs, frontal_only=not args.laterals,
+                               frac=args.data_pct, seed=42, n_classes=d.get("classes"))
 
 
 def class_texts(args, classnames, root: Path):
@@ -885,18 +869,12 @@ def class_texts(args, classnames, root: Path):
 
 
 def load_tokenizer(spec: dict):
-    """The LLM's byte-level BPE: tokenizer.json, or vocab.json + merges.txt as older GPT-2 repos ship it."""
+    """The LLM's byte-level BPE: the tiny preset's file, else the tokenizer.json (or vocab.json + merges.txt, as
+    older GPT-2 repos ship it) next to the weights (common.data.bpe_tokenizer)."""
     preset = LLM_PRESETS[spec["llm"]]
     if preset.get("tokenizer") and not spec["llm_path"]:
-        return Tokenizer.from_file(str(preset["tokenizer"]))
-    folder = resolve(spec["llm_path"] or preset["repo"])
-    if (folder / "tokenizer.json").is_file():
-        return Tokenizer.from_file(str(folder / "tokenizer.json"))
-    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-        tok = Tokenizer(BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
-        tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
-        return tok
-    raise WeightsError(f"{folder}: no tokenizer.json (or vocab.json + merges.txt) next to the weights")
+        return bpe_tokenizer(preset["tokenizer"])
+    return bpe_tokenizer(resolve(spec["llm_path"] or preset["repo"]))
 
 
 def clean(text: str) -> str:
@@ -905,16 +883,12 @@ def clean(text: str) -> str:
 
 
 def tokenize(tok, texts, length: int, eos: int, space: bool = False, as_captions: bool = True):
-    """texts -> ids, mask (N, length): no bos, no eos appended, right-padded with eos = pad (GPT-2 / BioMedLM).
-    as_captions cleans the text as the official code cleans captions; prompts (False) are only lower-cased.
-    space=True puts a leading space so words get their mid-sentence tokens (stage 2: they follow the context)."""
-    ids = torch.full((len(texts), length), eos, dtype=torch.long)
-    mask = torch.zeros((len(texts), length), dtype=torch.long)
-    for i, t in enumerate(texts):
-        t = clean(t) if as_captions else t.lower()
-        e = tok.encode((" " if space else "") + t).ids[:length] or [eos]  # an empty text: just eos
-        ids[i, :len(e)], mask[i, :len(e)] = torch.tensor(e), 1
-    return ids, mask
+    """texts -> ids, mask (N, length): no bos, no eos appended, right-padded with eos = pad (GPT-2 / BioMedLM);
+    an empty text is just eos. as_captions cleans the text as the official code cleans captions; prompts (False)
+    are only lower-cased. space=True puts a leading space so words get their mid-sentence tokens (stage 2: they
+    follow the context)."""
+    texts = [(" " if space else "") + (clean(t) if as_captions else t.lower()) for t in texts]
+    return right_padded(tok, texts, length, eos)
 
 # ----------------------------------------------------------------------------------------------------------
 # Training: one step loop shared by both stages and the fine-tune evaluation
@@ -954,30 +928,29 @@ def stage1_trainable(model: CLEFT, args) -> list:
                                                                          "logit_scale"])
 
 
-def stage_length(args, n_items: int, world) -> int:
-    """Optimizer steps of a stage: --steps, or --epochs over the training set when --steps is 0."""
-    return args.steps or args.epochs * len(R.epoch_batches(n_items, args.batch_size, args.seed, 0, world))
+def batches_per_epoch(args, n_items: int, world) -> int:
+    return len(R.epoch_batches(n_items, args.batch_size, args.seed, 0, world))
 
 
-def train_steps(args, world, stage_dir: Path, model, opt, ds, loss_fn, total: int, warmup: int, after_step=None,
-                desc="train"):
-    """Run `total` optimizer steps over `ds` (epochs as needed; lr_at from args.lr to args.min_lr), resuming from
-    stage_dir/ckpt if a checkpoint is there. Checkpoints every --ckpt-every steps and at the end hold the trainable
-    tensors, optimizer, scaler, RNG and step: a killed run continues exactly where it stopped."""
+def train_steps(args, world, stage_dir: Path, model, opt, ds, loss_fn, warmup: int, after_step=None, desc="train"):
+    """Run --steps optimizer steps (or --epochs over `ds` when --steps is 0) with lr_at from args.lr to
+    args.min_lr, resuming from stage_dir/ckpt if a checkpoint is there. Checkpoints every --ckpt-every steps and
+    at the end hold the trainable tensors, optimizer, scaler, RNG and step: a killed run continues exactly where
+    it stopped."""
+    n_batches = batches_per_epoch(args, len(ds), world)
+    total = args.steps or args.epochs * n_batches
     net = R.wrap_model(model, world, compile=args.compile)
     scaler = R.make_scaler(args.precision, world.device)
     ckpts = R.Checkpoints(stage_dir / "ckpt", world)
     resumed = ckpts.load(optimizer=opt, scaler=scaler, resuming=bool(args.resume))
-    step = 0
     if resumed is not None:
         R.load_tensors(model, resumed.tensors, str(resumed.path))
-        step = resumed.step
+    step = resumed.step if resumed is not None else 0
     if world.is_main:
         print(f"{desc}: {len(ds)} training items, {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
               f"trainable parameters, {total} steps of {args.batch_size} x {world.size}")
     log = R.JsonlLog(stage_dir / "metrics.jsonl", world.is_main)
     progress = R.Progress(total, desc, world.is_main, every=args.print_every, start=step)
-    n_batches = len(R.epoch_batches(len(ds), args.batch_size, args.seed, 0, world))
     net.train()
     while step < total:
         epoch, skip = divmod(step, n_batches)
@@ -1024,9 +997,8 @@ def stage_contrastive(args, world, stage_dir: Path, model: CLEFT, tok, size: int
         with torch.no_grad():
             model.logit_scale.clamp_(max=math.log(100))
 
-    total = stage_length(args, len(train_ds), world)
-    train_steps(args, world, stage_dir, model, opt, train_ds, loss_fn, total, args.warmup, clamp,
-                desc="stage 1 (contrastive)")
+    step = train_steps(args, world, stage_dir, model, opt, train_ds, loss_fn, args.warmup, clamp,
+                       desc="stage 1 (contrastive)")
     if world.is_main:
         model.eval()
         with torch.no_grad(), R.autocast(world.device, args.precision):
@@ -1035,7 +1007,7 @@ def stage_contrastive(args, world, stage_dir: Path, model: CLEFT, tok, size: int
             B, loss = args.eval_batch_size, float(np.mean(losses))
             print(f"stage 1 validation loss {loss:.4f} ({len(val_ds)} pairs, batches of {B}; chance 2 ln {B} = "
                   f"{2 * math.log(B):.2f})")
-            R.JsonlLog(stage_dir / "metrics.jsonl").log(step=total, val_loss=loss)
+            R.JsonlLog(stage_dir / "metrics.jsonl").log(step=step, val_loss=loss)
 
 
 def stage_prompt(args, world, stage_dir: Path, model: CLEFT, tok, size: int):
@@ -1072,8 +1044,8 @@ def stage_prompt(args, world, stage_dir: Path, model: CLEFT, tok, size: int):
                                  space=True)
             return contrastive_loss(*net(*to_device(world, x, ids, mask)))
 
-    train_steps(args, world, stage_dir, model, opt, train_ds, loss_fn, stage_length(args, len(train_ds), world),
-                args.warmup, desc=f"stage 2 (context prompt, {args.prompt_objective})")
+    train_steps(args, world, stage_dir, model, opt, train_ds, loss_fn, args.warmup,
+                desc=f"stage 2 (context prompt, {args.prompt_objective})")
 
 # ----------------------------------------------------------------------------------------------------------
 # Evaluation: zero-shot, linear probe, fine-tune; ACC / AUROC / macro-F1 / kappa from common/metrics
@@ -1152,13 +1124,13 @@ def finetune(args, world, model: CLEFT, train, test, run_dir: Path) -> dict:
     clf = Classifier(model, len(train.classnames)).to(world.device)
     set_trainable(clf, ["vit.", "head."])
     opt = torch.optim.AdamW(param_groups(clf, args.weight_decay), lr=args.lr)
-    total = stage_length(args, len(train), world)
 
     def loss_fn(net, batch):
         x, y = to_device(world, *batch)
         return F.cross_entropy(net(x), y)
 
-    train_steps(args, world, run_dir / "finetune", clf, opt, train, loss_fn, total, min(args.warmup, total // 10),
+    total = args.steps or args.epochs * batches_per_epoch(args, len(train), world)
+    train_steps(args, world, run_dir / "finetune", clf, opt, train, loss_fn, min(args.warmup, total // 10),
                 desc="fine-tune")
     clf.eval()
     logits, y = predict(args, world, clf, test)
@@ -1180,14 +1152,12 @@ def count_params(args):
     spec = model_spec(args)
     model = build_model(spec, device="meta")
     stage1_trainable(model, args)
-
-    def count(prefix, adapters=None):
-        ps = [p for k, p in model.named_parameters() if k.startswith(prefix)
-              and (adapters is None or is_adapter(k) == adapters)]
-        return sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad)
-    rows = [("vision: DINOv2", *count("vit.")), ("text: LLM (frozen)", *count("llm.", False)),
-            ("text: PEFT adapter", *count("llm.", True)), ("image projection", *count("img_proj")),
-            ("text projection", *count("txt_proj")), ("temperature", *count("logit_scale"))]
+    rows = []
+    for name, prefix, adapters in (("vision: DINOv2", "vit.", None), ("text: LLM (frozen)", "llm.", False),
+                                   ("text: PEFT adapter", "llm.", True), ("image projection", "img_proj", None),
+                                   ("text projection", "txt_proj", None), ("temperature", "logit_scale", None)):
+        ps = [p for k, p in model.named_parameters() if k.startswith(prefix) and adapters in (None, is_adapter(k))]
+        rows.append((name, sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad)))
     rows.append(("total", sum(r[1] for r in rows), sum(r[2] for r in rows)))
     print(f"CLEFT stage 1, --vit {spec['vit']} --llm {spec['llm']} --peft {spec['peft']['method']}")
     print(f"{'component':<22}{'total':>16}{'trainable':>14}")
@@ -1403,6 +1373,8 @@ def train_and_evaluate(args, world, run_dir: Path) -> dict:
 
 # flags a resumed run may take with a new value although they are not runtime flags (what to do, not what)
 RESUME_FREE = ("eval", "ckpt_every", "bench_steps", "bench_batch", "count_params")
+# flags that must be at least this (0: "0 or more")
+MINIMUMS = dict(eval_batch_size=1, ckpt_every=1, n_ctx=1, max_len=2, warmup=0, weight_decay=0, min_lr=0)
 
 
 def parse_args(argv=None):
@@ -1466,12 +1438,9 @@ def parse_args(argv=None):
     if args.data == "demo":
         vars(args).update({k: v for k, v in DEMO_DEFAULTS.items() if k not in args.typed})
     R.finish_common_args(p, args)
-    for flag, ok, want in (("eval_batch_size", args.eval_batch_size >= 1, "at least 1"),
-                           ("ckpt_every", args.ckpt_every >= 1, "at least 1"), ("n_ctx", args.n_ctx >= 1, "at least 1"),
-                           ("max_len", args.max_len >= 2, "at least 2"), ("warmup", args.warmup >= 0, "0 or more"),
-                           ("weight_decay", args.weight_decay >= 0, "0 or more"), ("min_lr", args.min_lr >= 0, "0 or more")):
-        if not ok:
-            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be {want}")
+    for flag, low in MINIMUMS.items():
+        if getattr(args, flag) < low:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be {f'at least {low}' if low else '0 or more'}")
     for name, pretrained in (("vit", "dinov2-reg-b14"), ("llm", "biomedlm")):  # the tiny presets have no weights
         path = getattr(args, f"{name}_path")
         if path and getattr(args, name) == "tiny":

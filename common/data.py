@@ -1,5 +1,6 @@
 """
-Dataset readers shared by the five method scripts, plus a DataLoader helper.
+Dataset readers shared by the five method scripts, plus a DataLoader helper and the text plumbing (a BPE
+tokenizer from a model folder, right-padded token ids).
 
 Three on-disk formats (examples in data/README.md, "On-disk formats"):
   1. classification split JSON, as CoOp / CILMP write it:
@@ -10,14 +11,16 @@ Three on-disk formats (examples in data/README.md, "On-disk formats"):
      -> ImageReportDataset
   3. CheXpert-style multi-label CSV: a Path column plus one column per finding holding 1 / 0 / -1 / blank
      -> MultiLabelDataset, caption_from_labels(); formats 2 and 3 as (image, caption) pairs: CaptionDataset;
-        the single-positive rows of format 3 as a classification set: OneOfClassesDataset
+        the single-positive rows of format 3 as a classification set: OneOfClassesDataset; (train, val, test)
+        from a split JSON, or from format-3 CSVs with a split JSON's test set: classification_sets
   4. segmentation split JSON: {"train": [[image_relpath, mask_relpath], ...], "val": [...], "test": [...]},
      masks are single-channel PNGs of the image's size, 0 = background, 255 (or 1) = foreground
      -> read_seg_split(), SegmentationDataset, JointResize
 
 Relative image paths are resolved against `root`; with root=None, against the folder of the split/CSV file.
 Every problem with the user's files raises DataError with a message naming the file and what is wrong.
-Only the csv/json modules, numpy, PIL and torch are used (no pandas, no torchvision).
+Only the csv/json modules, numpy, PIL, torch and (for bpe_tokenizer) tokenizers are used (no pandas, no
+torchvision). dataset_file names a missing file with where to get it.
 """
 
 import csv
@@ -593,6 +596,36 @@ class OneOfClassesDataset(Dataset):
         return self.ds[self.rows[i]][0], int(self.labels[i])
 
 
+def classification_sets(root, split_file, train_transform=None, eval_transform=None, class_csvs=None,
+                        frontal_only=False, frac=1.0, seed=42, n_classes=None):
+    """
+    (train, val, test) classification sets, each with .labels and .classnames. test is the "test" split of
+    `split_file`; train / val are its "train" and "val" splits ("test" when "val" is empty, see val_split_name),
+    or, given class_csvs = (train CSV, val CSV) in format 3, their rows with exactly one positive among the test
+    classes (OneOfClassesDataset, frontal_only as there). frac < 1 keeps the fixed fraction_of(train, frac, seed).
+    n_classes: the number of classes the caller expects (a DataError if the file has another).
+    """
+    test = ClassificationDataset(root, split_file, "test", eval_transform)
+    if n_classes is not None and len(test.classnames) != n_classes:
+        raise DataError(f"{split_file}: {n_classes} classes expected, the file has {len(test.classnames)}")
+    if class_csvs is not None:
+        train, val = (OneOfClassesDataset(root, f, test.classnames, t, frontal_only=frontal_only)
+                      for f, t in zip(class_csvs, (train_transform, eval_transform)))
+    else:
+        train = ClassificationDataset(root, split_file, "train", train_transform)
+        val = ClassificationDataset(root, split_file, val_split_name(read_split(test.split_file)), eval_transform)
+    return (fraction_of(train, frac, seed) if frac < 1 else train), val, test
+
+
+def dataset_file(root, name, what, get):
+    """root / name, or a DataError saying what is missing, how to get it (`get`) and where to put it."""
+    path = Path(root) / name
+    if not path.is_file():
+        raise DataError(f"{what} not found: {path}\n  get it: {get}\n"
+                        "  (or point --data-dir at the folder holding it; formats: data/README.md)")
+    return path
+
+
 def fraction_of(ds, frac, seed=42):
     """
     A fixed random fraction of a labelled dataset (.labels, .classnames), at least one item: the first
@@ -659,3 +692,40 @@ def set_epoch(loader, epoch):
     """Tell the loader's sampler which epoch it is (needed by DistributedSampler to reshuffle); no-op otherwise."""
     if hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch)
+
+
+# -----------------------------------------------------------------------------
+# text: a BPE tokenizer from a model folder, right-padded token ids
+
+
+def bpe_tokenizer(path):
+    """
+    A byte-level BPE tokenizer (GPT-2 family) from a tokenizer.json file, or from a model folder holding
+    tokenizer.json or, as older GPT-2 repositories ship it, vocab.json + merges.txt (then no prefix space, as
+    GPT-2's own tokenizer). DataError when the folder has neither.
+    """
+    from tokenizers import Tokenizer
+    from tokenizers.models import BPE
+    from tokenizers.pre_tokenizers import ByteLevel
+    path = Path(path)
+    if path.is_file() or (path / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(path if path.is_file() else path / "tokenizer.json"))
+    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        tok = Tokenizer(BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt")))
+        tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
+        return tok
+    raise DataError(f"{path}: no tokenizer.json (or vocab.json + merges.txt) next to the weights")
+
+
+def right_padded(tok, texts, length, pad):
+    """
+    texts -> ids, mask, both (N, length) int64: each text's ids as the tokenizer gives them (no special token
+    added), cut to `length`, then `pad` up to `length` (mask 0 there). An empty text becomes one pad token with
+    mask 1, so every row has a position to pool.
+    """
+    ids = torch.full((len(texts), length), pad, dtype=torch.long)
+    mask = torch.zeros((len(texts), length), dtype=torch.long)
+    for i, text in enumerate(texts):
+        e = tok.encode(text).ids[:length] or [pad]
+        ids[i, :len(e)], mask[i, :len(e)] = torch.tensor(e), 1
+    return ids, mask

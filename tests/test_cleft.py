@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -503,7 +504,7 @@ def test_embed_prompts_are_tokenised_as_officially():
     prompts, words = cleft.class_texts(args, [f"BI-RADS {k}" for k in range(7)], REPO)
     assert prompts[4] == "this is a breast 2d full-field digital mammogram of a patient with birads score 4: " \
                          "suspicious abnormality."
-    tok = cleft.Tokenizer.from_file(str(REPO / "common" / "tokenizers" / "gpt2_tiny.json"))
+    tok = Tokenizer.from_file(str(REPO / "common" / "tokenizers" / "gpt2_tiny.json"))
     ids, mask = cleft.tokenize(tok, prompts[4:5], 64, 725, as_captions=False)
     assert ids[0, :mask.sum()].tolist() == tok.encode(prompts[4]).ids
     assert cleft.tokenize(tok, prompts[4:5], 64, 725)[1].sum() < mask.sum()  # captions are cleaned: fewer tokens

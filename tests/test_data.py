@@ -5,6 +5,7 @@ naming the file and the problem, and make_loader batches, is seeded, and uses a 
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +16,9 @@ from torch.utils.data import Dataset, DistributedSampler, RandomSampler, Sequent
 
 from common.data import (CHEXPERT_FINDINGS, _seed_worker, CaptionDataset, ClassificationDataset, DataError,
                          ImageReportDataset, JointResize, MultiLabelDataset, OneOfClassesDataset, SegmentationDataset,
-                         caption_from_labels, classnames_from_split, fraction_of, load_image, make_loader,
-                         read_seg_split, read_split, set_epoch, val_split_name)
+                         bpe_tokenizer, caption_from_labels, classification_sets, classnames_from_split,
+                         dataset_file, fraction_of, load_image, make_loader, read_seg_split, read_split,
+                         right_padded, set_epoch, val_split_name)
 from common.transforms import eval_transform
 
 
@@ -365,6 +367,67 @@ def test_fraction_of_is_a_fixed_subset_that_keeps_its_labels():
     assert sub.labels.tolist() == [i % 3 for i in items] and sub.classnames == ["a", "b", "c"]
     assert items == np.random.RandomState(42).permutation(10)[:3].tolist()  # the documented draw
     assert len(fraction_of(Labelled(), 0.01)) == 1 and sorted(fraction_of(Labelled(), 1.0).indices) == list(range(10))
+
+
+def test_classification_sets_from_a_split_or_from_single_positive_csv_rows(cls_dir):
+    root, arrays = cls_dir
+    train, val, test = classification_sets(root, root / "split.json")
+    assert (len(train), len(val), len(test)) == (3, 1, 2) and test.classnames == ["melanoma", "keratosis", "nevus"]
+    assert torch.equal(val[0][0], as_chw(arrays["img/d.png"])) and test.labels.tolist() == [2, 1]
+    no_val = write_split(root / "noval.json", {"train": SPLIT["train"], "test": SPLIT["test"]})
+    assert classification_sets(root, no_val)[1].split == "test"  # CoOp: validate on test when val is empty
+    sub = classification_sets(root, root / "split.json", frac=0.5, seed=42)[0]
+    assert len(sub) == 2 and sub.labels.tolist() == train.labels[np.random.RandomState(42).permutation(3)[:2]].tolist()
+    assert_data_error(lambda: classification_sets(root, root / "split.json", n_classes=5), "split.json",
+                      "5 classes expected", "has 3")
+    (root / "f.csv").write_text(ML_CSV)
+    names = ["Edema", "Pleural Effusion", "No Finding"]
+    five = write_split(root / "five.json", {"test": [["img/e.png", 0, names[0]], ["img/f.png", 1, names[1]],
+                                                     ["img/a.png", 2, names[2]]]})
+    train, val, test = classification_sets(root, five, class_csvs=[root / "f.csv", root / "f.csv"])
+    assert train.rows.tolist() == [0, 2] and train.labels.tolist() == [2, 1] and train.classnames == names
+    assert len(val) == 2 and len(test) == 3
+    frontal = classification_sets(root, five, class_csvs=[root / "f.csv", root / "f.csv"], frontal_only=True)[0]
+    assert frontal.rows.tolist() == [0]
+
+
+def test_dataset_file_says_what_to_get(tmp_path):
+    (tmp_path / "x.csv").write_text("a\n")
+    assert dataset_file(tmp_path, "x.csv", "pairs", "somewhere") == tmp_path / "x.csv"
+    assert_data_error(lambda: dataset_file(tmp_path, "y.csv", "image-text CSV for --data z", "get it at example.org"),
+                      "image-text CSV for --data z not found", tmp_path / "y.csv", "get it: get it at example.org",
+                      "--data-dir")
+
+
+TINY_BPE = Path(__file__).resolve().parents[1] / "common" / "tokenizers" / "gpt2_tiny.json"
+
+
+def test_bpe_tokenizer_from_a_file_a_folder_or_vocab_and_merges(tmp_path):
+    text = "the heart is normal, no effusion."
+    want = bpe_tokenizer(TINY_BPE).encode(text).ids
+    assert len(want) > 3
+    (tmp_path / "json").mkdir()
+    (tmp_path / "json" / "tokenizer.json").write_text(TINY_BPE.read_text())
+    assert bpe_tokenizer(tmp_path / "json").encode(text).ids == want
+    model = json.loads(TINY_BPE.read_text())["model"]  # GPT-2's older layout: vocab.json + merges.txt
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "vocab.json").write_text(json.dumps(model["vocab"]))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (tmp_path / "old" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    assert bpe_tokenizer(tmp_path / "old").encode(text).ids == want
+    assert_data_error(lambda: bpe_tokenizer(tmp_path), str(tmp_path), "no tokenizer.json")
+
+
+def test_right_padded_pads_cuts_and_keeps_an_empty_text():
+    tok = bpe_tokenizer(TINY_BPE)
+    texts = ["no effusion", "the heart is normal and the lungs are clear", ""]
+    ids, mask = right_padded(tok, texts, 6, pad=725)
+    assert ids.shape == mask.shape == (3, 6) and ids.dtype == mask.dtype == torch.long
+    first = tok.encode(texts[0]).ids
+    assert ids[0, :len(first)].tolist() == first and (ids[0, len(first):] == 725).all()
+    assert mask[0].tolist() == [1] * len(first) + [0] * (6 - len(first))
+    assert ids[1].tolist() == tok.encode(texts[1]).ids[:6] and mask[1].all()  # cut to the length
+    assert ids[2].tolist() == [725] * 6 and mask[2].tolist() == [1, 0, 0, 0, 0, 0]  # empty: one pad to pool
 
 
 # -----------------------------------------------------------------------------
