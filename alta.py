@@ -64,28 +64,30 @@ the configs and vocabulary: they play MRM and CXR-BERT, frozen by the same rule 
 adapters, norms, heads and tokens learn. Never done for real weights.
 """
 import argparse
+import hashlib
 import json
 import math
+import os
 import re
 import sys
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
+from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 from common import metrics as M
+from common import retrieval as RV
 from common import run as R
 from common.augment import AffineJitter
 from common.data import DataError, ImageReportDataset, load_image
-from common.transforms import CenterCrop, Compose, Normalize, Resize, ToRGB, ToTensor
-from common.weights import (WeightsError, check_keys, load_config, load_mapped, map_key, read_safetensors, resolve,
-                            tensor_index)
+from common.text import SPECIALS, gloria_clean, shuffle_sentences, tokenize, wordpiece_tokenizer
+from common.transforms import CenterCrop, Compose, Normalize, Resize, ToGray, ToRGB, ToTensor
+from common.weights import WeightsError, load_config, load_mapped, map_key, resolve, tensor_index
 
 REPO = Path(__file__).resolve().parent
 
@@ -117,7 +119,6 @@ class ALTAConfig:
     adapter_ratio: float = 0.25    # adapter bottleneck = 0.25 x width (768 -> 192)
     adapter_scale: float = 0.5     # the MLP adapter is added as 0.5 x beside the MLP / FFN
     mask_ratio: float = 0.75       # MAE masking of every view during pre-training
-    n_views: int = 4               # current frontal, current lateral, prior frontal, prior lateral
     fix_missing: bool = False      # official: frozen zero missing token, missing views' CLS in the mean
     train_bert_embed: bool = False  # official: bert_embed is never trained (a frozen random projection)
 
@@ -609,52 +610,40 @@ class ALTA(MAEViT):
 
     def init_weights(self, seed: int = 0):
         """Random weights: the official initialize_weights for the vision side (xavier-uniform Linear and patch
-        embedding, LN 1/0, cls / mask tokens N(0, 0.02), adapter up-projections zero), xavier text heads and a
-        random BERT (below). Real runs then load MRM and CXR-BERT over it; what those files do not hold
-        (adapters, image heads, bert_embed, the extra tokens) keeps these values."""
+        embedding, cls / mask tokens N(0, 0.02), adapter up-projections zero; LayerNorms keep their 1 / 0),
+        xavier text heads and a random BERT (below). Real runs then load MRM and CXR-BERT over it; what those
+        files do not hold (adapters, image heads, bert_embed, the extra tokens) keeps these values."""
         g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, m in self.named_modules():
-                if name.startswith("bert_encoder"):
-                    continue
-                if isinstance(m, nn.Linear):
-                    bound = math.sqrt(6 / (m.in_features + m.out_features))
-                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 2 * bound - bound)
-                    nn.init.zeros_(m.bias)
-                elif isinstance(m, nn.LayerNorm):
-                    nn.init.ones_(m.weight)
-                    nn.init.zeros_(m.bias)
-            w = self.patch_embed.proj.weight
+
+        def xavier_(w, bias=None):        # xavier-uniform from g; fans from the shape (Linear and Conv2d alike)
             bound = math.sqrt(6 / (w.shape[0] + w[0].numel()))
             w.copy_(torch.rand(w.shape, generator=g) * 2 * bound - bound)
-            nn.init.zeros_(self.patch_embed.proj.bias)
+            if bias is not None:
+                bias.zero_()
+
+        with torch.no_grad():
+            for name, m in self.named_modules():
+                if isinstance(m, nn.Linear) and not name.startswith("bert_encoder"):
+                    xavier_(m.weight, m.bias)
+            xavier_(self.patch_embed.proj.weight, self.patch_embed.proj.bias)
             self.cls_token.copy_(torch.randn(self.cls_token.shape, generator=g) * 0.02)
             self.mask_token.copy_(torch.randn(self.mask_token.shape, generator=g) * 0.02)
-            # A random BERT that is a usable frozen tower for the demo (real runs load CXR-BERT over it): HF's
-            # N(0, 0.02) everywhere gives every text the same CLS (each sublayer adds ~1% to the residual; cosine
-            # 0.99 between demo reports); N(0, 0.2) with query / key kept at 0.02 makes attention uniform and the
-            # sublayers count, so the CLS summarises the words (same-class minus other-class cosine 0.19, vs
-            # 0.02 with query / key at 0.2 too: peaked random attention scrambles it).
+            # A random BERT that is a usable frozen tower (the demo pre-trains from it; real runs load CXR-BERT
+            # over it): HF's N(0, 0.02) everywhere gives every text the same CLS (each sublayer adds ~1% to the
+            # residual; cosine 0.99 between demo reports); N(0, 0.2) with query / key kept at 0.02 makes
+            # attention uniform and the sublayers count, so the CLS summarises the words (same-class minus
+            # other-class cosine 0.19, vs 0.02 with query / key at 0.2 too: peaked random attention scrambles it).
             self.bert_encoder.bert.init_random(seed + 1, std=0.2)
             for name, p in self.bert_encoder.bert.named_parameters():
                 if name.endswith(("query.weight", "key.weight")):
                     p.mul_(0.1)
             for m in self.bert_encoder.modules():
                 if isinstance(m, ProjectionHead):     # the same xavier init as the image heads
-                    for lin in (m.dense_to_hidden, m.dense_to_output):
-                        bound = math.sqrt(6 / (lin.in_features + lin.out_features))
-                        lin.weight.copy_(torch.rand(lin.weight.shape, generator=g) * 2 * bound - bound)
-                        nn.init.zeros_(lin.bias)
-                    nn.init.ones_(m.LayerNorm.weight)
-                    nn.init.zeros_(m.LayerNorm.bias)
+                    xavier_(m.dense_to_hidden.weight, m.dense_to_hidden.bias)
+                    xavier_(m.dense_to_output.weight, m.dense_to_output.bias)
                 elif isinstance(m, MLMHead):
-                    for p_name, p in m.named_parameters():
-                        if "LayerNorm" in p_name:
-                            p.fill_(1.0 if p_name.endswith("weight") else 0.0)
-                        elif p.ndim == 1:
-                            p.zero_()
-                        else:
-                            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+                    m.transform.dense.weight.copy_(torch.randn(m.transform.dense.weight.shape, generator=g) * 0.02)
+                    m.transform.dense.bias.zero_()
                 elif isinstance(m, Adapter):
                     m.D_fc1.weight.copy_(torch.randn(m.D_fc1.weight.shape, generator=g) * 0.02)
             for blk in list(self.blocks) + list(self.bert_encoder.bert.encoder.layer):
@@ -911,41 +900,15 @@ def build_model(vit_cfg: ViTConfig, bert_cfg: BertConfig, cfg: ALTAConfig, init=
     return model
 
 # ----------------------------------------------------------------------------------------------------------
-# Data: studies of up to four views + a report; tokenizer; MLM masking
+# Data: studies of up to four views + a report (common.data reads the CSV, common.text the words); MLM masking
 
 
 CXR_MEAN, CXR_STD = (0.4785,) * 3, (0.2834,) * 3      # the official Normalize(0.4785, 0.2834) on grayscale x 3
 DATASETS = {  # what --data means: folder, the reports CSVs, the text length, grayscale or not
-    "demo": dict(dir="data/demo", train="reports_train.csv", val="reports_val.csv", test="reports_test.csv",
-                 split="split_demo.json", max_len=64, gray=False),
-    "mimic-cxr": dict(dir="data/mimic-cxr", train="reports_train.csv", val="reports_validate.csv", test=None,
-                      max_len=128, gray=True,
+    "demo": dict(dir="data/demo", train="reports_train.csv", test="reports_test.csv", max_len=64, gray=False),
+    "mimic-cxr": dict(dir="data/mimic-cxr", train="reports_train.csv", test=None, max_len=128, gray=True,
                       prepare="python -m common.prepare mimic-cxr --src <MIMIC-CXR-JPG folder>"),
 }
-SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-
-
-def load_tokenizer(text_path=None, corpus=None):
-    """CXR-BERT's WordPiece (vocab.txt of the text model folder, lower-cased), or for the demo a WordPiece
-    vocabulary of the specials, single characters and every whole word of `corpus` (deterministic)."""
-    from tokenizers import BertWordPieceTokenizer
-    if text_path is not None:
-        vocab = resolve(text_path) / "vocab.txt"
-        if not vocab.is_file():
-            raise WeightsError(f"{vocab.parent}: no vocab.txt (CXR-BERT's tokenizer) next to the weights")
-        return BertWordPieceTokenizer(str(vocab), lowercase=True)
-    words = sorted({w for t in corpus for w in re.findall(r"\w+|[^\w\s]", t.lower())})
-    chars = sorted({c for w in words for c in w})
-    vocab = list(SPECIALS) + chars + ["##" + c for c in chars] + [w for w in words if w not in chars]
-    return BertWordPieceTokenizer({w: i for i, w in enumerate(vocab)}, lowercase=True)
-
-
-def tokenize(tok, texts, length: int):
-    """texts -> ids, attention_mask (N, length): [CLS] words [SEP] [PAD]..., truncated to `length`."""
-    tok.enable_truncation(length)
-    tok.enable_padding(length=length, pad_id=tok.token_to_id("[PAD]"))
-    enc = tok.encode_batch(list(texts))
-    return (torch.tensor([e.ids for e in enc]), torch.tensor([e.attention_mask for e in enc]))
 
 
 def mlm_mask(ids, tok, g: torch.Generator, prob: float = 0.5, mode_8010: bool = False):
@@ -967,23 +930,13 @@ def mlm_mask(ids, tok, g: torch.Generator, prob: float = 0.5, mode_8010: bool = 
     return out, labels
 
 
-SENTENCE_SPLIT = re.compile(r"(?<!\w\.\w.)(?<![A-Z][a-z]\.)(?<=\.|\?)\s")   # the official splitter
-
-
 def image_transform(size: int, gray: bool):
     """-> (geometry, to_tensor), with the random affine + jitter going between the two when training.
     Geometry: the shorter side to size x 8/7 (bicubic), centre crop `size` (the official 256 -> 224 and 512 -> 448
-    paths). Then grayscale x 3 for X-rays (the demo's colour photographs stay RGB), tensor, Normalize(0.4785,
-    0.2834)."""
+    paths). Then torchvision's Grayscale(3) for X-rays (luma, copied to 3 channels; the demo's colour photographs
+    stay RGB), tensor, Normalize(0.4785, 0.2834)."""
     geometry = Compose([ToRGB(), Resize(round(size * 8 / 7)), CenterCrop(size)])
-    return geometry, Compose([*([Grayscale3()] if gray else []), ToTensor(), Normalize(CXR_MEAN, CXR_STD)])
-
-
-class Grayscale3:
-    """torchvision Grayscale(num_output_channels=3) on a PIL image: L = ITU-R 601-2 luma, copied to 3 channels."""
-
-    def __call__(self, img):
-        return img.convert("L").convert("RGB")
+    return geometry, Compose([*([ToGray(), ToRGB()] if gray else []), ToTensor(), Normalize(CXR_MEAN, CXR_STD)])
 
 
 class StudyDataset(Dataset):
@@ -1012,21 +965,15 @@ class StudyDataset(Dataset):
     def __getitem__(self, i):
         it = self.table.items[i]
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 10_007 + i)
+        # one draw for both frontal images and one for both laterals: a study's views move alike
         frontal, lateral = (self.aug.sample(g), self.aug.sample(g)) if self.train else (None, None)
         load = lambda p: load_image(self.table.root / p)
         big = self.to_tensor(self.aug(self.geo_big(load(it["image_path"])), frontal))
-        views, present = [], [True]
-        for col, p in (("auxview_image_path", lateral), ("last_image_path", frontal),
-                       ("last_auxview_image_path", lateral)):
-            if it[col] is None:
-                views.append(torch.zeros(3, self.size, self.size))
-            else:
-                views.append(self.to_tensor(self.aug(self.geo_small(load(it[col])), p)))
-            present.append(it[col] is not None)
-        report = it["report"]
-        if self.train:
-            sentences = SENTENCE_SPLIT.split(report)
-            report = " ".join(sentences[j] for j in torch.randperm(len(sentences), generator=g).tolist())
+        others = (("auxview_image_path", lateral), ("last_image_path", frontal), ("last_auxview_image_path", lateral))
+        views = [torch.zeros(3, self.size, self.size) if it[col] is None else
+                 self.to_tensor(self.aug(self.geo_small(load(it[col])), p)) for col, p in others]
+        present = [True] + [it[col] is not None for col, _ in others]
+        report = shuffle_sentences(it["report"], g) if self.train else it["report"]
         ids, am = tokenize(self.tok, [report], self.max_len)
         mlm_ids, labels = mlm_mask(ids, self.tok, g, mode_8010=self.mlm_8010)
         return {"big": big, "views": torch.stack(views), "present": torch.tensor(present), "ids": ids[0],
@@ -1119,83 +1066,27 @@ def train(args, world, model: ALTA, ds: StudyDataset, run_dir: Path, select=None
     return best
 
 # ----------------------------------------------------------------------------------------------------------
-# Evaluation, as the official scripts: one frontal image per study (encode_image), CXR-BERT's projected CLS
+# Evaluation, as the official scripts: one frontal image per study (encode_image), CXR-BERT's projected CLS;
+# the sets' readers, precision@K and the threshold protocol are common/retrieval.py
 
 
-@torch.no_grad()
-def embed_images(model: ALTA, paths, size: int, gray: bool, device, precision, batch_size: int = 64):
+def embed_images(model: ALTA, paths, size: int, gray: bool, device, precision) -> torch.Tensor:   # (N, E)
     geo, to_tensor = image_transform(size, gray)
-    out = []
     model.eval()
-    for i in range(0, len(paths), batch_size):
-        x = torch.stack([to_tensor(geo(load_image(p))) for p in paths[i:i + batch_size]]).to(device)
-        with R.autocast(device, precision):
-            out.append(model.encode_image(x).float().cpu())
-    return torch.cat(out)                                                                  # (N, E)
+    load = lambda ps: torch.stack([to_tensor(geo(load_image(p))) for p in ps]).to(device)
+    return RV.embed(lambda ps: model.encode_image(load(ps)), paths, 64, device, precision)
 
 
-@torch.no_grad()
-def embed_texts(model: ALTA, tok, texts, length: int, device, precision, normalize=True, batch_size: int = 256):
-    out = []
+def embed_texts(model: ALTA, tok, texts, length: int, device, precision, normalize=True) -> torch.Tensor:
     model.eval()
-    for i in range(0, len(texts), batch_size):
-        ids, am = tokenize(tok, texts[i:i + batch_size], length)
-        with R.autocast(device, precision):
-            out.append(model.encode_text(ids.to(device), am.to(device), normalize).float().cpu())
-    return torch.cat(out)
+    encode = lambda ts: model.encode_text(*(t.to(device) for t in tokenize(tok, ts, length)), normalize)
+    return RV.embed(encode, list(texts), 256, device, precision)
 
 
 def class_embeddings(model, tok, prompts: dict, length: int, device, precision) -> torch.Tensor:
     """The 5x200 zero-shot rule: a class is the L2-normalised mean of its UNnormalised prompt embeddings."""
     return torch.stack([F.normalize(embed_texts(model, tok, p, length, device, precision, normalize=False)
                                     .mean(0), dim=-1) for p in prompts.values()])          # (C, E)
-
-
-def gloria_clean(text: str) -> str:
-    """GLoRIA's report cleaning (the 5x200 retrieval and zero-shot scripts): split at "N." and ".", lower-case
-    \\w+ tokens, drop sentences of <= 1 token, ASCII only."""
-    out = []
-    for sent in (s for part in re.split(r"[0-9]+\.", text.replace("\n", " ")) for s in part.split(".")):
-        words = re.findall(r"\w+", sent.replace("\ufffd\ufffd", " ").lower())
-        words = [w.encode("ascii", "ignore").decode("ascii") for w in words]
-        if len(words) > 1:
-            out.append(" ".join(w for w in words if w))
-    return " ".join(out)
-
-
-def retrieval_precision(img, txt_or_items, query_labels, item_labels, ks) -> dict:
-    """Class-block precision@K: queries x items cosine (both L2-normalised), as the official scripts."""
-    sim = (img @ txt_or_items.T).numpy()
-    return {f"P@{k}": M.precision_at_k(sim, query_labels, item_labels, k) for k in ks}
-
-
-def rsna_protocol(y, p_pos, folds: int = 10, seed: int = 0, step: float = 0.005) -> dict:
-    """RSNA_zeroshot.py: AUROC of p = softmax([cos_pos, cos_neg])[0] (temperature 1); ACC / F1 by a threshold
-    fitted on 9 of 10 stratified folds and measured on the 10th, averaged. NOTE the fit maximises F1 (the
-    official variable is called current_acc but holds F1). The folds are our seeded stratified split, not
-    scikit-learn's StratifiedKFold assignment, so ACC / F1 can differ from the official ones in the 3rd digit."""
-    y, p_pos = np.asarray(y).astype(bool), np.asarray(p_pos, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    fold = np.empty(len(y), dtype=int)
-    for cls in (False, True):
-        idx = np.flatnonzero(y == cls)
-        fold[rng.permutation(idx)] = np.arange(len(idx)) % folds
-    grid = np.arange(0, 1 + step, step)
-
-    def acc_f1(yy, pp, t):
-        pred = pp > t
-        tp, fp, fn = (yy & pred).sum(), (pred & ~yy).sum(), (yy & ~pred).sum()
-        prec, rec = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
-        return (yy == pred).mean(), (2 * prec * rec / (prec + rec) if prec + rec > 0 else 0.0)
-
-    accs, f1s = [], []
-    for k in range(folds):
-        tr, te = fold != k, fold == k
-        best_t = max(grid, key=lambda t: (acc_f1(y[tr], p_pos[tr], t)[1], -t))   # first best threshold, as official
-        a, f = acc_f1(y[te], p_pos[te], best_t)
-        accs.append(a)
-        f1s.append(f)
-    return {"AUROC": M.auroc(y.astype(int), p_pos), "ACC": float(np.mean(accs)), "F1": float(np.mean(f1s))}
 
 
 CHEXPERT_CLASS_PROMPTS = {  # GLoRIA's prompt parts (the 5x200 zero-shot script); every combination is used
@@ -1236,8 +1127,6 @@ CHEXPERT_CLASS_PROMPTS = {  # GLoRIA's prompt parts (the 5x200 zero-shot script)
                          "subtype": ["bilateral pleural effusion", "subpulmonic pleural effusion",  # subtype, as GLoRIA
                                      "bilateral pleural effusion"]},
 }
-CHEXPERT8_IDS = {"No Finding": 0, "Cardiomegaly": 2, "Edema": 5, "Pneumonia": 7, "Atelectasis": 8,
-                 "Pneumothorax": 9, "Pleural Effusion": 10, "Fracture": 12}   # CheXpert column order
 
 
 def chexpert_prompts() -> dict:
@@ -1250,67 +1139,40 @@ def chexpert_prompts() -> dict:
     return out
 
 
-def read_rows(path: Path, required) -> list:
-    import csv
-    if not path.is_file():
-        raise DataError(f"{path} not found")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.DictReader(f))
-    missing = [c for c in required if rows and c not in rows[0]]
-    if not rows or missing:
-        raise DataError(f"{path}: needs columns {list(required)} and at least one row (missing: {missing})")
-    return rows
-
-
 def evaluate(what: str, model: ALTA, tok, args, root: Path) -> dict:
     """One official evaluation; root is the dataset folder. Returns the metrics (printed by the caller)."""
     dev, prec, size = torch.device(args.device), args.precision, model.cfg.img_size
+    images = lambda paths, gray=True: embed_images(model, paths, size, gray, dev, prec)
+    texts = lambda ts, length: embed_texts(model, tok, ts, length, dev, prec)
     if what in ("demo-zeroshot", "demo-retrieval", "demo-val"):   # demo-val: zero-shot on the validation split
         split = json.loads((root / "split_demo.json").read_text())["val" if what == "demo-val" else "test"]
-        classes = json.loads((root / "classes.json").read_text())
-        img = embed_images(model, [root / p for p, _, _ in split], size, False, dev, prec)
-        y = np.array([label for _, label, _ in split])
+        img, y = images([root / p for p, _, _ in split], gray=False), np.array([label for _, label, _ in split])
         if what != "demo-retrieval":
-            cls = class_embeddings(model, tok, {c: classes["descriptions"][c] for c in classes["classnames"]},
-                                   args.max_len, dev, prec)
-            sim = img @ cls.T
+            classes = json.loads((root / "classes.json").read_text())
+            sim = img @ class_embeddings(model, tok, {c: classes["descriptions"][c] for c in classes["classnames"]},
+                                         args.max_len, dev, prec).T
             return {"ACC": M.accuracy(y, sim.argmax(1).numpy()), "AUROC": M.auroc(y, sim.softmax(1).numpy()),
-                    "chance": 1 / len(cls)}
-        reports = {r["image_path"]: r["report"] for r in read_rows(root / "reports_test.csv", ["image_path", "report"])}
-        txt = embed_texts(model, tok, [gloria_clean(reports[p]) for p, _, _ in split], args.max_len, dev, prec)
-        return retrieval_precision(img, txt, y, y, (5, 10)) | {"chance": float(np.mean(np.bincount(y) / len(y)))}
+                    "chance": 1 / sim.shape[1]}
+        rows = RV.read_rows(root / "reports_test.csv", ["image_path", "report"])
+        reports = {r["image_path"]: r["report"] for r in rows}
+        txt = texts([gloria_clean(reports[p]) for p, _, _ in split], args.max_len)
+        return RV.precision_table(img, txt, y, y, (5, 10)) | {"chance": float(np.mean(np.bincount(y) / len(y)))}
     if what.startswith("chexpert5x200"):
-        rows = read_rows(root / "chexpert_5x200.csv", ["Path", *CHEXPERT_CLASS_PROMPTS])
-        y = np.array([[float(r[c] or 0) for c in CHEXPERT_CLASS_PROMPTS] for r in rows]).argmax(1)
-        img = embed_images(model, [root / r["Path"] for r in rows], size, True, dev, prec)
+        paths, y, impressions = RV.chexpert5x200(root, impressions=what.endswith("retrieval"))
         if what == "chexpert5x200-zeroshot":
-            sim = img @ class_embeddings(model, tok, chexpert_prompts(), 128, dev, prec).T
+            sim = images(paths) @ class_embeddings(model, tok, chexpert_prompts(), 128, dev, prec).T
             return {"ACC": M.accuracy(y, sim.argmax(1).numpy())}
-        if "Report Impression" not in rows[0]:
-            raise DataError(f"{root / 'chexpert_5x200.csv'} has no 'Report Impression' column: retrieval needs the "
-                            "CSV shipped by GLoRIA / DopamineLcy/ALTA (CheXpert5X200_dataset/chexpert_5x200.csv)")
-        txt = embed_texts(model, tok, [gloria_clean(r["Report Impression"]) for r in rows], 256, dev, prec)
-        return retrieval_precision(img, txt, y, y, (5, 10, 100))
-    if what.startswith("chexpert8x200"):     # common.prepare chexpert8x200: paths relative to its folder
-        sub = root / ("text-retrieval" if what.endswith("txt2img") else "image-retrieval")
-        cand = read_rows(sub / "candidate.csv", ["Path"])
-        names = list(cand[0])[5:]                       # the label columns, CheXpert order (official: iloc[:, 5:])
-        c_label = np.array([int(np.argmax([float(r[n] or 0) for n in names])) for r in cand])
-        c_img = embed_images(model, [root / r["Path"] for r in cand], size, True, dev, prec)
-        query = read_rows(sub / "query.csv", ["Variable"])
-        q_label = np.array([CHEXPERT8_IDS[r["Variable"]] for r in query])
-        if what == "chexpert8x200-txt2img":
-            q = embed_texts(model, tok, [r["Text"] for r in query], 20, dev, prec)
-        else:
-            q = embed_images(model, [root / r["Path"] for r in query], size, True, dev, prec)
-        return retrieval_precision(q, c_img, q_label, c_label, (5, 10, 50))
-    if what.startswith("rsna"):
-        rows = read_rows(root / ("valid.csv" if what == "rsna-val" else "test.csv"), ["Path", "Pneumonia"])
-        img = embed_images(model, [root / r["Path"] for r in rows], size, True, dev, prec)
-        pos, neg = embed_texts(model, tok, ["There is pneumonia", "There is no pneumonia"], 10, dev, prec)
+        return RV.precision_table(images(paths), texts([gloria_clean(t) for t in impressions], 256), y, y, (5, 10, 100))
+    if what.startswith("chexpert8x200"):
+        queries, q_label, cand, c_label = RV.chexpert8x200(root, "text" if what.endswith("txt2img") else "image")
+        q = texts(queries, 20) if what.endswith("txt2img") else images(queries)
+        return RV.precision_table(q, images(cand), q_label, c_label, (5, 10, 50))
+    if what.startswith("rsna"):   # p = softmax over the two prompts' cosines, temperature 1
+        paths, y = RV.rsna(root, "valid" if what == "rsna-val" else "test")
+        pos, neg = texts(["There is pneumonia", "There is no pneumonia"], 10)
+        img = images(paths)
         p_pos = torch.stack([img @ pos, img @ neg], 1).softmax(1)[:, 0].numpy()
-        y = np.array([int(float(r["Pneumonia"])) for r in rows])
-        return {"AUROC": M.auroc(y, p_pos)} if what == "rsna-val" else rsna_protocol(y, p_pos)
+        return {"AUROC": M.auroc(y, p_pos)} if what == "rsna-val" else RV.threshold_protocol(y, p_pos)
     raise ValueError(what)
 
 
@@ -1336,49 +1198,41 @@ def run_bench(args, world, vit_cfg: ViTConfig = ViTConfig(), bert_cfg: BertConfi
     mark_trainable(model, model.alta_cfg)
     R.cast_frozen(model, R.PRECISIONS[prec])
     B, T, S = args.batch_size, min(128, bert_cfg.max_positions), vit_cfg.img_size
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, bert_cfg.vocab_size, (B, T), generator=g)
-    batch = {"big": torch.randn(B, 3, 2 * S, 2 * S), "views": torch.randn(B, 3, 3, S, S),
-             "present": torch.rand(B, 4) < 0.8, "ids": ids, "attention_mask": torch.ones(B, T, dtype=torch.long),
-             "mlm_ids": ids.masked_fill(torch.rand(B, T) < 0.5, 4),
-             "mlm_labels": ids.masked_fill(torch.rand(B, T) < 0.5, -100)}
-    batch["present"][:, 0] = True
-    batch = to_device(batch, dev)
-    opt = make_optimizer(model, 1e-4)
-    scaler = R.make_scaler(prec, dev)
+    ids = torch.randint(5, bert_cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
+    present = torch.rand(B, 4) < 0.8
+    present[:, 0] = True
+    batch = to_device({"big": torch.randn(B, 3, 2 * S, 2 * S), "views": torch.randn(B, 3, 3, S, S), "present": present,
+                       "ids": ids, "attention_mask": torch.ones(B, T, dtype=torch.long),
+                       "mlm_ids": ids.masked_fill(torch.rand(B, T) < 0.5, 4),
+                       "mlm_labels": ids.masked_fill(torch.rand(B, T) < 0.5, -100)}, dev)
+    views = torch.cat([batch["big"][:, None, :, :S, :S], batch["views"]], 1)                # (B, 4, 3, S, S)
+    opt, scaler = make_optimizer(model, 1e-4), R.make_scaler(prec, dev)
 
     def step():
         with R.autocast(dev, prec):
             loss = sum(model(batch).values())
         R.optimizer_step(loss, opt, scaler, world, 0)
 
-    def infer():
-        with torch.no_grad(), R.autocast(dev, prec):
-            model.encode_image(batch["big"][:, :, :S, :S])
+    def forward_only(fn):
+        def run():
+            with torch.no_grad(), R.autocast(dev, prec):
+                fn()
+        return run
 
-    rows = []
-    r = R.bench(step, items=B, flops_per_step=R.flops_of(step), device=dev, dtype=R.PRECISIONS[prec],
-                steps=args.bench_steps)
-    rows.append(("pre-train step, 4 losses, 4 views", r))
+    cases = [("pre-train step, 4 losses, 4 views", step),
+             ("inference: encode_image", forward_only(lambda: model.encode_image(views[:, 0]))),
+             # what forward does (one pass of B x 4 images) vs four passes of B images, one per view
+             ("4 views as one (B x 4) batch, fwd", forward_only(lambda: model.encode_views(views, batch["present"]))),
+             ("4 views one at a time, fwd", forward_only(lambda: [model.encode_views(
+                 views[:, v:v + 1], batch["present"][:, v:v + 1], slice(v, v + 1)) for v in range(4)]))]
     print(R.BENCH_COLUMNS)
-    print(R.bench_row(rows[-1][0], prec, B, r, "study"))
-    views = torch.cat([batch["big"][:, None, :, :S, :S], batch["views"]], 1)
-
-    def batched():                      # what forward does: one (B x 4)-image pass
-        with torch.no_grad(), R.autocast(dev, prec):
-            model.encode_views(views, batch["present"])
-
-    def per_view():                     # four B-image passes, one per view
-        with torch.no_grad(), R.autocast(dev, prec):
-            for v in range(4):
-                model.encode_views(views[:, v:v + 1], batch["present"][:, v:v + 1], slice(v, v + 1))
-
-    for what, fn in (("inference: encode_image", infer), ("4 views as one (B x 4) batch, fwd", batched),
-                     ("4 views one at a time, fwd", per_view)):
+    rows = []
+    for what, fn in cases:
         r = R.bench(fn, items=B, flops_per_step=R.flops_of(fn), device=dev, dtype=R.PRECISIONS[prec],
                     steps=args.bench_steps)
         rows.append((what, r))
         print(R.bench_row(what, prec, B, r, "study"))
+    return rows
     return rows
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1392,7 +1246,7 @@ def demo_towers(args, world, model: ALTA, tok, root: Path):
     current images and reports and cached under --cache-dir, keyed by the configs, vocabulary and steps."""
     key = json.dumps([asdict(model.cfg), asdict(model.bert_encoder.bert.cfg), sorted(tok.get_vocab().items()),
                       args.tower_pretrain_steps])
-    path = Path(args.cache_dir) / f"alta_tiny_towers-{__import__('hashlib').sha1(key.encode()).hexdigest()[:10]}.safetensors"
+    path = Path(args.cache_dir) / f"alta_tiny_towers-{hashlib.sha1(key.encode()).hexdigest()[:10]}.safetensors"
     wanted = lambda k: is_vision_key(k) or is_cxrbert_key(k) or k.startswith("projection_head.")
     if not path.is_file() and world.is_main:
         with torch.random.fork_rng():       # a cold cache must not shift the run's random numbers
@@ -1401,7 +1255,6 @@ def demo_towers(args, world, model: ALTA, tok, root: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         R.save_tensors(path, {k: v for k, v in towers.state_dict().items() if wanted(k)})
     R.barrier(world)
-    from safetensors.torch import load_file
     tensors = load_file(str(path))
     if set(tensors) != {k for k in model.state_dict() if wanted(k)}:
         raise R.RunError(f"{path}: not the demo towers of this configuration (delete it to rebuild)")
@@ -1416,7 +1269,7 @@ def pretrain_demo_towers(model: ALTA, tok, root: Path, steps: int = 200, max_len
     print(f"pre-training the demo's tiny ViT + BERT on {root / 'reports_train.csv'} ({steps} steps, once; cached)",
           flush=True)
     torch.manual_seed(0)
-    rows = read_rows(root / "reports_train.csv", ["image_path", "report"])
+    rows = RV.read_rows(root / "reports_train.csv", ["image_path", "report"])
     geo, to_tensor = image_transform(model.cfg.img_size, False)
     pixels = torch.stack([to_tensor(geo(load_image(root / r["image_path"]))) for r in rows])   # (N, 3, H, W)
     ids, am = tokenize(tok, [r["report"] for r in rows], max_len)                             # (N, T)
@@ -1480,7 +1333,7 @@ def parse_args(argv=None):
             if k not in given:
                 setattr(args, k, v)
     elif "lr" not in given:              # official: lr = blr x effective batch / 256
-        args.lr = 1.5e-4 * args.batch_size * int(__import__("os").environ.get("WORLD_SIZE", "1")) / 256
+        args.lr = 1.5e-4 * args.batch_size * int(os.environ.get("WORLD_SIZE", "1")) / 256
     args.max_len = DATASETS[args.data]["max_len"]
     return R.finish_common_args(p, args)
 
@@ -1489,7 +1342,7 @@ def build(args, world, corpus=None, root=None):
     """Model + tokenizer for these flags: the demo's tiny pair, or ViT-B/16 + CXR-BERT (random unless loaded)."""
     vit_cfg = VIT_PRESETS[args.vit]
     cfg = ALTAConfig(mask_ratio=args.mask_ratio, fix_missing=args.fix_missing, train_bert_embed=args.train_bert_embed)
-    tok = load_tokenizer(args.text, corpus) if (args.text or corpus) else None
+    tok = wordpiece_tokenizer(args.text, corpus) if (args.text or corpus) else None
     if args.text:
         bert_cfg = bert_config_from_hf(load_config(resolve(args.text)))
     elif args.vit == "tiny":
@@ -1505,7 +1358,6 @@ def build(args, world, corpus=None, root=None):
         f = run / "best.safetensors" if (run / "best.safetensors").is_file() else run / "trainable.safetensors"
         if not f.is_file():
             raise R.RunError(f"--init {run}: neither best.safetensors nor trainable.safetensors there")
-        from safetensors.torch import load_file
         R.load_tensors(model, load_file(str(f)), str(f))
     mark_trainable(model, cfg)
     if args.train_all:                       # everything but the fixed sin-cos tables
@@ -1550,9 +1402,9 @@ def run(args, world) -> dict:
     corpus = None
     if args.text is None:   # the demo's WordPiece vocabulary: the words of its reports and class descriptions
         classes = json.loads((root / "classes.json").read_text()) if (root / "classes.json").is_file() else {}
-        corpus = [r["report"] for r in read_rows(root / DATASETS[args.data]["train"], ["report"])]
+        corpus = [r["report"] for r in RV.read_rows(root / DATASETS[args.data]["train"], ["report"])]
         corpus += [t for ts in classes.get("descriptions", {}).values() for t in ts]
-        corpus += [r["report"] for r in read_rows(root / DATASETS[args.data]["test"], ["report"])] \
+        corpus += [r["report"] for r in RV.read_rows(root / DATASETS[args.data]["test"], ["report"])] \
             if DATASETS[args.data]["test"] else []
     model, tok = build(args, world, corpus, root)
     R.cast_frozen(model, R.PRECISIONS[args.precision])    # frozen Linear / Conv / Embedding weights in bf16 / fp16
@@ -1574,9 +1426,9 @@ def run(args, world) -> dict:
         best = train(args, world, model, ds, run_dir, select)
         if world.is_main and best["value"] is not None:
             print(f"model selection: best {best['value']:.4f} at epoch {best['epoch']}; evaluating those weights")
-    if (run_dir / "best.safetensors").is_file():   # as the official best_auroc checkpoint
-        from safetensors.torch import load_file
-        R.load_tensors(model, load_file(str(run_dir / "best.safetensors")), str(run_dir / "best.safetensors"))
+    best_file = run_dir / "best.safetensors"
+    if best_file.is_file():                        # as the official best_auroc checkpoint
+        R.load_tensors(model, load_file(str(best_file)), str(best_file))
     results = {}
     if world.is_main and args.data == "demo" and not args.no_eval:
         for what in ("demo-zeroshot", "demo-retrieval"):

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import alta
+from common import retrieval as RV
+from common.text import gloria_clean, tokenize, wordpiece_tokenizer
 from common.weights import load_mapped
 
 GOLD = alta.REPO / "tests" / "goldens"
@@ -224,8 +226,8 @@ def test_ddp_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
 
 
 def test_mlm_masking_statistics():
-    tok = alta.load_tokenizer(None, ["the lesion is small and brown with a smooth border"])
-    ids, am = alta.tokenize(tok, ["the lesion is small and brown with a smooth border"] * 400, 16)
+    tok = wordpiece_tokenizer(corpus=["the lesion is small and brown with a smooth border"])
+    ids, am = tokenize(tok, ["the lesion is small and brown with a smooth border"] * 400, 16)
     special = (ids == tok.token_to_id("[CLS]")) | (ids == tok.token_to_id("[SEP]")) | (am == 0)
     masked, labels = alta.mlm_mask(ids, tok, torch.Generator().manual_seed(0))
     sel = labels != -100
@@ -309,20 +311,21 @@ def replace_params(p):
 def test_retrieval_precision_and_prompt_averaging():
     img = F.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), dim=-1)
     txt = F.normalize(torch.tensor([[1.0, 0.05], [0.1, 1.0], [0.0, 1.0]]), dim=-1)
-    res = alta.retrieval_precision(img, txt, [0, 0, 1], [0, 1, 1], (1, 2))
+    res = RV.precision_table(img, txt, [0, 0, 1], [0, 1, 1], (1, 2))
     assert res == {"P@1": 1.0, "P@2": pytest.approx((0.5 + 0.5 + 1.0) / 3)}
+    assert tuple(alta.CHEXPERT_CLASS_PROMPTS) == RV.CHEXPERT5       # prompts in the reader's label order
     prompts = alta.chexpert_prompts()
     assert [len(v) for v in prompts.values()] == [210, 15, 192, 18, 54]
     assert "small left bilateral pleural effusion" in prompts["Pleural Effusion"]
-    assert alta.gloria_clean("1. No acute disease.  2. Mild edema, unchanged. A.") == "no acute disease mild edema unchanged"
+    assert gloria_clean("1. No acute disease.  2. Mild edema, unchanged. A.") == "no acute disease mild edema unchanged"
 
 
-def test_rsna_protocol_on_a_hand_built_case():
+def test_threshold_protocol_on_a_hand_built_case():
     y = [0] * 10 + [1] * 10
     p = [0.1 * (i % 5) for i in range(10)] + [0.6 + 0.03 * i for i in range(10)]
-    res = alta.rsna_protocol(y, p)
+    res = RV.threshold_protocol(y, p)
     assert res["AUROC"] == 1.0 and res["ACC"] == 1.0 and res["F1"] == 1.0
-    res = alta.rsna_protocol([0, 1] * 20, [0.5] * 40)       # no information: F1 is maximised by calling all positive
+    res = RV.threshold_protocol([0, 1] * 20, [0.5] * 40)       # no information: F1 is maximised by calling all positive
     assert res["AUROC"] == 0.5 and res["ACC"] == 0.5 and res["F1"] == pytest.approx(2 / 3)
 
 
@@ -358,6 +361,14 @@ def test_demo_end_to_end_and_resume_is_bit_identical(tmp_path):
     assert alta.main([*fast, "--steps", "4", "--out", str(a)]) == 0
     cached = list((tmp_path / "cache").glob("alta_tiny_towers-*.safetensors"))
     assert len(cached) == 1     # the demo's pre-trained towers, built once and reused by the runs below
+    towers = load_file(str(cached[0]))
+    vocab = towers["bert_encoder.bert.embeddings.word_embeddings.weight"].shape[0]
+    bert = alta.BertConfig(vocab_size=vocab, **alta.DEMO_BERT)
+    init = alta.ALTA(alta.VIT_PRESETS["tiny"], bert, alta.ALTAConfig()).init_weights(0).state_dict()
+    assert not any("adapter" in k for k in towers) and torch.equal(init["pos_embed"], towers["pos_embed"])
+    for k in ("blocks.0.attn.qkv.weight", "bert_encoder.bert.encoder.layer.0.attention.self.query.weight",
+              "projection_head.dense_to_hidden.weight", "bert_encoder.cls_projection_head.dense_to_hidden.weight"):
+        assert not torch.equal(init[k], towers[k]), k                     # the contrastive steps moved them
     metrics = __import__("json").loads((a / "metrics.json").read_text())
     assert {"demo-zeroshot", "demo-retrieval"} <= set(metrics)
     assert 0 <= metrics["demo-zeroshot"]["ACC"] <= 1 and 0 <= metrics["demo-retrieval"]["P@5"] <= 1
@@ -379,7 +390,7 @@ def test_bad_input_gives_a_message_not_a_traceback(tmp_path, capsys):
         w.writerow(["image_path", "auxview_image_path", "last_image_path", "last_auxview_image_path", "report"])
         w.writerow(["a.png", "-1", "gone.png", "-1", "Small effusion."])
         w.writerow(["a.png", "-1", "-1", "-1", "  ...  "])
-    tok = alta.load_tokenizer(None, ["small effusion"])
+    tok = wordpiece_tokenizer(corpus=["small effusion"])
     with pytest.raises(alta.DataError, match="report of a.png is empty"):
         alta.StudyDataset(tmp_path / "train.csv", tmp_path, tok, 32, 16, True, True)
     with open(tmp_path / "train.csv", "w", newline="") as f:
@@ -418,7 +429,7 @@ def test_official_evaluations_run_on_mock_layouts(tmp_path):
         img(tmp_path / "cx" / f"{i}.png")
         rows.append([f"{i}.png", *[("1.0" if k == i % 5 else "0.0") for k in range(5)], f"1. {five[i % 5]} seen. 2. ok"])
     write(tmp_path / "cx" / "chexpert_5x200.csv", ["Path", *five, "Report Impression"], rows)
-    eight = list(alta.CHEXPERT8_IDS)
+    eight = list(RV.CHEXPERT8)
     header = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_FINDINGS]
     cand = []
     for i in range(56):           # P@50 needs 50 candidates
@@ -436,7 +447,7 @@ def test_official_evaluations_run_on_mock_layouts(tmp_path):
         img(tmp_path / "rsna" / f"{i}.png")
     model = tiny_alta(alta.ALTAConfig(proj_dim=16), alta.BertConfig(vocab_size=400, dim=48, n_layers=1, n_heads=4,
                                                                    mlp_dim=96, max_positions=256))
-    tok = alta.load_tokenizer(None, [t for ps in alta.chexpert_prompts().values() for t in ps] + eight +
+    tok = wordpiece_tokenizer(corpus=[t for ps in alta.chexpert_prompts().values() for t in ps] + eight +
                               ["there is no pneumonia findings of seen ok"])
     assert tok.get_vocab_size() <= 400
     args = argparse.Namespace(device="cpu", precision="fp32", max_len=32)
@@ -469,21 +480,3 @@ def test_paired_augmentation_equals_torchvision():
     for i, p in enumerate(params):
         out = np.asarray(AffineJitter()(img, AffineJitterParams(*p)))
         assert np.array_equal(out, io[f"out{i}"].numpy()), i
-
-
-def test_demo_tower_pretraining_trains_the_towers_not_the_adapters(tmp_path):
-    """The demo's stand-in for MRM / CXR-BERT: contrastive steps move the tower weights; adapters stay zero."""
-    from common.demo import ensure_demo
-    root = alta.REPO / "data" / "demo"
-    ensure_demo(root)
-    rows = alta.read_rows(root / "reports_train.csv", ["report"])
-    tok = alta.load_tokenizer(corpus=[r["report"] for r in rows])
-    bert = alta.BertConfig(vocab_size=tok.get_vocab_size(), **alta.DEMO_BERT)
-    m = alta.ALTA(alta.VIT_PRESETS["tiny"], bert, alta.ALTAConfig()).init_weights(0)
-    before = {k: v.clone() for k, v in m.state_dict().items()}
-    alta.pretrain_demo_towers(m, tok, root, steps=2, batch=8)
-    after = m.state_dict()
-    for k in ("blocks.0.attn.qkv.weight", "bert_encoder.bert.encoder.layer.0.attention.self.query.weight",
-              "projection_head.dense_to_hidden.weight", "bert_encoder.cls_projection_head.dense_to_hidden.weight"):
-        assert not torch.equal(before[k], after[k]), k
-    assert all(torch.equal(before[k], after[k]) for k in after if "adapter" in k or "pos_embed" in k)
