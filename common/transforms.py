@@ -300,10 +300,11 @@ class ToGray:
 class LongestSidePad:
     """Resize so the longer side is `size` (the shorter one truncated to int, as the official resize_img), then
     zero-pad the shorter side to `size`, centred (the odd pixel goes right / bottom). Area averaging (PIL BOX,
-    cv2 INTER_AREA officially) when shrinking, bilinear when enlarging."""
+    cv2 INTER_AREA officially) when shrinking, bilinear when enlarging; `resample` (e.g. Image.NEAREST for a mask)
+    replaces that choice."""
 
-    def __init__(self, size=256):
-        self.size = size
+    def __init__(self, size=256, resample=None):
+        self.size, self.resample = size, resample
 
     def __call__(self, img):
         _check_pil(img, "LongestSidePad")
@@ -313,7 +314,8 @@ class LongestSidePad:
         else:
             new_w, new_h = self.size, int(h * self.size / w)
         shrink = new_w <= w and new_h <= h
-        img = img.resize((max(new_w, 1), max(new_h, 1)), Image.BOX if shrink else Image.BILINEAR)
+        resample = self.resample if self.resample is not None else Image.BOX if shrink else Image.BILINEAR
+        img = img.resize((max(new_w, 1), max(new_h, 1)), resample)
         out = Image.new(img.mode, (self.size, self.size))
         out.paste(img, ((self.size - img.size[0]) // 2, (self.size - img.size[1]) // 2))
         return out
@@ -454,3 +456,44 @@ def official_cleft_transform(size=224, train=False):
         steps += [RandomApply(BrightnessContrastJitter(0.2, 0.2), p=0.4), RandomApply(GaussianBlur(7, (0.1, 2.0)), p=0.4),
                   RandomAffine(10.0, (0.0625, 0.0625), (0.8, 1.1)), RandomHorizontalFlip()]
     return Compose(steps + [ToRGB(), ToTensor(), Normalize(HALF_MEAN, HALF_STD)])
+
+
+# -----------------------------------------------------------------------------
+# the MGCA pipeline (Adaptor, and the MGCA family of chest X-ray methods)
+
+
+class PadCrop:
+    """MGCA's get_imgs + crop, the Adaptor's image pipeline: the longer side to load = size x 256 / 224 keeping the
+    aspect ratio (area averaging when shrinking, as cv2 INTER_AREA), zero-padded to a centred square
+    (LongestSidePad), then a random crop of `size` (train: torchvision RandomCrop's draws, top then left) or the
+    centre one (CenterCrop's rounding), ToTensor, Normalize(0.5, 0.5) (used for DINOv2 too, as official).
+    Colour is kept: the official reads grayscale, which is the same numbers for a gray X-ray.
+
+    PadCrop(size, train)(image) -> (3, S, S); (image, mask) -> ((3, S, S), (1, S, S) in {0, 1}), the mask with the
+    same geometry (nearest), so it works as SegmentationDataset's joint_transform."""
+
+    def __init__(self, size: int, train: bool):
+        self.size, self.train = size, train
+        self.pad = LongestSidePad(round(size * 256 / 224))
+        self.mask_pad = LongestSidePad(self.pad.size, resample=Image.NEAREST)
+        self.norm = Normalize(HALF_MEAN, HALF_STD)
+
+    def box(self):
+        """(left, top, right, bottom) of this call's crop in the padded square."""
+        off = self.pad.size - self.size
+        if self.train:
+            top, left = (int(torch.randint(0, off + 1, (1,))) for _ in range(2))
+        else:
+            top = left = int(round(off / 2))
+        return left, top, left + self.size, top + self.size
+
+    def __call__(self, image, mask=None):
+        box = self.box()
+        x = self.norm(ToTensor()(self.pad(ToRGB()(image)).crop(box)))                         # (3, S, S)
+        if mask is None:
+            return x
+        m = np.asarray(self.mask_pad(mask.convert("L")).crop(box)) >= 128
+        return x, torch.from_numpy(m).float()[None]                                            # (1, S, S)
+
+    def __repr__(self):
+        return f"PadCrop({self.size}, train={self.train})"

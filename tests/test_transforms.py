@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 
 from common.transforms import (CLIP_MEAN, CLIP_STD, HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD, CenterCrop,
-                               Compose, Normalize, RandomHorizontalFlip, RandomResizedCrop, Resize, ToRGB, ToTensor,
-                               eval_transform, train_transform)
+                               Compose, Normalize, PadCrop, RandomHorizontalFlip, RandomResizedCrop, Resize, ToRGB,
+                               ToTensor, eval_transform, train_transform)
 
 
 def pattern(w, h):
@@ -237,3 +237,40 @@ def test_train_transform_matches_torchvision_and_is_seeded():
 def test_compose_applies_in_order():
     t = Compose([lambda v: v + 1, lambda v: v * 10])
     assert t(2) == 30
+
+
+def test_pad_crop_is_mgca_geometry_pixel_for_pixel():
+    """40x30 -> longer side 32 (x 256 / 224 of the crop 28), area-averaged: 32x24, pasted at row 4 of a black
+    32x32 square; eval crops the centre 28x28 (offset 2, 2); then (x / 255 - 0.5) / 0.5."""
+    img = pattern(40, 30)
+    square = Image.new("RGB", (32, 32))
+    square.paste(img.resize((32, 24), Image.BOX), (0, 4))
+    want = (torch.from_numpy(arr(square.crop((2, 2, 30, 30)))).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
+    got = PadCrop(28, train=False)(img)
+    assert got.shape == (3, 28, 28) and torch.allclose(got, want, atol=1e-6)
+    assert torch.equal(got[:, :2], torch.full((3, 2, 28), -1.0))          # zero padding = -1 after Normalize
+    assert torch.equal(PadCrop(28, train=False)(img.convert("L")), PadCrop(28, train=False)(img.convert("L")
+                                                                                             .convert("RGB")))
+
+
+def test_pad_crop_random_crop_draws_as_torchvision_and_moves_the_mask_with_the_image():
+    # torchvision RandomCrop.get_params: i = randint(0, h - th + 1), then j = randint(0, w - tw + 1)
+    torch.manual_seed(3)
+    i, j = torch.randint(0, 5, (1,)).item(), torch.randint(0, 5, (1,)).item()
+    torch.manual_seed(3)
+    assert PadCrop(28, train=True).box() == (j, i, j + 28, i + 28)
+    # a white 6x6 square in an image and the same square in its mask: still on the same pixels after any crop
+    a = np.zeros((30, 40, 3), np.uint8)
+    a[10:16, 20:26] = 255
+    m = np.zeros((30, 40), np.uint8)
+    m[10:16, 20:26] = 255
+    boxes = set()
+    for seed in range(6):
+        torch.manual_seed(seed)
+        t = PadCrop(28, train=True)
+        x, mask = t(Image.fromarray(a), Image.fromarray(m, "L"))
+        assert x.shape == (3, 28, 28) and mask.shape == (1, 28, 28) and set(mask.unique().tolist()) <= {0.0, 1.0}
+        assert torch.equal(mask[0] > 0, x[0] > 0.5)        # the same pixels: the mask follows the image
+        torch.manual_seed(seed)
+        boxes.add(t.box())
+    assert len(boxes) > 1                                    # the crop is random in training
