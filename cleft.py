@@ -59,7 +59,8 @@ from torch.utils.checkpoint import checkpoint
 
 from common import metrics as M
 from common import run as R
-from common.data import CaptionDataset, DataError, bpe_tokenizer, classification_sets, dataset_file, right_padded
+from common.data import (CaptionDataset, DataError, bpe_tokenizer, classification_sets, dataset_root, missing_dataset,
+                         right_padded)
 from common import transforms as T
 from common.demo import ensure_demo
 from common.weights import WeightsError, load_config, load_mapped, resolve
@@ -771,21 +772,21 @@ MAMMO_PREFIX = "this is a breast 2d full-field digital mammogram of a patient wi
 BIRADS = ["additional imaging required", "negative", "benign finding", "probably benign finding",
           "suspicious abnormality", "highly suggestive of malignancy", "known biopsy-proven malignancy"]
 DENSITY = ["almost entirely fat", "scattered fibroglandular densities", "heterogeneously dense", "extremely dense"]
-PREPARE = "python -m common.prepare {} --src /path/to/the/download"
 # folder under data/; image-text CSVs (stage 1); class split (stage 2 / evaluation); CheXpert CSVs whose
-# one-positive rows train stage 2 / the probes; the zero-shot prompts; the official image pipeline or the demo's
+# one-positive rows train stage 2 / the probes; the zero-shot prompts; the official image pipeline or the demo's;
+# where to download it (common.data.missing_dataset adds the `python -m common.prepare <dir>` step)
 CXR = dict(prompts="cxr", prefix=CXR_PREFIX, pipeline="official")
-CHEXPERT = dict(CXR, dir="chexpert", split="split_chexpert5x200.json", class_csvs=("train.csv", "valid.csv"))
+CHEXPERT = dict(CXR, dir="chexpert", split="split_chexpert5x200.json", class_csvs=("train.csv", "valid.csv"),
+                get="CheXpert v1.0 (stanfordmlgroup.github.io/competitions/chexpert)")
 EMBED = dict(dir="embed", prefix=MAMMO_PREFIX, pipeline="official",
-             get="EMBED (Emory, by application: github.com/Emory-HITI/EMBED_Open_Data); " + PREPARE.format("embed"))
+             get="EMBED (Emory, by application: github.com/Emory-HITI/EMBED_Open_Data)")
 DATASETS = {
     "demo": dict(dir="demo", pairs=("reports_train.csv", "reports_val.csv"), split="split_demo.json",
                  prompts="demo", prefix="", pipeline="demo", get="built in: python -m common.demo"),
-    "chexpert": dict(CHEXPERT, pairs=("train.csv", "valid.csv"), get="CheXpert v1.0 (stanfordmlgroup.github.io/"
-                     "competitions/chexpert); " + PREPARE.format("chexpert")),
-    "chexpert5x200": dict(CHEXPERT, get="as for chexpert: " + PREPARE.format("chexpert")),
-    "rsna": dict(CXR, dir="rsna", split="split_rsna.json", get="RSNA Pneumonia Detection "
-                 "(kaggle.com/c/rsna-pneumonia-detection-challenge); " + PREPARE.format("rsna")),
+    "chexpert": dict(CHEXPERT, pairs=("train.csv", "valid.csv")),
+    "chexpert5x200": CHEXPERT,
+    "rsna": dict(CXR, dir="rsna", split="split_rsna.json",
+                 get="RSNA Pneumonia Detection (kaggle.com/c/rsna-pneumonia-detection-challenge)"),
     "embed": dict(EMBED, pairs=("captions_train.csv", "captions_valid.csv"), split="split_embed-birads.json",
                   prompts="birads", classes=7),
     "embed-birads": dict(EMBED, split="split_embed-birads.json", prompts="birads", classes=7),
@@ -794,12 +795,15 @@ DATASETS = {
 
 
 def data_root(args) -> Path:
-    return Path(args.data_dir or REPO / "data" / DATASETS[args.data]["dir"])
+    return dataset_root(args.data, DATASETS[args.data], args.data_dir)
 
 
-def data_file(args, name: str, what: str) -> Path:
-    """data_root/name, or a DataError saying what to get and where to put it."""
-    return dataset_file(data_root(args), name, f"{what} for --data {args.data}", DATASETS[args.data]["get"])
+def data_file(args, name: str) -> Path:
+    """data_root/name, or a DataError saying what to download and which command prepares it."""
+    problem = missing_dataset(args.data, DATASETS[args.data], data_root(args), name)
+    if problem:
+        raise DataError(problem)
+    return data_root(args) / name
 
 
 def image_transform(args, size: int, train: bool):
@@ -831,7 +835,7 @@ def caption_sets(args, size: int):
     if "pairs" not in d:
         raise DataError(f"--data {args.data} has no image-text pairs for contrastive pre-training; use --data "
                         f"chexpert or embed (or demo), or evaluate with --eval")
-    files = [data_file(args, f, "image-text CSV") for f in d["pairs"]]
+    files = [data_file(args, f) for f in d["pairs"]]
     return tuple(CaptionDataset(data_root(args), f, image_transform(args, size, train), frontal_only=not args.laterals)
                  for f, train in zip(files, (True, False)))
 
@@ -843,8 +847,8 @@ def class_sets(args, size: int, train_transform=True):
     train_cheXbert_95_five_classes.csv (common.data.classification_sets). --data-pct takes a fixed subset of
     train with seed 42, as the official df.sample(frac, random_state=42) (not pandas' own draw)."""
     d = DATASETS[args.data]
-    split = data_file(args, d["split"], "split file")
-    csvs = [data_file(args, f, "CheXpert CSV") for f in d["class_csvs"]] if "class_csvs" in d else None
+    split = data_file(args, d["split"])
+    csvs = [data_file(args, f) for f in d["class_csvs"]] if "class_csvs" in d else None
     return classification_sets(data_root(args), split, image_transform(args, size, train_transform),
                                image_transform(args, size, False), csvs, frontal_only=not args.laterals,
                                frac=args.data_pct, seed=42, n_classes=d.get("classes"))
@@ -1299,7 +1303,7 @@ def preflight(args):
         d = DATASETS[args.data]
         wanted = d["pairs"][0] if "pairs" in d and args.stage in ("all", "contrastive") and not args.eval else d["split"]
         try:
-            data_file(args, wanted, "data")
+            data_file(args, wanted)
         except DataError as e:
             problems.append(str(e))
         for name, presets in (("vit", VIT_PRESETS), ("llm", LLM_PRESETS)):
@@ -1440,7 +1444,8 @@ def parse_args(argv=None):
     R.finish_common_args(p, args)
     for flag, low in MINIMUMS.items():
         if getattr(args, flag) < low:
-            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be {f'at least {low}' if low else '0 or more'}")
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be " + (f"at least {low}" if low else
+                                                                                   "0 or more"))
     for name, pretrained in (("vit", "dinov2-reg-b14"), ("llm", "biomedlm")):  # the tiny presets have no weights
         path = getattr(args, f"{name}_path")
         if path and getattr(args, name) == "tiny":

@@ -12,7 +12,8 @@ Three on-disk formats (examples in data/README.md, "On-disk formats"):
   3. CheXpert-style multi-label CSV: a Path column plus one column per finding holding 1 / 0 / -1 / blank
      -> MultiLabelDataset, caption_from_labels(); formats 2 and 3 as (image, caption) pairs: CaptionDataset;
         the single-positive rows of format 3 as a classification set: OneOfClassesDataset; (train, val, test)
-        from a split JSON, or from format-3 CSVs with a split JSON's test set: classification_sets
+        from a split JSON, or from format-3 CSVs with a split JSON's test set: classification_sets; (train,
+        test) with a stratified label ratio: train_test_sets
   4. segmentation split JSON: {"train": [[image_relpath, mask_relpath], ...], "val": [...], "test": [...]},
      masks are single-channel PNGs of the image's size, 0 = background, 255 (or 1) = foreground
      -> read_seg_split(), SegmentationDataset, JointResize
@@ -20,7 +21,7 @@ Three on-disk formats (examples in data/README.md, "On-disk formats"):
 Relative image paths are resolved against `root`; with root=None, against the folder of the split/CSV file.
 Every problem with the user's files raises DataError with a message naming the file and what is wrong.
 Only the csv/json modules, numpy, PIL, torch and (for bpe_tokenizer) tokenizers are used (no pandas, no
-torchvision). dataset_file names a missing file with where to get it.
+torchvision). missing_dataset says what to download and how to prepare a dataset that is not there.
 """
 
 import csv
@@ -100,6 +101,30 @@ def load_image(path):
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         # `from None`: the user needs the file name and PIL's one-line reason, not PIL's internals
         raise DataError(f"cannot read image {path}: {e}") from None
+
+
+# -----------------------------------------------------------------------------
+# where a dataset lives, and what to say when it is not there
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def dataset_root(name: str, entry: dict, data_dir=None) -> Path:
+    """--data-dir, else data/<entry["dir"] or name> (two split files may share one folder)."""
+    return Path(data_dir or REPO_ROOT / "data" / entry.get("dir", name))
+
+
+def missing_dataset(name: str, entry: dict, root: Path, file=None) -> str | None:
+    """None when root holds `file` (default: the split file, entry["split"]), else what to download
+    (entry["get"]) and which command prepares it."""
+    path = Path(root) / (file or entry["split"])
+    if path.exists():
+        return None
+    folder = entry.get("dir", name)
+    return (f"dataset {name!r} not found: expected {path}.\n"
+            f"  1. download: {entry['get']}\n"
+            f"  2. prepare:  python -m common.prepare {folder} --src /path/to/the/download   (writes {root})\n"
+            f"  details: data/README.md, section '{folder}'")
 
 
 # -----------------------------------------------------------------------------
@@ -334,8 +359,11 @@ class SegmentationDataset(Dataset):
 # CSV reading shared by formats 2 and 3
 
 
-def _read_csv(path, required, what):
-    """Read a CSV with a header row -> (header, [(line_number, row dict)]). Checks the required columns."""
+def read_csv(path, required, what):
+    """Read a CSV with a header row -> (header, [(line_number, row dict)]). Checks the required columns; every
+    problem (a missing file too) is a DataError naming the file."""
+    if not Path(path).is_file():
+        raise DataError(f"{what} not found: {path}")
     try:
         # utf-8-sig: Excel puts a BOM in front of the first column name, which would then not match "Path"
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -365,6 +393,9 @@ def _read_csv(path, required, what):
     return header, rows
 
 
+_read_csv = read_csv  # the old private name, kept for callers written before read_csv was public
+
+
 # -----------------------------------------------------------------------------
 # 2. image-report CSV (ALTA)
 
@@ -388,7 +419,7 @@ class ImageReportDataset(Dataset):
 
     def __init__(self, root, csv_path, transform=None, multiview=False):
         self.csv_path = _find_file(csv_path, root, "image-report CSV")
-        _, rows = _read_csv(self.csv_path, ["image_path", "report"], "image-report CSV")
+        _, rows = read_csv(self.csv_path, ["image_path", "report"], "image-report CSV")
         self.root = _image_base(root, self.csv_path)
         self.transform = transform if transform is not None else ToTensor()
         self.multiview = multiview
@@ -471,7 +502,7 @@ class MultiLabelDataset(Dataset):
             raise ValueError(f"blank must be 'zero' or 'ignore', got {blank!r}")
         self.csv_path = _find_file(csv_path, root, "multi-label CSV")
         required = ["Path"] + (list(findings) if findings is not None else [])
-        header, rows = _read_csv(self.csv_path, required, "multi-label CSV")
+        header, rows = read_csv(self.csv_path, required, "multi-label CSV")
         if findings is None:
             findings = [c for c in header if c not in METADATA_COLUMNS]
             if not findings:
@@ -596,6 +627,28 @@ class OneOfClassesDataset(Dataset):
         return self.ds[self.rows[i]][0], int(self.labels[i])
 
 
+def train_test_sets(name: str, entry: dict, root: Path, train_transform, eval_transform, *,
+                    label_ratio: float = 1.0, seed: int = 0, log=print):
+    """(train, test) ClassificationDatasets of root / entry["split"] (DataError: missing_dataset's message);
+    with label_ratio < 1 the training set keeps a stratified_subset. Class names come from the file (they are
+    what a prompt says); a file whose names differ from entry["classes"] (the paper's) is used, with a note."""
+    problem = missing_dataset(name, entry, root)
+    if problem:
+        raise DataError(problem)
+    split_file = root / entry["split"]
+    train = ClassificationDataset(root, split_file, "train", train_transform)
+    test = ClassificationDataset(root, split_file, "test", eval_transform)
+    if label_ratio < 1:
+        keep = stratified_subset(train.labels, label_ratio, seed)
+        train.items, train.labels = [train.items[i] for i in keep], train.labels[keep]
+        log(f"label ratio {label_ratio}: {len(keep)} training images (stratified, seed {seed})")
+    want = entry.get("classes")
+    if want is not None and [c.lower() for c in train.classnames] != [c.lower() for c in want]:
+        log(f"note: class names in {split_file} differ from the paper's: {train.classnames} vs {want}; "
+            "using the file's (they are the prompt words)")
+    return train, test
+
+
 def classification_sets(root, split_file, train_transform=None, eval_transform=None, class_csvs=None,
                         frontal_only=False, frac=1.0, seed=42, n_classes=None):
     """
@@ -617,13 +670,13 @@ def classification_sets(root, split_file, train_transform=None, eval_transform=N
     return (fraction_of(train, frac, seed) if frac < 1 else train), val, test
 
 
-def dataset_file(root, name, what, get):
-    """root / name, or a DataError saying what is missing, how to get it (`get`) and where to put it."""
-    path = Path(root) / name
-    if not path.is_file():
-        raise DataError(f"{what} not found: {path}\n  get it: {get}\n"
-                        "  (or point --data-dir at the folder holding it; formats: data/README.md)")
-    return path
+def stratified_subset(labels: np.ndarray, ratio: float, seed: int) -> np.ndarray:
+    """Indices of a stratified `ratio` of a labelled set: from each class round(ratio * n_c) items, at least one,
+    drawn with `seed`. Sorted, so a data order drawn over the subset stays a function of its own seed alone."""
+    rng = np.random.default_rng(seed)
+    keep = [rng.permutation(np.flatnonzero(labels == c))[:max(1, round(ratio * int((labels == c).sum())))]
+            for c in np.unique(labels)]
+    return np.sort(np.concatenate(keep))
 
 
 def fraction_of(ds, frac, seed=42):

@@ -16,9 +16,10 @@ from torch.utils.data import Dataset, DistributedSampler, RandomSampler, Sequent
 
 from common.data import (CHEXPERT_FINDINGS, _seed_worker, CaptionDataset, ClassificationDataset, DataError,
                          ImageReportDataset, JointResize, MultiLabelDataset, OneOfClassesDataset, SegmentationDataset,
-                         bpe_tokenizer, caption_from_labels, classification_sets, classnames_from_split,
-                         dataset_file, fraction_of, load_image, make_loader, read_seg_split, read_split,
-                         right_padded, set_epoch, val_split_name)
+                         REPO_ROOT, bpe_tokenizer, caption_from_labels, classification_sets, classnames_from_split,
+                         dataset_root, fraction_of, load_image, make_loader, missing_dataset, read_csv,
+                         read_seg_split, read_split, right_padded, set_epoch, stratified_subset, train_test_sets,
+                         val_split_name)
 from common.transforms import eval_transform
 
 
@@ -391,12 +392,48 @@ def test_classification_sets_from_a_split_or_from_single_positive_csv_rows(cls_d
     assert frontal.rows.tolist() == [0]
 
 
-def test_dataset_file_says_what_to_get(tmp_path):
-    (tmp_path / "x.csv").write_text("a\n")
-    assert dataset_file(tmp_path, "x.csv", "pairs", "somewhere") == tmp_path / "x.csv"
-    assert_data_error(lambda: dataset_file(tmp_path, "y.csv", "image-text CSV for --data z", "get it at example.org"),
-                      "image-text CSV for --data z not found", tmp_path / "y.csv", "get it: get it at example.org",
-                      "--data-dir")
+def test_dataset_root_and_the_missing_dataset_message(tmp_path):
+    entry = {"dir": "chexpert", "split": "split_chexpert5x200.json", "get": "CheXpert v1.0 (example.org)"}
+    assert dataset_root("chexpert5x200", entry) == REPO_ROOT / "data" / "chexpert"
+    assert dataset_root("isic", {"split": "s.json"}) == REPO_ROOT / "data" / "isic"
+    assert dataset_root("isic", entry, tmp_path) == tmp_path
+    msg = missing_dataset("chexpert5x200", entry, tmp_path)
+    assert str(tmp_path / "split_chexpert5x200.json") in msg and "download: CheXpert v1.0 (example.org)" in msg
+    assert "python -m common.prepare chexpert --src" in msg and "section 'chexpert'" in msg
+    assert str(tmp_path / "train.csv") in missing_dataset("chexpert", entry, tmp_path, "train.csv")
+    (tmp_path / "train.csv").write_text("Path\n")
+    assert missing_dataset("chexpert", entry, tmp_path, "train.csv") is None
+
+
+def test_stratified_subset_keeps_a_ratio_of_every_class():
+    labels = np.array([0] * 10 + [1] * 20 + [2] * 3)
+    keep = stratified_subset(labels, 0.1, seed=1)
+    assert np.bincount(labels[keep]).tolist() == [1, 2, 1]  # round(0.3) -> at least one
+    assert keep.tolist() == sorted(keep.tolist()) and len(set(keep.tolist())) == len(keep)
+    assert keep.tolist() == stratified_subset(labels, 0.1, seed=1).tolist()
+    assert keep.tolist() != stratified_subset(labels, 0.1, seed=2).tolist()
+    assert stratified_subset(labels, 1.0, seed=0).tolist() == list(range(len(labels)))
+
+
+def test_train_test_sets_label_ratio_and_class_name_note(cls_dir):
+    root, _ = cls_dir
+    notes = []
+    entry = {"split": "split.json", "get": "x", "classes": ["melanoma", "keratosis", "nevus"]}
+    train, test = train_test_sets("isic", entry, root, None, None, log=notes.append)
+    assert (len(train), len(test)) == (3, 2) and not notes
+    train, _ = train_test_sets("isic", entry | {"classes": ["a", "b", "c"]}, root, None, None, label_ratio=0.5,
+                               seed=0, log=notes.append)
+    assert train.labels.tolist() == [0, 2] and len(train.items) == 2  # one per class: round(0.5 * 2) and 1 of 1
+    assert "label ratio 0.5: 2 training images" in notes[0] and "differ from the paper's" in notes[1]
+    assert_data_error(lambda: train_test_sets("isic", entry | {"split": "none.json"}, root, None, None),
+                      "dataset 'isic' not found", "none.json", "common.prepare isic")
+
+
+def test_read_csv_is_public_and_says_when_the_file_is_missing(tmp_path):
+    (tmp_path / "a.csv").write_text("x,y\n1,2\n\n3,4\n")
+    header, rows = read_csv(tmp_path / "a.csv", ["x"], "test CSV")
+    assert header == ["x", "y"] and rows == [(2, {"x": "1", "y": "2"}), (4, {"x": "3", "y": "4"})]
+    assert_data_error(lambda: read_csv(tmp_path / "b.csv", ["x"], "test CSV"), "test CSV not found", "b.csv")
 
 
 TINY_BPE = Path(__file__).resolve().parents[1] / "common" / "tokenizers" / "gpt2_tiny.json"
