@@ -2,7 +2,8 @@
 Evaluation metrics shared by all five method scripts, in plain numpy, so every script reports the same numbers.
 
 Classification: accuracy, f1_macro, auroc, cohen_kappa, confusion_matrix, per_class_accuracy,
-precision_recall_f1 (per-class), and classification_report / format_table which bundle them into the dict + text table the scripts print and save.
+precision_recall_f1 (per-class), and classification_report / format_table which bundle them into the dict +
+text table the scripts print and save; mean_std / format_mean_std summarise the reports of several seeds.
 Retrieval: precision_at_k (class-block retrieval, as in GLoRIA / ALTA) and recall_at_k (paired image <-> text).
 Uncertainty: bootstrap_ci, a percentile bootstrap over rows.
 
@@ -360,6 +361,9 @@ def bootstrap_ci(metric, *arrays, n=1000, seed=0, alpha=0.05):
 # report
 
 
+SUMMARY_KEYS = ("acc", "f1_macro", "auroc", "kappa", "kappa_quadratic")  # a classification_report's headline
+
+
 def classification_report(y, pred, probs, classnames):
     """Everything the method scripts report for a C-class problem, as a JSON-friendly dict (plain floats/ints):
 
@@ -409,6 +413,17 @@ def format_table(report):
         lines.append(f"{str(r['class']):<{w}}  " + "  ".join(cells))
     lines.append("-" * len(lines[0]))
     lines.append(f"{'total':<{w}}  {sum(r['n'] for r in rows):>9d}")
-    summary = ["acc", "f1_macro", "auroc", "kappa", "kappa_quadratic"]
-    lines.append("  ".join(f"{k} {report[k]:.4f}" for k in summary))
+    lines.append("  ".join(f"{k} {report[k]:.4f}" for k in SUMMARY_KEYS))
     return "\n".join(lines)
+
+
+def mean_std(reports, keys=SUMMARY_KEYS):
+    """Runs over several seeds, reported as the papers do: {key: {"mean", "std"}} with the population std
+    (numpy's default, ddof 0) of each headline figure of the classification_report dicts."""
+    return {k: {"mean": float(np.mean([r[k] for r in reports])), "std": float(np.std([r[k] for r in reports]))}
+            for k in keys}
+
+
+def format_mean_std(summary, scale=100.0):
+    """One line, in percent: "acc 61.20 +- 1.05  f1_macro ..."."""
+    return "  ".join(f"{k} {scale * v['mean']:.2f} +- {scale * v['std']:.2f}" for k, v in summary.items())

@@ -317,3 +317,16 @@ def test_classification_report_and_table():
     assert len({len(l) for l in lines[:5]}) == 1  # header, rule and class rows line up
     assert lines[-2].split() == ["total", "6"]
     assert "acc 0.6667" in lines[-1] and "kappa 0.5000" in lines[-1] and "f1_macro 0.6556" in lines[-1]
+
+
+def test_mean_std_over_seeds_by_hand():
+    reports = [dict(acc=0.5, f1_macro=0.4, auroc=0.6, kappa=0.1, kappa_quadratic=0.2),
+               dict(acc=0.7, f1_macro=0.6, auroc=0.8, kappa=0.3, kappa_quadratic=0.2)]
+    s = metrics.mean_std(reports)
+    assert list(s) == ["acc", "f1_macro", "auroc", "kappa", "kappa_quadratic"]
+    assert s["acc"]["mean"] == pytest.approx(0.6) and s["acc"]["std"] == pytest.approx(0.1)  # population std
+    assert s["kappa_quadratic"] == {"mean": pytest.approx(0.2), "std": 0.0}
+    assert metrics.mean_std(reports, keys=["auroc"]) == {"auroc": {"mean": pytest.approx(0.7),
+                                                                  "std": pytest.approx(0.1)}}
+    line = metrics.format_mean_std(s)
+    assert line.startswith("acc 60.00 +- 10.00  f1_macro 50.00 +- 10.00") and line.count("+-") == 5
