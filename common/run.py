@@ -64,7 +64,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 class RunError(Exception):
     """A user-fixable problem with the run itself (its folder, its flags, its checkpoints): main prints the
-    message and exits 2, as for DataError and WeightsError."""
+    message and exits with .code (2), as for DataError and WeightsError."""
+    code = 2
+
+
+class Stopped(RunError):
+    """Training stopped early (a non-finite loss: exit 3; Ctrl-C: exit 2). The message says only what is true
+    about the checkpoints on disk and how to continue (stop_message)."""
+
+    def __init__(self, exc: BaseException, run_dir, command: str = "", ckpt_dir=None):
+        super().__init__(stop_message(exc, run_dir, ckpt_dir, command))
+        self.code = 3 if isinstance(exc, NonFiniteLoss) else 2
 
 
 USER_ERRORS = (DataError, WeightsError, RunError)
@@ -74,9 +84,10 @@ USER_ERRORS = (DataError, WeightsError, RunError)
 
 
 def add_common_args(p: argparse.ArgumentParser, *, datasets, data="demo", epochs=1, steps=0, batch_size=32,
-                    lr=1e-3, seed=0, help=None):
+                    lr=1e-3, seed=0, eval_batch_size=None, ckpt_every=None, help=None):
     """The flags every script has, with the literal defaults the script passes (so --help shows numbers).
-    `help` adds the paper/demo note to a flag's help, e.g. {"lr": "paper: 2.5e-3, demo: 1e-2"}."""
+    `help` adds the paper/demo note to a flag's help, e.g. {"lr": "paper: 2.5e-3, demo: 1e-2"}. A script that
+    evaluates in batches or checkpoints every N steps passes eval_batch_size / ckpt_every to get those flags."""
     note = lambda k, text: text + (f" ({help[k]})" if help and k in help else "")
     p.allow_abbrev = False  # given_flags() must see exactly which flags were typed
     p.add_argument("--data", default=data, choices=list(datasets), help=note("data", "dataset (data/README.md)"))
@@ -99,7 +110,20 @@ def add_common_args(p: argparse.ArgumentParser, *, datasets, data="demo", epochs
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch; 0 = torch's default")
     p.add_argument("--log-every", type=int, default=10, help="write the loss to metrics.jsonl every N steps")
     p.add_argument("--print-every", type=float, default=10.0, help="seconds between progress lines")
+    if eval_batch_size is not None:
+        p.add_argument("--eval-batch-size", type=int, default=eval_batch_size, help="evaluation batch per process")
+    if ckpt_every is not None:
+        p.add_argument("--ckpt-every", type=int, default=ckpt_every,
+                       help=note("ckpt_every", "checkpoint every N optimizer steps (and at the end)"))
     return p
+
+
+def check_flags(p: argparse.ArgumentParser, args, checks):
+    """checks: (dest, ok, want) triples; the first that fails -> p.error("--dest VALUE: must be WANT"), which
+    prints the usage and exits 2 before anything is written."""
+    for flag, ok, want in checks:
+        if not ok:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be {want}")
 
 
 def given_flags(p: argparse.ArgumentParser, argv=None) -> set:
@@ -128,13 +152,13 @@ def resolve_device(name: str) -> torch.device:
 def finish_common_args(p: argparse.ArgumentParser, args):
     """Check the shared flags and resolve the "auto" ones. Errors go through parser.error: usage + message,
     exit 2, no traceback, and nothing written yet. Call after the recipe and --resume have filled args."""
-    for flag, ok, want in (("batch_size", args.batch_size >= 1, "at least 1"), ("lr", args.lr > 0, "above 0"),
-                           ("epochs", args.epochs >= 1, "at least 1"), ("steps", args.steps >= 0, "0 or more"),
-                           ("num_workers", args.num_workers >= -1, "-1 (auto) or more"),
-                           ("bench_steps", args.bench_steps >= 1, "at least 1"),
-                           ("threads", args.threads >= 0, "0 (torch's default) or more")):
-        if not ok:
-            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be {want}")
+    check_flags(p, args, [("batch_size", args.batch_size >= 1, "at least 1"), ("lr", args.lr > 0, "above 0"),
+                          ("epochs", args.epochs >= 1, "at least 1"), ("steps", args.steps >= 0, "0 or more"),
+                          ("num_workers", args.num_workers >= -1, "-1 (auto) or more"),
+                          ("bench_steps", args.bench_steps >= 1, "at least 1"),
+                          ("threads", args.threads >= 0, "0 (torch's default) or more")]
+                + [(f, getattr(args, f) >= 1, "at least 1") for f in ("eval_batch_size", "ckpt_every")
+                   if isinstance(getattr(args, f, None), int)])
     try:
         device = resolve_device(args.device)
     except RunError as e:
@@ -157,7 +181,7 @@ def finish_common_args(p: argparse.ArgumentParser, args):
 
 # flags that say how to run, not what is trained: a resumed run always takes today's values
 RUNTIME_FLAGS = {"device", "precision", "num_workers", "threads", "compile", "print_every", "log_every",
-                 "eval_batch_size", "resume", "eval_only", "bench", "bench_steps", "out"}
+                 "eval_batch_size", "ckpt_every", "resume", "eval_only", "bench", "bench_steps", "out"}
 
 
 def _as_json(v):
@@ -578,6 +602,37 @@ def load_tensors(model: nn.Module, tensors: dict, source: str, required=()):
     with torch.no_grad():
         for k, v in tensors.items():
             own[k].copy_(v)
+
+
+def cached_tensors(path, world: World, compute) -> dict:
+    """Tensors that rank 0 computes once (compute() -> dict) and saves atomically at `path`; every rank then
+    reads the file, so all ranks hold the same bytes. For frozen work worth keeping between runs (demo
+    pre-training, frozen features). The caller names the file after what the tensors depend on."""
+    path = Path(path)
+    if not path.exists() and world.is_main:
+        save_tensors(path, compute())
+    barrier(world)
+    return load_file(str(path))
+
+
+def save_stage(folder, tensors: dict, spec: dict, world: World, name: str = "trainable.safetensors"):
+    """A finished stage: its trainable tensors (atomically) + model.json, the architecture a later --init reads
+    back. Rank 0 writes; every rank waits for it."""
+    if world.is_main:
+        save_tensors(Path(folder) / name, tensors)
+        (Path(folder) / "model.json").write_text(json.dumps(_as_json(spec), indent=2) + "\n")
+    barrier(world)
+
+
+def find_stage(path, subfolders=(), name: str = "trainable.safetensors") -> Path:
+    """The first of path, path/<subfolder>, ... that holds a finished stage (name + model.json), else RunError."""
+    path = Path(path)
+    for p in (path, *(path / s for s in subfolders)):
+        if (p / name).is_file() and (p / "model.json").is_file():
+            return p
+    inside = f" or in its {' or '.join(s + '/' for s in subfolders)} subfolder" if subfolders else ""
+    raise RunError(f"{path}: no finished stage here (expected {name} + model.json in it{inside}). "
+                   "Is the run finished? Continue it with --resume.")
 
 
 def _sha256(path: Path) -> str:

@@ -283,6 +283,44 @@ def test_user_mistakes_exit_2_with_a_message(argv, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_optional_shared_flags_are_checked_and_free_on_resume(tmp_path, capsys):
+    p = argparse.ArgumentParser()
+    R.add_common_args(p, datasets=["demo"], eval_batch_size=256, ckpt_every=50, help={"ckpt_every": "demo: 10"})
+    assert "demo: 10" in p.format_help() and "--eval-batch-size" in p.format_help()
+    for argv, message in ((["--ckpt-every", "0"], "--ckpt-every 0: must be at least 1"),
+                          (["--eval-batch-size", "-1"], "--eval-batch-size -1: must be at least 1")):
+        with pytest.raises(SystemExit) as e:
+            R.finish_common_args(p, p.parse_args(argv))
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not any(a.dest == "ckpt_every" for a in _parser()._actions)       # only where the script asks
+    (tmp_path / "args.json").write_text(json.dumps({"data": "demo", "ckpt_every": 50, "eval_batch_size": 256}))
+    argv = ["--resume", str(tmp_path), "--ckpt-every", "7", "--eval-batch-size", "8"]
+    args = p.parse_args(argv)
+    R.restore_run_args(args, R.given_flags(p, argv))                          # how often to save: not what trains
+    assert (args.ckpt_every, args.eval_batch_size) == (7, 8)
+
+
+def test_cached_tensors_compute_once_and_stages_are_found(tmp_path):
+    calls = []
+    compute = lambda: calls.append(1) or {"x": torch.arange(3.0)}
+    a = R.cached_tensors(tmp_path / "c" / "f.safetensors", R.World(), compute)
+    b = R.cached_tensors(tmp_path / "c" / "f.safetensors", R.World(), compute)
+    assert len(calls) == 1 and torch.equal(a["x"], b["x"]) and torch.equal(a["x"], torch.arange(3.0))
+    R.save_stage(tmp_path / "run" / "stage1", {"w": torch.ones(2)}, {"dim": 4, "path": tmp_path}, R.World())
+    assert R.find_stage(tmp_path / "run", subfolders=("stage1",)) == tmp_path / "run" / "stage1"
+    assert json.loads((tmp_path / "run" / "stage1" / "model.json").read_text())["dim"] == 4
+    with pytest.raises(R.RunError, match="no finished stage.*stage2/"):
+        R.find_stage(tmp_path / "run", subfolders=("stage2",))
+
+
+def test_stopped_says_what_is_on_disk_and_picks_the_exit_code(tmp_path):
+    nan = R.Stopped(R.NonFiniteLoss(7, float("nan")), tmp_path, command="python x.py")
+    assert nan.code == 3 and "No checkpoint was written yet" in str(nan) and isinstance(nan, R.USER_ERRORS)
+    stop = R.Stopped(KeyboardInterrupt(), tmp_path)
+    assert stop.code == 2 and str(stop).startswith("interrupted")
+    assert R.RunError("x").code == 2
+
+
 def test_auto_flags_resolve_and_given_flags_sees_both_spellings():
     p, args, given = _parse(["--lr=0.5", "--seed", "3"])
     assert given == {"lr", "seed"}
