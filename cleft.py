@@ -1240,20 +1240,16 @@ def recipe(args, what: str):
 def model_spec(args) -> dict:
     """The architecture from the flags, in one place (saved as model.json; --init reads it back instead)."""
     if args.init:
-        return json.loads((stage_folder(Path(args.init)) / "model.json").read_text())
+        return json.loads((stage_folder(args.init) / "model.json").read_text())
     peft = PEFTConfig(args.peft, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                       n_prefix=args.n_prefix)
     return dict(vit=args.vit, vit_path=args.vit_path, llm=args.llm, llm_path=args.llm_path, peft=asdict(peft),
                 emb_dim=args.emb_dim, seed=args.seed)
 
 
-def stage_folder(path: Path) -> Path:
+def stage_folder(path) -> Path:
     """A finished stage folder: the path itself, or its stage2/ (preferred) or stage1/ subfolder."""
-    for p in (path, path / "stage2", path / "stage1"):
-        if (p / "trainable.safetensors").is_file() and (p / "model.json").is_file():
-            return p
-    raise DataError(f"{path}: no finished stage here (expected trainable.safetensors + model.json in it or in its "
-                    f"stage1/ or stage2/ subfolder). Is the run finished? Continue it with --resume.")
+    return R.find_stage(path, ("stage2", "stage1"))
 
 
 def load_stage(model: CLEFT, folder: Path, world, message=None):
@@ -1269,11 +1265,8 @@ def load_stage(model: CLEFT, folder: Path, world, message=None):
 def finish_stage(model: CLEFT, spec: dict, folder: Path, world):
     """Save what the stage changed (all but the frozen pretrained LLM weights) and its model.json: what --init
     and --resume read back."""
-    if world.is_main:
-        changed = {k: v.float() for k, v in model.state_dict().items() if not k.startswith("llm.") or is_adapter(k)}
-        R.save_tensors(folder / "trainable.safetensors", changed)
-        (folder / "model.json").write_text(json.dumps(spec, indent=2) + "\n")
-    R.barrier(world)
+    changed = {k: v.float() for k, v in model.state_dict().items() if not k.startswith("llm.") or is_adapter(k)}
+    R.save_stage(folder, changed, spec, world)
 
 
 def evaluate(args, world, model: CLEFT, tok, run_dir: Path, what: str, size: int, tag: str = "") -> dict:
@@ -1319,8 +1312,8 @@ def preflight(args):
 
 
 def run(args, world) -> int:
-    """Preflight, the run folder, then training and evaluation; a non-finite loss or Ctrl-C ends with a message
-    saying what is on disk and how to continue."""
+    """Preflight, the run folder, then training and evaluation; a non-finite loss (exit 3) or Ctrl-C (exit 2)
+    ends with a message saying what is on disk and how to continue."""
     preflight(args)
     if args.data == "demo":  # the built-in demo data is made once, here (a few seconds)
         ensure_demo(data_root(args))
@@ -1331,9 +1324,7 @@ def run(args, world) -> int:
     except (R.NonFiniteLoss, KeyboardInterrupt) as e:
         ckpts = [run_dir / s / "ckpt" for s in ("stage1", "stage2", "finetune") if (run_dir / s / "ckpt").is_dir()]
         newest = max(ckpts, key=lambda p: p.stat().st_mtime, default=run_dir / "stage1" / "ckpt")
-        if world.is_main:
-            print(f"\nstopped: {R.stop_message(e, run_dir, newest, 'python cleft.py')}", file=sys.stderr)
-        return 3 if isinstance(e, R.NonFiniteLoss) else 130
+        raise R.Stopped(e, run_dir, "python cleft.py", newest) from None
 
 
 def train_and_evaluate(args, world, run_dir: Path) -> dict:
@@ -1349,7 +1340,7 @@ def train_and_evaluate(args, world, run_dir: Path) -> dict:
     model.llm.grad_ckpt = args.grad_ckpt
     tok, size = load_tokenizer(spec), 224 if spec["vit"] != "tiny" else 64
     if args.init:
-        load_stage(model, stage_folder(Path(args.init)), world)
+        load_stage(model, stage_folder(args.init), world)
     if args.eval:
         return evaluate(args, world, model, tok, run_dir, args.eval, size)
     results = {}
@@ -1376,9 +1367,7 @@ def train_and_evaluate(args, world, run_dir: Path) -> dict:
 
 
 # flags a resumed run may take with a new value although they are not runtime flags (what to do, not what)
-RESUME_FREE = ("eval", "ckpt_every", "bench_steps", "bench_batch", "count_params")
-# flags that must be at least this (0: "0 or more")
-MINIMUMS = dict(eval_batch_size=1, ckpt_every=1, n_ctx=1, max_len=2, warmup=0, weight_decay=0, min_lr=0)
+RESUME_FREE = ("eval", "bench_steps", "bench_batch", "count_params")
 
 
 def parse_args(argv=None):
@@ -1386,7 +1375,8 @@ def parse_args(argv=None):
                                 "context-prompt learning. Schedule defaults are the official recipe of the stage "
                                 "that runs (--data demo: a short demo recipe); typed flags apply to every stage.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    R.add_common_args(p, datasets=DATASETS, data="demo", epochs=50, steps=40000, batch_size=72, lr=4e-5, help={
+    R.add_common_args(p, datasets=DATASETS, data="demo", epochs=50, steps=40000, batch_size=72, lr=4e-5,
+                      eval_batch_size=64, ckpt_every=500, help={
         "steps": "per stage; 0 = --epochs over the data; paper: 40000 stage 1 / 8000 stage 2, demo: 150 / 100",
         "epochs": "linear probe / fine-tune, or a stage with --steps 0; ours: 50 / 10, demo: 30 / 3",
         "batch_size": "paper: 72 per GPU in both stages, probe 256 / fine-tune 72 (ours), demo: 32, probe 128",
@@ -1406,8 +1396,6 @@ def parse_args(argv=None):
     p.add_argument("--init", default=None, metavar="RUN_DIR", help="start from a finished run (its stage2/ or stage1/)")
     p.add_argument("--eval", choices=["zero-shot", "linear-probe", "finetune"], default=None,
                    help="evaluate the --init model on --data instead of training it")
-    p.add_argument("--eval-batch-size", type=int, default=64, help="evaluation batch")
-    p.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     p.add_argument("--bench-batch", type=int, default=8, help="batch of --bench")
     p.add_argument("--count-params", action="store_true", help="print the parameter table (meta device) and exit")
     # models
@@ -1442,10 +1430,8 @@ def parse_args(argv=None):
     if args.data == "demo":
         vars(args).update({k: v for k, v in DEMO_DEFAULTS.items() if k not in args.typed})
     R.finish_common_args(p, args)
-    for flag, low in MINIMUMS.items():
-        if getattr(args, flag) < low:
-            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be " + (f"at least {low}" if low else
-                                                                                   "0 or more"))
+    R.check_flags(p, args, [("n_ctx", args.n_ctx >= 1, "at least 1"), ("max_len", args.max_len >= 2, "at least 2")]
+                  + [(f, getattr(args, f) >= 0, "0 or more") for f in ("warmup", "weight_decay", "min_lr")])
     for name, pretrained in (("vit", "dinov2-reg-b14"), ("llm", "biomedlm")):  # the tiny presets have no weights
         path = getattr(args, f"{name}_path")
         if path and getattr(args, name) == "tiny":
@@ -1469,9 +1455,9 @@ def main(argv=None):
         else:
             return run(args, world)
         return 0
-    except R.USER_ERRORS as e:  # user-fixable: a message, not a traceback
+    except R.USER_ERRORS as e:  # user-fixable, or a run stopped early (R.Stopped): a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "code", 2)
     finally:
         R.cleanup_distributed()
 

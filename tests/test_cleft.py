@@ -334,7 +334,7 @@ def test_demo_both_stages_end_to_end(tmp_path):
 
 
 def test_ctrl_c_then_resume_continues_exactly(tmp_path, monkeypatch, capsys):
-    """Ctrl-C mid-run: a message naming the last checkpoint and the --resume command, exit 130, no traceback;
+    """Ctrl-C mid-run: a message naming the last checkpoint and the --resume command, exit 2, no traceback;
     --resume then ends bit for bit where an uninterrupted run ends. The KeyboardInterrupt (what Python makes of
     SIGINT) comes right after the step-3 checkpoint, in this process: no race with a real signal's timing."""
     common = ["--stage", "contrastive", "--steps", "6", "--ckpt-every", "3"]
@@ -350,7 +350,7 @@ def test_ctrl_c_then_resume_continues_exactly(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(cleft.R.Checkpoints, "save", save_then_ctrl_c)
     capsys.readouterr()
-    assert cleft.main(demo_args(stopped, *common)) == 130
+    assert cleft.main(demo_args(stopped, *common)) == 2
     err = capsys.readouterr().err
     assert not (stopped / "stage1" / "trainable.safetensors").exists() and "Traceback" not in err
     assert "interrupted. The last good checkpoint is" in err and "step_0000003" in err
