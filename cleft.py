@@ -1295,10 +1295,8 @@ def preflight(args):
     if args.data != "demo" and not args.init and not args.resume:
         d = DATASETS[args.data]
         wanted = d["pairs"][0] if "pairs" in d and args.stage in ("all", "contrastive") and not args.eval else d["split"]
-        try:
-            data_file(args, wanted)
-        except DataError as e:
-            problems.append(str(e))
+        missing = missing_dataset(args.data, d, data_root(args), wanted)
+        problems += [missing] if missing else []
         for name, presets in (("vit", VIT_PRESETS), ("llm", LLM_PRESETS)):
             repo = getattr(args, f"{name}_path") or presets[getattr(args, name)]["repo"]
             try:
