@@ -51,15 +51,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from common import metrics as M
 from common import run as R
-from common.ct import CTVolumeDataset
+from common.ct import (CTPairs, CTVolumeDataset, augment_volume, choose_thresholds, f1_scores, format_report,  # noqa: F401
+                       split_validation, zero_shot_report)
 from common.data import DataError
 from common.weights import WeightsError, load_config, load_mapped, resolve, tensor_index
 
@@ -755,56 +754,6 @@ def data_root(args) -> Path:
     return Path(args.data_dir) if args.data_dir else REPO / "data" / DATASETS[args.data]["folder"]
 
 
-def patient_of(name: str) -> str:
-    """train_12_a_1.nii.gz -> train_12 (CT-RATE: <split>_<patient>_<scan>_<reconstruction>)."""
-    return name.split(".nii")[0].rsplit("_", 2)[0]
-
-
-def split_validation(names, frac: float) -> tuple:
-    """(train indices, validation indices): a fixed `frac` of the training PATIENTS (by a hash of the patient id,
-    so the split does not depend on --seed or on file order) is held out for choosing thresholds. Ours: the
-    official protocol picks them on the test set itself."""
-    import hashlib
-    patients = sorted({patient_of(n) for n in names}, key=lambda p: hashlib.sha1(p.encode()).hexdigest())
-    val = set(patients[:max(1, round(frac * len(patients)))])
-    is_val = [patient_of(n) in val for n in names]
-    return [i for i, v in enumerate(is_val) if not v], [i for i, v in enumerate(is_val) if v]
-
-
-def augment_volume(vol):
-    """--augment (ours; the paper shows augmented slices, not how): a left-right flip with p 0.5 and an
-    intensity jitter x (1 +- 0.1) +- 0.05 in CT-CLIP's [-1, 1] units. NOTE the flip swaps "left" and "right"
-    in what the report describes; keep it off for reports that name sides often."""
-    if torch.rand(()) < 0.5:
-        vol = vol.flip(-2)                                                              # (1, z, x, y): x = left-right
-    a, b = (torch.rand(2) * 2 - 1) * torch.tensor([0.1, 0.05])
-    return (vol * (1 + a) + b).clamp(-1, 1)
-
-
-class CTPairs(torch.utils.data.Dataset):
-    """Items of a CTVolumeDataset (volume, labels, report) restricted to `indices`. Volumes small enough (the
-    demo's 0.5 MB) are preprocessed once and kept in memory: resampling is most of a tiny model's step."""
-
-    def __init__(self, base, indices, augment: bool = False):
-        self.base, self.indices, self.augment = base, list(indices), augment
-        self.findings = base.findings
-        self.labels = base.labels[self.indices]                                         # (N, C)
-        self.cache = {} if math.prod(base.target_shape) <= 2 ** 18 else None
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        j = self.indices[i]
-        item = self.cache.get(j) if self.cache is not None else None
-        if item is None:
-            item = self.base[j]                       # a DataError here names the file (common/ct.py)
-            if self.cache is not None:
-                self.cache[j] = item
-        vol = augment_volume(item["volume"]) if self.augment else item["volume"]
-        return {"volume": vol, "labels": item["labels"], "report": item["report"]}
-
-
 def build_data(args) -> tuple:
     """-> (train pairs, validation pairs for thresholds, test pairs), Findings_EN only (as CT-CLIP trains)."""
     root, spec = data_root(args), DATASETS[args.data]
@@ -978,75 +927,6 @@ def encode_prompts(model: CTCLIP, tok, findings, max_len: int, device, precision
         return model.encode_text(ids.to(device), mask.to(device)).float().cpu()        # (2C, L)
 
 
-def choose_thresholds(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """Per finding, CT-CLIP's rule (bootstrap_values.py: find_threshold): of the 100 thresholds linspace(0, 1),
-    the one whose (FPR, TPR) is nearest to (0, 1), predicting prob > t; ties go to the larger t."""
-    grid = np.linspace(0, 1, 100)
-    out = []
-    for c in range(y.shape[1]):
-        pred = probs[:, c][None, :] > grid[:, None]                                    # (100, N)
-        pos, neg = y[:, c] == 1, y[:, c] == 0
-        tpr = (pred & pos).sum(1) / max(pos.sum(), 1)
-        fpr = (pred & neg).sum(1) / max(neg.sum(), 1)
-        d = np.sqrt((1 - tpr) ** 2 + fpr ** 2)
-        out.append(grid[len(d) - 1 - np.argmin(d[::-1])])                              # last minimum
-    return np.asarray(out)
-
-
-def f1_scores(y: np.ndarray, pred: np.ndarray) -> dict:
-    """y, pred (N, C) 0/1. macro: mean over findings of the positive-class F1; weighted: the same weighted by each
-    finding's positives (sklearn average="weighted"); samples: F1 of each volume's finding set, averaged
-    (sklearn "samples", an empty-vs-empty volume scoring 0); ctclip_weighted: the official per-finding
-    f1_score(average="weighted") over the classes {0, 1}, averaged over findings. Zero divisions give 0."""
-    tp, fp, fn = (y * pred).sum(0), ((1 - y) * pred).sum(0), (y * (1 - pred)).sum(0)
-    f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros(len(tp)), where=(2 * tp + fp + fn) > 0)
-    tn = ((1 - y) * (1 - pred)).sum(0)
-    f1_neg = np.divide(2 * tn, 2 * tn + fp + fn, out=np.zeros(len(tn)), where=(2 * tn + fp + fn) > 0)
-    pos = y.sum(0)
-    stp, sden = (y * pred).sum(1), y.sum(1) + pred.sum(1)
-    return {"f1": f1, "macro_f1": float(f1.mean()),
-            "weighted_f1": float((f1 * pos).sum() / pos.sum()) if pos.sum() else 0.0,
-            "samples_f1": float(np.mean(np.divide(2 * stp, sden, out=np.zeros(len(y)), where=sden > 0))),
-            "ctclip_weighted_f1": float(((f1 * pos + f1_neg * (len(y) - pos)) / len(y)).mean())}
-
-
-def summary(y, probs, thresholds) -> dict:
-    """The scalar metrics of a zero-shot run (a function of rows, so the bootstrap can resample it)."""
-    pred = (probs > thresholds).astype(np.float64)
-    f1 = f1_scores(y, pred)
-    return {"mean_auroc": M.auroc(y, probs), "accuracy": float((pred == y).mean()),
-            **{k: v for k, v in f1.items() if k != "f1"}}
-
-
-def zero_shot_report(y, probs, thresholds, findings, n_boot: int, seed: int) -> dict:
-    """Per-finding table and overall metrics with percentile bootstrap 95% CIs over volumes: every resample
-    draws volumes with replacement (the official script's "bootstrap" reuses the same rows 1000 times)."""
-    y, probs = np.asarray(y, np.float64), np.asarray(probs, np.float64)
-    pred = (probs > thresholds).astype(np.float64)
-    per_auc, f1 = M.auroc(y, probs, average=None), f1_scores(y, pred)
-    rows = [{"finding": f, "n_pos": int(y[:, c].sum()), "auroc": float(per_auc[c]), "threshold": float(thresholds[c]),
-             "accuracy": float((pred[:, c] == y[:, c]).mean()), "f1": float(f1["f1"][c])}
-            for c, f in enumerate(findings)]
-    overall = summary(y, probs, thresholds)
-    ci = {}
-    for k in overall:
-        _, lo, hi = M.bootstrap_ci(lambda a, b: summary(a, b, thresholds)[k], y, probs, n=n_boot, seed=seed)
-        ci[k] = [lo, hi]
-    return {"overall": overall, "ci95": ci, "per_finding": rows, "n": len(y)}
-
-
-def format_report(rep: dict, title: str) -> str:
-    lines = [f"{title} (n = {rep['n']} volumes; thresholds from {rep['thresholds_from']})",
-             f"  {'finding':36s} {'pos':>5s} {'AUROC':>7s} {'thr':>6s} {'acc':>7s} {'F1':>7s}"]
-    for r in rep["per_finding"]:
-        lines.append(f"  {r['finding']:36s} {r['n_pos']:5d} {r['auroc']:7.4f} {r['threshold']:6.3f} "
-                     f"{r['accuracy']:7.4f} {r['f1']:7.4f}")
-    for k, v in rep["overall"].items():
-        lo, hi = rep["ci95"][k]
-        lines.append(f"  {k:20s} {v:.4f}  (95% CI {lo:.4f} - {hi:.4f})")
-    return "\n".join(lines)
-
-
 def evaluate(args, model: CTCLIP, tok, val_ds, test_ds, device) -> dict:
     """Zero-shot over the dataset's findings; thresholds from validation volumes (never test labels), or from the
     test set itself with --threshold-on-test (the official protocol behind the paper's numbers)."""
@@ -1087,6 +967,64 @@ def count_params(args) -> dict:
           f"(paper: 1.67M = 0.38%; r 18 on the same targets would give "
           f"{sum(r[4] for r in lora_arithmetic(model, args.lora_targets, 18)):,})")
     return {"total": total, "trainable": trainable}
+
+
+def saved_activation_bytes(model: CTCLIP, vol, ids, mask, precision: str) -> dict:
+    """What autograd keeps for backward in one training forward, in bytes, on any device: every saved tensor
+    once per storage, weights and buffers left out. "all" is the no --grad-ckpt figure; with --grad-ckpt each
+    layer keeps only its input ("kept": that + everything outside the layers) and backward recomputes one layer
+    at a time, adding the largest one ("vision_layer" or "text_layer")."""
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved, layer_bytes, layer_inputs = {}, [], []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    def enter(m, a):
+        layer_bytes.append(-sum(saved.values())), layer_inputs.append(a[0].nbytes)
+
+    def leave(m, a, out):
+        layer_bytes[-1] += sum(saved.values())
+    layers = [*model.visual.spatial, *model.visual.temporal, *model.text.encoder.layer]
+    hooks = [h for m in layers for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), R.autocast(vol.device, precision):
+        model(vol, ids, mask)
+    for h in hooks:
+        h.remove()
+    n_vis, total = len(model.visual.spatial) + len(model.visual.temporal), sum(saved.values())
+    return {"all": total, "kept": total - sum(layer_bytes) + sum(layer_inputs),
+            "vision_layer": max(layer_bytes[:n_vis]), "text_layer": max(layer_bytes[n_vis:])}
+
+
+def memory_estimate(args, batch: int = 8) -> dict:
+    """Per-GPU memory of the real setting (B volumes of 240 x 480 x 480 with 512-token reports, bf16) without a
+    GPU: saved_activation_bytes at the real 480 x 480 in-plane size and 10, 20, 30 slices (t = 1, 2, 3 token
+    slices), each figure fitted a + b t on t = 2, 3 and checked at t = 1 (every stage is linear in t: the spatial
+    one slice by slice, the temporal one since SDPA's fused kernels keep no t x t matrix), extrapolated to
+    t = 24, times B; plus the bf16 frozen weights and, per LoRA weight, fp32 value, gradient and AdamW's 2 moments."""
+    spec, at = PRESETS["ct-clip-v2"], {}
+    for t in (1, 2, 3):
+        torch.manual_seed(0)
+        model = add_lora(CTCLIP(CTViTConfig(frames=10 * t), spec["text"], spec["latent"]), args.lora_targets,
+                         args.lora_rank, args.lora_alpha, args.lora_dropout)
+        R.cast_frozen(model, torch.bfloat16)
+        ids = torch.randint(5, spec["text"].vocab_size, (1, spec["max_len"]))
+        at[t] = saved_activation_bytes(model, torch.randn(1, 1, 10 * t, 480, 480), ids, torch.ones_like(ids), "bf16")
+    fit, worst = {}, 0.0
+    for k in at[1]:
+        b = at[3][k] - at[2][k]
+        a = at[2][k] - 2 * b
+        fit[k], worst = a + 24 * b, max(worst, abs(a + b - at[1][k]) / at[1][k])
+    weights = sum(p.numel() * (16 if p.requires_grad else p.element_size()) for p in model.parameters())
+    est = {"no_ckpt": batch * fit["all"] + weights,
+           "grad_ckpt": batch * (fit["kept"] + max(fit["vision_layer"], fit["text_layer"])) + weights}
+    print(f"per-GPU memory, batch {batch} x 240 x 480 x 480, bf16, from activations counted on CPU at 10-30 slices "
+          f"(linear in slices to {100 * worst:.1f}%): {est['no_ckpt'] / 2**30:.1f} GiB without --grad-ckpt, "
+          f"{est['grad_ckpt'] / 2**30:.1f} GiB with it (weights, LoRA gradients and AdamW: {weights / 2**30:.2f} GiB)")
+    return est
 
 
 def run_bench(args, world):
@@ -1149,6 +1087,8 @@ def run_bench(args, world):
     print(f"zero-shot per volume: official protocol {official * 1e3:.1f} ms (18 x ({t_vol * 1e3:.1f} ms vision + "
           f"{t_pair * 1e3:.1f} ms for 2 prompts at {spec['max_len']} tokens)), ours {ours * 1e3:.1f} ms (1 vision pass + the 36 "
           f"prompts once per {n} volumes: {t_prompts * 1e3:.1f} ms) -> {official / ours:.1f}x faster")
+    if dev.type == "cpu" and args.model != "tiny":
+        memory_estimate(args)
     return r
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1286,9 +1226,13 @@ def parse_args(argv=None):
             R.restore_run_args(args, given, free=("cache_dir", "eval_before", "n_boot", "threshold_on_test"))
         except R.RunError as e:
             p.error(str(e))
-    elif args.data == "demo" and not args.bench and not args.count_params:
+    if args.data == "demo" and not args.bench and not args.count_params:
+        # a resumed run restored its recipe from args.json above, except the runtime flags, which take "today's"
+        # value: for the demo that is the recipe's, not the real-data default. (It was not: --eval-only then
+        # encoded the test volumes 2 at a time instead of 16, the ~1e-7 rounding difference reordered near-tied
+        # probabilities, and the LoRA column's AUROC moved in its 3rd decimal.)
         for k, v in DEMO_RECIPE.items():
-            if k not in given:
+            if k not in given and (not args.resume or k in R.RUNTIME_FLAGS):
                 setattr(args, k, v)
     R.finish_common_args(p, args)
     if args.bench and "batch_size" not in given:  # a real-size step: 2 volumes on a GPU, 1 on a CPU

@@ -29,6 +29,7 @@ Usage:
 
 import csv
 import gzip
+import hashlib
 import math
 import os
 import struct
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common import metrics as M
 from common.data import DataError
 
 # -----------------------------------------------------------------------------
@@ -403,3 +405,127 @@ class CTVolumeDataset(torch.utils.data.Dataset):
         name = self.names[idx]
         return {"volume": volume, "labels": torch.from_numpy(self.labels[idx].copy()),
                 "report": self.reports.get(name, ""), "name": name}
+
+# -----------------------------------------------------------------------------
+# CT-RATE patients and the validation split, the in-memory pair set, light augmentation
+
+
+def patient_of(name: str) -> str:
+    """train_12_a_1.nii.gz -> train_12 (CT-RATE: <split>_<patient>_<scan>_<reconstruction>)."""
+    return name.split(".nii")[0].rsplit("_", 2)[0]
+
+
+def split_validation(names, frac: float) -> tuple:
+    """(train indices, validation indices): a fixed `frac` of the training PATIENTS (by a hash of the patient id,
+    so the split does not depend on --seed or on file order) is held out for choosing thresholds. Ours: the
+    official protocol picks them on the test set itself."""
+    patients = sorted({patient_of(n) for n in names}, key=lambda p: hashlib.sha1(p.encode()).hexdigest())
+    val = set(patients[:max(1, round(frac * len(patients)))])
+    is_val = [patient_of(n) in val for n in names]
+    return [i for i, v in enumerate(is_val) if not v], [i for i, v in enumerate(is_val) if v]
+
+
+def augment_volume(vol):
+    """--augment (ours; the paper shows augmented slices, not how): a left-right flip with p 0.5 and an
+    intensity jitter x (1 +- 0.1) +- 0.05 in CT-CLIP's [-1, 1] units. NOTE the flip swaps "left" and "right"
+    in what the report describes; keep it off for reports that name sides often."""
+    if torch.rand(()) < 0.5:
+        vol = vol.flip(-2)                                                              # (1, z, x, y): x = left-right
+    a, b = (torch.rand(2) * 2 - 1) * torch.tensor([0.1, 0.05])
+    return (vol * (1 + a) + b).clamp(-1, 1)
+
+
+class CTPairs(torch.utils.data.Dataset):
+    """Items of a CTVolumeDataset (volume, labels, report) restricted to `indices`. Volumes small enough (the
+    demo's 0.5 MB) are preprocessed once and kept in memory: resampling is most of a tiny model's step."""
+
+    def __init__(self, base, indices, augment: bool = False):
+        self.base, self.indices, self.augment = base, list(indices), augment
+        self.findings = base.findings
+        self.labels = base.labels[self.indices]                                         # (N, C)
+        self.cache = {} if math.prod(base.target_shape) <= 2 ** 18 else None
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        j = self.indices[i]
+        item = self.cache.get(j) if self.cache is not None else None
+        if item is None:
+            item = self.base[j]                       # a DataError here names the file (common/ct.py)
+            if self.cache is not None:
+                self.cache[j] = item
+        vol = augment_volume(item["volume"]) if self.augment else item["volume"]
+        return {"volume": vol, "labels": item["labels"], "report": item["report"]}
+
+# -----------------------------------------------------------------------------
+# Multi-label zero-shot metrics: CT-CLIP's thresholds, the F1 variants, bootstrap CIs that resample, the table
+
+
+def choose_thresholds(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Per finding, CT-CLIP's rule (bootstrap_values.py: find_threshold): of the 100 thresholds linspace(0, 1),
+    the one whose (FPR, TPR) is nearest to (0, 1), predicting prob > t; ties go to the larger t."""
+    grid = np.linspace(0, 1, 100)
+    out = []
+    for c in range(y.shape[1]):
+        pred = probs[:, c][None, :] > grid[:, None]                                    # (100, N)
+        pos, neg = y[:, c] == 1, y[:, c] == 0
+        tpr = (pred & pos).sum(1) / max(pos.sum(), 1)
+        fpr = (pred & neg).sum(1) / max(neg.sum(), 1)
+        d = np.sqrt((1 - tpr) ** 2 + fpr ** 2)
+        out.append(grid[len(d) - 1 - np.argmin(d[::-1])])                              # last minimum
+    return np.asarray(out)
+
+
+def f1_scores(y: np.ndarray, pred: np.ndarray) -> dict:
+    """y, pred (N, C) 0/1. macro: mean over findings of the positive-class F1; weighted: the same weighted by each
+    finding's positives (sklearn average="weighted"); samples: F1 of each volume's finding set, averaged
+    (sklearn "samples", an empty-vs-empty volume scoring 0); ctclip_weighted: the official per-finding
+    f1_score(average="weighted") over the classes {0, 1}, averaged over findings. Zero divisions give 0."""
+    tp, fp, fn = (y * pred).sum(0), ((1 - y) * pred).sum(0), (y * (1 - pred)).sum(0)
+    f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros(len(tp)), where=(2 * tp + fp + fn) > 0)
+    tn = ((1 - y) * (1 - pred)).sum(0)
+    f1_neg = np.divide(2 * tn, 2 * tn + fp + fn, out=np.zeros(len(tn)), where=(2 * tn + fp + fn) > 0)
+    pos = y.sum(0)
+    stp, sden = (y * pred).sum(1), y.sum(1) + pred.sum(1)
+    return {"f1": f1, "macro_f1": float(f1.mean()),
+            "weighted_f1": float((f1 * pos).sum() / pos.sum()) if pos.sum() else 0.0,
+            "samples_f1": float(np.mean(np.divide(2 * stp, sden, out=np.zeros(len(y)), where=sden > 0))),
+            "ctclip_weighted_f1": float(((f1 * pos + f1_neg * (len(y) - pos)) / len(y)).mean())}
+
+
+def summary(y, probs, thresholds) -> dict:
+    """The scalar metrics of a zero-shot run (a function of rows, so the bootstrap can resample it)."""
+    pred = (probs > thresholds).astype(np.float64)
+    f1 = f1_scores(y, pred)
+    return {"mean_auroc": M.auroc(y, probs), "accuracy": float((pred == y).mean()),
+            **{k: v for k, v in f1.items() if k != "f1"}}
+
+
+def zero_shot_report(y, probs, thresholds, findings, n_boot: int, seed: int) -> dict:
+    """Per-finding table and overall metrics with percentile bootstrap 95% CIs over volumes: every resample
+    draws volumes with replacement (the official script's "bootstrap" reuses the same rows 1000 times)."""
+    y, probs = np.asarray(y, np.float64), np.asarray(probs, np.float64)
+    pred = (probs > thresholds).astype(np.float64)
+    per_auc, f1 = M.auroc(y, probs, average=None), f1_scores(y, pred)
+    rows = [{"finding": f, "n_pos": int(y[:, c].sum()), "auroc": float(per_auc[c]), "threshold": float(thresholds[c]),
+             "accuracy": float((pred[:, c] == y[:, c]).mean()), "f1": float(f1["f1"][c])}
+            for c, f in enumerate(findings)]
+    overall = summary(y, probs, thresholds)
+    ci = {}
+    for k in overall:
+        _, lo, hi = M.bootstrap_ci(lambda a, b: summary(a, b, thresholds)[k], y, probs, n=n_boot, seed=seed)
+        ci[k] = [lo, hi]
+    return {"overall": overall, "ci95": ci, "per_finding": rows, "n": len(y)}
+
+
+def format_report(rep: dict, title: str) -> str:
+    lines = [f"{title} (n = {rep['n']} volumes; thresholds from {rep['thresholds_from']})",
+             f"  {'finding':36s} {'pos':>5s} {'AUROC':>7s} {'thr':>6s} {'acc':>7s} {'F1':>7s}"]
+    for r in rep["per_finding"]:
+        lines.append(f"  {r['finding']:36s} {r['n_pos']:5d} {r['auroc']:7.4f} {r['threshold']:6.3f} "
+                     f"{r['accuracy']:7.4f} {r['f1']:7.4f}")
+    for k, v in rep["overall"].items():
+        lo, hi = rep["ci95"][k]
+        lines.append(f"  {k:20s} {v:.4f}  (95% CI {lo:.4f} - {hi:.4f})")
+    return "\n".join(lines)

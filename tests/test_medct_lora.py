@@ -398,17 +398,17 @@ def test_a_volume_of_the_wrong_shape_or_content_names_the_file(tmp_path):
             ds[i]
 
 
-def test_a_corrupt_volume_stops_the_run_with_its_name(cache, tmp_path):
+def test_a_corrupt_volume_stops_the_run_with_its_name(tmp_path, capsys):
     import shutil
     from common.demo import ensure_demo
     demo = ensure_demo()
     shutil.copytree(demo / "ct", tmp_path / "ct")
     bad = next((tmp_path / "ct" / "valid").rglob("*.nii.gz"))
     bad.write_bytes(bad.read_bytes()[:200])                     # truncated gzip
-    r = _run(["--eval", "zero-shot", "--data-dir", str(tmp_path / "ct"), "--out", str(tmp_path / "run"),
-              "--cache-dir", str(cache), *FAST])
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert bad.name in r.stderr and "corrupt or truncated" in r.stderr
+    code, err = _main(["--eval", "zero-shot", "--data-dir", str(tmp_path / "ct"), "--out", str(tmp_path / "run"),
+                       "--cache-dir", str(tmp_path / "cache"), "--pretrain-steps", "2", *FAST], capsys)
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert bad.name in err and "corrupt or truncated" in err
 
 # ----------------------------------------------------------------------------------------------------------
 # end to end on the demo CT data (shortened schedules), resume, DDP, user mistakes
@@ -433,40 +433,48 @@ def cache(tmp_path_factory):
     return folder
 
 
-def test_demo_end_to_end(cache, tmp_path):
-    out = tmp_path / "run"
-    r = _run(["--out", str(out), "--epochs", "10", "--cache-dir", str(cache), *FAST])
+E2E = ["--epochs", "6", "--ckpt-every", "4", *FAST]   # a shortened demo schedule, shared by the tests below
+
+
+@pytest.fixture(scope="session")
+def demo_run(cache, tmp_path_factory):
+    """One shortened demo run (zero-shot before, LoRA training, zero-shot after), shared by the end-to-end and
+    the resume tests."""
+    out = tmp_path_factory.mktemp("medct_demo") / "run"
+    r = _run(["--out", str(out), "--cache-dir", str(cache), *E2E])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return out, r.stdout
+
+
+def test_demo_end_to_end(demo_run, cache):
+    out, stdout = demo_run
     m = json.loads((out / "metrics.json").read_text())
     before, after = m["before"]["overall"]["mean_auroc"], m["after"]["overall"]["mean_auroc"]
-    # NOTE what this does NOT assert: that LoRA raises the mean AUROC, or even keeps it above 0.5. On the 45
-    # training pairs of this shortened demo it does neither reliably (measured: 0.61 -> 0.54-0.62 over several
-    # recipes; 0.49 -> 0.48 in a fresh clone, where the cached tiny CT-CLIP is pre-trained anew); the issue asks
-    # for the rise and it stays open. What is asserted is the pipeline: both columns computed, LoRA trained,
-    # the LoRA column reproduced by --eval-only.
+    # NOTE not asserted: that LoRA raises the mean AUROC. On the demo's 45 training pairs it does not reliably
+    # (medct_lora.py, NOTE above DEMO_RECIPE); issue 10 keeps that point open. Asserted: the pipeline.
     assert 0.0 < before < 1.0 and 0.0 < after < 1.0 and before != after, (before, after)
     assert [f["finding"] for f in m["after"]["per_finding"]] == ["Lung nodule", "Pleural effusion", "Emphysema",
                                                                  "Consolidation", "Cardiomegaly"]
-    assert "Pleural effusion" in r.stdout and "mean AUROC:" in r.stdout
+    assert "Pleural effusion" in stdout and "mean AUROC:" in stdout
     assert "validation volumes" in m["after"]["thresholds_from"]
     assert (out / "trainable.safetensors").exists() and (out / "ckpt" / "latest").exists()
     lora = load_file(str(out / "trainable.safetensors"))
     assert lora and all(".lora_" in k for k in lora)
     assert all(v.abs().sum() > 0 for k, v in lora.items() if ".lora_B." in k)   # B left zero = nothing learned
-    r = _run(["--eval-only", "--resume", str(out), "--no-eval-before", "--cache-dir", str(cache)])  # the LoRA column
+    # the LoRA column again, in a new process: the demo recipe's eval batch (16) is restored with the run, so the
+    # volumes are batched as in training and the scores are bit-identical (at batch 2 they were not: see parse_args)
+    r = _run(["--eval-only", "--resume", str(out), "--no-eval-before", "--cache-dir", str(cache)])
     assert r.returncode == 0, r.stderr[-3000:]
     again = json.loads((out / "metrics.json").read_text())["after"]
-    assert again["overall"]["mean_auroc"] == after
+    assert again["overall"] == m["after"]["overall"] and again["per_finding"] == m["after"]["per_finding"]
 
 
-def test_kill_and_resume_reaches_the_same_weights(cache, tmp_path):
-    common = ["--epochs", "2", "--ckpt-every", "3", "--no-eval-before", "--cache-dir", str(cache), *FAST]
-    ref = tmp_path / "ref"
-    r = _run(common + ["--out", str(ref)])
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_kill_and_resume_reaches_the_same_weights(demo_run, cache, tmp_path):
+    ref, _ = demo_run
     run = tmp_path / "killed"
-    p = subprocess.Popen([sys.executable, str(REPO / "medct_lora.py"), *common, "--out", str(run)], cwd=REPO,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    p = subprocess.Popen([sys.executable, str(REPO / "medct_lora.py"), "--no-eval-before", "--cache-dir", str(cache),
+                          *E2E, "--out", str(run)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
     t0 = time.time()
     while not (run / "ckpt" / "latest").exists() and p.poll() is None and time.time() - t0 < 300:
         time.sleep(0.05)
@@ -546,20 +554,29 @@ def test_torchrun_two_cpu_processes(cache, tmp_path):
     assert m["after"]["n"] == 30                              # rank 0 evaluated the whole test split, once
 
 
-def test_missing_data_and_weights_are_one_message(tmp_path):
-    r = _run(["--data", "ct-rate", "--data-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "run")])
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert "python -m common.prepare ct-rate" in r.stderr
-    assert "CT-CLIP_v2.pt" in r.stderr and "python -m common.weights convert" in r.stderr
+def _main(argv, capsys):
+    """medct_lora.main in this process (no interpreter start-up): -> (exit code, stderr)."""
+    try:
+        code = mc.main(argv)
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_missing_data_and_weights_are_one_message(tmp_path, capsys):
+    code, err = _main(["--data", "ct-rate", "--data-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert "python -m common.prepare ct-rate" in err
+    assert "CT-CLIP_v2.pt" in err and "python -m common.weights convert" in err
     assert not (tmp_path / "run").exists()                    # nothing written before the checks
 
 
 @pytest.mark.parametrize("argv,msg", [(["--lora-rank", "0"], "--lora-rank"), (["--lora-targets", "qkv"], "--lora-targets"),
                                       (["--batch-size", "0"], "--batch-size"), (["--eval-only"], "--resume"),
                                       (["--model", "ct-clip-v2"], "takes volumes")])
-def test_user_mistakes_are_messages(argv, msg, tmp_path):
-    r = _run(argv + ["--out", str(tmp_path / "run")])
-    assert r.returncode == 2 and "Traceback" not in r.stderr and msg in r.stderr, r.stderr[-2000:]
+def test_user_mistakes_are_messages(argv, msg, tmp_path, capsys):
+    code, err = _main(argv + ["--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and "Traceback" not in err and msg in err, err[-2000:]
 
 
 def test_each_volume_and_each_prompt_is_encoded_once():
@@ -593,3 +610,20 @@ def test_augment_keeps_shape_and_range():
     vol = torch.rand(1, 4, 6, 6) * 2 - 1
     out = mc.augment_volume(vol)
     assert out.shape == vol.shape and out.min() >= -1 and out.max() <= 1 and not torch.equal(out, vol)
+
+
+def test_saved_activation_bytes_are_linear_in_slices_and_smaller_with_grad_ckpt():
+    """The README's per-GPU memory extrapolates these counts from 1-3 token slices to 24: check that premise (and
+    the counting) on tiny widths, with a fixed text."""
+    spec, at = mc.PRESETS["tiny"], {}
+    ids = torch.randint(5, spec["text"].vocab_size, (2, 100))
+    for t in (1, 2, 3, 4):
+        torch.manual_seed(0)
+        vcfg = mc.CTViTConfig(**{**spec["vision"].__dict__, "frames": 8 * t})
+        model = mc.add_lora(mc.CTCLIP(vcfg, spec["text"], spec["latent"]), list(mc.LORA_TARGETS), 4, 8, 0.1)
+        at[t] = mc.saved_activation_bytes(model, torch.randn(2, 1, 8 * t, 64, 64), ids, torch.ones_like(ids), "fp32")
+    for k in ("all", "kept", "vision_layer", "text_layer"):
+        step = at[2][k] - at[1][k]
+        assert all(abs(at[t + 1][k] - at[t][k] - step) <= 0.01 * at[t][k] for t in (2, 3)), (k, at)
+    assert at[4]["kept"] + max(at[4]["vision_layer"], at[4]["text_layer"]) < at[4]["all"] / 2
+    assert at[1]["text_layer"] > 0 and at[2]["vision_layer"] > at[1]["vision_layer"]
