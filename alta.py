@@ -1048,7 +1048,7 @@ def train(args, world, model: ALTA, ds: StudyDataset, run_dir: Path, select=None
                 parts = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
                 log.log(step=step, epoch=epoch, lr=opt.param_groups[0]["lr"], loss=value, **parts)
             prog.update(loss=value)
-            if args.ckpt_every and step % args.ckpt_every == 0 and step % per_epoch and step < total:
+            if step % args.ckpt_every == 0 and step % per_epoch and step < total:   # epoch ends: below
                 ckpts.save(step, trainable_tensors(model), optimizer=opt, scaler=scaler, extra={"best": best})
             if step == total:
                 break
@@ -1250,14 +1250,14 @@ def demo_towers(args, world, model: ALTA, tok, root: Path):
                       args.tower_pretrain_steps])
     path = Path(args.cache_dir) / f"alta_tiny_towers-{hashlib.sha1(key.encode()).hexdigest()[:10]}.safetensors"
     wanted = lambda k: is_vision_key(k) or is_cxrbert_key(k) or k.startswith("projection_head.")
-    if not path.is_file() and world.is_main:
+
+    def compute():
         with torch.random.fork_rng():       # a cold cache must not shift the run's random numbers
             towers = ALTA(model.cfg, model.bert_encoder.bert.cfg, model.alta_cfg).init_weights(0)
             pretrain_demo_towers(towers, tok, root, args.tower_pretrain_steps, args.max_len)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        R.save_tensors(path, {k: v for k, v in towers.state_dict().items() if wanted(k)})
-    R.barrier(world)
-    tensors = load_file(str(path))
+        return {k: v for k, v in towers.state_dict().items() if wanted(k)}
+
+    tensors = R.cached_tensors(path, world, compute)
     if set(tensors) != {k for k in model.state_dict() if wanted(k)}:
         raise R.RunError(f"{path}: not the demo towers of this configuration (delete it to rebuild)")
     model.load_state_dict(tensors, strict=False)
@@ -1308,9 +1308,11 @@ DEMO_BERT = dict(dim=64, n_layers=2, n_heads=4, mlp_dim=128, max_positions=64, d
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="alta.py", description=__doc__.split("\n")[0])
-    R.add_common_args(p, datasets=DATASETS, data="demo", epochs=30, batch_size=24, lr=5.625e-5, help={
-        "epochs": "paper: 30 (of a 100-epoch cosine), demo: 8", "batch_size": "paper: 24 per GPU x 4, demo: 24",
-        "lr": "paper: 1.5e-4 x global batch / 256 = 5.625e-5, demo: 1e-3"})
+    R.add_common_args(p, datasets=DATASETS, data="demo", epochs=30, batch_size=24, lr=5.625e-5, ckpt_every=1000,
+                      help={"epochs": "paper: 30 (of a 100-epoch cosine), demo: 8",
+                            "batch_size": "paper: 24 per GPU x 4, demo: 24",
+                            "lr": "paper: 1.5e-4 x global batch / 256 = 5.625e-5, demo: 1e-3",
+                            "ckpt_every": "also at every epoch end, after model selection"})
     p.add_argument("--vit", default="vit-b16", choices=list(VIT_PRESETS), help="ViT size (demo: tiny)")
     p.add_argument("--init-vision", default=None, metavar="MRM.safetensors", help="the MRM image encoder")
     p.add_argument("--text", default=None, metavar="FOLDER",
@@ -1320,7 +1322,6 @@ def parse_args(argv=None):
     p.add_argument("--warmup-epochs", type=float, default=10.0, help="linear warm-up (paper: 10, demo: 1)")
     p.add_argument("--sched-epochs", type=float, default=100.0, help="length of the half-cosine (paper: 100, demo: 8)")
     p.add_argument("--mask-ratio", type=float, default=0.75, help="MAE masking of every view")
-    p.add_argument("--ckpt-every", type=int, default=0, help="also checkpoint every N steps (0: at epoch ends)")
     p.add_argument("--no-select", action="store_true", help="skip the per-epoch model-selection evaluation")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     p.add_argument("--mlm-8010", action="store_true", help="80/10/10 MLM corruption (official code: all [MASK])")
