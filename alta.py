@@ -1433,7 +1433,10 @@ def run(args, world) -> dict:
     elif rsna.is_file():
         select = lambda m: evaluate("rsna-val", m, tok, args, rsna.parent)["AUROC"] if world.is_main else None
     if not args.eval_only:
-        best = train(args, world, model, ds, run_dir, select)
+        try:
+            best = train(args, world, model, ds, run_dir, select)
+        except (R.NonFiniteLoss, KeyboardInterrupt) as e:   # say what is on disk and how to continue
+            raise R.Stopped(e, run_dir, "python alta.py") from None
         if world.is_main and best["value"] is not None:
             print(f"model selection: best {best['value']:.4f} at epoch {best['epoch']}; evaluating those weights")
     best_file = run_dir / "best.safetensors"
@@ -1457,12 +1460,9 @@ def main(argv=None) -> int:
         else:
             run(args, world)
         return 0
-    except R.USER_ERRORS as e:
+    except R.USER_ERRORS as e:  # user-fixable, or a run stopped early (R.Stopped): a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (R.NonFiniteLoss, KeyboardInterrupt) as e:
-        print(f"\nstopped: {e}", file=sys.stderr)
-        return 3 if isinstance(e, R.NonFiniteLoss) else 130
+        return getattr(e, "code", 2)
     finally:
         R.cleanup_distributed()
 

@@ -1,6 +1,7 @@
 """alta.py: parity with timm / the official ALTA code / GLoRIA / transformers (goldens made by
 tests/goldens/make_alta_goldens.py), real-size parameter counts, losses, data, evaluation, end to end."""
 import copy
+import re
 
 import pytest
 import torch
@@ -354,8 +355,9 @@ def test_an_alta_pth_with_a_namespace_converts_without_running_code(tmp_path):
 FAST = ["--epochs", "1", "--batch-size", "8", "--no-select", "--log-every", "1"]
 
 
-def test_demo_end_to_end_and_resume_is_bit_identical(tmp_path):
-    """4 steps straight vs 2 steps, then --resume to 4: the same trainable tensors, bit for bit."""
+def test_demo_end_to_end_and_resume_is_bit_identical(tmp_path, monkeypatch, capsys):
+    """4 steps straight vs a run whose loss turns NaN at step 3 (it stops, keeping the step-2 checkpoint), then
+    --resume to 4: the same trainable tensors, bit for bit."""
     a, b = tmp_path / "a", tmp_path / "b"
     fast = [*FAST, "--cache-dir", str(tmp_path / "cache"), "--tower-pretrain-steps", "2"]
     assert alta.main([*fast, "--steps", "4", "--out", str(a)]) == 0
@@ -374,9 +376,20 @@ def test_demo_end_to_end_and_resume_is_bit_identical(tmp_path):
     assert 0 <= metrics["demo-zeroshot"]["ACC"] <= 1 and 0 <= metrics["demo-retrieval"]["P@5"] <= 1
     rows = [__import__("json").loads(l) for l in (a / "metrics.jsonl").read_text().splitlines()]
     assert {"global", "local", "recon", "mlm", "lr"} <= set(rows[0]) and len(rows) == 4
-    assert alta.main([*fast, "--steps", "2", "--no-eval", "--out", str(b)]) == 0
+    calls, recon = [], alta.recon_loss
+
+    def nan_at_step_3(*a):
+        calls.append(1)
+        return recon(*a) * (float("nan") if len(calls) == 3 else 1.0)
+
+    monkeypatch.setattr(alta, "recon_loss", nan_at_step_3)
+    capsys.readouterr()
+    assert alta.main([*fast, "--steps", "4", "--ckpt-every", "2", "--no-eval", "--out", str(b)]) == 3
+    err = capsys.readouterr().err
+    assert re.search(r"last good checkpoint is \S*step_0*2\b", err) and f"python alta.py --resume {b}" in err
+    monkeypatch.undo()
     assert list((tmp_path / "cache").glob("alta_tiny_towers-*.safetensors")) == cached
-    assert alta.main(["--resume", str(b), "--steps", "4"]) == 0   # --no-eval comes from the run's args.json
+    assert alta.main(["--resume", str(b)]) == 0   # --no-eval comes from the run's args.json
     x, y = load_file(str(a / "trainable.safetensors")), load_file(str(b / "trainable.safetensors"))
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
