@@ -60,13 +60,11 @@ Where this file departs from the official code (each is also noted where it happ
     error unless --missing-pooler random (the official behaviour, seeded) or cls (the CLS hidden state).
 """
 import argparse
-import csv
-import hashlib
+import functools
 import json
 import math
-import os
-import re
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -75,12 +73,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from common import metrics as M
 from common import run as R
-from common.data import ClassificationDataset, DataError, SegmentationDataset, load_image
-from common.transforms import HALF_MEAN, HALF_STD, Normalize, ToTensor
+from common.data import ClassificationDataset, DataError, SegmentationDataset
+from common.features import (Images, bert_tokenizer, cached, extract, fingerprint, fraction, paired, read_pairs,
+                             tokenize, word_tokenizer)
+from common.transforms import PadCrop
 from common.weights import WeightsError, check_keys, load_config, load_mapped, resolve, tensor_index
 
 REPO = Path(__file__).resolve().parent
@@ -148,7 +148,7 @@ TEXT_PRESETS = {
     "clinicalbert": dict(repo="emilyalsentzer/Bio_ClinicalBERT"),
     "tiny": dict(repo=None),
 }
-TINY_BERT = dict(dim=64, n_layers=2, n_heads=4, mlp_dim=128, max_positions=128)  # vocab: the demo's words (demo_tokenizer)
+TINY_BERT = dict(dim=64, n_layers=2, n_heads=4, mlp_dim=128, max_positions=128)  # vocab: the demo's words (word_tokenizer)
 MAX_WORDS = 112  # official caption length in tokens
 
 # ----------------------------------------------------------------------------------------------------------
@@ -455,8 +455,12 @@ class AdaptorAttention(nn.Module):
         B, Tq, D = query.shape
         Tk, hs = kv.shape[1], D // self.nh
         w, b = self.in_proj_weight, self.in_proj_bias
-        q = F.linear(query, w[:D], b[:D]).view(B, Tq, self.nh, hs).transpose(1, 2)      # (B, nh, Tq, hs)
-        k, v = F.linear(kv, w[D:], b[D:]).view(B, Tk, 2, self.nh, hs).permute(2, 0, 3, 1, 4)  # 2 x (B, nh, Tk, hs)
+        if query is kv:  # self-attention: one fused D -> 3D matmul, as nn.MultiheadAttention (~8% faster than two)
+            q, k, v = F.linear(kv, w, b).view(B, Tk, 3, self.nh, hs).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, Tk, hs)
+        else:  # split, not sliced: backward concatenates the two gradients instead of zero-filling two copies
+            (w_q, w_kv), (b_q, b_kv) = w.split([D, 2 * D]), b.split([D, 2 * D])
+            q = F.linear(query, w_q, b_q).view(B, Tq, self.nh, hs).transpose(1, 2)              # (B, nh, Tq, hs)
+            k, v = F.linear(kv, w_kv, b_kv).view(B, Tk, 2, self.nh, hs).permute(2, 0, 3, 1, 4)  # 2 x (B, nh, Tk, hs)
         mask = None if pad is None else ~pad[:, None, None, :]                          # (B, 1, 1, Tk)
         y = attention(q, k, v, scale=hs ** -0.5, mask=mask, dropout=self.dropout if self.training else 0.0)
         return self.out_proj(y.transpose(1, 2).reshape(B, Tq, D))
@@ -695,50 +699,8 @@ def load_bert(path, missing_pooler: str = "error", seed: int = 42, dtype=None) -
     return model
 
 
-def bert_tokenizer(folder: Path):
-    """tokenizer.json when the folder has one, else WordPiece from vocab.txt (BioBERT, ClinicalBERT), lower-cased
-    as tokenizer_config.json says. Either way: [CLS] ... [SEP], truncated to MAX_WORDS."""
-    from tokenizers import Tokenizer
-    from tokenizers.implementations import BertWordPieceTokenizer
-    if (folder / "tokenizer.json").is_file():
-        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    elif (folder / "vocab.txt").is_file():
-        conf = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").is_file() else {}
-        tok = BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=conf.get("do_lower_case", True))
-    else:
-        raise WeightsError(f"{folder}: no tokenizer.json or vocab.txt")
-    tok.enable_truncation(MAX_WORDS)
-    return tok
-
-
-def demo_tokenizer(captions: list):
-    """The tiny BERT's tokenizer: one WordPiece entry per word of the demo's (cleaned) training captions, in
-    sorted order, so the vocabulary is a function of the demo data only."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordPiece
-    words = sorted({w for c in captions for w in c.split()})
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)}
-    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    tok.enable_truncation(MAX_WORDS)
-    return tok
-
-
-def tokenize(tok, texts) -> tuple:
-    """-> ids (N, T), mask (N, T), padded to the longest caption of the batch (the official pads every caption
-    to 112; with the attention mask the outputs are the same)."""
-    enc = tok.encode_batch(list(texts))
-    T = max(len(e.ids) for e in enc)
-    ids = torch.zeros(len(enc), T, dtype=torch.long)
-    mask = torch.zeros(len(enc), T, dtype=torch.long)
-    for i, e in enumerate(enc):
-        ids[i, :len(e.ids)], mask[i, :len(e.ids)] = torch.tensor(e.ids), 1
-    return ids, mask
-
 # ----------------------------------------------------------------------------------------------------------
-# Data: captions, the official image geometry, datasets, label fractions
+# Data (readers, PadCrop and the feature cache: common/features.py, common/transforms.py) and frozen features
 
 PREPARE = "python -m common.prepare {} --src /path/to/the/download"
 DATASETS = {  # folder under data/; pairs = image-report CSVs per split; classify / segment = split JSONs
@@ -752,101 +714,8 @@ DATASETS = {  # folder under data/; pairs = image-report CSVs per split; classif
 }
 
 
-def clean_caption(text: str) -> str:
-    """The official caption cleaning: split into sentences on "N." and ".", lower-case, keep \\w+ tokens (ASCII
-    only), drop sentences of <= 1 token; "" when fewer than 3 tokens remain (the study is then dropped)."""
-    sents = [s for part in re.split(r"[0-9]+\.", text.replace("\n", " ")) for s in part.split(".")]
-    kept = []
-    for s in sents:
-        toks = re.findall(r"\w+", s.replace("\ufffd\ufffd", " ").lower())
-        if len(toks) <= 1:
-            continue
-        toks = [t for t in (t.encode("ascii", "ignore").decode("ascii") for t in toks) if t]
-        if toks:
-            kept.append(" ".join(toks))
-    return " ".join(kept) if sum(len(s.split()) for s in kept) >= 3 else ""
-
-
-def read_pairs(path: Path) -> tuple:
-    """An image-report CSV -> (ids = image paths, cleaned captions), in file order. The caption is impression +
-    " " + findings when the CSV has those columns (MIMIC-CXR, as official), else its report column."""
-    if not path.is_file():
-        raise DataError(f"image-report CSV not found: {path}")
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "image_path" not in rows[0]:
-        raise DataError(f"{path}: expected an image_path column and a report (or findings + impression) column")
-    ids, caps = [], []
-    for r in rows:
-        text = f"{r.get('impression', '')} {r.get('findings', '')}" if "findings" in r else r.get("report", "")
-        c = clean_caption(text)
-        if c:
-            ids.append(r["image_path"])
-            caps.append(c)
-    if len(set(ids)) != len(ids):
-        raise DataError(f"{path}: an image_path appears twice; pairs are matched by it")
-    return ids, caps
-
-
-class PadCrop:
-    """The official (MGCA) geometry: longer side to `load` (= size x 256 / 224) keeping the aspect ratio, zero-pad
-    to a centred square, then a random (train) or centre crop of `size`. Joint: a mask gets the same geometry
-    (nearest). Pixels -> [0, 1] -> mean 0.5 / std 0.5, for DINOv2 too, as official."""
-
-    def __init__(self, size: int, train: bool):
-        self.size, self.load, self.train = size, round(size * 256 / 224), train
-        self.norm = Normalize(HALF_MEAN, HALF_STD)
-
-    def _square(self, img, resample):
-        w, h = img.size
-        s = self.load / max(w, h)
-        img = img.resize((max(1, round(w * s)), max(1, round(h * s))), resample)
-        canvas = Image.new(img.mode, (self.load, self.load))
-        canvas.paste(img, ((self.load - img.size[0]) // 2, (self.load - img.size[1]) // 2))
-        return canvas
-
-    def __call__(self, image, mask=None):
-        off = self.load - self.size
-        top, left = (torch.randint(0, off + 1, (2,)).tolist() if self.train else (off // 2, off // 2))
-        box = (left, top, left + self.size, top + self.size)
-        x = self.norm(ToTensor()(self._square(image.convert("RGB"), Image.BILINEAR).crop(box)))    # (3, S, S)
-        if mask is None:
-            return x
-        m = torch.from_numpy(np.asarray(self._square(mask, Image.NEAREST).crop(box)) >= 128).float()[None]
-        return x, m                                                                               # (1, S, S)
-
-
-class Images(torch.utils.data.Dataset):
-    """Images by relative path (the ids of the feature cache), through PadCrop."""
-
-    def __init__(self, root: Path, paths: list, transform):
-        self.root, self.paths, self.transform = root, paths, transform
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        return self.transform(load_image(self.root / self.paths[i]))
-
-
 def data_root(args) -> Path:
     return Path(args.data_dir) if args.data_dir else REPO / "data" / DATASETS[args.data]["dir"]
-
-
-def fraction(labels, pct: float, seed: int) -> np.ndarray:
-    """Indices of a stratified, seeded `pct` of the items (at least one per class present), sorted."""
-    labels = np.asarray(labels)
-    if pct >= 1:
-        return np.arange(len(labels))
-    rng = np.random.default_rng(seed)
-    keep = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        keep.append(rng.choice(idx, max(1, round(pct * len(idx))), replace=False))
-    return np.sort(np.concatenate(keep))
-
-# ----------------------------------------------------------------------------------------------------------
-# Frozen features: computed once, cached with the ids in order
 
 
 def image_features(vision, pixels):
@@ -864,45 +733,16 @@ def text_features(bert, ids, mask):
     return (pooled if pooled is not None else hidden[:, 0]), hidden, mask == 0
 
 
-@torch.no_grad()
-def extract(fn, n: int, batch: int, desc: str, enabled=True) -> torch.Tensor:
-    """Stack fn(start, end) over [0, n) in batches, with an ETA."""
-    prog, out = R.Progress(math.ceil(n / batch), desc, enabled), []
-    for s in range(0, n, batch):
-        out.append(fn(s, min(n, s + batch)).float().cpu())
-        prog.update()
-    return torch.cat(out)
+def frozen(args, world, which: str, model, ids: list, split: str, batch) -> torch.Tensor:
+    """Global features (N, d) of the frozen `which` ("vision" / "text") backbone, row i = ids[i]; batch(s, e)
+    computes rows s..e-1. Computed once, cached in --cache-dir/adaptor/<preset>-<weights fingerprint>/."""
+    key = f"{getattr(args, which)}-{fingerprint(model)}"
 
-
-def cached(path: Path, ids: list, compute, world, meta: dict) -> torch.Tensor:
-    """Features (N, d) for `ids`, rows in that order: read from path if its manifest lists exactly these ids,
-    else computed by rank 0 and written atomically (path.safetensors + path.json); other ranks wait and read."""
-    st, man = path.with_suffix(".safetensors"), path.with_suffix(".json")
-    fresh = man.is_file() and st.is_file() and json.loads(man.read_text()).get("ids") == list(ids)
-    if not fresh and world.is_main:
-        feats = compute()
-        st.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"features": feats.contiguous()}, str(st) + ".tmp")
-        man.with_suffix(".json.tmp").write_text(json.dumps(meta | {"n": len(ids), "dim": feats.shape[1],
-                                                                   "ids": list(ids)}) + "\n")
-        os.replace(str(st) + ".tmp", st)
-        os.replace(man.with_suffix(".json.tmp"), man)
-    if world.enabled:
-        torch.distributed.barrier()
-    feats = load_file(str(st))["features"]
-    if json.loads(man.read_text())["ids"] != list(ids) or len(feats) != len(ids):
-        raise DataError(f"{st}: the cache does not match its manifest {man}; delete both to recompute")
-    return feats
-
-
-def paired(img_ids, img_feats, txt_ids, txt_feats) -> tuple:
-    """Pair image and text rows by id (never by position): -> (ids, img (N, d_v), txt (N, d_t)) in img order."""
-    row = {k: i for i, k in enumerate(txt_ids)}
-    ids = [k for k in img_ids if k in row]
-    if not ids:
-        raise DataError("no image id has a caption: the image and text caches do not describe the same pairs")
-    at = {k: i for i, k in enumerate(img_ids)}
-    return ids, img_feats[[at[k] for k in ids]], txt_feats[[row[k] for k in ids]]
+    def compute():
+        with R.autocast(world.device, args.precision):
+            return extract(batch, len(ids), args.eval_batch_size, f"{which} features {split}", world.is_main)
+    return cached(Path(args.cache_dir) / "adaptor" / key / f"{args.data}-{split}", ids, compute, world,
+                  dict(backbone=key, data=args.data, split=split))
 
 # ----------------------------------------------------------------------------------------------------------
 # Training: one step loop for pre-training and both heads
@@ -977,57 +817,52 @@ def total_steps(args, n: int, world) -> int:
 def pretrain(args, world, folder: Path, vision, bert, tok, size: int) -> Adaptor:
     """Eq. (4) over the MIMIC-CXR (or demo) pairs. Cached pooled features by default; --tokens runs the frozen
     backbones on the fly (no_grad) for their token sequences."""
-    root, d = data_root(args), DATASETS[args.data]
-    sets = {}
-    for split in d["splits"]:
-        ids, caps = read_pairs(root / d["pairs"].format(split))
-        sets[split] = (ids, caps, Images(root, ids, PadCrop(size, train=split == d["splits"][0])))
+    root, (train_split, val_split), dev = data_root(args), DATASETS[args.data]["splits"], world.device
     cfg = AdaptorConfig(vision_dim=vision.cfg.dim, text_dim=bert.cfg.dim, n_layers=args.layers, dim=args.dim,
                         n_heads=args.heads, ff=args.ff, dropout=args.dropout, tokens=args.tokens)
-    model = Adaptor(cfg).to(world.device)
-    train_ids, train_caps, train_images = sets[d["splits"][0]]
-    feats = {}
-    for split, (ids, caps, images) in sets.items():
+    model = Adaptor(cfg).to(dev)
+    sets, feats = {}, {}
+    for split in (train_split, val_split):
+        ids, caps = read_pairs(root / DATASETS[args.data]["pairs"].format(split))
+        images = Images(root, ids, PadCrop(size, train=split == train_split))  # the crop: drawn once, as official
+        sets[split] = ids, caps, images
         if not args.tokens:
-            feats[split] = paired(ids, frozen_images(args, world, vision, images, split, size),
-                                  ids, frozen_texts(args, world, bert, tok, caps, ids, split))
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    total = total_steps(args, len(train_ids), world)
-    warmup = int(args.warmup_frac * total)
-    if args.tokens:
-        caps_of = dict(zip(train_ids, train_caps))
+            img = frozen(args, world, "vision", vision, ids, f"{split}-{size}",
+                         lambda s, e: image_features(vision, images.batch(s, e).to(dev))[0])
+            txt = frozen(args, world, "text", bert, ids, split, lambda s, e: text_features(
+                bert, *(x.to(dev) for x in tokenize(tok, caps[s:e])))[0])
+            feats[split] = paired(ids, img, ids, txt)
+    ids, caps, images = sets[train_split]
+    img, txt = (f.to(dev) for f in feats[train_split][1:]) if not args.tokens else (None, None)
 
-        def step_fn(net, batch):
-            idx = batch
-            pixels = torch.stack([train_images[i] for i in idx]).to(world.device)
-            ids, mask = tokenize(tok, [caps_of[train_ids[i]] for i in idx])
+    def step_fn(net, batch):
+        if args.tokens:  # the frozen towers on the fly, their token sequences as keys / values
+            words, mask = tokenize(tok, [caps[i] for i in batch])
             with torch.no_grad():
-                g_img, t_img = image_features(vision, pixels)
-                g_txt, t_txt, pad = text_features(bert, ids.to(world.device), mask.to(world.device))
+                g_img, t_img = image_features(vision, torch.stack([images[i] for i in batch]).to(dev))
+                g_txt, t_txt, pad = text_features(bert, words.to(dev), mask.to(dev))
             x, t = net(g_img.float(), g_txt.float(), t_img.float(), t_txt.float(), pad)
-            return adaptor_loss(x, t, model.logit_scale, cfg.image_weight, args.gather)
-    else:
-        _, img, txt = feats[d["splits"][0]]
-        img, txt = img.to(world.device), txt.to(world.device)
-
-        def step_fn(net, batch):
-            idx = torch.tensor(batch, device=world.device)
+        else:
+            idx = torch.tensor(batch, device=dev)
             x, t = net(img[idx], txt[idx])
-            return adaptor_loss(x, t, model.logit_scale, cfg.image_weight, args.gather)
+        return adaptor_loss(x, t, model.logit_scale, cfg.image_weight, args.gather)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    total = total_steps(args, len(ids), world)
+    warmup = int(args.warmup_frac * total)
     if world.is_main:
-        print(f"pre-training: {len(train_ids)} pairs, {total} steps of {args.batch_size} x {world.size}, "
+        print(f"pre-training: {len(ids)} pairs, {total} steps of {args.batch_size} x {world.size}, "
               f"{sum(p.numel() for p in model.parameters()):,} trainable parameters")
-    train_loop(args, world, folder, model, opt, len(train_ids), step_fn,
-               lambda s: linear_lr(s, total, warmup, args.lr), total, desc="pretrain")
+    train_loop(args, world, folder, model, opt, len(ids), step_fn, lambda s: linear_lr(s, total, warmup, args.lr),
+               total, desc="pretrain")
     if not args.tokens and world.is_main:
         model.eval()
-        _, img, txt = feats[d["splits"][1]]
+        _, img, txt = feats[val_split]
         with torch.no_grad():
-            x, t = model(img.to(world.device), txt.to(world.device))
+            x, t = model(img.to(dev), txt.to(dev))
             val = adaptor_loss(x, t, model.logit_scale, cfg.image_weight).item()
             top1 = (t @ x.T).argmax(1).eq(torch.arange(len(t), device=t.device)).float().mean().item()
-        print(f"pre-training: {d['splits'][1]} loss {val:.4f} (one batch of {len(x)}), text->image top-1 {top1:.3f}")
-        R.JsonlLog(folder / "metrics.jsonl").log(split=d["splits"][1], val_loss=val, t2i_top1=top1)
+        print(f"pre-training: {val_split} loss {val:.4f} (one batch of {len(x)}), text->image top-1 {top1:.3f}")
+        R.JsonlLog(folder / "metrics.jsonl").log(split=val_split, val_loss=val, t2i_top1=top1)
     finish(model, folder, world, dict(adaptor=asdict(cfg), vision=args.vision, vision_path=args.vision_path,
                                       text=args.text, text_path=args.text_path))
     return model
@@ -1047,43 +882,6 @@ def load_trained(folder: Path) -> dict:
         raise DataError(f"--eval-only: {folder} has no finished weights.safetensors; finish the run with --resume first")
     return load_file(str(folder / "weights.safetensors"))
 
-
-def backbone_key(args, which: str, model: nn.Module) -> str:
-    """Cache folder name: the preset and a fingerprint of the weights (a changed checkpoint is a new cache)."""
-    first = next(iter(model.state_dict().values()))
-    h = hashlib.sha1(first.detach().float().cpu().numpy().tobytes() + repr(model.cfg).encode()).hexdigest()[:10]
-    return f"{getattr(args, which)}-{h}"
-
-
-def frozen_images(args, world, vision, images: Images, split: str, size: int, tokens_fn=None) -> torch.Tensor:
-    """Cached global image features (N, d_v) of `images`, rows in images.paths order."""
-    key = backbone_key(args, "vision", vision)
-    path = Path(args.cache_dir) / "adaptor" / key / f"{args.data}-{split}-{size}"
-
-    def compute():
-        vision.eval()
-
-        def batch(s, e):
-            pixels = torch.stack([images[i] for i in range(s, e)]).to(world.device)
-            with R.autocast(world.device, args.precision):
-                return image_features(vision, pixels)[0]
-        return extract(batch, len(images), args.eval_batch_size, f"image features {split}")
-    return cached(path, images.paths, compute, world, dict(backbone=key, data=args.data, split=split, size=size))
-
-
-def frozen_texts(args, world, bert, tok, captions: list, ids: list, split: str) -> torch.Tensor:
-    key = backbone_key(args, "text", bert)
-    path = Path(args.cache_dir) / "adaptor" / key / f"{args.data}-{split}"
-
-    def compute():
-        bert.eval()
-
-        def batch(s, e):
-            t, m = tokenize(tok, captions[s:e])
-            with R.autocast(world.device, args.precision):
-                return text_features(bert, t.to(world.device), m.to(world.device))[0]
-        return extract(batch, len(captions), args.eval_batch_size, f"text features {split}")
-    return cached(path, ids, compute, world, dict(backbone=key, data=args.data, split=split))
 
 # ----------------------------------------------------------------------------------------------------------
 # Downstream: the classification head, the segmentation decoder and their losses
@@ -1205,30 +1003,51 @@ class Best:
             self.head.load_state_dict(self.tensors)
 
 
+def fit_head(args, world, folder: Path, model, head, opt, n: int, step_fn, best: Best, desc: str, ds=None):
+    """Train `head` inside `model` for the recipe's steps, cosine lr, the best on validation kept; with
+    --resume RUN --eval-only, read back the head that run kept instead."""
+    if args.eval_only:
+        R.load_tensors(head, load_trained(folder), str(folder))
+        best.score = best.evaluate()
+        return
+    total = total_steps(args, n, world)
+    if world.is_main:
+        print(f"{desc} {args.data}: {n} training images ({args.data_pct:g} of the labels), {total} steps, "
+              f"{sum(p.numel() for p in head.parameters()):,} trained parameters")
+    train_loop(args, world, folder, model, opt, n, step_fn, lambda s: cosine_lr(s, total, args.lr), total, ds=ds,
+               best=best, desc=desc)
+    best.restore()
+
+
+def report(args, world, folder: Path, rep: dict, best: Best, head: nn.Module, spec: dict) -> dict:
+    rep |= {"val": best.score, "best_epoch": best.epoch, "data_pct": args.data_pct}
+    if world.is_main:
+        (folder / "metrics.json").write_text(json.dumps(rep, indent=2, default=float) + "\n")
+        print(f"{folder.name} {args.data}: test {rep['metric']} "
+              f"{rep['test']:.4f} (best val {best.score:.4f} at epoch {best.epoch + 1})")
+    finish(head, folder, world, spec)
+    return rep
+
+
 def classify(args, world, folder: Path, vision, adaptor: Adaptor, size: int) -> dict:
     """Frozen backbone -> frozen adaptor (image path) -> trained head, at --data-pct of the training labels;
     best on validation, then test. The frozen part is computed once per split (the same numbers every epoch)."""
-    root, d = data_root(args), DATASETS[args.data]
-    z, y = {}, {}
+    root, dev, z, y = data_root(args), world.device, {}, {}
     for split in ("train", "val", "test"):
-        ds = ClassificationDataset(root, root / d["classify"], split, PadCrop(size, train=False))
-        images, adaptor = Images(ds.root, [p for p, _, _ in ds.items], ds.transform), adaptor.eval()
+        ds = ClassificationDataset(root, root / DATASETS[args.data]["classify"], split, PadCrop(size, train=False))
+        images = Images(ds.root, [p for p, _, _ in ds.items], ds.transform)
         if adaptor.cfg.tokens:  # the global vector queries the patch tokens: computed on the fly, not cached
-
-            def batch(s, e):
-                g, tokens = image_features(vision, torch.stack([images[i] for i in range(s, e)]).to(world.device))
-                return adaptor.encode_image(g.float(), tokens.float())
-            z[split] = extract(batch, len(images), args.eval_batch_size, f"adaptor features {split}").to(world.device)
+            z[split] = extract(lambda s, e: adaptor.encode_image(*(f.float() for f in image_features(
+                vision, images.batch(s, e).to(dev)))), len(images), args.eval_batch_size, f"adaptor {split}").to(dev)
         else:
-            g = frozen_images(args, world, vision, images, "cls-" + split, size)
+            g = frozen(args, world, "vision", vision, images.paths, f"cls-{split}-{size}",
+                       lambda s, e: image_features(vision, images.batch(s, e).to(dev))[0])
             with torch.no_grad():
-                z[split] = adaptor.encode_image(g.to(world.device))                 # (N, D)
-        y[split] = torch.as_tensor(ds.labels, device=world.device)
-    classnames = ds.classnames
-    keep = fraction(y["train"].cpu().numpy(), args.data_pct, args.seed)
-    zt, yt = z["train"][keep], y["train"][keep]
-    binary = len(classnames) == 2
-    head = ClassifierHead(adaptor.cfg.dim, 1 if binary else len(classnames)).to(world.device)
+                z[split] = adaptor.encode_image(g.to(dev))                                  # (N, D)
+        y[split] = torch.as_tensor(ds.labels, device=dev)
+    keep = torch.as_tensor(fraction(y["train"].cpu().numpy(), args.data_pct, args.seed), device=dev)
+    binary, n_classes = len(ds.classnames) == 2, len(ds.classnames)
+    head = ClassifierHead(adaptor.cfg.dim, 1 if binary else n_classes).to(dev)
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
     def probs_of(split):
@@ -1242,39 +1061,23 @@ def classify(args, world, folder: Path, vision, adaptor: Adaptor, size: int) -> 
         return float(M.auroc(t, p[:, 1])) if binary else M.accuracy(t, p.argmax(1))
 
     def step_fn(net, batch):
-        idx = torch.tensor(batch, device=world.device)
-        out = net(zt[idx])
+        idx = keep[batch]
+        out = net(z["train"][idx])
         if binary:
-            return F.binary_cross_entropy_with_logits(out[:, 0], yt[idx].float())
-        return F.cross_entropy(out, yt[idx])
+            return F.binary_cross_entropy_with_logits(out[:, 0], y["train"][idx].float())
+        return F.cross_entropy(out, y["train"][idx])
     metric = "auroc" if binary else "accuracy"
     best = Best(head, lambda: score("val"), metric)
-    total = total_steps(args, len(keep), world)
-    if world.is_main:
-        print(f"classify {args.data}: {len(keep)} of {len(y['train'])} training images ({args.data_pct:g}), "
-              f"{len(classnames)} classes, {total} steps, head {sum(p.numel() for p in head.parameters()):,} params")
-    if args.eval_only:  # --resume RUN --eval-only: the head this run kept (its best on validation)
-        R.load_tensors(head, load_trained(folder), str(folder))
-        best.score = score("val")
-    else:
-        train_loop(args, world, folder, head, opt, len(keep), step_fn, lambda s: cosine_lr(s, total, args.lr), total,
-                   best=best, desc="classify")
-        best.restore()
+    fit_head(args, world, folder, head, head, opt, len(keep), step_fn, best, "classify")
     p = probs_of("test").cpu().numpy()
-    rep = M.classification_report(y["test"].cpu().numpy(), p.argmax(1), p, classnames)
-    rep |= {"metric": metric, "test": score("test"), "val": best.score, "best_epoch": best.epoch,
-            "train_items": int(len(keep)), "data_pct": args.data_pct}
-    if world.is_main:
-        (folder / "metrics.json").write_text(json.dumps(rep, indent=2, default=float) + "\n")
-        print(f"classify {args.data}: test {metric} {rep['test']:.4f} (best val {best.score:.4f} at epoch "
-              f"{best.epoch + 1})")
-    finish(head, folder, world, dict(head=dict(classes=classnames)))
-    return rep
+    rep = M.classification_report(y["test"].cpu().numpy(), p.argmax(1), p, ds.classnames)
+    rep |= {"metric": metric, "test": score("test"), "train_items": len(keep)}
+    return report(args, world, folder, rep, best, head, dict(head=dict(classes=ds.classnames)))
 
 
 def segment(args, world, folder: Path, vision, adaptor: Adaptor) -> dict:
     """Trained decoder on the frozen patch-token path; 10 x focal + dice; per-image Dice at 0.5, best on val."""
-    root, d = data_root(args), DATASETS[args.data]
+    root, d, dev = data_root(args), DATASETS[args.data], world.device
     size = args.size or d["size"]
     sets = {s: SegmentationDataset(root, root / d["segment"], s, joint_transform=PadCrop(size, train=s == "train"))
             for s in ("train", "val", "test")}
@@ -1282,51 +1085,32 @@ def segment(args, world, folder: Path, vision, adaptor: Adaptor) -> dict:
     empty = np.array([not np.asarray(Image.open(train.root / m)).any() for _, m in train.items])
     idx = np.arange(len(train))
     if args.data == "siim":  # official: all positives + as many random negatives
-        rng = np.random.default_rng(args.seed)
         neg = np.flatnonzero(empty)
-        idx = np.sort(np.concatenate([np.flatnonzero(~empty), rng.choice(neg, min(len(neg), (~empty).sum()), False)]))
+        neg = np.random.default_rng(args.seed).choice(neg, min(len(neg), (~empty).sum()), False)
+        idx = np.sort(np.concatenate([np.flatnonzero(~empty), neg]))
     idx = idx[fraction(empty[idx], args.data_pct, args.seed)]
-    model = Segmenter(vision, adaptor, size, args.decoder_width).to(world.device)
-    for p in model.parameters():
-        p.requires_grad = False
-    for p in model.decoder.parameters():
-        p.requires_grad = True
+    model = Segmenter(vision, adaptor, size, args.decoder_width).to(dev)
+    model.requires_grad_(False).decoder.requires_grad_(True)
     opt = torch.optim.AdamW(model.decoder.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
     def dice_of(split):
         model.eval()
-        loader = torch.utils.data.DataLoader(sets[split], batch_size=args.eval_batch_size, num_workers=args.num_workers)
         out = []
         with torch.no_grad():
-            for x, m in loader:
-                with R.autocast(world.device, args.precision):
-                    logits = model(x.to(world.device))
-                out.append(dice_per_image(logits.float().sigmoid(), m.to(world.device)).cpu())
+            for x, m in torch.utils.data.DataLoader(sets[split], args.eval_batch_size, num_workers=args.num_workers):
+                with R.autocast(dev, args.precision):
+                    logits = model(x.to(dev))
+                out.append(dice_per_image(logits.float().sigmoid(), m.to(dev)).cpu())
         return float(torch.cat(out).mean())
 
     def step_fn(net, batch):
         x, m = batch
-        return seg_loss(net(x.to(world.device)).float(), m.to(world.device), on_probs=args.dice_on_probs)
+        return seg_loss(net(x.to(dev)).float(), m.to(dev), on_probs=args.dice_on_probs)
     best = Best(model.decoder, lambda: dice_of("val"), "dice")
-    total = total_steps(args, len(idx), world)
-    if world.is_main:
-        print(f"segment {args.data}: {len(idx)} of {len(train)} training images ({args.data_pct:g}), {total} steps, "
-              f"decoder {sum(p.numel() for p in model.decoder.parameters()):,} params")
-    if args.eval_only:
-        R.load_tensors(model.decoder, load_trained(folder), str(folder))
-        best.score = dice_of("val")
-    else:
-        train_loop(args, world, folder, model, opt, len(idx), step_fn,
-                   lambda s: cosine_lr(s, total, args.lr), total, ds=torch.utils.data.Subset(train, idx.tolist()),
-                   best=best, desc="segment")
-        best.restore()
-    rep = {"metric": "dice", "test": dice_of("test"), "val": best.score, "best_epoch": best.epoch,
-           "train_items": int(len(idx)), "data_pct": args.data_pct}
-    if world.is_main:
-        (folder / "metrics.json").write_text(json.dumps(rep, indent=2) + "\n")
-        print(f"segment {args.data}: test Dice {rep['test']:.4f} (best val {best.score:.4f} at epoch {best.epoch + 1})")
-    finish(model.decoder, folder, world, dict(decoder=dict(size=size, width=args.decoder_width)))
-    return rep
+    fit_head(args, world, folder, model, model.decoder, opt, len(idx), step_fn, best, "segment",
+             ds=torch.utils.data.Subset(train, idx.tolist()))
+    rep = {"metric": "dice", "test": dice_of("test"), "train_items": len(idx)}
+    return report(args, world, folder, rep, best, model.decoder, dict(decoder=dict(size=size, width=args.decoder_width)))
 
 # ----------------------------------------------------------------------------------------------------------
 # Benchmark: the adaptor step at batch 1024, ours vs torch.nn layers, and backbone throughput
@@ -1350,58 +1134,68 @@ class TorchLayer(nn.Module):
         return self.norm2(h + self.drop(self.linear2(self.drop(F.relu(self.linear1(h))))))
 
 
+def adaptor_step(model, opt, img, txt, prec: str):
+    """One pre-training step on pooled features (what --bench times)."""
+    with R.autocast(img.device, prec):
+        loss = adaptor_loss(*model(img, txt), model.logit_scale)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def run_bench(args, world):
     """Real sizes, random weights: the adaptor's training step on pooled features at --batch-size (1024), ours and
-    the same layers built from torch.nn.MultiheadAttention, then the frozen backbones' feature throughput."""
-    dev, rows = world.device, []
+    the same layers built from torch.nn (TorchLayer) timed in alternation (ours, torch.nn, ours, ...) so that a
+    shared machine's load falls on both alike; then the frozen backbones' feature throughput."""
+    dev, rows, B = world.device, [], args.batch_size
+    sync = torch.cuda.synchronize if dev.type == "cuda" else lambda: None
     print(R.BENCH_COLUMNS)
     # CPU: fp32 unless --precision bf16 is typed (bf16 matmuls are very slow on CPUs without bf16 units)
     precisions = [args.precision] if "precision" in args.given else (["bf16"] if dev.type == "cuda" else ["fp32"])
     vcfg = VISION_PRESETS[args.vision if args.vision != "tiny" else "dinov2-b"]["config"]
-    B = args.batch_size
+    cfg = AdaptorConfig(vision_dim=vcfg.dim)
+    img, txt = torch.randn(B, vcfg.dim, device=dev), torch.randn(B, 768, device=dev)
     for prec in precisions:
+        steps, wall, cpu = {}, {}, {}
         for name, layer_cls in (("ours", AdaptorLayer), ("torch.nn", TorchLayer)):
             torch.manual_seed(0)
-            cfg = AdaptorConfig(vision_dim=vcfg.dim)
             model = Adaptor(cfg)
             model.layers = nn.ModuleList(layer_cls(cfg) for _ in range(cfg.n_layers))
             model = model.to(dev).train()
             opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01)
-            img, txt = torch.randn(B, vcfg.dim, device=dev), torch.randn(B, 768, device=dev)
-
-            def step():
-                with R.autocast(dev, prec):
-                    loss = adaptor_loss(*model(img, txt), model.logit_scale)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            flops = R.flops_of(step)
-            r = R.bench(step, items=B, flops_per_step=flops, device=dev, dtype=R.PRECISIONS[prec],
-                        steps=args.bench_steps)
-            rows.append(R.bench_row(f"adaptor step, {name} ({1000 / r['step_ms']:.3g} steps/s)", prec, B, r,
-                                    unit="pair"))
+            steps[name], wall[name], cpu[name] = functools.partial(adaptor_step, model, opt, img, txt, prec), [], []
+        for i in range(1 + args.bench_steps):  # round 0 warms up
+            for name, step in steps.items():
+                t, c = time.perf_counter(), time.process_time()
+                step()
+                sync()
+                if i:
+                    wall[name].append(time.perf_counter() - t)
+                    cpu[name].append(time.process_time() - c)
+        peak = R.matmul_peak_flops(dev, R.PRECISIONS[prec])
+        for name, step in steps.items():
+            sec, flops = float(np.median(wall[name])), R.flops_of(step)
+            r = dict(step_ms=1000 * sec, items_per_s=B / sec, tflops=flops / sec / 1e12, mfu=flops / sec / peak,
+                     matmul_peak_tflops=peak / 1e12, peak_mem_mb=R.peak_memory_mb(dev))
+            rows.append(R.bench_row(f"adaptor step, {name} ({1 / sec:.3g} steps/s)", prec, B, r, unit="pair"))
             print(rows[-1], flush=True)
+        ratio = {k: float(np.median(v["ours"]) / np.median(v["torch.nn"])) for k, v in (("wall", wall), ("cpu", cpu))}
+        print(f"ours / torch.nn step time: wall {ratio['wall']:.3f}, process CPU {ratio['cpu']:.3f} (medians of "
+              f"{args.bench_steps} alternating steps)", flush=True)
         vision = DINOv2(vcfg).init_random(0).to(dev).eval()
-        bs = 64 if dev.type == "cuda" else 8
-        x = torch.randn(bs, 3, 224, 224, device=dev)
-
-        def fwd():
-            with torch.no_grad(), R.autocast(dev, prec):
-                image_features(vision, x)
-        r = R.bench(fwd, items=bs, flops_per_step=R.flops_of(fwd), device=dev, dtype=R.PRECISIONS[prec],
-                    steps=args.bench_steps)
-        rows.append(R.bench_row(f"DINOv2 ({vcfg.dim}) features at 224", prec, bs, r))
-        print(rows[-1], flush=True)
         bert = BERT(BertConfig(), add_pooler=True).init_random(0).to(dev).eval()
-        ids = torch.randint(0, 30522, (bs, MAX_WORDS), device=dev)
-
-        def fwd_text():
-            with torch.no_grad(), R.autocast(dev, prec):
-                text_features(bert, ids, torch.ones_like(ids))
-        r = R.bench(fwd_text, items=bs, flops_per_step=R.flops_of(fwd_text), device=dev, dtype=R.PRECISIONS[prec],
-                    steps=args.bench_steps)
-        rows.append(R.bench_row(f"BERT-base features, {MAX_WORDS} tokens", prec, bs, r, unit="text"))
-        print(rows[-1], flush=True)
+        bs = 64 if dev.type == "cuda" else 8
+        x, ids = torch.randn(bs, 3, 224, 224, device=dev), torch.randint(0, 30522, (bs, MAX_WORDS), device=dev)
+        for what, unit, fn in ((f"DINOv2 ({vcfg.dim}) features at 224", "img", lambda: image_features(vision, x)),
+                               (f"BERT-base features, {MAX_WORDS} tokens", "text",
+                                lambda: text_features(bert, ids, torch.ones_like(ids)))):
+            def fwd(fn=fn):
+                with torch.no_grad(), R.autocast(dev, prec):
+                    fn()
+            r = R.bench(fwd, items=bs, flops_per_step=R.flops_of(fwd), device=dev, dtype=R.PRECISIONS[prec],
+                        steps=args.bench_steps)
+            rows.append(R.bench_row(what, prec, bs, r, unit=unit))
+            print(rows[-1], flush=True)
     return rows
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1442,13 +1236,16 @@ def demo_backbones(args, world):
         ensure_demo(root)
     R.barrier(world)
     ids, caps = read_pairs(root / "reports_train.csv")
-    tok = demo_tokenizer(caps)
+    tok = word_tokenizer(caps, MAX_WORDS)
     vision = DINOv2(VISION_PRESETS["tiny"]["config"]).init_random(seed=0)
     bert = BERT(BertConfig(vocab_size=tok.get_vocab_size(), **TINY_BERT), add_pooler=True).init_random(seed=1)
-    path = Path(args.cache_dir) / "adaptor" / "demo_backbones.safetensors"
+    steps = args.backbone_pretrain_steps
+    if steps == 0:  # frozen random towers: the pipeline runs, the adaptor's pre-training has little to learn
+        return vision, bert, tok
+    path = Path(args.cache_dir) / "adaptor" / f"demo_backbones_{steps}steps.safetensors"
     if not path.is_file() and world.is_main:
         with torch.random.fork_rng():  # a cold cache must not shift the run's random numbers
-            pretrain_demo_backbones(vision, bert, tok, Images(root, ids, PadCrop(112, train=False)), caps)
+            pretrain_demo_backbones(vision, bert, tok, Images(root, ids, PadCrop(112, train=False)), caps, steps)
         R.save_tensors(path, {"vision." + k: v for k, v in vision.state_dict().items()} |
                        {"text." + k: v for k, v in bert.state_dict().items()})
     R.barrier(world)
@@ -1464,7 +1261,7 @@ def pretrain_demo_backbones(vision, bert, tok, images, caps, steps: int = 200, b
     features separate; lr 1e-3 never leaves that plateau."""
     print(f"pre-training the demo's tiny DINOv2 + BERT on {len(caps)} pairs ({steps} steps, once; cached)", flush=True)
     torch.manual_seed(0)
-    pixels = torch.stack([images[i] for i in range(len(images))])                        # (N, 3, 112, 112)
+    pixels = images.batch(0, len(images))                                                # (N, 3, 112, 112)
     ids, mask = tokenize(tok, caps)
     heads = nn.ModuleList([nn.Linear(vision.cfg.dim, 64), nn.Linear(bert.cfg.dim, 64)])
     opt = torch.optim.AdamW([*vision.parameters(), *bert.parameters(), *heads.parameters()], lr=3e-4,
@@ -1494,7 +1291,7 @@ def backbones(args, world):
     else:
         vision = DINOv2.from_pretrained(args.vision_path or VISION_PRESETS[args.vision]["repo"])
         folder = resolve(args.text_path or TEXT_PRESETS[args.text]["repo"])
-        bert, tok = load_bert(folder, args.missing_pooler, args.seed), bert_tokenizer(folder)
+        bert, tok = load_bert(folder, args.missing_pooler, args.seed), bert_tokenizer(folder, MAX_WORDS)
     for m in (vision, bert):
         m.requires_grad_(False).eval()
         if world.device.type == "cuda" and args.precision != "fp32":  # frozen weights stored in the compute dtype
@@ -1600,6 +1397,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-batch-size", type=int, default=64, help="feature extraction and evaluation batch")
     p.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     p.add_argument("--cache-dir", default=str(REPO / "cache"), help="frozen feature cache")
+    p.add_argument("--backbone-pretrain-steps", type=int, default=200, help="demo only: steps of InfoNCE that make "
+                   "the tiny random DINOv2 + BERT play pretrained backbones (once, cached)")
     p.add_argument("--vision", choices=list(VISION_PRESETS), default="dinov2-b", help="vision backbone (demo: tiny)")
     p.add_argument("--vision-path", default=None, help="HF DINOv2 folder or repo id (overrides the preset's)")
     p.add_argument("--text", choices=list(TEXT_PRESETS), default="biobert", help="text backbone (demo: tiny)")
@@ -1636,13 +1435,14 @@ def parse_args(argv=None):
         p.error("--task all is the demo's; on real data run pretrain, then classify / segment with --init")
     if not 0 < args.data_pct <= 1:
         p.error(f"--data-pct {args.data_pct}: must be in (0, 1]")
+    if args.backbone_pretrain_steps < 0:
+        p.error("--backbone-pretrain-steps must be >= 0")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     world = R.setup_distributed(args.device)
-    run_dir = None
     try:
         if args.bench:
             run_bench(args, world)
