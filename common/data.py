@@ -8,7 +8,7 @@ Three on-disk formats (examples in data/README.md, "On-disk formats"):
      -> read_split(), classnames_from_split(), ClassificationDataset
   2. image-report CSV, as ALTA uses it: columns image_path, report and optionally auxview_image_path,
      last_image_path, last_auxview_image_path ("-1" or empty = that view is missing)
-     -> ImageReportDataset
+     -> ImageReportDataset; (image ids, MGCA-cleaned captions) for feature caches: read_pairs, Images
   3. CheXpert-style multi-label CSV: a Path column plus one column per finding holding 1 / 0 / -1 / blank
      -> MultiLabelDataset, caption_from_labels(); formats 2 and 3 as (image, caption) pairs: CaptionDataset;
         the single-positive rows of format 3 as a classification set: OneOfClassesDataset; (train, val, test)
@@ -28,6 +28,7 @@ import csv
 import json
 import os
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -456,6 +457,59 @@ class ImageReportDataset(Dataset):
 
 
 # -----------------------------------------------------------------------------
+# image-report pairs by image id (for caches of frozen features: rows matched by id, never by position)
+
+
+def clean_caption(text: str) -> str:
+    """MGCA's caption cleaning (Adaptor's too): split into sentences on "N." and ".", lower-case, keep \\w+ tokens
+    (ASCII only), drop sentences of <= 1 token; "" when fewer than 3 tokens remain (the study is then dropped)."""
+    kept = []
+    for s in (s for part in re.split(r"[0-9]+\.", text.replace("\n", " ")) for s in part.split(".")):
+        toks = re.findall(r"\w+", s.replace("\ufffd\ufffd", " ").lower())
+        toks = [t for t in (t.encode("ascii", "ignore").decode("ascii") for t in toks) if t] if len(toks) > 1 else []
+        if toks:
+            kept.append(" ".join(toks))
+    return " ".join(kept) if sum(len(s.split()) for s in kept) >= 3 else ""
+
+
+def read_pairs(path: Path) -> tuple:
+    """An image-report CSV -> (ids = image paths, cleaned captions), in file order, studies with an empty caption
+    dropped. The caption is impression + " " + findings when the CSV has a findings column (MIMIC-CXR, as MGCA),
+    else its report column."""
+    if not path.is_file():
+        raise DataError(f"image-report CSV not found: {path}")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "image_path" not in rows[0]:
+        raise DataError(f"{path}: expected an image_path column and a report (or findings + impression) column")
+    ids, caps = [], []
+    for r in rows:
+        c = clean_caption(f"{r.get('impression', '')} {r['findings']}" if "findings" in r else r.get("report", ""))
+        if c:
+            ids.append(r["image_path"])
+            caps.append(c)
+    if len(set(ids)) != len(ids):
+        raise DataError(f"{path}: an image_path appears twice; pairs are matched by it")
+    return ids, caps
+
+
+class Images(torch.utils.data.Dataset):
+    """Images by path relative to root (the ids of a feature cache), through `transform`."""
+
+    def __init__(self, root: Path, paths: list, transform):
+        self.root, self.paths, self.transform = Path(root), paths, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform(load_image(self.root / self.paths[i]))
+
+    def batch(self, start: int, end: int) -> torch.Tensor:
+        return torch.stack([self[i] for i in range(start, end)])
+
+
+# -----------------------------------------------------------------------------
 # 3. CheXpert-style multi-label CSV
 
 # the 14 label columns of CheXpert's train.csv / valid.csv, in the file's order
@@ -676,6 +730,18 @@ def stratified_subset(labels: np.ndarray, ratio: float, seed: int) -> np.ndarray
     rng = np.random.default_rng(seed)
     keep = [rng.permutation(np.flatnonzero(labels == c))[:max(1, round(ratio * int((labels == c).sum())))]
             for c in np.unique(labels)]
+    return np.sort(np.concatenate(keep))
+
+
+def fraction(labels, pct: float, seed: int) -> np.ndarray:
+    """Sorted indices of a stratified, seeded `pct` of the items (at least one per class present); all if pct >= 1.
+    stratified_subset's idea with another draw (rng.choice per class): the label fractions of adaptor.py."""
+    labels = np.asarray(labels)
+    if pct >= 1:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    keep = [rng.choice(idx, max(1, round(pct * len(idx))), replace=False)
+            for idx in (np.flatnonzero(labels == c) for c in np.unique(labels))]
     return np.sort(np.concatenate(keep))
 
 

@@ -16,10 +16,10 @@ from torch.utils.data import Dataset, DistributedSampler, RandomSampler, Sequent
 
 from common.data import (CHEXPERT_FINDINGS, _seed_worker, CaptionDataset, ClassificationDataset, DataError,
                          ImageReportDataset, JointResize, MultiLabelDataset, OneOfClassesDataset, SegmentationDataset,
-                         REPO_ROOT, bpe_tokenizer, caption_from_labels, classification_sets, classnames_from_split,
-                         dataset_root, fraction_of, load_image, make_loader, missing_dataset, read_csv,
-                         read_seg_split, read_split, right_padded, set_epoch, stratified_subset, train_test_sets,
-                         val_split_name)
+                         REPO_ROOT, Images, bpe_tokenizer, caption_from_labels, classification_sets,
+                         classnames_from_split, clean_caption, dataset_root, fraction, fraction_of, load_image,
+                         make_loader, missing_dataset, read_csv, read_pairs, read_seg_split, read_split, right_padded,
+                         set_epoch, stratified_subset, train_test_sets, val_split_name)
 from common.transforms import eval_transform
 
 
@@ -427,6 +427,36 @@ def test_train_test_sets_label_ratio_and_class_name_note(cls_dir):
     assert "label ratio 0.5: 2 training images" in notes[0] and "differ from the paper's" in notes[1]
     assert_data_error(lambda: train_test_sets("isic", entry | {"split": "none.json"}, root, None, None),
                       "dataset 'isic' not found", "none.json", "common.prepare isic")
+
+
+def test_fraction_is_stratified_and_seeded():
+    labels = np.array([0] * 500 + [1] * 100 + [2] * 10)
+    a, b, c = fraction(labels, 0.1, 42), fraction(labels, 0.1, 42), fraction(labels, 0.1, 7)
+    assert np.array_equal(a, b) and not np.array_equal(a, c) and a.tolist() == sorted(set(a.tolist()))
+    assert [int((labels[a] == k).sum()) for k in range(3)] == [50, 10, 1]
+    assert [int((labels[fraction(labels, 0.01, 0)] == k).sum()) for k in range(3)] == [5, 1, 1]
+    assert fraction(labels, 1.0, 0).tolist() == list(range(len(labels)))
+
+
+def test_caption_cleaning_and_pairs_by_image_id(cls_dir):
+    root, arrays = cls_dir
+    assert clean_caption("1. No acute process. 2. Heart size is NORMAL.\nLungs: clear!") == \
+        "no acute process heart size is normal lungs clear"
+    assert clean_caption("Normal. OK.") == ""  # fewer than 3 tokens after dropping one-token sentences
+    (root / "r.csv").write_text("image_path,report\nimg/b.png,Heart size normal. Lungs clear.\nimg/a.png,OK.\n"
+                                "img/c.png,No effusion seen today.\n")
+    assert read_pairs(root / "r.csv") == (["img/b.png", "img/c.png"], ["heart size normal lungs clear",
+                                                                       "no effusion seen today"])
+    (root / "m.csv").write_text("image_path,findings,impression\nimg/d.png,Lungs are clear.,No acute disease.\n")
+    assert read_pairs(root / "m.csv") == (["img/d.png"], ["no acute disease lungs are clear"])  # impression first
+    (root / "twice.csv").write_text("image_path,report\nimg/a.png,heart size normal\nimg/a.png,lungs are clear\n")
+    assert_data_error(lambda: read_pairs(root / "twice.csv"), "twice.csv", "appears twice")
+    assert_data_error(lambda: read_pairs(root / "none.csv"), "image-report CSV not found")
+    (root / "bad.csv").write_text("path,report\nimg/a.png,x y z\n")
+    assert_data_error(lambda: read_pairs(root / "bad.csv"), "expected an image_path column")
+    images = Images(root, ["img/c.png", "img/a.png"], eval_transform(4, (0, 0, 0), (1, 1, 1)))
+    assert len(images) == 2 and images.batch(0, 2).shape == (2, 3, 4, 4)
+    assert torch.equal(images.batch(0, 2)[1], images[1])
 
 
 def test_read_csv_is_public_and_says_when_the_file_is_missing(tmp_path):
