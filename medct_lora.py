@@ -808,12 +808,9 @@ def build_ctclip(args, world, train_ds, tok) -> CTCLIP:
         torch.manual_seed(0)
         model = CTCLIP(spec["vision"], spec["text"], spec["latent"])
         model.visual.init_random(0), model.text.init_random(1)
-        if not path.exists() and world.is_main:
-            pretrain_tiny_ctclip(model, tok, train_ds, spec["max_len"], args.pretrain_steps)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            R.save_tensors(path, model.state_dict())
-    R.barrier(world)
-    R.load_tensors(model, load_file(str(path)), str(path), required=model.state_dict())
+        tensors = R.cached_tensors(path, world, lambda: pretrain_tiny_ctclip(
+            model, tok, train_ds, spec["max_len"], args.pretrain_steps).state_dict())
+    R.load_tensors(model, tensors, str(path), required=model.state_dict())
     return model
 
 
@@ -947,7 +944,6 @@ def evaluate(args, model: CTCLIP, tok, val_ds, test_ds, device) -> dict:
 # Parameter counts and the benchmark (real sizes, random weights)
 
 CT_CLIP_V2_TOTAL = 438_148_761   # parameters of CT-CLIP_v2.pt, incl. the unused *_extra copies (the paper's "440M")
-PAPER_TRAINABLE = 1_670_000      # the paper's "1.67M (0.38%)"; its rank, alpha and targets are not public
 
 
 def count_params(args) -> dict:
@@ -971,32 +967,37 @@ def count_params(args) -> dict:
 
 def saved_activation_bytes(model: CTCLIP, vol, ids, mask, precision: str) -> dict:
     """What autograd keeps for backward in one training forward, in bytes, on any device: every saved tensor
+    still held by the graph at the end (a branch the graph drops, like the VQ's similarity matrix, frees its own),
     once per storage, weights and buffers left out. "all" is the no --grad-ckpt figure; with --grad-ckpt each
     layer keeps only its input ("kept": that + everything outside the layers) and backward recomputes one layer
     at a time, adding the largest one ("vision_layer" or "text_layer")."""
+    import weakref
     skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    saved, layer_bytes, layer_inputs = {}, [], []
+    packed, spans, inputs = [], [], []                 # (weakref, storage address, storage bytes) per saved tensor
 
     def pack(t):
         if t.untyped_storage().data_ptr() not in skip:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            packed.append((weakref.ref(t), t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
         return t
-
-    def enter(m, a):
-        layer_bytes.append(-sum(saved.values())), layer_inputs.append(a[0].nbytes)
-
-    def leave(m, a, out):
-        layer_bytes[-1] += sum(saved.values())
     layers = [*model.visual.spatial, *model.visual.temporal, *model.text.encoder.layer]
-    hooks = [h for m in layers for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    hooks = [h for m in layers for h in (
+        m.register_forward_pre_hook(lambda m, a: spans.append([len(packed)]) or inputs.append(a[0].nbytes)),
+        m.register_forward_hook(lambda m, a, out: spans[-1].append(len(packed))))]
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), R.autocast(vol.device, precision):
-        model(vol, ids, mask)
+        out = model(vol, ids, mask)                    # held, so is the graph
     for h in hooks:
         h.remove()
-    n_vis, total = len(model.visual.spatial) + len(model.visual.temporal), sum(saved.values())
-    return {"all": total, "kept": total - sum(layer_bytes) + sum(layer_inputs),
-            "vision_layer": max(layer_bytes[:n_vis]), "text_layer": max(layer_bytes[n_vis:])}
+    first = {}                                          # storage address -> (index of its first saver, bytes)
+    for i, (ref, ptr, n) in enumerate(packed):
+        if ref() is not None:
+            first.setdefault(ptr, (i, n))
+    span = lambda lo, hi: sum(n for i, n in first.values() if lo <= i < hi)
+    per_layer, n_vis = [span(lo, hi) for lo, hi in spans], len(model.visual.spatial) + len(model.visual.temporal)
+    total = span(0, len(packed))
+    del out
+    return {"all": total, "kept": total - sum(per_layer) + sum(inputs),
+            "vision_layer": max(per_layer[:n_vis]), "text_layer": max(per_layer[n_vis:])}
 
 
 def memory_estimate(args, batch: int = 8) -> dict:
@@ -1167,8 +1168,8 @@ def run(args, world) -> dict:
         else:
             try:
                 train(args, world, run_dir, model, train_ds, tok)
-            except (R.NonFiniteLoss, KeyboardInterrupt) as e:
-                raise R.RunError(R.stop_message(e, run_dir, command="python medct_lora.py")) from None
+            except (R.NonFiniteLoss, KeyboardInterrupt) as e:   # say what is on disk and how to continue
+                raise R.Stopped(e, run_dir, "python medct_lora.py") from None
         if world.is_main:
             results["after"] = evaluate(args, model, tok, val_ds, test_ds, dev)
             print(format_report(results["after"], "zero-shot, CT-CLIP + LoRA"))
@@ -1240,15 +1241,13 @@ def parse_args(argv=None):
     args.lora_targets = args.lora_targets if isinstance(args.lora_targets, list) else \
         [t.strip() for t in args.lora_targets.split(",") if t.strip()]
     unknown = [t for t in args.lora_targets if t not in LORA_TARGETS]
-    for flag, ok, want in (("lora_rank", args.lora_rank >= 1, "at least 1"), ("lora_alpha", args.lora_alpha > 0, "above 0"),
-                           ("lora_dropout", 0 <= args.lora_dropout < 1, "in [0, 1)"),
-                           ("lora_targets", args.lora_targets and not unknown, f"a list of {', '.join(LORA_TARGETS)}"),
-                           ("warmup_steps", args.warmup_steps >= 0, "0 or more"),
-                           ("clip_grad", args.clip_grad > 0, "above 0"), ("ckpt_every", args.ckpt_every >= 1, "at least 1"),
-                           ("val_frac", 0 < args.val_frac < 1, "in (0, 1)"), ("n_boot", args.n_boot >= 1, "at least 1"),
-                           ("eval_batch_size", args.eval_batch_size >= 1, "at least 1")):
-        if not ok:
-            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be {want}")
+    R.check_flags(p, args, (
+        ("lora_rank", args.lora_rank >= 1, "at least 1"), ("lora_alpha", args.lora_alpha > 0, "above 0"),
+        ("lora_dropout", 0 <= args.lora_dropout < 1, "in [0, 1)"), ("warmup_steps", args.warmup_steps >= 0, "0 or more"),
+        ("lora_targets", args.lora_targets and not unknown, f"a list of {', '.join(LORA_TARGETS)}"),
+        ("clip_grad", args.clip_grad > 0, "above 0"), ("ckpt_every", args.ckpt_every >= 1, "at least 1"),
+        ("val_frac", 0 < args.val_frac < 1, "in (0, 1)"), ("n_boot", args.n_boot >= 1, "at least 1"),
+        ("eval_batch_size", args.eval_batch_size >= 1, "at least 1")))
     if args.eval and (args.resume or args.eval_only):
         p.error("--eval zero-shot evaluates CT-CLIP without LoRA; for a trained run use --eval-only --resume RUN")
     return args
@@ -1265,9 +1264,9 @@ def main(argv=None):
     try:
         run_bench(args, world) if args.bench else run(args, world)
         return 0
-    except R.USER_ERRORS as e:  # user-fixable: a message, not a traceback
+    except R.USER_ERRORS as e:  # user-fixable, or a run stopped early (R.Stopped): a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "code", 2)
     except KeyboardInterrupt:
         print("error: interrupted before training started", file=sys.stderr)
         return 2
