@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import medct_lora as mc  # noqa: E402
+from common.ct import augment_volume, f1_scores  # noqa: E402
 from common.weights import WeightsError  # noqa: E402
 
 GOLD = REPO / "tests" / "goldens"
@@ -353,7 +354,7 @@ def test_thresholds_follow_the_official_rule_and_never_see_test_labels():
 def test_f1_variants_on_a_hand_built_case():
     y = np.array([[1, 0], [1, 1], [0, 0], [0, 1.0]])
     pred = np.array([[1, 0], [0, 1], [0, 1], [0, 1.0]])
-    f = mc.f1_scores(y, pred)
+    f = f1_scores(y, pred)
     # finding 0: tp 1, fn 1 -> F1 2/3; finding 1: tp 2, fp 1 -> 4/5
     assert np.allclose(f["f1"], [2 / 3, 4 / 5]) and np.isclose(f["macro_f1"], (2 / 3 + 4 / 5) / 2)
     assert np.isclose(f["weighted_f1"], (2 / 3 * 2 + 4 / 5 * 2) / 4)
@@ -608,7 +609,7 @@ def test_each_volume_and_each_prompt_is_encoded_once():
 def test_augment_keeps_shape_and_range():
     torch.manual_seed(0)
     vol = torch.rand(1, 4, 6, 6) * 2 - 1
-    out = mc.augment_volume(vol)
+    out = augment_volume(vol)
     assert out.shape == vol.shape and out.min() >= -1 and out.max() <= 1 and not torch.equal(out, vol)
 
 
