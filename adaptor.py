@@ -32,8 +32,9 @@ position (the official extraction sorts each batch by caption length, so two tok
 
 Run it:
     python adaptor.py                              # demo: pre-train, classify, segment; tiny models, CPU
-        (measured on a busy 2-core CPU, 3.3 min + ~4 min once for the demo backbones: pre-training val loss 3.78
-        vs ln 120 = 4.79, text->image top-1 0.067 vs chance 0.008; 6-class accuracy 0.45 vs 0.17; Dice 0.65)
+        (measured on a 2-core CPU shared by ~10 processes, 6 min + 12 min once for the demo backbones:
+        pre-training val loss 3.78 vs ln 120 = 4.79, text->image top-1 0.067 vs chance 0.008; 6-class accuracy
+        0.45 vs 0.17; Dice 0.65)
     python adaptor.py --data mimic-cxr --vision dinov2-b --text biobert           # pre-training, paper setting
     python adaptor.py --task classify --data rsna --data-pct 0.01 --init runs/adaptor/mimic-cxr/<run>
     python adaptor.py --task classify --data covidx --data-pct 0.1 --init RUN
@@ -873,8 +874,7 @@ def finish(model: nn.Module, folder: Path, world, spec: dict):
     if world.is_main:
         R.save_tensors(folder / "weights.safetensors", {k: v.detach().float().cpu() for k, v in model.state_dict().items()})
         (folder / "model.json").write_text(json.dumps(spec, indent=2) + "\n")
-    if world.enabled:
-        torch.distributed.barrier()
+    R.barrier(world)
 
 
 def load_trained(folder: Path) -> dict:
@@ -1145,8 +1145,8 @@ def adaptor_step(model, opt, img, txt, prec: str):
 
 def run_bench(args, world):
     """Real sizes, random weights: the adaptor's training step on pooled features at --batch-size (1024), ours and
-    the same layers built from torch.nn (TorchLayer) timed in alternation (ours, torch.nn, ours, ...) so that a
-    shared machine's load falls on both alike; then the frozen backbones' feature throughput."""
+    the same layers built from torch.nn (TorchLayer) timed in alternation (torch.nn, ours, ours, torch.nn, ...) so
+    that a shared machine's load falls on both alike; then the frozen backbones' feature throughput."""
     dev, rows, B = world.device, [], args.batch_size
     sync = torch.cuda.synchronize if dev.type == "cuda" else lambda: None
     print(R.BENCH_COLUMNS)
@@ -1164,10 +1164,10 @@ def run_bench(args, world):
             model = model.to(dev).train()
             opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01)
             steps[name], wall[name], cpu[name] = functools.partial(adaptor_step, model, opt, img, txt, prec), [], []
-        for i in range(1 + args.bench_steps):  # round 0 warms up
-            for name, step in steps.items():
+        for i in range(1 + args.bench_steps):  # round 0 warms up; the order flips every round (ABBA...)
+            for name in list(steps)[::1 if i % 2 else -1]:
                 t, c = time.perf_counter(), time.process_time()
-                step()
+                steps[name]()
                 sync()
                 if i:
                     wall[name].append(time.perf_counter() - t)

@@ -198,6 +198,13 @@ def test_pairs_are_matched_by_id_never_by_position(tmp_path):
     out = A.cached(path, ids[::-1], lambda: calls.append(1) or img.flip(0), world, {})
     assert len(calls) == 2 and torch.equal(out[:, 0], torch.arange(6.).flip(0))
     assert json.loads(path.with_suffix(".json").read_text())["ids"] == ids[::-1]
+    # computing a cold cache (random crops, dropout-free towers...) leaves the run's random numbers as a warm one
+    after = []
+    for _ in range(2):  # cold, then warm
+        torch.manual_seed(0)
+        A.cached(tmp_path / "rng" / "feat", ids, lambda: torch.rand(6, 3), world, {})
+        after.append(torch.rand(3))
+    assert torch.equal(after[0], after[1])
 
 
 def test_data_fraction_is_stratified_and_seeded():
