@@ -447,6 +447,34 @@ def bert_config_from_hf(hf: dict) -> BertConfig:
                       attn_dropout=hf.get("attention_probs_dropout_prob", 0.1), pad_id=hf.get("pad_token_id") or 0)
 
 
+# Copied from medct_lora.py: BERT_MAP
+BERT_MAP = {  # HF BertModel keys -> ours (identity); "{}" = one dotted component, None = drop
+    "embeddings.word_embeddings.weight": "embeddings.word_embeddings.weight",
+    "embeddings.position_embeddings.weight": "embeddings.position_embeddings.weight",
+    "embeddings.token_type_embeddings.weight": "embeddings.token_type_embeddings.weight",
+    "embeddings.LayerNorm.{}": "embeddings.LayerNorm.{}",
+    "embeddings.position_ids": None,                  # a buffer older transformers saved (CT-CLIP issue #47)
+    "encoder.layer.{}.attention.self.query.{}": "encoder.layer.{}.attention.self.query.{}",
+    "encoder.layer.{}.attention.self.key.{}": "encoder.layer.{}.attention.self.key.{}",
+    "encoder.layer.{}.attention.self.value.{}": "encoder.layer.{}.attention.self.value.{}",
+    "encoder.layer.{}.attention.output.dense.{}": "encoder.layer.{}.attention.output.dense.{}",
+    "encoder.layer.{}.attention.output.LayerNorm.{}": "encoder.layer.{}.attention.output.LayerNorm.{}",
+    "encoder.layer.{}.intermediate.dense.{}": "encoder.layer.{}.intermediate.dense.{}",
+    "encoder.layer.{}.output.dense.{}": "encoder.layer.{}.output.dense.{}",
+    "encoder.layer.{}.output.LayerNorm.{}": "encoder.layer.{}.output.LayerNorm.{}",
+    "pooler.dense.{}": "pooler.dense.{}",
+}
+BERT_MAP |= {"bert." + k: v for k, v in BERT_MAP.items()} | {  # BertForMaskedLM / CXR-BERT files: "bert." prefix
+    "cls.predictions.bias": None,                     # the MLM head (CXR-BERT also has a 128-d projection head)
+    "cls.predictions.transform.dense.{}": None,
+    "cls.predictions.transform.LayerNorm.{}": None,
+    "cls.predictions.decoder.{}": None,
+    "cls_projection_head.dense_to_hidden.{}": None,
+    "cls_projection_head.LayerNorm.{}": None,
+    "cls_projection_head.dense_to_output.{}": None,
+}
+
+
 CXR_BERT = BertConfig(dropout=0.25, attn_dropout=0.25)   # microsoft/BiomedVLP-CXR-BERT-specialized's config
 
 

@@ -84,6 +84,17 @@ def test_multiview_encoder_decoder_and_heads_equal_the_official_code():
         close(model.encode_image(io["small"]), io["inference"])
 
 
+def test_the_copied_bert_loads_an_hf_folder_on_its_own():
+    """The BERT block copied into this file (with its key map) loads an HF BertModel folder and matches it, so
+    a reader who copies alta.py alone can use BERT.from_pretrained (golden: tests/goldens/medct_bert)."""
+    g = load_file(str(GOLD / "medct_bert" / "io.safetensors"))
+    model = alta.BERT.from_pretrained(GOLD / "medct_bert", add_pooler=True).eval()
+    with torch.no_grad():
+        h, pooled = model(g["input_ids"], g["attention_mask"], g["token_type_ids"])
+    close(h, g["last_hidden_state"])
+    close(pooled, g["pooler_output"])
+
+
 def test_adapted_bert_and_heads_equal_transformers_with_the_official_formula():
     model = tiny_alta()
     load_mapped(model, GOLD / "alta_bert" / "model.safetensors", alta.ALTA_MAP,

@@ -24,7 +24,8 @@ def _definitions(src: str) -> dict:
     """name -> (source text as written, code with comments/layout normalised, marker (file, name) or None)."""
     lines = src.splitlines()
     out = {}
-    for node in ast.parse(src).body:
+    body = ast.parse(src).body
+    for k, node in enumerate(body):
         if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
             name = node.name
         elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
@@ -34,8 +35,14 @@ def _definitions(src: str) -> dict:
         first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
         # the marker goes on the line above the definition, or above its decorators
         m = next((m for m in (MARK.match(lines[i - 2]) if i >= 2 else None for i in (first, node.lineno)) if m), None)
-        text = "\n".join(x for x in lines[first - 1:node.end_lineno] if not MARK.match(x))  # decorators included
-        out[name] = (text, ast.unparse(node), (m.group(1), m.group(2)) if m else None, node)
+        parts = [node]  # a table built in steps (NAME = {...} then NAME |= {...}) is one definition
+        for nxt in body[k + 1:]:
+            if not (isinstance(nxt, ast.AugAssign) and isinstance(nxt.target, ast.Name) and nxt.target.id == name):
+                break
+            parts.append(nxt)
+        text = "\n".join(x for i, part in enumerate(parts)  # decorators included, blank lines between steps not
+                         for x in lines[(first if i == 0 else part.lineno) - 1:part.end_lineno] if not MARK.match(x))
+        out[name] = (text, "\n".join(map(ast.unparse, parts)), (m.group(1), m.group(2)) if m else None, node)
     return out
 
 
@@ -116,6 +123,10 @@ def test_the_check_catches_an_unmarked_twin_a_drifted_copy_and_a_copy_of_a_copy(
     copy = "# Copied from a.py: Block" + BLOCK
     assert any("copy of a copy" in p for p in copy_problems({"a.py": BLOCK, "b.py": copy,
                                                               "c.py": "# Copied from b.py: Block" + BLOCK}))
+    table = 'MAP = {"a": "b"}\nMAP |= {"c": None}  # a note\n'
+    assert copy_problems({"a.py": table, "b.py": "# Copied from a.py: MAP\n" + table.replace("\nMAP |=", "\n\nMAP |=")}) == []
+    assert any("drifted" in p for p in copy_problems({"a.py": table, "b.py": "# Copied from a.py: MAP\n" +
+                                                       table.replace("a note", "another note")}))
     assert any("not right above" in p for p in copy_problems({"a.py": BLOCK, "b.py": "# Copied from a.py: Block\n\n"
                                                               "x = 1\n" + BLOCK}))
 
