@@ -20,6 +20,10 @@ CT-CLIP preprocessing (scripts/data_inference_nii.py of ibrahimethemhamamci/CT-C
     6. permute      (x, y, z) -> (z, x, y) and add a channel: (1, 240, 480, 480) = (C, D, H, W)
 No reorientation is done: CT-CLIP relies on CT-RATE's consistent orientation, and so do we.
 
+Also here: the validation split by patient (split_validation), an in-memory subset of a CTVolumeDataset (CTPairs),
+light 3-D augmentation (augment_volume), and the multi-label zero-shot metrics with CT-CLIP's threshold rule, F1
+variants and a resampling bootstrap (choose_thresholds, f1_scores, zero_shot_report, format_report).
+
 Usage:
     arr, hdr = read_nifti("data/demo/ct/train/train_1/train_1_a/train_1_a_1.nii.gz")   # arr (X, Y, Z) int16
     vol = preprocess_ct(arr, hdr["spacing"], *header_rescale(hdr))                     # (1, 240, 480, 480)
