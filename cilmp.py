@@ -51,7 +51,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +62,7 @@ from safetensors.torch import load_file
 
 from common import metrics as M
 from common import run as R
-from common.data import ClassificationDataset, DataError, make_loader
+from common.data import DataError, dataset_root, make_loader, missing_dataset, train_test_sets
 from common.transforms import CLIP_MEAN, CLIP_STD, eval_transform, train_transform
 from common.weights import WeightsError, load_config, load_mapped, resolve, tensor_index
 
@@ -833,10 +833,9 @@ def llm_representations(llm: Llama, tok, classnames, chat: str, max_new_tokens: 
 def tiny_llm() -> tuple[Llama, object]:
     """The demo's "LLM": a fixed random tiny Llama (seed 0, wide init so it says different things per class)."""
     tok = load_tokenizer(REPO / "common" / "tokenizers" / "llama_tiny.json")
-    cfg = LlamaConfig(**(asdict(LLM_PRESETS["tiny"]["config"]) | {"vocab_size": tok.get_vocab_size()}))
     with torch.random.fork_rng():  # a cold cache must not shift the run's RNG
         torch.manual_seed(0)
-        llm = Llama(cfg).eval()
+        llm = Llama(replace(LLM_PRESETS["tiny"]["config"], vocab_size=tok.get_vocab_size())).eval()
         for p in llm.parameters():  # default init is too tame for a random LLM to say different things
             if p.ndim > 1:
                 nn.init.normal_(p, 0, 0.5)
@@ -853,7 +852,8 @@ def get_representations(args, classnames, world: R.World):
                        ).hexdigest()[:12]
     path = Path(args.cache_dir) / "llm_reps" / args.llm / f"{args.data}-{key}.safetensors"
     json_path = path.with_suffix(".json")
-    if not path.exists() and world.is_main:
+
+    def compute():  # rank 0, once; R.cached_tensors writes the .safetensors last: it marks the entry complete
         print(f"LLM representations: {args.llm} on {len(classnames)} classes (once; cached at {path})")
         if args.llm == "tiny":
             llm, tok = tiny_llm()
@@ -863,16 +863,15 @@ def get_representations(args, classnames, world: R.World):
             dtype = torch.bfloat16 if world.device.type != "cpu" or args.llm_dtype == "bf16" else torch.float32
             llm = Llama.from_pretrained(folder, dtype=dtype, device=world.device)
         reps, texts = llm_representations(llm, tok, classnames, LLM_PRESETS[args.llm]["chat"], args.max_new_tokens)
-        del llm
         path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps({"llm": args.llm, "question": QUESTION, "classes": classnames,
                                          "descriptions": texts}, indent=2) + "\n")
-        R.save_tensors(path, {"reps": reps})  # last: its presence means the cache entry is complete
         for name, text in list(zip(classnames, texts))[:3]:
             print(f"  {name!r}: {text[:200]!r}{'...' if len(text) > 200 else ''}")
         print(f"  (all descriptions: {json_path})")
-    R.barrier(world)
-    return load_file(str(path))["reps"], json.loads(json_path.read_text())["descriptions"]
+        return {"reps": reps}
+
+    return R.cached_tensors(path, world, compute)["reps"], json.loads(json_path.read_text())["descriptions"]
 
 
 def load_tokenizer(path):
@@ -915,24 +914,13 @@ def prompt_tokens(tok, classnames, n_ctx: int, L: int, context_length: int, desc
 
 
 def data_root(args) -> Path:
-    return Path(args.data_dir or REPO / "data" / DATASETS[args.data].get("dir", args.data))
-
-
-def data_help(name: str, root: Path) -> str:
-    d = DATASETS[name]
-    return (f"dataset {name!r} not found: expected {root / d['split']}.\n"
-            f"  1. download: {d['get']}\n"
-            f"  2. prepare:  python -m common.prepare {d.get('dir', name)} --src /path/to/the/download"
-            f"   (writes {root})\n"
-            f"  details: data/README.md, section '{d.get('dir', name)}'")
+    return dataset_root(args.data, DATASETS[args.data], args.data_dir)
 
 
 def preflight(args):
     """Check data, weights and the places we write before any work, and report every problem in one message."""
-    problems = []
-    root = data_root(args)
-    if args.data != "demo" and not (root / DATASETS[args.data]["split"]).exists():
-        problems.append(data_help(args.data, root))
+    missing = missing_dataset(args.data, DATASETS[args.data], data_root(args)) if args.data != "demo" else None
+    problems = [missing] if missing else []
     if args.clip != "tiny":
         try:
             clip_config_from_hf(load_config(resolve(args.clip_path or CLIP_PRESETS[args.clip]["repo"])))
@@ -949,35 +937,16 @@ def preflight(args):
         raise DataError("\n\n".join(problems))
 
 
-def label_subset(labels: np.ndarray, ratio: float, seed: int) -> np.ndarray:
-    """Indices of a stratified `ratio` of the training set (paper Sec. 5.2: 10% / 30% of the labels): from each
-    class round(ratio * n_c) items, at least one, drawn with `seed`. Sorted, so the data order stays a function
-    of (seed, epoch) alone."""
-    rng = np.random.default_rng(seed)
-    keep = [rng.permutation(np.flatnonzero(labels == c))[:max(1, round(ratio * int((labels == c).sum())))]
-            for c in np.unique(labels)]
-    return np.sort(np.concatenate(keep))
-
-
 def build_data(args, image_size: int):
+    """(train, test) of --data with CLIP's transforms; --label-ratio keeps a stratified part of the training set
+    (paper Sec. 5.2: 10% / 30% of the labels, drawn with --seed)."""
     root = data_root(args)
     if args.data == "demo":
         from common.demo import ensure_demo
         ensure_demo(root)
-    split_file = root / DATASETS[args.data]["split"]
-    if not split_file.exists():
-        raise DataError(data_help(args.data, root))
-    train = ClassificationDataset(root, split_file, "train", train_transform(image_size, CLIP_MEAN, CLIP_STD))
-    test = ClassificationDataset(root, split_file, "test", eval_transform(image_size, CLIP_MEAN, CLIP_STD))
-    if args.label_ratio < 1:
-        keep = label_subset(train.labels, args.label_ratio, args.seed)
-        train.items, train.labels = [train.items[i] for i in keep], train.labels[keep]
-        print(f"label ratio {args.label_ratio}: {len(keep)} training images (stratified, seed {args.seed})")
-    want = DATASETS[args.data]["classes"]
-    if want is not None and [c.lower() for c in train.classnames] != [c.lower() for c in want]:
-        print(f"note: class names in {split_file} differ from the paper's: {train.classnames} vs {want}; "
-              "using the file's (they are the prompt words)")
-    return train, test
+    return train_test_sets(args.data, DATASETS[args.data], root, train_transform(image_size, CLIP_MEAN, CLIP_STD),
+                           eval_transform(image_size, CLIP_MEAN, CLIP_STD), label_ratio=args.label_ratio,
+                           seed=args.seed)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -993,16 +962,11 @@ def build_clip(args, world: R.World):
         folder = resolve(args.clip_path or CLIP_PRESETS[args.clip]["repo"])
         return CLIP.from_pretrained(folder), load_tokenizer(folder / "tokenizer.json")
     tok = load_tokenizer(REPO / "common" / "tokenizers" / "clip_tiny.json")
-    cfg = CLIPConfig(**(asdict(CLIP_PRESETS["tiny"]["config"]) | {"vocab_size": tok.get_vocab_size()}))
-    clip = CLIP(cfg).init_random(seed=0)
+    clip = CLIP(replace(CLIP_PRESETS["tiny"]["config"], vocab_size=tok.get_vocab_size())).init_random(seed=0)
+    demo = Path(args.data_dir) if args.data == "demo" and args.data_dir else REPO / "data" / "demo"
     path = Path(args.cache_dir) / f"clip_tiny_demo-{args.clip_pretrain_steps}.safetensors"
-    if not path.exists() and world.is_main:
-        demo = Path(args.data_dir) if args.data == "demo" and args.data_dir else REPO / "data" / "demo"
-        pretrain_tiny_clip(clip, tok, demo, args.clip_pretrain_steps)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        R.save_tensors(path, clip.state_dict())
-    R.barrier(world)
-    clip.load_state_dict(load_file(str(path)))
+    pretrain = lambda: pretrain_tiny_clip(clip, tok, demo, args.clip_pretrain_steps).state_dict()  # noqa: E731
+    clip.load_state_dict(R.cached_tensors(path, world, pretrain))
     return clip, tok
 
 
@@ -1041,32 +1005,26 @@ def pretrain_tiny_clip(clip: CLIP, tok, root: Path, steps: int = 150, batch: int
                 logits = clip.logit_scale.exp() * f @ t.T
                 labels = torch.arange(len(f))
                 loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                loss_value = R.optimizer_step(loss, opt, None, R.World(), step)
                 sched.step()
                 clip.logit_scale.data.clamp_(max=math.log(100))
                 step += 1
-                progress.update(1, loss=loss.item())
+                progress.update(1, loss=loss_value)
                 if step == steps:
                     break
     clip.logit_scale.data.fill_(math.log(100))  # what real CLIP ends at; CILMP keeps it frozen
     return clip
 
 
-def cilmp_config(args, depth: int) -> CILMPConfig:
-    """The one place the method's flags become its config."""
-    mode = ("none" if args.no_intervention else "plain" if args.no_conditional else
-            "no-rd" if args.no_rd else "conditional")
-    return CILMPConfig(n_ctx=args.n_ctx, n_vpt=args.n_vpt, depth=depth, prefix_len=args.prefix_len,
-                       suffix_len=args.suffix_len, rank=args.rank, dropout=args.dropout, mode=mode)
-
-
 def build_model(args, clip, tok, classnames, reps, descriptions) -> CILMP:
-    """--prompt-mode text puts the descriptions into the text prompt instead of the LLM representations."""
+    """The one place the method's flags become its config. --prompt-mode text puts the descriptions into the
+    text prompt instead of the LLM representations."""
     text_mode = args.prompt_mode == "text"
     reps = None if text_mode else reps
-    cfg = cilmp_config(args, clip.cfg.text_layers)
+    mode = ("none" if args.no_intervention else "plain" if args.no_conditional else
+            "no-rd" if args.no_rd else "conditional")
+    cfg = CILMPConfig(n_ctx=args.n_ctx, n_vpt=args.n_vpt, depth=clip.cfg.text_layers, prefix_len=args.prefix_len,
+                      suffix_len=args.suffix_len, rank=args.rank, dropout=args.dropout, mode=mode)
     ctx_ids, suffix_ids, eot = prompt_tokens(tok, classnames, cfg.n_ctx, 0 if reps is None else reps.shape[1],
                                              clip.cfg.context_length, descriptions if text_mode else None)
     torch.manual_seed(args.seed)  # trainable init depends on the seed only (not on what ran before)
@@ -1186,16 +1144,14 @@ def run_bench(args, world: R.World, precisions):
                       CILMPConfig(depth=size["clip"].text_layers)).to(dev)
         R.cast_frozen(model, R.PRECISIONS[precision])
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+        opt, scaler = torch.optim.SGD(params, lr=1e-3, momentum=0.9), R.make_scaler(precision, dev)
         res = size["clip"].image_size
         x, y = torch.randn(B, 3, res, res, device=dev), torch.randint(0, C, (B,), device=dev)
 
-        def step():
+        def step():  # the training step: autocast forward, then R.optimizer_step as train() calls it
             with R.autocast(dev, precision):
                 loss = F.cross_entropy(model(x).float(), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            R.optimizer_step(loss, opt, scaler, world, 0)
 
         r = R.bench(step, items=B, flops_per_step=R.flops_of(step), device=dev, dtype=R.PRECISIONS[precision],
                     warmup=1, steps=args.bench_steps)
@@ -1281,18 +1237,15 @@ def parse_args(argv=None):
     if args.bench and "batch_size" not in given:
         args.batch_size = 8
     R.finish_common_args(p, args)
-    for flag, ok, want in (("n_ctx", args.n_ctx >= 1, "at least 1"), ("n_vpt", args.n_vpt >= 0, "0 or more"),
-                           ("prefix_len", args.prefix_len >= 0, "0 or more"), ("rank", args.rank >= 1, "at least 1"),
-                           ("suffix_len", args.suffix_len >= 0, "0 or more"),
-                           ("dropout", 0 <= args.dropout < 1, "in [0, 1)"),
-                           ("label_ratio", 0 < args.label_ratio <= 1, "in (0, 1]"),
-                           ("warmup_epochs", args.warmup_epochs >= 0, "0 or more"),
-                           ("warmup_lr", args.warmup_lr > 0, "above 0"),
-                           ("max_new_tokens", args.max_new_tokens >= 1, "at least 1"),
-                           ("clip_pretrain_steps", args.clip_pretrain_steps >= 1, "at least 1"),
-                           ("eval_batch_size", args.eval_batch_size >= 1, "at least 1")):
-        if not ok:
-            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be {want}")
+    R.check_flags(p, args, [
+        ("n_ctx", args.n_ctx >= 1, "at least 1"), ("n_vpt", args.n_vpt >= 0, "0 or more"),
+        ("prefix_len", args.prefix_len >= 0, "0 or more"), ("suffix_len", args.suffix_len >= 0, "0 or more"),
+        ("rank", args.rank >= 1, "at least 1"), ("dropout", 0 <= args.dropout < 1, "in [0, 1)"),
+        ("label_ratio", 0 < args.label_ratio <= 1, "in (0, 1]"), ("warmup_lr", args.warmup_lr > 0, "above 0"),
+        ("warmup_epochs", args.warmup_epochs >= 0, "0 or more"),
+        ("max_new_tokens", args.max_new_tokens >= 1, "at least 1"),
+        ("eval_batch_size", args.eval_batch_size >= 1, "at least 1"),
+        ("clip_pretrain_steps", args.clip_pretrain_steps >= 1, "at least 1")])
     if args.prompt_mode == "text" and args.llm == "none":
         p.error("--prompt-mode text puts the LLM's descriptions into the prompt: it needs an LLM (not --llm none)")
     return args
@@ -1303,9 +1256,8 @@ def run_one(args, world: R.World) -> dict:
     run_dir = Path(args.resume) if args.resume else R.new_run_dir("cilmp", args.data, args.out, vars(args), world)
     try:
         model, test_ds = build_and_train(args, world, run_dir)
-    except (R.NonFiniteLoss, KeyboardInterrupt) as e:
-        raise Stopped(R.stop_message(e, run_dir, command="python cilmp.py"),
-                      3 if isinstance(e, R.NonFiniteLoss) else 2) from None
+    except (R.NonFiniteLoss, KeyboardInterrupt) as e:  # exit 3 / 2, saying which checkpoint is on disk
+        raise R.Stopped(e, run_dir, "python cilmp.py") from None
     if not world.is_main:
         return {}
     report = evaluate(model, test_ds, args, world.device)
@@ -1336,14 +1288,6 @@ def build_and_train(args, world: R.World, run_dir: Path):
     return model, test_ds
 
 
-class Stopped(Exception):
-    """Training stopped early (non-finite loss, Ctrl-C): the message says what is on disk; exit with .code."""
-
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
-
-
 def run_seeds(args, world: R.World):
     """--seeds 1,2,3: one run per seed (in --out/seed<k> when --out is given), then mean +- std, as reported."""
     seeds, reports = [int(s) for s in args.seeds.split(",")], []
@@ -1352,11 +1296,8 @@ def run_seeds(args, world: R.World):
         args.seed, args.out = seed, str(base / f"seed{seed}") if base else None
         reports.append(run_one(args, world))
     if world.is_main:
-        keys = ["acc", "f1_macro", "auroc", "kappa", "kappa_quadratic"]
-        summary = {k: {"mean": float(np.mean([r[k] for r in reports])),
-                       "std": float(np.std([r[k] for r in reports]))} for k in keys}
-        print("over seeds " + ", ".join(map(str, seeds)) + ": " +
-              "  ".join(f"{k} {100 * v['mean']:.2f} +- {100 * v['std']:.2f}" for k, v in summary.items()))
+        summary = M.mean_std(reports)
+        print(f"over seeds {', '.join(map(str, seeds))}: {M.format_mean_std(summary)}")
         if base:
             (base / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
@@ -1376,12 +1317,9 @@ def main(argv=None):
         else:
             run_one(args, world)
         return 0
-    except R.USER_ERRORS as e:  # user-fixable: a message, not a traceback
+    except R.USER_ERRORS as e:  # user-fixable, or a run stopped early (R.Stopped): a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Stopped as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.code
+        return getattr(e, "code", 2)
     except KeyboardInterrupt:  # before training started: nothing of this run to keep
         print("error: interrupted before training started", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import cilmp  # noqa: E402
+from common.data import missing_dataset, stratified_subset  # noqa: E402
 from common.weights import WeightsError  # noqa: E402
 
 G = REPO / "tests" / "goldens"
@@ -199,7 +201,7 @@ def test_key_map_names_missing_and_misshaped_tensors(tmp_path):
 
 def _tiny_model(mode="conditional", dropout=0.0, L=10, D_L=64, C=3):
     tok = cilmp.load_tokenizer(REPO / "common" / "tokenizers" / "clip_tiny.json")
-    cfg = cilmp.CLIPConfig(**(cilmp.asdict(cilmp.CLIP_PRESETS["tiny"]["config"]) | {"vocab_size": tok.get_vocab_size()}))
+    cfg = replace(cilmp.CLIP_PRESETS["tiny"]["config"], vocab_size=tok.get_vocab_size())
     clip = cilmp.CLIP(cfg).init_random(0)
     names = ["melanoma", "nevus", "vascular lesion"][:C]
     ctx, suf, eot = cilmp.prompt_tokens(tok, names, 4, L, cfg.context_length)
@@ -276,7 +278,7 @@ def test_ablation_modes_change_the_parameter_count():
 
 def _tiny_tok_and_clip_cfg():
     tok = cilmp.load_tokenizer(REPO / "common" / "tokenizers" / "clip_tiny.json")
-    return tok, cilmp.CLIPConfig(**(cilmp.asdict(cilmp.CLIP_PRESETS["tiny"]["config"]) | {"vocab_size": tok.get_vocab_size()}))
+    return tok, replace(cilmp.CLIP_PRESETS["tiny"]["config"], vocab_size=tok.get_vocab_size())
 
 
 def test_n_ctx_below_4_keeps_the_leftover_words_and_above_4_starts_random():
@@ -317,15 +319,24 @@ def test_n_vpt_sets_the_vision_prompts_and_0_leaves_the_vision_tower_as_is():
         assert model(x).shape == (2, 2)
 
 
-def test_label_subset_is_stratified_and_seeded():
+def test_label_ratio_subset_is_stratified_and_seeded():
     labels = np.repeat(np.arange(4), [100, 30, 9, 1])
     for ratio in (0.1, 0.3):
-        keep = cilmp.label_subset(labels, ratio, seed=1)
+        keep = stratified_subset(labels, ratio, seed=1)
         counts = np.bincount(labels[keep], minlength=4)
         assert counts.tolist() == [max(1, round(ratio * n)) for n in (100, 30, 9, 1)]
-        assert np.array_equal(keep, cilmp.label_subset(labels, ratio, seed=1))     # seeded
-        assert not np.array_equal(keep, cilmp.label_subset(labels, ratio, seed=2))
+        assert np.array_equal(keep, stratified_subset(labels, ratio, seed=1))     # seeded
+        assert not np.array_equal(keep, stratified_subset(labels, ratio, seed=2))
         assert np.all(np.diff(keep) > 0)
+
+
+def test_a_missing_dataset_names_its_download_and_the_prepare_command_of_its_folder(tmp_path):
+    entry = cilmp.DATASETS["pneumonia2"]
+    msg = missing_dataset("pneumonia2", entry, tmp_path)
+    assert str(tmp_path / "split_pneumonia2.json") in msg and entry["get"] in msg
+    assert "python -m common.prepare pneumonia --src" in msg      # its split file lives in data/pneumonia
+    (tmp_path / "split_pneumonia2.json").write_text("{}")
+    assert missing_dataset("pneumonia2", entry, tmp_path) is None
 
 
 def test_text_prompt_mode_puts_the_description_into_the_prompt_without_llm_tokens():
@@ -371,16 +382,18 @@ def _run(args, timeout=int(os.environ.get("CILMP_TEST_TIMEOUT", 600)), env=None)
                           text=True, timeout=timeout, env=env)
 
 
-def test_resume_of_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path):
-    r = _run(["--resume", str(tmp_path / "nope")])
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "not a run folder" in r.stderr
+# The user-mistake tests call main() in this process (main() is what the command line runs: sys.exit(main())):
+# a subprocess would add ~3 s of CPU for importing torch, and ~30 s of wall time on a crowded 2-core machine.
+def test_resume_of_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:   # argparse's error: usage + message, exit 2
+        cilmp.main(["--resume", str(tmp_path / "nope")])
+    assert e.value.code == 2 and "not a run folder" in capsys.readouterr().err
 
 
-def test_missing_real_data_prints_help_not_traceback(tmp_path):
-    r = _run(["--data", "isic", "--data-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "run")])
-    assert r.returncode == 2, r.stderr
-    assert "Traceback" not in r.stderr
-    assert "python -m common.prepare isic" in r.stderr and "ISIC 2018" in r.stderr
+def test_missing_real_data_prints_help_not_traceback(tmp_path, capsys):
+    assert cilmp.main(["--data", "isic", "--data-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "python -m common.prepare isic" in err and "ISIC 2018" in err and not (tmp_path / "run").exists()
 
 
 def test_ddp_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
@@ -467,13 +480,12 @@ def test_demo_end_to_end_and_eval_only(cache, tmp_path):
     descr = list((cache / "llm_reps" / "tiny").glob("*.json"))
     assert descr and len(json.loads(descr[0].read_text())["descriptions"]) == 6
 
-    r = _run(["--eval-only", "--resume", str(out)])
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert cilmp.main(["--eval-only", "--resume", str(out)]) == 0   # in this process: no second torch import
     again = json.loads((out / "metrics.json").read_text())
     assert again["acc"] == m["acc"] and again["confusion"] == m["confusion"]
 
 
-def test_ctrl_c_says_where_the_checkpoint_is_and_resume_reaches_the_same_weights(cache, tmp_path):
+def test_ctrl_c_says_where_the_checkpoint_is_and_resume_reaches_the_same_weights(cache, tmp_path, capsys):
     """Ctrl-C after the first checkpoint: exit 2 with the checkpoint and the --resume command; --resume RUN then
     ends bit-identical to an uninterrupted run (data order, RNG, optimizer, GPA all restored)."""
     import signal
@@ -483,8 +495,11 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_resume_reaches_the_same_weights
     assert r.returncode == 0, r.stderr[-3000:]
     assert "label ratio 0.1: 60 training images" in r.stdout
     run = tmp_path / "stopped"
+    # SIGINT's default action in the child even when pytest runs as a background job (`... &` in a script),
+    # which starts every child with SIGINT ignored: the signal would then never reach the run
     p = subprocess.Popen([sys.executable, str(REPO / "cilmp.py"), *common, "--out", str(run)], cwd=REPO,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     t0 = time.time()
     while not (run / "ckpt" / "latest").exists() and p.poll() is None and time.time() - t0 < 300:
         time.sleep(0.02)
@@ -500,8 +515,11 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_resume_reaches_the_same_weights
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    r = _run(["--resume", str(run), "--data", "isic"])   # a flag that changes what is trained is refused
-    assert r.returncode == 2 and "would change what the run trains" in r.stderr and "--data isic" in r.stderr
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:   # a flag that changes what is trained is refused (in this process)
+        cilmp.main(["--resume", str(run), "--data", "isic"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "would change what the run trains" in err and "--data isic" in err
 
 
 def test_torchrun_two_cpu_processes(cache, tmp_path):
@@ -526,9 +544,8 @@ def test_runs_on_a_mock_converted_isic_in_text_prompt_mode(cache, tmp_path):
     paper's plain-text baseline (--prompt-mode text) and non-default prompt sizes, no other step."""
     from test_prepare import make_isic
     src = make_isic(tmp_path / "raw", per_class=(3, 1, 2))
-    r = subprocess.run([sys.executable, "-m", "common.prepare", "isic", "--src", str(src), "--out",
-                        str(tmp_path / "isic")], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    from common import prepare
+    assert prepare.main(["isic", "--src", str(src), "--out", str(tmp_path / "isic")]) == 0   # in this process
     r = _run(_fast(cache, "--data", "isic", "--data-dir", str(tmp_path / "isic"), "--clip", "tiny", "--llm", "tiny",
                    "--max-new-tokens", "24", "--prompt-mode", "text", "--n-ctx", "2", "--n-vpt", "2",
                    "--epochs", "2", "--batch-size", "8", "--out", str(tmp_path / "run")))
@@ -624,16 +641,16 @@ def test_clip_path_selects_the_real_clip():
     assert args.clip == "vit-b16" and args.llm == "tiny"
 
 
-def test_clip_config_without_vision_config_is_a_message_before_any_work(tmp_path):
+def test_clip_config_without_vision_config_is_a_message_before_any_work(tmp_path, capsys):
     folder = tmp_path / "clip"
     folder.mkdir()
     hf = _clip_hf_config()
     del hf["vision_config"]
     (folder / "config.json").write_text(json.dumps(hf))
     (folder / "model.safetensors").symlink_to(G / "clip_tiny" / "model.safetensors")
-    r = _run(["--clip-path", str(folder), "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "c")])
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert "has no vision_config" in r.stderr and not (tmp_path / "run").exists()
+    argv = ["--clip-path", str(folder), "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "c")]
+    assert cilmp.main(argv) == 2
+    assert "has no vision_config" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
 def test_bf16_autocast_with_half_frozen_weights_matches_fp32():
@@ -670,7 +687,7 @@ def test_llm_representations_are_the_last_token_of_every_layer():
 
 def test_bench_runs_and_reports_every_figure(monkeypatch, capsys):
     """--bench at a tiny size (the real one takes minutes): both precisions, both steps, all the figures."""
-    tiny = cilmp.CLIPConfig(**(cilmp.asdict(cilmp.CLIP_PRESETS["tiny"]["config"]) | {"vocab_size": 49408}))
+    tiny = replace(cilmp.CLIP_PRESETS["tiny"]["config"], vocab_size=49408)
     monkeypatch.setattr(cilmp, "BENCH_SIZE", dict(clip=tiny, llm_layers=10, llm_dim=64, classes=3))
     peak = cilmp.R.matmul_peak_flops  # the MFU denominator from a 256^3 matmul (2048^3 in bf16 takes minutes on CPU)
     monkeypatch.setattr(cilmp.R, "matmul_peak_flops", lambda device, dtype: peak(device, dtype, n=256))
