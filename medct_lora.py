@@ -1101,7 +1101,7 @@ def run_bench(args, world):
 
 # NOTE measured on the demo (30 test volumes, 45 training pairs), fresh cache (the tiny CT-CLIP pre-trained anew,
 # as in a fresh clone): the zero-shot mean AUROC is 0.490 before LoRA (per finding 0.29-0.41 except pleural effusion
-# 0.99) and 0.384 / 0.638 / 0.616 after, for --seed 0 / 1 / 2: no reliable gain. Why (measured with reports that
+# 0.99) and 0.385 / 0.622 / 0.609 after, for --seed 0 / 1 / 2: no reliable gain. Why (measured with reports that
 # state every finding as present or absent, partly in the prompts' words): the tiny BERT embeds "{p} is present."
 # and "{p} is not present." almost alike (cosine 0.996-1.000), so P(present) stays within 0.5 +- 0.03 and ranks
 # along an arbitrary direction; and the image latents separate the findings weakly (AUROC of the train-set
