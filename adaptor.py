@@ -79,8 +79,8 @@ from safetensors.torch import load_file
 from common import metrics as M
 from common import run as R
 from common.data import ClassificationDataset, DataError, SegmentationDataset
-from common.features import (Images, bert_tokenizer, cached, extract, fingerprint, fraction, paired, read_pairs,
-                             tokenize, word_tokenizer)
+from common.features import (Images, bert_tokenizer, cached, dice_per_image, extract, fingerprint, fraction, paired,
+                             read_pairs, tokenize, word_tokenizer)
 from common.transforms import PadCrop
 from common.weights import WeightsError, check_keys, load_config, load_mapped, resolve, tensor_index
 
@@ -865,7 +865,8 @@ def pretrain(args, world, folder: Path, vision, bert, tok, size: int) -> Adaptor
         print(f"pre-training: {val_split} loss {val:.4f} (one batch of {len(x)}), text->image top-1 {top1:.3f}")
         R.JsonlLog(folder / "metrics.jsonl").log(split=val_split, val_loss=val, t2i_top1=top1)
     finish(model, folder, world, dict(adaptor=asdict(cfg), vision=args.vision, vision_path=args.vision_path,
-                                      text=args.text, text_path=args.text_path))
+                                      text=args.text, text_path=args.text_path,
+                                      backbone_pretrain_steps=args.backbone_pretrain_steps))
     return model
 
 
@@ -967,14 +968,6 @@ def dice_loss(x, target, smooth: float = 1.0):
 def seg_loss(logits, target, alpha: float = 10.0, on_probs: bool = False):
     """MixedLoss: alpha x focal + dice."""
     return alpha * focal_loss(logits, target) + dice_loss(logits.sigmoid() if on_probs else logits, target)
-
-
-def dice_per_image(probs, target, threshold: float = 0.5) -> torch.Tensor:
-    """(B,) Dice of (probs > threshold) against target > 0.5; an empty target scores 1 if the prediction is empty
-    and 0 otherwise (the official rule)."""
-    p, t = (probs.flatten(1) > threshold).float(), (target.flatten(1) > 0.5).float()
-    dice = 2 * (p * t).sum(1) / (p + t).sum(1).clamp_min(1e-12)
-    return torch.where(t.sum(1) == 0, (p.sum(1) == 0).float(), dice)
 
 
 class Best:
@@ -1353,8 +1346,8 @@ def run(args, world) -> dict:
     R.seed_everything(args.seed, world.rank)
     if args.init:  # the backbones the adaptor was pre-trained on, whatever today's defaults say
         spec = json.loads(init_folder(Path(args.init)).joinpath("model.json").read_text())
-        for k in ("vision", "vision_path", "text", "text_path"):
-            setattr(args, k, spec[k])
+        for k in ("vision", "vision_path", "text", "text_path", "backbone_pretrain_steps"):
+            setattr(args, k, spec.get(k, getattr(args, k)))
     vision, bert, tok = backbones(args, world)
     size = args.size or DATASETS[args.data]["size"]
     tasks = ["pretrain", "classify", "segment"] if args.data == "demo" and args.task == "all" else [args.task]

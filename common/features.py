@@ -8,6 +8,7 @@ features out, computed once and cached with the ids of their rows.
     ids, a, b = paired(ids_a, a, ids_b, b)            # two feature tables joined by id, never by position
     name = fingerprint(model)                         # changes whenever the weights or the config change
     keep = fraction(labels, 0.01, seed)               # a stratified, seeded 1% of the training labels
+    dice = dice_per_image(probs, masks)               # (B,) Dice at 0.5; an empty mask scores 1 iff predicted empty
 """
 import csv
 import hashlib
@@ -175,7 +176,7 @@ def paired(img_ids, img_feats, txt_ids, txt_feats) -> tuple:
     return ids, img_feats[[at[k] for k in ids]], txt_feats[[row[k] for k in ids]]
 
 # ----------------------------------------------------------------------------------------------------------
-# label fractions
+# label fractions and the per-image Dice of a segmentation head (requested for common/data.py / metrics.py)
 
 
 def fraction(labels, pct: float, seed: int) -> np.ndarray:
@@ -187,3 +188,11 @@ def fraction(labels, pct: float, seed: int) -> np.ndarray:
     keep = [rng.choice(idx, max(1, round(pct * len(idx))), replace=False)
             for idx in (np.flatnonzero(labels == c) for c in np.unique(labels))]
     return np.sort(np.concatenate(keep))
+
+
+def dice_per_image(probs, target, threshold: float = 0.5) -> torch.Tensor:
+    """(B,) Dice of (probs > threshold) against target > 0.5; an empty target scores 1 if the prediction is empty
+    and 0 otherwise (the rule of the Adaptor / MGCA segmentation code)."""
+    p, t = (probs.flatten(1) > threshold).float(), (target.flatten(1) > 0.5).float()
+    dice = 2 * (p * t).sum(1) / (p + t).sum(1).clamp_min(1e-12)
+    return torch.where(t.sum(1) == 0, (p.sum(1) == 0).float(), dice)
