@@ -78,9 +78,9 @@ from safetensors.torch import load_file
 
 from common import metrics as M
 from common import run as R
-from common.data import ClassificationDataset, DataError, SegmentationDataset
-from common.features import (Images, bert_tokenizer, cached, dice_per_image, extract, fingerprint, fraction, paired,
-                             read_pairs, tokenize, word_tokenizer)
+from common.data import ClassificationDataset, DataError, Images, SegmentationDataset, fraction, read_pairs
+from common.features import (bert_tokenizer, cached, dice_per_image, extract, fingerprint, paired, tokenize,
+                             word_tokenizer)
 from common.transforms import PadCrop
 from common.weights import WeightsError, check_keys, load_config, load_mapped, resolve, tensor_index
 

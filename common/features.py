@@ -1,82 +1,27 @@
 """Plumbing for methods that train on top of frozen backbones: image-report pairs and tokenized text in, frozen
 features out, computed once and cached with the ids of their rows.
 
-    ids, captions = read_pairs(csv_path)              # an image-report CSV, captions cleaned as MGCA / Adaptor
-    images = Images(root, ids, transform)             # a Dataset of images by relative path (the cache's ids)
+    ids, captions = read_pairs(csv_path)              # (common/data.py) an image-report CSV, MGCA's cleaning
+    images = Images(root, ids, transform)             # (common/data.py) images by relative path (the cache's ids)
     tok = bert_tokenizer(folder); ids, mask = tokenize(tok, texts)   # padded to the longest text of the batch
     feats = cached(path, ids, compute, world, meta)   # (N, d), row i = ids[i]; computed once by rank 0
     ids, a, b = paired(ids_a, a, ids_b, b)            # two feature tables joined by id, never by position
     name = fingerprint(model)                         # changes whenever the weights or the config change
-    keep = fraction(labels, 0.01, seed)               # a stratified, seeded 1% of the training labels
+    keep = fraction(labels, 0.01, seed)               # (common/data.py) a stratified, seeded 1% of the labels
     dice = dice_per_image(probs, masks)               # (B,) Dice at 0.5; an empty mask scores 1 iff predicted empty
 """
-import csv
 import hashlib
 import json
 import math
 import os
-import re
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from common import run as R
-from common.data import DataError, load_image
+from common.data import DataError
 from common.weights import WeightsError
-
-# ----------------------------------------------------------------------------------------------------------
-# image-report pairs
-
-
-def clean_caption(text: str) -> str:
-    """MGCA's caption cleaning (Adaptor's too): split into sentences on "N." and ".", lower-case, keep \\w+ tokens
-    (ASCII only), drop sentences of <= 1 token; "" when fewer than 3 tokens remain (the study is then dropped)."""
-    kept = []
-    for s in (s for part in re.split(r"[0-9]+\.", text.replace("\n", " ")) for s in part.split(".")):
-        toks = re.findall(r"\w+", s.replace("\ufffd\ufffd", " ").lower())
-        toks = [t for t in (t.encode("ascii", "ignore").decode("ascii") for t in toks) if t] if len(toks) > 1 else []
-        if toks:
-            kept.append(" ".join(toks))
-    return " ".join(kept) if sum(len(s.split()) for s in kept) >= 3 else ""
-
-
-def read_pairs(path: Path) -> tuple:
-    """An image-report CSV -> (ids = image paths, cleaned captions), in file order, studies with an empty caption
-    dropped. The caption is impression + " " + findings when the CSV has a findings column (MIMIC-CXR, as MGCA),
-    else its report column."""
-    if not path.is_file():
-        raise DataError(f"image-report CSV not found: {path}")
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "image_path" not in rows[0]:
-        raise DataError(f"{path}: expected an image_path column and a report (or findings + impression) column")
-    ids, caps = [], []
-    for r in rows:
-        c = clean_caption(f"{r.get('impression', '')} {r['findings']}" if "findings" in r else r.get("report", ""))
-        if c:
-            ids.append(r["image_path"])
-            caps.append(c)
-    if len(set(ids)) != len(ids):
-        raise DataError(f"{path}: an image_path appears twice; pairs are matched by it")
-    return ids, caps
-
-
-class Images(torch.utils.data.Dataset):
-    """Images by path relative to root (the ids of a feature cache), through `transform`."""
-
-    def __init__(self, root: Path, paths: list, transform):
-        self.root, self.paths, self.transform = Path(root), paths, transform
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        return self.transform(load_image(self.root / self.paths[i]))
-
-    def batch(self, start: int, end: int) -> torch.Tensor:
-        return torch.stack([self[i] for i in range(start, end)])
 
 # ----------------------------------------------------------------------------------------------------------
 # text for BERT-style towers
@@ -177,17 +122,6 @@ def paired(img_ids, img_feats, txt_ids, txt_feats) -> tuple:
 
 # ----------------------------------------------------------------------------------------------------------
 # label fractions and the per-image Dice of a segmentation head (requested for common/data.py / metrics.py)
-
-
-def fraction(labels, pct: float, seed: int) -> np.ndarray:
-    """Sorted indices of a stratified, seeded `pct` of the items (at least one per class present); all if pct >= 1."""
-    labels = np.asarray(labels)
-    if pct >= 1:
-        return np.arange(len(labels))
-    rng = np.random.default_rng(seed)
-    keep = [rng.choice(idx, max(1, round(pct * len(idx))), replace=False)
-            for idx in (np.flatnonzero(labels == c) for c in np.unique(labels))]
-    return np.sort(np.concatenate(keep))
 
 
 def dice_per_image(probs, target, threshold: float = 0.5) -> torch.Tensor:

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import adaptor as A  # noqa: E402
 from common import run as R  # noqa: E402
-from common.features import clean_caption  # noqa: E402
+from common.data import clean_caption  # noqa: E402
 from common.weights import WeightsError, load_mapped  # noqa: E402
 
 GOLD = REPO / "tests" / "goldens"
