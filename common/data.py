@@ -394,8 +394,6 @@ def read_csv(path, required, what):
     return header, rows
 
 
-_read_csv = read_csv  # the old private name, kept for callers written before read_csv was public
-
 
 # -----------------------------------------------------------------------------
 # 2. image-report CSV (ALTA)
