@@ -701,7 +701,7 @@ def load_bert(path, missing_pooler: str = "error", seed: int = 42, dtype=None) -
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data (readers, PadCrop and the feature cache: common/features.py, common/transforms.py) and frozen features
+# Data (readers: common/data.py, PadCrop: common/transforms.py, feature cache: common/features.py), frozen features
 
 PREPARE = "python -m common.prepare {} --src /path/to/the/download"
 DATASETS = {  # folder under data/; pairs = image-report CSVs per split; classify / segment = split JSONs

@@ -1413,7 +1413,7 @@ def preflight(args):
     root = Path(args.data_dir or REPO / d["dir"])
     if args.data != "demo" and not args.eval and not (root / d["train"]).is_file():
         problems.append(f"{root / d['train']} not found: prepare it with `{d['prepare']}`")
-    for flag, path in (("--init-vision", args.init_vision), ("--text", args.text)):
+    for flag, path in (("--init-vision", args.init_vision), ("--text", args.text), ("--init", args.init)):
         if path and not Path(path).exists():
             problems.append(f"{flag} {path}: not found (download: see data/README.md and `python -m common.weights`)")
     if args.data != "demo" and not args.eval and (not args.init_vision or not args.text):

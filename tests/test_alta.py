@@ -428,6 +428,9 @@ def test_bad_input_gives_a_message_not_a_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "common.prepare mimic-cxr" in err and "MRM.safetensors" in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
+    assert alta.main(["--eval", "rsna-zeroshot", "--init", str(tmp_path / "ALTA.safetensors"), "--text", str(tmp_path),
+                      "--out", str(tmp_path / "r")]) == 2                       # a mistyped --init: said before any work
+    assert f"--init {tmp_path / 'ALTA.safetensors'}: not found" in capsys.readouterr().err
 
 
 def test_official_evaluations_run_on_mock_layouts(tmp_path):
