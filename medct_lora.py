@@ -1237,10 +1237,9 @@ def parse_args(argv=None):
         except R.RunError as e:
             p.error(str(e))
     if args.data == "demo" and not args.bench and not args.count_params:
-        # a resumed run restored its recipe from args.json above, except the runtime flags, which take "today's"
-        # value: for the demo that is the recipe's, not the real-data default. (It was not: --eval-only then
-        # encoded the test volumes 2 at a time instead of 16, the ~1e-7 rounding difference reordered near-tied
-        # probabilities, and the LoRA column's AUROC moved in its 3rd decimal.)
+        # --resume restored the recipe from args.json, except the runtime flags, which take today's value: for the
+        # demo that is the recipe's, not the real-data default (an eval batch of 2 instead of 16 alone changes
+        # the latents by ~1e-7, enough to reorder the demo's near-tied probabilities and move its AUROC)
         for k, v in DEMO_RECIPE.items():
             if k not in given and (not args.resume or k in R.RUNTIME_FLAGS):
                 setattr(args, k, v)
