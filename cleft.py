@@ -59,8 +59,8 @@ from torch.utils.checkpoint import checkpoint
 
 from common import metrics as M
 from common import run as R
-from common.data import (CaptionDataset, DataError, bpe_tokenizer, classification_sets, dataset_root, missing_dataset,
-                         right_padded)
+from common.data import (CaptionDataset, DataError, bpe_tokenizer, classification_sets, dataset_file, dataset_root,
+                         missing_dataset, right_padded)
 from common import transforms as T
 from common.demo import ensure_demo
 from common.weights import WeightsError, load_config, load_mapped, resolve
@@ -453,24 +453,20 @@ class IA3Linear(nn.Linear):
         return (y * l).to(y.dtype)                                                       # (W x + b) * l
 
     @torch.no_grad()
-    def merge(self):
-        if self.merged:
-            raise RuntimeError("IA3 already merged")
-        l = self.ia3_l.to(self.weight.dtype)  # (1, in) scales W's columns, (out, 1) its rows (and then b too):
-        self.weight *= l                      # W (x * l) = (W * l_row) x,  (W x + b) * l = (l_col * W) x + l * b
+    def merge(self, undo: bool = False):
+        """Fold l into W: (1, in) scales W's columns, (out, 1) its rows and then b too, as
+        W (x * l) = (W * l_row) x  and  (W x + b) * l = (l_col * W) x + l * b.  undo=True divides it out again."""
+        if self.merged != undo:
+            raise RuntimeError("IA3 is not merged" if undo else "IA3 already merged")
+        l = self.ia3_l.to(self.weight.dtype) + (1e-8 if undo else 0.0)  # peft's guard against dividing by zero
+        apply = torch.Tensor.div_ if undo else torch.Tensor.mul_
+        apply(self.weight, l)
         if not self.feedforward and self.bias is not None:
-            self.bias *= l.flatten()
-        self.merged = True
+            apply(self.bias, l.flatten())
+        self.merged = not undo
 
-    @torch.no_grad()
     def unmerge(self):
-        if not self.merged:
-            raise RuntimeError("IA3 is not merged")
-        l = self.ia3_l.to(self.weight.dtype) + 1e-8  # peft's guard against dividing by zero
-        self.weight /= l
-        if not self.feedforward and self.bias is not None:
-            self.bias /= l.flatten()
-        self.merged = False
+        self.merge(undo=True)
 
 
 class PrefixKV(nn.Module):
@@ -800,10 +796,7 @@ def data_root(args) -> Path:
 
 def data_file(args, name: str) -> Path:
     """data_root/name, or a DataError saying what to download and which command prepares it."""
-    problem = missing_dataset(args.data, DATASETS[args.data], data_root(args), name)
-    if problem:
-        raise DataError(problem)
-    return data_root(args) / name
+    return dataset_file(args.data, DATASETS[args.data], data_root(args), name)
 
 
 def image_transform(args, size: int, train: bool):
@@ -923,13 +916,11 @@ def set_trainable(model: nn.Module, names: list):
     for k, p in model.named_parameters():
         p.requires_grad_((any(k.startswith(n) for n in names) or ("adapter" in names and is_adapter(k)))
                          and not k.startswith("vit.norm."))
-    return [p for p in model.parameters() if p.requires_grad]
 
 
-def stage1_trainable(model: CLEFT, args) -> list:
+def stage1_trainable(model: CLEFT, args):
     """Stage 1 trains the ViT (unless --freeze-vit), the PEFT adapter, both projections and the temperature."""
-    return set_trainable(model, ([] if args.freeze_vit else ["vit."]) + ["adapter", "img_proj", "txt_proj",
-                                                                         "logit_scale"])
+    set_trainable(model, ([] if args.freeze_vit else ["vit."]) + ["adapter", "img_proj", "txt_proj", "logit_scale"])
 
 
 def batches_per_epoch(args, n_items: int, world) -> int:
@@ -1061,11 +1052,6 @@ def eval_loader(ds, args, drop_last=False):
                                        drop_last=drop_last)
 
 
-def report(y, probs, classnames) -> dict:
-    """AUROC is one-vs-rest macro on softmax probabilities; with 2 classes that equals the binary AUC."""
-    return M.classification_report(y.numpy(), probs.argmax(1).numpy(), probs.numpy(), classnames)
-
-
 @torch.no_grad()
 def predict(args, world, fn, ds):
     """-> (fn(x) for the whole set, labels), fp32 on the CPU."""
@@ -1089,7 +1075,7 @@ def zero_shot(args, world, model: CLEFT, tok, ds) -> dict:
         txt = model.encode_text(*to_device(world, ids, mask))                            # (C, E)
     scale = model.logit_scale.exp()
     probs, y = predict(args, world, lambda x: (scale * model.encode_image(x) @ txt.t()).float().softmax(-1), ds)
-    return report(y, probs, ds.classnames)                                               # probs (N, C)
+    return M.report_from_probs(y, probs, ds.classnames)                                  # probs (N, C)
 
 
 class Classifier(nn.Module):
@@ -1120,7 +1106,7 @@ def linear_probe(args, world, model: CLEFT, train, test) -> dict:
             loss.backward()
             opt.step()
     with torch.no_grad():
-        return report(y_test, head(X_test.to(world.device)).softmax(-1).cpu(), test.classnames)
+        return M.report_from_probs(y_test, head(X_test.to(world.device)).softmax(-1).cpu(), test.classnames)
 
 
 def finetune(args, world, model: CLEFT, train, test, run_dir: Path) -> dict:
@@ -1138,7 +1124,7 @@ def finetune(args, world, model: CLEFT, train, test, run_dir: Path) -> dict:
                 desc="fine-tune")
     clf.eval()
     logits, y = predict(args, world, clf, test)
-    return report(y, logits.softmax(-1), test.classnames)
+    return M.report_from_probs(y, logits.softmax(-1), test.classnames)
 
 # ----------------------------------------------------------------------------------------------------------
 # Parameter count and benchmark at the paper's size (random weights, no download)
@@ -1240,16 +1226,11 @@ def recipe(args, what: str):
 def model_spec(args) -> dict:
     """The architecture from the flags, in one place (saved as model.json; --init reads it back instead)."""
     if args.init:
-        return json.loads((stage_folder(args.init) / "model.json").read_text())
+        return json.loads((R.find_stage(args.init, ("stage2", "stage1")) / "model.json").read_text())  # stage 2 first
     peft = PEFTConfig(args.peft, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                       n_prefix=args.n_prefix)
     return dict(vit=args.vit, vit_path=args.vit_path, llm=args.llm, llm_path=args.llm_path, peft=asdict(peft),
                 emb_dim=args.emb_dim, seed=args.seed)
-
-
-def stage_folder(path) -> Path:
-    """A finished stage folder: the path itself, or its stage2/ (preferred) or stage1/ subfolder."""
-    return R.find_stage(path, ("stage2", "stage1"))
 
 
 def load_stage(model: CLEFT, folder: Path, world, message=None):
@@ -1260,13 +1241,6 @@ def load_stage(model: CLEFT, folder: Path, world, message=None):
     R.load_tensors(model, tensors, str(folder / "trainable.safetensors"))
     if world.is_main:
         print(message or f"loaded {folder}")
-
-
-def finish_stage(model: CLEFT, spec: dict, folder: Path, world):
-    """Save what the stage changed (all but the frozen pretrained LLM weights) and its model.json: what --init
-    and --resume read back."""
-    changed = {k: v.float() for k, v in model.state_dict().items() if not k.startswith("llm.") or is_adapter(k)}
-    R.save_stage(folder, changed, spec, world)
 
 
 def evaluate(args, world, model: CLEFT, tok, run_dir: Path, what: str, size: int, tag: str = "") -> dict:
@@ -1294,7 +1268,7 @@ def preflight(args):
     problems = []
     if args.data != "demo" and not args.init and not args.resume:
         d = DATASETS[args.data]
-        wanted = d["pairs"][0] if "pairs" in d and args.stage in ("all", "contrastive") and not args.eval else d["split"]
+        wanted = d["split"] if "pairs" not in d or args.stage == "prompt" or args.eval else d["pairs"][0]
         missing = missing_dataset(args.data, d, data_root(args), wanted)
         problems += [missing] if missing else []
         for name, presets in (("vit", VIT_PRESETS), ("llm", LLM_PRESETS)):
@@ -1338,7 +1312,7 @@ def train_and_evaluate(args, world, run_dir: Path) -> dict:
     model.llm.grad_ckpt = args.grad_ckpt
     tok, size = load_tokenizer(spec), 224 if spec["vit"] != "tiny" else 64
     if args.init:
-        load_stage(model, stage_folder(args.init), world)
+        load_stage(model, R.find_stage(args.init, ("stage2", "stage1")), world)
     if args.eval:
         return evaluate(args, world, model, tok, run_dir, args.eval, size)
     results = {}
@@ -1353,7 +1327,9 @@ def train_and_evaluate(args, world, run_dir: Path) -> dict:
             train_stage = stage_contrastive if stage == "contrastive" else stage_prompt
             train_stage(recipe(args, stage), world, folder, model, tok, size)
             spec = spec | ({"n_ctx": int(model.ctx.shape[0])} if model.ctx is not None else {})
-            finish_stage(model, spec, folder, world)
+            # what the stage changed (all but the frozen pretrained LLM) + model.json: what --init / --resume read
+            R.save_stage(folder, {k: v.float() for k, v in model.state_dict().items()
+                                  if not k.startswith("llm.") or is_adapter(k)}, spec, world)
         if has_classes and world.is_main:  # the other ranks wait at the barrier
             results[stage] = evaluate(args, world, model, tok, run_dir, "zero-shot", size, tag=f"_after_{stage}")
         elif world.is_main:
@@ -1383,10 +1359,10 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.1, help="paper: 0.1 stage 1, 1e-3 stage 2; ours: probe 0, "
                    "fine-tune 0.05; decays every tensor but the 1-dim ones, as officially")
     p.add_argument("--warmup", type=int, default=4000, help="linear warm-up steps; paper: 4000 / 100, demo: 15 / 10")
-    p.add_argument("--min-lr", type=float, default=1e-8, help="end of the cosine; paper: 1e-8 / 1e-5, demo: 1e-5 / 1e-4")
+    p.add_argument("--min-lr", type=float, default=1e-8, help="cosine's end; paper: 1e-8 / 1e-5, demo: 1e-5 / 1e-4")
     p.add_argument("--data-pct", type=float, default=1.0, help="fraction of the training set (linear probe, "
                    "fine-tune, stage 2 ce): 0.01 / 0.1 / 1 in the paper")
-    p.add_argument("--laterals", action="store_true", help="CheXpert: use the lateral views too (official: frontal only)")
+    p.add_argument("--laterals", action="store_true", help="CheXpert: the lateral views too (official: frontal only)")
     p.add_argument("--simple-transforms", action="store_true", help="resize + centre crop instead of the official "
                    "pad / Otsu crop / augmentation pipeline (the demo always uses these)")
     p.add_argument("--stage", choices=["all", "contrastive", "prompt"], default="contrastive",
@@ -1428,17 +1404,14 @@ def parse_args(argv=None):
     if args.data == "demo":
         vars(args).update({k: v for k, v in DEMO_DEFAULTS.items() if k not in args.typed})
     R.finish_common_args(p, args)
-    R.check_flags(p, args, [("n_ctx", args.n_ctx >= 1, "at least 1"), ("max_len", args.max_len >= 2, "at least 2")]
-                  + [(f, getattr(args, f) >= 0, "0 or more") for f in ("warmup", "weight_decay", "min_lr")])
-    for name, pretrained in (("vit", "dinov2-reg-b14"), ("llm", "biomedlm")):  # the tiny presets have no weights
-        path = getattr(args, f"{name}_path")
-        if path and getattr(args, name) == "tiny":
-            p.error(f"--{name}-path {path} with --{name} tiny: the tiny preset is random weights; give a pretrained "
-                    f"preset (--{name} {pretrained} or another) with the path")
+    R.check_flags(p, args, [("n_ctx", args.n_ctx >= 1, "at least 1"), ("max_len", args.max_len >= 2, "at least 2"),
+                            ("data_pct", 0 < args.data_pct <= 1, "in (0, 1]")]
+                  + [(f, getattr(args, f) >= 0, "0 or more") for f in ("warmup", "weight_decay", "min_lr")]
+                  + [(f"{t}_path", not getattr(args, f"{t}_path") or getattr(args, t) != "tiny", f"given with a "
+                      f"pretrained --{t} ({pre} or another): the tiny preset is random weights")
+                     for t, pre in (("vit", "dinov2-reg-b14"), ("llm", "biomedlm"))])
     if args.eval == "zero-shot" and not args.init and not args.eval_only:
         p.error("--eval zero-shot needs --init RUN_DIR (a trained CLEFT run)")
-    if not 0 < args.data_pct <= 1:
-        p.error("--data-pct must be in (0, 1]")
     return args
 
 

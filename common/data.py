@@ -21,7 +21,8 @@ Three on-disk formats (examples in data/README.md, "On-disk formats"):
 Relative image paths are resolved against `root`; with root=None, against the folder of the split/CSV file.
 Every problem with the user's files raises DataError with a message naming the file and what is wrong.
 Only the csv/json modules, numpy, PIL, torch and (for bpe_tokenizer) tokenizers are used (no pandas, no
-torchvision). missing_dataset says what to download and how to prepare a dataset that is not there.
+torchvision). missing_dataset says what to download and how to prepare a dataset that is not there;
+dataset_file raises that message as a DataError.
 """
 
 import csv
@@ -126,6 +127,14 @@ def missing_dataset(name: str, entry: dict, root: Path, file=None) -> str | None
             f"  1. download: {entry['get']}\n"
             f"  2. prepare:  python -m common.prepare {folder} --src /path/to/the/download   (writes {root})\n"
             f"  details: data/README.md, section '{folder}'")
+
+
+def dataset_file(name: str, entry: dict, root: Path, file=None) -> Path:
+    """root / file (default: the split file, entry["split"]), or a DataError with missing_dataset's message."""
+    problem = missing_dataset(name, entry, root, file)
+    if problem:
+        raise DataError(problem)
+    return Path(root) / (file or entry["split"])
 
 
 # -----------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 Evaluation metrics shared by all five method scripts, in plain numpy, so every script reports the same numbers.
 
 Classification: accuracy, f1_macro, auroc, cohen_kappa, confusion_matrix, per_class_accuracy,
-precision_recall_f1 (per-class), and classification_report / format_table which bundle them into the dict +
-text table the scripts print and save; mean_std / format_mean_std summarise the reports of several seeds.
+precision_recall_f1 (per-class), and classification_report (report_from_probs: from probabilities) / format_table
+which bundle them into the dict + text table the scripts print and save; mean_std / format_mean_std summarise the
+reports of several seeds.
 Retrieval: precision_at_k (class-block retrieval, as in GLoRIA / ALTA) and recall_at_k (paired image <-> text).
 Uncertainty: bootstrap_ci, a percentile bootstrap over rows.
 
@@ -399,6 +400,13 @@ def classification_report(y, pred, probs, classnames):
         "per_class": per_class,
         "confusion": confusion_matrix(y, pred, C).tolist(),
     }
+
+
+def report_from_probs(y, probs, classnames):
+    """classification_report with pred = the argmax of probs (N, C) (softmax probabilities, say): AUROC is then
+    one-vs-rest macro over the classes, which with 2 classes equals the binary AUC."""
+    probs = np.asarray(probs)
+    return classification_report(y, probs.argmax(1), probs, classnames)
 
 
 def format_table(report):

@@ -557,9 +557,10 @@ def test_stage2_restarts_the_temperature_as_officially(tmp_path, capsys):
     (["--device", "cuda:3"], "not available"),
     (["--device", "mps"], "not available"),
     (["--device", "tpu"], "unknown device"),
-    (["--vit", "tiny", "--vit-path", "facebook/dinov2-base"], "the tiny preset is random weights"),
+    (["--vit", "tiny", "--vit-path", "facebook/dinov2-base"], "--vit-path facebook/dinov2-base: must be given with a "
+     "pretrained --vit (dinov2-reg-b14 or another): the tiny preset is random weights"),
     (["--llm", "tiny", "--llm-path", "some/folder"], "the tiny preset is random weights"),
-    (["--data-pct", "0"], "--data-pct must be in (0, 1]"),
+    (["--data-pct", "0"], "--data-pct 0.0: must be in (0, 1]"),
     (["--eval", "zero-shot"], "needs --init"),
 ])
 def test_user_mistakes_exit_2_with_a_message(tmp_path, capsys, flags, message):
