@@ -1263,8 +1263,7 @@ def evaluate(args, world, model: CLEFT, tok, run_dir: Path, what: str, size: int
 
 
 def preflight(args):
-    """Before any work or run folder: every missing dataset file, weight folder and unwritable output, in one
-    message."""
+    """Before any work or run folder: every missing dataset file, weight folder and unwritable output at once."""
     problems = []
     if args.data != "demo" and not args.init and not args.resume:
         d = DATASETS[args.data]
@@ -1341,7 +1340,7 @@ def train_and_evaluate(args, world, run_dir: Path) -> dict:
 
 
 # flags a resumed run may take with a new value although they are not runtime flags (what to do, not what)
-RESUME_FREE = ("eval", "bench_steps", "bench_batch", "count_params")
+RESUME_FREE = ("eval", "bench_batch", "count_params")
 
 
 def parse_args(argv=None):
