@@ -149,8 +149,12 @@ def test_ia3_merge_equals_unmerged():
     with torch.no_grad():
         cleft.set_merged(llm, True)
         assert max_diff(llm(g["input_ids"], g["attention_mask"]), g["last_hidden_state"]) < TOL
+        with pytest.raises(RuntimeError, match="already merged"):
+            llm.h[0].attn.c_attn.merge()
         cleft.set_merged(llm, False)
     assert all(max_diff(v, before[k]) < 1e-5 for k, v in llm.state_dict().items())
+    with pytest.raises(RuntimeError, match="not merged"):
+        llm.h[0].mlp.c_proj.unmerge()
 
 
 def reference_attention(q, k, v, scale, mask=None, causal=False):
