@@ -47,6 +47,7 @@ the rest of "a photo of a" as fixed words, above 4 starts the whole context at N
 """
 import argparse
 import hashlib
+import itertools
 import json
 import math
 import sys
@@ -58,11 +59,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from common import metrics as M
 from common import run as R
-from common.data import DataError, dataset_root, make_loader, missing_dataset, train_test_sets
+from common.data import DataError, bpe_tokenizer, dataset_root, make_loader, missing_dataset, train_test_sets
 from common.transforms import CLIP_MEAN, CLIP_STD, eval_transform, train_transform
 from common.weights import WeightsError, load_config, load_mapped, resolve, tensor_index
 
@@ -785,9 +785,8 @@ def llama_config_from_hf(hf: dict) -> LlamaConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# LLM representations (paper Sec. 3.2.1): ask, answer greedily, keep the last token of every layer.
-# The paper does not give the extraction details; these are ours: the Instruct checkpoint with its own chat
-# template, greedy decoding, at most 128 new tokens, the end-of-turn token appended when the answer was cut.
+# LLM representations (paper Sec. 3.2.1): ask, answer greedily, keep the last token of every layer. The
+# extraction details are ours (the paper gives none): see the departures in the module docstring.
 
 
 def chat_ids(tok, question: str, chat: str) -> list[int]:
@@ -832,7 +831,7 @@ def llm_representations(llm: Llama, tok, classnames, chat: str, max_new_tokens: 
 
 def tiny_llm() -> tuple[Llama, object]:
     """The demo's "LLM": a fixed random tiny Llama (seed 0, wide init so it says different things per class)."""
-    tok = load_tokenizer(REPO / "common" / "tokenizers" / "llama_tiny.json")
+    tok = bpe_tokenizer(REPO / "common" / "tokenizers" / "llama_tiny.json")
     with torch.random.fork_rng():  # a cold cache must not shift the run's RNG
         torch.manual_seed(0)
         llm = Llama(replace(LLM_PRESETS["tiny"]["config"], vocab_size=tok.get_vocab_size())).eval()
@@ -859,7 +858,7 @@ def get_representations(args, classnames, world: R.World):
             llm, tok = tiny_llm()
         else:
             folder = resolve(args.llm_path or LLM_PRESETS[args.llm]["repo"])
-            tok = load_tokenizer(folder / "tokenizer.json")
+            tok = bpe_tokenizer(folder / "tokenizer.json")
             dtype = torch.bfloat16 if world.device.type != "cpu" or args.llm_dtype == "bf16" else torch.float32
             llm = Llama.from_pretrained(folder, dtype=dtype, device=world.device)
         reps, texts = llm_representations(llm, tok, classnames, LLM_PRESETS[args.llm]["chat"], args.max_new_tokens)
@@ -872,13 +871,6 @@ def get_representations(args, classnames, world: R.World):
         return {"reps": reps}
 
     return R.cached_tensors(path, world, compute)["reps"], json.loads(json_path.read_text())["descriptions"]
-
-
-def load_tokenizer(path):
-    from tokenizers import Tokenizer
-    if not Path(path).exists():
-        raise WeightsError(f"{path}: tokenizer.json not found (it ships with the HF checkpoint folder)")
-    return Tokenizer.from_file(str(path))
 
 
 def prompt_tokens(tok, classnames, n_ctx: int, L: int, context_length: int, descriptions=None):
@@ -958,10 +950,10 @@ def build_clip(args, world: R.World):
     CLIP (prompt tuning a frozen random network learns nothing: its image features all point the same way, mean
     cosine 0.999), so it is pre-trained contrastively on the demo's image-report pairs once (~30 s on a CPU) and
     cached. Fixed seed: it is the "pretrained model", so it must not change with --seed."""
-    if args.clip != "tiny":
+    if args.clip != "tiny":  # the file, not the folder: bpe_tokenizer(folder) would fall back to GPT-2's rules
         folder = resolve(args.clip_path or CLIP_PRESETS[args.clip]["repo"])
-        return CLIP.from_pretrained(folder), load_tokenizer(folder / "tokenizer.json")
-    tok = load_tokenizer(REPO / "common" / "tokenizers" / "clip_tiny.json")
+        return CLIP.from_pretrained(folder), bpe_tokenizer(folder / "tokenizer.json")
+    tok = bpe_tokenizer(REPO / "common" / "tokenizers" / "clip_tiny.json")
     clip = CLIP(replace(CLIP_PRESETS["tiny"]["config"], vocab_size=tok.get_vocab_size())).init_random(seed=0)
     demo = Path(args.data_dir) if args.data == "demo" and args.data_dir else REPO / "data" / "demo"
     path = Path(args.cache_dir) / f"clip_tiny_demo-{args.clip_pretrain_steps}.safetensors"
@@ -997,21 +989,18 @@ def pretrain_tiny_clip(clip: CLIP, tok, root: Path, steps: int = 150, batch: int
         # at ln B); 3e-4 with a short warm-up does not.
         opt = torch.optim.AdamW(clip.parameters(), lr=3e-4, weight_decay=0.1)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-4, total_steps=steps, pct_start=0.1)
-        progress, step = R.Progress(steps, "clip pretrain", every=10.0), 0
-        while step < steps:
-            for b in loader:
-                f = F.normalize(clip.encode_image(b["image"]), dim=-1)                      # (B, E)
-                t = F.normalize(clip.encode_text(tokenize(tok, b["report"], 48)), dim=-1)   # (B, E)
-                logits = clip.logit_scale.exp() * f @ t.T
-                labels = torch.arange(len(f))
-                loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-                loss_value = R.optimizer_step(loss, opt, None, R.World(), step)
-                sched.step()
-                clip.logit_scale.data.clamp_(max=math.log(100))
-                step += 1
-                progress.update(1, loss=loss_value)
-                if step == steps:
-                    break
+        progress = R.Progress(steps, "clip pretrain", every=10.0)
+        batches = (b for _ in itertools.count() for b in loader)  # epochs back to back, `steps` batches in all
+        for step, b in zip(range(steps), batches):
+            f = F.normalize(clip.encode_image(b["image"]), dim=-1)                          # (B, E)
+            t = F.normalize(clip.encode_text(tokenize(tok, b["report"], 48)), dim=-1)       # (B, E)
+            logits = clip.logit_scale.exp() * f @ t.T
+            labels = torch.arange(len(f))
+            loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+            loss_value = R.optimizer_step(loss, opt, None, R.World(), step)
+            sched.step()
+            clip.logit_scale.data.clamp_(max=math.log(100))
+            progress.update(1, loss=loss_value)
     clip.logit_scale.data.fill_(math.log(100))  # what real CLIP ends at; CILMP keeps it frozen
     return clip
 
@@ -1153,10 +1142,8 @@ def run_bench(args, world: R.World, precisions):
                 loss = F.cross_entropy(model(x).float(), y)
             R.optimizer_step(loss, opt, scaler, world, 0)
 
-        r = R.bench(step, items=B, flops_per_step=R.flops_of(step), device=dev, dtype=R.PRECISIONS[precision],
-                    warmup=1, steps=args.bench_steps)
-        rows.append(dict(what="CILMP train step", precision=precision, batch=B, **r))
-        print(R.bench_row("CILMP train step (ViT-B/16, 32 x 4096 LLM)", precision, B, r), flush=True)
+        rows.append(R.bench_step("CILMP train step", step, precision=precision, batch=B, device=dev,
+                                 steps=args.bench_steps, label="CILMP train step (ViT-B/16, 32 x 4096 LLM)"))
         print(f"trainable parameters at this size: {sum(p.numel() for p in params):,}")
     return rows
 
@@ -1252,11 +1239,24 @@ def parse_args(argv=None):
 
 
 def run_one(args, world: R.World) -> dict:
+    """Frozen CLIP, data, LLM representations, the model; train it (--eval-only: load its weights); evaluate."""
     preflight(args)
     run_dir = Path(args.resume) if args.resume else R.new_run_dir("cilmp", args.data, args.out, vars(args), world)
-    try:
-        model, test_ds = build_and_train(args, world, run_dir)
-    except (R.NonFiniteLoss, KeyboardInterrupt) as e:  # exit 3 / 2, saying which checkpoint is on disk
+    try:  # from here a non-finite loss or Ctrl-C exits 3 / 2 (R.Stopped), saying which checkpoint is on disk
+        R.seed_everything(args.seed, world.rank)
+        clip, tok = build_clip(args, world)
+        train_ds, test_ds = build_data(args, clip.cfg.image_size)
+        reps, descriptions = get_representations(args, train_ds.classnames, world)       # (C, L, D_L)
+        model = build_model(args, clip, tok, train_ds.classnames, reps, descriptions).to(world.device)
+        R.cast_frozen(model, R.PRECISIONS[args.precision])  # frozen CLIP in the compute dtype; trainables fp32
+        if world.is_main:
+            print(f"CILMP: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters "
+                  f"({model.cfg}, L {model.L}); CLIP frozen ({sum(p.numel() for p in model.clip.parameters()):,})")
+        if args.eval_only:
+            R.load_final(model, run_dir, world.device, required=model.trainable_state())
+        else:
+            train(args, world, run_dir, model, train_ds)
+    except (R.NonFiniteLoss, KeyboardInterrupt) as e:
         raise R.Stopped(e, run_dir, "python cilmp.py") from None
     if not world.is_main:
         return {}
@@ -1265,27 +1265,6 @@ def run_one(args, world: R.World) -> dict:
     print(M.format_table(report))
     print(f"run folder: {run_dir}")
     return report
-
-
-def build_and_train(args, world: R.World, run_dir: Path):
-    """Frozen CLIP, data, LLM representations, the model; then train it (or load its weights for --eval-only)."""
-    R.seed_everything(args.seed, world.rank)
-    clip, tok = build_clip(args, world)
-    train_ds, test_ds = build_data(args, clip.cfg.image_size)
-    reps, descriptions = get_representations(args, train_ds.classnames, world)           # (C, L, D_L)
-    model = build_model(args, clip, tok, train_ds.classnames, reps, descriptions).to(world.device)
-    R.cast_frozen(model, R.PRECISIONS[args.precision])  # frozen CLIP in the compute dtype; trainables fp32
-    if world.is_main:
-        print(f"CILMP: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters "
-              f"({model.cfg}, L {model.L}); CLIP frozen ({sum(p.numel() for p in model.clip.parameters()):,})")
-    if not args.eval_only:
-        return train(args, world, run_dir, model, train_ds), test_ds
-    final = run_dir / "trainable.safetensors"
-    if not final.exists():
-        raise R.RunError(f"{final} not found: the run in {run_dir} has not finished (resume it first)")
-    R.load_tensors(model, load_file(str(final), device=str(world.device)), str(final),
-                   required=model.trainable_state())
-    return model, test_ds
 
 
 def run_seeds(args, world: R.World):
@@ -1304,27 +1283,17 @@ def run_seeds(args, world: R.World):
 
 def main(argv=None):
     args = parse_args(argv)
-    world = R.setup_distributed(args.device)
-    if world.device.type == "cuda":  # TF32 matmuls for whatever still runs in fp32 (the trainables, --precision fp32)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
+
+    def work(world: R.World):
         if args.bench:
             given = R.given_flags(parser(), argv)
             run_bench(args, world, [args.precision] if "precision" in given else
                       ["bf16"] if world.device.type == "cuda" else ["fp32", "bf16"])
-        elif args.seeds:
-            run_seeds(args, world)
         else:
-            run_one(args, world)
-        return 0
-    except R.USER_ERRORS as e:  # user-fixable, or a run stopped early (R.Stopped): a message, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        return getattr(e, "code", 2)
-    except KeyboardInterrupt:  # before training started: nothing of this run to keep
-        print("error: interrupted before training started", file=sys.stderr)
-        return 2
-    finally:
-        R.cleanup_distributed()
+            run_seeds(args, world) if args.seeds else run_one(args, world)
+
+    # a user mistake or a run stopped early (R.Stopped) is a message and its exit code, not a traceback
+    return R.run_main(work, args.device, tf32=True)
 
 
 if __name__ == "__main__":

@@ -252,6 +252,27 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
+def run_main(work, device: str = "auto", tf32: bool = False) -> int:
+    """A script's main() around its work: setup_distributed, work(world), exit code 0. A user-fixable error or a
+    run stopped early (USER_ERRORS, Stopped among them) prints "error: ..." and returns its code, no traceback;
+    Ctrl-C before training started is exit 2 (once training runs, the script turns Ctrl-C into Stopped).
+    tf32: TF32 matmuls on CUDA for whatever still runs in fp32 (trainables, --precision fp32)."""
+    world = setup_distributed(device)
+    if tf32 and world.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        work(world)
+        return 0
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return getattr(e, "code", 2)
+    except KeyboardInterrupt:  # before training started: nothing of this run to keep
+        print("error: interrupted before training started", file=sys.stderr)
+        return 2
+    finally:
+        cleanup_distributed()
+
+
 def barrier(world: World):
     if world.enabled:
         dist.barrier()
@@ -604,6 +625,16 @@ def load_tensors(model: nn.Module, tensors: dict, source: str, required=()):
             own[k].copy_(v)
 
 
+def load_final(model: nn.Module, run_dir, device, required=(), name: str = "trainable.safetensors") -> nn.Module:
+    """--eval-only: the finished run's trainable tensors (run_dir / name) into `model` as load_tensors checks
+    them; RunError when the run has not finished (no such file yet)."""
+    final = Path(run_dir) / name
+    if not final.is_file():
+        raise RunError(f"{final} not found: the run in {run_dir} has not finished (resume it first)")
+    load_tensors(model, load_file(str(final), device=str(device)), str(final), required=required)
+    return model
+
+
 def cached_tensors(path, world: World, compute) -> dict:
     """Tensors that rank 0 computes once (compute() -> dict) and saves atomically at `path`; every rank then
     reads the file, so all ranks hold the same bytes. For frozen work worth keeping between runs (demo
@@ -867,3 +898,13 @@ def bench_row(what: str, precision: str, batch: int, r: dict, unit: str = "img")
     return (f"{what:40s} | {precision:5s} | B={batch:<5d} | step {r['step_ms']:9.1f} ms | "
             f"{r['items_per_s']:9.2f} {unit}/s | {r['tflops']:7.3f} TFLOP/s | MFU {100 * r['mfu']:5.1f}% "
             f"(of {r['matmul_peak_tflops']:.1f} measured) | peak mem {r['peak_mem_mb']:.0f} MB")
+
+
+def bench_step(what: str, step_fn, *, precision: str, batch: int, device, steps: int, items: int | None = None,
+               label: str | None = None, unit: str = "img") -> dict:
+    """bench() of one training step, its FLOPs counted by flops_of, printed as bench_row(label or what);
+    -> the row a --bench run returns: what, precision, batch and bench()'s figures."""
+    r = bench(step_fn, items=batch if items is None else items, flops_per_step=flops_of(step_fn), device=device,
+              dtype=PRECISIONS[precision], warmup=1, steps=steps)
+    print(bench_row(label or what, precision, batch, r, unit), flush=True)
+    return dict(what=what, precision=precision, batch=batch, **r)

@@ -40,7 +40,7 @@ def test_clip_matches_hf_image_and_text_features():
 
 def test_clip_tokenizer_matches_golden_ids():
     io = load_file(str(G / "clip_tiny" / "io.safetensors"))
-    tok = cilmp.load_tokenizer(G / "clip_tiny" / "tokenizer.json")
+    tok = cilmp.bpe_tokenizer(G / "clip_tiny" / "tokenizer.json")
     ids = io["input_ids"][0]
     n = int(io["eot_index"][0]) + 1
     text = tok.decode(ids[:n].tolist(), skip_special_tokens=True).replace("</w>", " ")
@@ -200,13 +200,14 @@ def test_key_map_names_missing_and_misshaped_tensors(tmp_path):
 
 
 def _tiny_model(mode="conditional", dropout=0.0, L=10, D_L=64, C=3):
-    tok = cilmp.load_tokenizer(REPO / "common" / "tokenizers" / "clip_tiny.json")
+    tok = cilmp.bpe_tokenizer(REPO / "common" / "tokenizers" / "clip_tiny.json")
     cfg = replace(cilmp.CLIP_PRESETS["tiny"]["config"], vocab_size=tok.get_vocab_size())
     clip = cilmp.CLIP(cfg).init_random(0)
     names = ["melanoma", "nevus", "vascular lesion"][:C]
     ctx, suf, eot = cilmp.prompt_tokens(tok, names, 4, L, cfg.context_length)
     torch.manual_seed(0)
-    return cilmp.CILMP(clip, torch.randn(C, L, D_L), suf, eot, ctx, cilmp.CILMPConfig(dropout=dropout, mode=mode, depth=cfg.text_layers))
+    return cilmp.CILMP(clip, torch.randn(C, L, D_L), suf, eot, ctx,
+                       cilmp.CILMPConfig(dropout=dropout, mode=mode, depth=cfg.text_layers))
 
 
 def test_intervention_is_identity_when_its_learned_parts_are_zero():
@@ -277,7 +278,7 @@ def test_ablation_modes_change_the_parameter_count():
 
 
 def _tiny_tok_and_clip_cfg():
-    tok = cilmp.load_tokenizer(REPO / "common" / "tokenizers" / "clip_tiny.json")
+    tok = cilmp.bpe_tokenizer(REPO / "common" / "tokenizers" / "clip_tiny.json")
     return tok, replace(cilmp.CLIP_PRESETS["tiny"]["config"], vocab_size=tok.get_vocab_size())
 
 
@@ -558,7 +559,7 @@ def test_runs_on_a_mock_converted_isic_in_text_prompt_mode(cache, tmp_path):
 
 
 def test_llama3_and_llama2_chat_formats():
-    tok = cilmp.load_tokenizer(REPO / "common" / "tokenizers" / "llama_tiny.json")
+    tok = cilmp.bpe_tokenizer(REPO / "common" / "tokenizers" / "llama_tiny.json")
     ids = cilmp.chat_ids(tok, "Q?", "llama3")
     specials = [tok.token_to_id(t) for t in ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                                              "<|eot_id|>")]
@@ -626,6 +627,20 @@ def test_user_mistakes_exit_2_with_a_message(argv, words, tmp_path, capsys):
     assert not out.exists()   # nothing written (no args.json left behind)
 
 
+def test_eval_only_loads_the_finished_weights_and_refuses_an_unfinished_run(tmp_path):
+    """--eval-only goes through R.load_final: the run's trainable.safetensors, every trainable tensor required."""
+    from common import run as R
+    model = _tiny_model()
+    with pytest.raises(R.RunError, match="has not finished"):
+        R.load_final(model, tmp_path, "cpu", required=model.trainable_state())
+    R.save_tensors(tmp_path / "trainable.safetensors", {"ctx": torch.ones_like(model.ctx)})
+    with pytest.raises(WeightsError, match="deep_ctx"):   # a tensor the run must have saved is missing
+        R.load_final(model, tmp_path, "cpu", required=model.trainable_state())
+    R.save_tensors(tmp_path / "trainable.safetensors", {k: v + 1 for k, v in model.trainable_state().items()})
+    want = model.ctx + 1
+    assert torch.equal(R.load_final(model, tmp_path, "cpu", required=model.trainable_state()).ctx, want)
+
+
 def test_out_that_is_a_file_is_refused(tmp_path, capsys):
     f = tmp_path / "file.txt"
     f.write_text("mine")
@@ -671,7 +686,7 @@ def test_llm_representations_are_the_last_token_of_every_layer():
     """Sec. 3.2.1: answer greedily, append the end-of-turn token if cut, re-run, keep hidden_states[1:] at the
     last position -> (n_layers, D) per class (checked against a direct forward of the same sequence)."""
     llm = cilmp.Llama.from_pretrained(G / "llama_tiny", dtype=torch.float32)
-    tok = cilmp.load_tokenizer(G / "llama_tiny" / "tokenizer.json")
+    tok = cilmp.bpe_tokenizer(G / "llama_tiny" / "tokenizer.json")
     reps, texts = cilmp.llm_representations(llm, tok, ["melanoma", "nevus"], "llama3", max_new_tokens=6,
                                             log=lambda *a: None)
     assert reps.shape == (2, 3, 64) and len(texts) == 2 and reps.dtype == torch.float32
