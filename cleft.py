@@ -1187,10 +1187,8 @@ def run_bench(args, world):
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        result = R.bench(step, items=items, flops_per_step=R.flops_of(step), device=dev,
-                         dtype=R.PRECISIONS[args.precision], warmup=1, steps=args.bench_steps)
-        rows.append(dict(what=name, precision=args.precision, batch=B, **result))
-        print(R.bench_row(name, args.precision, B, result, unit), flush=True)
+        rows.append(R.bench_step(name, step, precision=args.precision, batch=B, device=dev, steps=args.bench_steps,
+                                 items=items, unit=unit))
     return rows
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1282,7 +1280,7 @@ def preflight(args):
         raise DataError("\n\n".join(problems + ([f"--out {problem}"] if problem else [])))
 
 
-def run(args, world) -> int:
+def run(args, world):
     """Preflight, the run folder, then training and evaluation; a non-finite loss (exit 3) or Ctrl-C (exit 2)
     ends with a message saying what is on disk and how to continue."""
     preflight(args)
@@ -1291,7 +1289,6 @@ def run(args, world) -> int:
     run_dir = Path(args.resume) if args.resume else R.new_run_dir("cleft", args.data, args.out, vars(args), world)
     try:
         train_and_evaluate(args, world, run_dir)
-        return 0
     except (R.NonFiniteLoss, KeyboardInterrupt) as e:
         ckpts = [run_dir / s / "ckpt" for s in ("stage1", "stage2", "finetune") if (run_dir / s / "ckpt").is_dir()]
         newest = max(ckpts, key=lambda p: p.stat().st_mtime, default=run_dir / "stage1" / "ckpt")
@@ -1416,20 +1413,15 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    world = R.setup_distributed(args.device)
-    try:
+
+    def work(world: R.World):
         if args.count_params:
             count_params(args)
-        elif args.bench:
-            run_bench(args, world)
         else:
-            return run(args, world)
-        return 0
-    except R.USER_ERRORS as e:  # user-fixable, or a run stopped early (R.Stopped): a message, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        return getattr(e, "code", 2)
-    finally:
-        R.cleanup_distributed()
+            run_bench(args, world) if args.bench else run(args, world)
+
+    # a user mistake or a run stopped early (R.Stopped) is a message and its exit code, not a traceback
+    return R.run_main(work, args.device)
 
 
 if __name__ == "__main__":
