@@ -51,7 +51,6 @@ import itertools
 import json
 import math
 import sys
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -806,7 +805,7 @@ def stop_ids(tok, chat: str) -> list[int]:
 
 
 @torch.no_grad()
-def llm_representations(llm: Llama, tok, classnames, chat: str, max_new_tokens: int = 128, log=print):
+def llm_representations(llm: Llama, tok, classnames, chat: str, max_new_tokens: int = 128, verbose=True):
     """-> (C, n_layers, D) float32 tensor and the C generated descriptions.
 
     For each class: chat-format the question, generate greedily, append the end-of-turn token if the answer was
@@ -814,9 +813,9 @@ def llm_representations(llm: Llama, tok, classnames, chat: str, max_new_tokens: 
     (hidden_states[1:], the last one after the final norm as HF returns it). One class at a time: C is small and
     this runs once per (LLM, dataset, prompt), never during training."""
     dev, stops = llm.embed.weight.device, stop_ids(tok, chat)
-    reps, texts, start = [], [], time.time()
-    for i, name in enumerate(classnames):
-        t0 = time.time()
+    reps, texts = [], []
+    progress = R.Progress(len(classnames), "  LLM answers", verbose, every=0.0)  # a line per class, with an ETA
+    for name in classnames:
         ids = torch.tensor([chat_ids(tok, QUESTION.format(name), chat)], device=dev)
         new = llm.generate(ids, max_new_tokens, stops)
         if stops and (not new or new[-1] not in stops):
@@ -824,8 +823,7 @@ def llm_representations(llm: Llama, tok, classnames, chat: str, max_new_tokens: 
         full = torch.cat([ids, torch.tensor([new], device=dev)], 1)
         reps.append(llm.hidden_states(full)[1:, 0, -1].float().cpu())          # (n_layers, D)
         texts.append(tok.decode(new, skip_special_tokens=True).strip())
-        eta = (time.time() - start) / (i + 1) * (len(classnames) - i - 1)
-        log(f"  [{i + 1}/{len(classnames)}] {name}: {len(new)} tokens, {time.time() - t0:.1f}s, eta {eta:.0f}s")
+        progress.update(1, answered=name, tokens=len(new))
     return torch.stack(reps), texts
 
 
@@ -905,13 +903,10 @@ def prompt_tokens(tok, classnames, n_ctx: int, L: int, context_length: int, desc
 # Data
 
 
-def data_root(args) -> Path:
-    return dataset_root(args.data, DATASETS[args.data], args.data_dir)
-
-
 def preflight(args):
     """Check data, weights and the places we write before any work, and report every problem in one message."""
-    missing = missing_dataset(args.data, DATASETS[args.data], data_root(args)) if args.data != "demo" else None
+    entry = DATASETS[args.data]
+    missing = args.data != "demo" and missing_dataset(args.data, entry, dataset_root(args.data, entry, args.data_dir))
     problems = [missing] if missing else []
     if args.clip != "tiny":
         try:
@@ -932,7 +927,7 @@ def preflight(args):
 def build_data(args, image_size: int):
     """(train, test) of --data with CLIP's transforms; --label-ratio keeps a stratified part of the training set
     (paper Sec. 5.2: 10% / 30% of the labels, drawn with --seed)."""
-    root = data_root(args)
+    root = dataset_root(args.data, DATASETS[args.data], args.data_dir)
     if args.data == "demo":
         from common.demo import ensure_demo
         ensure_demo(root)
@@ -1164,8 +1159,7 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     R.add_common_args(p, datasets=DATASETS, data="demo", epochs=100, batch_size=64, lr=0.0025, seed=1, help={
         "epochs": "paper: 100, demo: 12", "batch_size": "paper: 64, demo: 32; --bench: 8",
-        "lr": "SGD; paper: 0.0025, demo: 0.01"})
-    p.add_argument("--eval-batch-size", type=int, default=100, help="evaluation batch (official: 100)")
+        "lr": "SGD; paper: 0.0025, demo: 0.01"}, eval_batch_size=100)  # 100: the official evaluation batch
     p.add_argument("--warmup-lr", type=float, default=1e-5,
                    help="constant lr of the warm-up epochs (paper: 1e-5, demo: 1e-3)")
     p.add_argument("--warmup-epochs", type=int, default=1, help="constant-lr warm-up epochs before the cosine")
@@ -1211,10 +1205,7 @@ def parse_args(argv=None):
     if args.resume:
         if args.seeds:
             p.error("--seeds starts new runs; --resume continues one")
-        try:
-            R.restore_run_args(args, given, free=("cache_dir", "llm_dtype"))
-        except R.RunError as e:
-            p.error(str(e))
+        R.restore_run_args_or_exit(p, args, given, free=("cache_dir", "llm_dtype"))
         args.seeds = None  # a run of --seeds is resumed on its own
     elif args.data == "demo":
         for k, v in DEMO_RECIPE.items():
@@ -1231,7 +1222,6 @@ def parse_args(argv=None):
         ("label_ratio", 0 < args.label_ratio <= 1, "in (0, 1]"), ("warmup_lr", args.warmup_lr > 0, "above 0"),
         ("warmup_epochs", args.warmup_epochs >= 0, "0 or more"),
         ("max_new_tokens", args.max_new_tokens >= 1, "at least 1"),
-        ("eval_batch_size", args.eval_batch_size >= 1, "at least 1"),
         ("clip_pretrain_steps", args.clip_pretrain_steps >= 1, "at least 1")])
     if args.prompt_mode == "text" and args.llm == "none":
         p.error("--prompt-mode text puts the LLM's descriptions into the prompt: it needs an LLM (not --llm none)")

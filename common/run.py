@@ -209,6 +209,14 @@ def restore_run_args(args, given: set, free=()):
                        "\n  ".join(clashes) + "\nLeave them out to continue the run as it was, or start a new run.")
     return args
 
+
+def restore_run_args_or_exit(p: argparse.ArgumentParser, args, given: set, free=()):
+    """restore_run_args for a parse_args: its RunError becomes p.error (usage + message, exit 2)."""
+    try:
+        return restore_run_args(args, given, free)
+    except RunError as e:
+        p.error(str(e))
+
 # ----------------------------------------------------------------------------------------------------------
 # distributed
 

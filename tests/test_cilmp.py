@@ -688,7 +688,7 @@ def test_llm_representations_are_the_last_token_of_every_layer():
     llm = cilmp.Llama.from_pretrained(G / "llama_tiny", dtype=torch.float32)
     tok = cilmp.bpe_tokenizer(G / "llama_tiny" / "tokenizer.json")
     reps, texts = cilmp.llm_representations(llm, tok, ["melanoma", "nevus"], "llama3", max_new_tokens=6,
-                                            log=lambda *a: None)
+                                            verbose=False)
     assert reps.shape == (2, 3, 64) and len(texts) == 2 and reps.dtype == torch.float32
     ids = cilmp.chat_ids(tok, cilmp.QUESTION.format("nevus"), "llama3")
     stops = cilmp.stop_ids(tok, "llama3")
