@@ -1160,8 +1160,7 @@ def parser() -> argparse.ArgumentParser:
     R.add_common_args(p, datasets=DATASETS, data="demo", epochs=100, batch_size=64, lr=0.0025, seed=1, help={
         "epochs": "paper: 100, demo: 12", "batch_size": "paper: 64, demo: 32; --bench: 8",
         "lr": "SGD; paper: 0.0025, demo: 0.01"}, eval_batch_size=100)  # 100: the official evaluation batch
-    p.add_argument("--warmup-lr", type=float, default=1e-5,
-                   help="constant lr of the warm-up epochs (paper: 1e-5, demo: 1e-3)")
+    p.add_argument("--warmup-lr", type=float, default=1e-5, help="the warm-up's constant lr (paper: 1e-5, demo: 1e-3)")
     p.add_argument("--warmup-epochs", type=int, default=1, help="constant-lr warm-up epochs before the cosine")
     p.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 1,2,3: one run each, then mean +- std")
     p.add_argument("--label-ratio", type=float, default=1.0,
@@ -1179,16 +1178,14 @@ def parser() -> argparse.ArgumentParser:
                    help="tiny preset only: contrastive steps that make the demo CLIP a 'pretrained' one (cached)")
     # method
     p.add_argument("--prompt-mode", choices=["representations", "text"], default="representations",
-                   help="text = the paper's Sec. 4.5.2 baseline: the LLM's description + class name as a plain "
-                        "text prompt, no LLM representations")
+                   help="text: the paper's Sec. 4.5.2 baseline, the LLM's description + class name as a text prompt")
     p.add_argument("--n-ctx", type=int, default=4, help="learnable text context tokens (<= 4: from 'a photo of a')")
     p.add_argument("--n-vpt", type=int, default=4, help="learnable vision prompt tokens per layer")
     p.add_argument("--prefix-len", type=int, default=4, help="LLM positions edited by the prefix intervention (p)")
     p.add_argument("--suffix-len", type=int, default=4, help="LLM positions edited by the suffix intervention (s)")
     p.add_argument("--rank", type=int, default=8, help="LoReFT subspace / projection rank (r)")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout on the intervention output")
-    p.add_argument("--no-rd", action="store_true",
-                   help="ablation: condition on the image without the relationship descriptor")
+    p.add_argument("--no-rd", action="store_true", help="ablation: image-conditioned, no relationship descriptor")
     p.add_argument("--no-conditional", action="store_true", help="ablation: plain LoReFT (Eq. 11)")
     p.add_argument("--no-intervention", action="store_true", help="ablation: project the LLM representations only")
     return p
@@ -1216,13 +1213,14 @@ def parse_args(argv=None):
         args.batch_size = 8
     R.finish_common_args(p, args)
     R.check_flags(p, args, [
-        ("n_ctx", args.n_ctx >= 1, "at least 1"), ("n_vpt", args.n_vpt >= 0, "0 or more"),
-        ("prefix_len", args.prefix_len >= 0, "0 or more"), ("suffix_len", args.suffix_len >= 0, "0 or more"),
+        ("n_vpt", args.n_vpt >= 0, "0 or more"), ("prefix_len", args.prefix_len >= 0, "0 or more"),
+        ("suffix_len", args.suffix_len >= 0, "0 or more"), ("max_new_tokens", args.max_new_tokens >= 1, "at least 1"),
         ("rank", args.rank >= 1, "at least 1"), ("dropout", 0 <= args.dropout < 1, "in [0, 1)"),
         ("label_ratio", 0 < args.label_ratio <= 1, "in (0, 1]"), ("warmup_lr", args.warmup_lr > 0, "above 0"),
-        ("warmup_epochs", args.warmup_epochs >= 0, "0 or more"),
-        ("max_new_tokens", args.max_new_tokens >= 1, "at least 1"),
-        ("clip_pretrain_steps", args.clip_pretrain_steps >= 1, "at least 1")])
+        ("warmup_epochs", args.warmup_epochs >= 0, "0 or more"), ("n_ctx", args.n_ctx >= 1, "at least 1"),
+        ("clip_pretrain_steps", args.clip_pretrain_steps >= 1, "at least 1"),
+        ("seeds", not args.seeds or all(x.strip().lstrip("-").isdigit() for x in args.seeds.split(",")),
+         "comma-separated integers, e.g. 1,2,3")])
     if args.prompt_mode == "text" and args.llm == "none":
         p.error("--prompt-mode text puts the LLM's descriptions into the prompt: it needs an LLM (not --llm none)")
     return args

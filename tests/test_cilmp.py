@@ -615,7 +615,7 @@ def test_seeds_report_mean_and_std(cache, tmp_path):
     (["--llm", "tiny", "--llm-path", "some/llama"], "--llm-path is for a real model"),
     (["--n-ctx", "0"], "--n-ctx 0"), (["--label-ratio", "0"], "--label-ratio 0.0"),
     (["--label-ratio", "1.5"], "--label-ratio 1.5"), (["--warmup-epochs", "-1"], "--warmup-epochs -1"),
-    (["--eval-only"], "--eval-only needs --resume"),
+    (["--eval-only"], "--eval-only needs --resume"), (["--seeds", "1,a"], "--seeds 1,a: must be comma-separated"),
 ])
 def test_user_mistakes_exit_2_with_a_message(argv, words, tmp_path, capsys):
     if torch.cuda.is_available() and argv[0] in ("--device", "--precision"):
