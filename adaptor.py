@@ -74,15 +74,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file
 
 from common import metrics as M
 from common import run as R
-from common.data import ClassificationDataset, DataError, Images, SegmentationDataset, fraction, read_pairs
+from common.data import (ClassificationDataset, DataError, Images, SegmentationDataset, dataset_root, fraction,
+                         missing_dataset, read_pairs)
 from common.features import (bert_tokenizer, cached, dice_per_image, extract, fingerprint, paired, tokenize,
                              word_tokenizer)
 from common.transforms import PadCrop
-from common.weights import WeightsError, check_keys, load_config, load_mapped, resolve, tensor_index
+from common.weights import WeightsError, load_config, load_mapped, resolve, tensor_index
 
 REPO = Path(__file__).resolve().parent
 
@@ -149,7 +149,7 @@ TEXT_PRESETS = {
     "clinicalbert": dict(repo="emilyalsentzer/Bio_ClinicalBERT"),
     "tiny": dict(repo=None),
 }
-TINY_BERT = dict(dim=64, n_layers=2, n_heads=4, mlp_dim=128, max_positions=128)  # vocab: the demo's words (word_tokenizer)
+TINY_BERT = dict(dim=64, n_layers=2, n_heads=4, mlp_dim=128, max_positions=128)  # vocab: the demo's (word_tokenizer)
 MAX_WORDS = 112  # official caption length in tokens
 
 # ----------------------------------------------------------------------------------------------------------
@@ -703,20 +703,25 @@ def load_bert(path, missing_pooler: str = "error", seed: int = 42, dtype=None) -
 # ----------------------------------------------------------------------------------------------------------
 # Data (readers: common/data.py, PadCrop: common/transforms.py, feature cache: common/features.py), frozen features
 
-PREPARE = "python -m common.prepare {} --src /path/to/the/download"
-DATASETS = {  # folder under data/; pairs = image-report CSVs per split; classify / segment = split JSONs
+# folder under data/; pairs = image-report CSVs per split; classify / segment = split JSONs; get = where to download
+# it (common.data.missing_dataset adds the `python -m common.prepare <dir>` step)
+RSNA = "RSNA Pneumonia Detection, stage 2 (kaggle.com/c/rsna-pneumonia-detection-challenge)"
+DATASETS = {
     "demo": dict(dir="demo", pairs="reports_{}.csv", splits=("train", "val"), classify="split_demo.json",
-                 segment="split_seg_demo.json", size=112),
-    "mimic-cxr": dict(dir="mimic-cxr", pairs="reports_{}.csv", splits=("train", "validate"), size=224),
-    "rsna": dict(dir="rsna", classify="split_rsna.json", size=224),
-    "covidx": dict(dir="covidx", classify="split_covidx.json", size=224),
-    "siim": dict(dir="siim", segment="split_seg_siim.json", size=896),
-    "rsna-seg": dict(dir="rsna-seg", segment="split_seg_rsna.json", size=224),
+                 segment="split_seg_demo.json", size=112, get="built in: python -m common.demo"),
+    "mimic-cxr": dict(dir="mimic-cxr", pairs="reports_{}.csv", splits=("train", "validate"), size=224,
+                      get="MIMIC-CXR-JPG 2.0.0 + the MIMIC-CXR 2.0.0 reports (PhysioNet, credentialed)"),
+    "rsna": dict(dir="rsna", classify="split_rsna.json", size=224, get=RSNA),
+    "covidx": dict(dir="covidx", classify="split_covidx.json", size=224,
+                   get="COVIDx 9A (github.com/lindawangg/COVID-Net, docs/COVIDx.md)"),
+    "siim": dict(dir="siim", segment="split_seg_siim.json", size=896,
+                 get="SIIM-ACR Pneumothorax Segmentation, stage-1 train (Kaggle, 2019)"),
+    "rsna-seg": dict(dir="rsna-seg", segment="split_seg_rsna.json", size=224, get=RSNA),
 }
 
 
 def data_root(args) -> Path:
-    return Path(args.data_dir) if args.data_dir else REPO / "data" / DATASETS[args.data]["dir"]
+    return dataset_root(args.data, DATASETS[args.data], args.data_dir)
 
 
 def image_features(vision, pixels):
@@ -811,6 +816,13 @@ def total_steps(args, n: int, world) -> int:
     nb = len(R.epoch_batches(n, args.batch_size, args.seed, 0, world))
     return min(args.epochs * nb, args.steps) if args.steps else args.epochs * nb
 
+
+STAGE = "weights.safetensors"  # a finished stage's tensors, beside its model.json (R.save_stage)
+
+
+def fp32_state(model: nn.Module) -> dict:
+    return {k: v.float() for k, v in model.state_dict().items()}
+
 # ----------------------------------------------------------------------------------------------------------
 # Pre-training
 
@@ -864,24 +876,10 @@ def pretrain(args, world, folder: Path, vision, bert, tok, size: int) -> Adaptor
             top1 = (t @ x.T).argmax(1).eq(torch.arange(len(t), device=t.device)).float().mean().item()
         print(f"pre-training: {val_split} loss {val:.4f} (one batch of {len(x)}), text->image top-1 {top1:.3f}")
         R.JsonlLog(folder / "metrics.jsonl").log(split=val_split, val_loss=val, t2i_top1=top1)
-    finish(model, folder, world, dict(adaptor=asdict(cfg), vision=args.vision, vision_path=args.vision_path,
-                                      text=args.text, text_path=args.text_path,
-                                      backbone_pretrain_steps=args.backbone_pretrain_steps))
+    spec = dict(adaptor=asdict(cfg), vision=args.vision, vision_path=args.vision_path, text=args.text,
+                text_path=args.text_path, backbone_pretrain_steps=args.backbone_pretrain_steps)
+    R.save_stage(folder, fp32_state(model), spec, world, STAGE)  # what --init reads
     return model
-
-
-def finish(model: nn.Module, folder: Path, world, spec: dict):
-    """The finished stage: trainable tensors + model.json (what --init reads)."""
-    if world.is_main:
-        R.save_tensors(folder / "weights.safetensors", {k: v.detach().float().cpu() for k, v in model.state_dict().items()})
-        (folder / "model.json").write_text(json.dumps(spec, indent=2) + "\n")
-    R.barrier(world)
-
-
-def load_trained(folder: Path) -> dict:
-    if not (folder / "weights.safetensors").is_file():
-        raise DataError(f"--eval-only: {folder} has no finished weights.safetensors; finish the run with --resume first")
-    return load_file(str(folder / "weights.safetensors"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1000,7 +998,7 @@ def fit_head(args, world, folder: Path, model, head, opt, n: int, step_fn, best:
     """Train `head` inside `model` for the recipe's steps, cosine lr, the best on validation kept; with
     --resume RUN --eval-only, read back the head that run kept instead."""
     if args.eval_only:
-        R.load_tensors(head, load_trained(folder), str(folder))
+        R.load_final(head, folder, world.device, required=list(head.state_dict()), name=STAGE)
         best.score = best.evaluate()
         return
     total = total_steps(args, n, world)
@@ -1018,7 +1016,7 @@ def report(args, world, folder: Path, rep: dict, best: Best, head: nn.Module, sp
         (folder / "metrics.json").write_text(json.dumps(rep, indent=2, default=float) + "\n")
         print(f"{folder.name} {args.data}: test {rep['metric']} "
               f"{rep['test']:.4f} (best val {best.score:.4f} at epoch {best.epoch + 1})")
-    finish(head, folder, world, spec)
+    R.save_stage(folder, fp32_state(head), spec, world, STAGE)
     return rep
 
 
@@ -1063,7 +1061,7 @@ def classify(args, world, folder: Path, vision, adaptor: Adaptor, size: int) -> 
     best = Best(head, lambda: score("val"), metric)
     fit_head(args, world, folder, head, head, opt, len(keep), step_fn, best, "classify")
     p = probs_of("test").cpu().numpy()
-    rep = M.classification_report(y["test"].cpu().numpy(), p.argmax(1), p, ds.classnames)
+    rep = M.report_from_probs(y["test"].cpu().numpy(), p, ds.classnames)
     rep |= {"metric": metric, "test": score("test"), "train_items": len(keep)}
     return report(args, world, folder, rep, best, head, dict(head=dict(classes=ds.classnames)))
 
@@ -1103,7 +1101,8 @@ def segment(args, world, folder: Path, vision, adaptor: Adaptor) -> dict:
     fit_head(args, world, folder, model, model.decoder, opt, len(idx), step_fn, best, "segment",
              ds=torch.utils.data.Subset(train, idx.tolist()))
     rep = {"metric": "dice", "test": dice_of("test"), "train_items": len(idx)}
-    return report(args, world, folder, rep, best, model.decoder, dict(decoder=dict(size=size, width=args.decoder_width)))
+    return report(args, world, folder, rep, best, model.decoder,
+                  dict(decoder=dict(size=size, width=args.decoder_width)))
 
 # ----------------------------------------------------------------------------------------------------------
 # Benchmark: the adaptor step at batch 1024, ours vs torch.nn layers, and backbone throughput
@@ -1170,8 +1169,8 @@ def run_bench(args, world):
             sec, flops = float(np.median(wall[name])), R.flops_of(step)
             r = dict(step_ms=1000 * sec, items_per_s=B / sec, tflops=flops / sec / 1e12, mfu=flops / sec / peak,
                      matmul_peak_tflops=peak / 1e12, peak_mem_mb=R.peak_memory_mb(dev))
-            rows.append(R.bench_row(f"adaptor step, {name} ({1 / sec:.3g} steps/s)", prec, B, r, unit="pair"))
-            print(rows[-1], flush=True)
+            rows.append(dict(what=f"adaptor step, {name}", precision=prec, batch=B, **r))
+            print(R.bench_row(f"adaptor step, {name} ({1 / sec:.3g} steps/s)", prec, B, r, unit="pair"), flush=True)
         ratio = {k: float(np.median(v["ours"]) / np.median(v["torch.nn"])) for k, v in (("wall", wall), ("cpu", cpu))}
         print(f"ours / torch.nn step time: wall {ratio['wall']:.3f}, process CPU {ratio['cpu']:.3f} (medians of "
               f"{args.bench_steps} alternating steps)", flush=True)
@@ -1185,10 +1184,8 @@ def run_bench(args, world):
             def fwd(fn=fn):
                 with torch.no_grad(), R.autocast(dev, prec):
                     fn()
-            r = R.bench(fwd, items=bs, flops_per_step=R.flops_of(fwd), device=dev, dtype=R.PRECISIONS[prec],
-                        steps=args.bench_steps)
-            rows.append(R.bench_row(what, prec, bs, r, unit=unit))
-            print(rows[-1], flush=True)
+            rows.append(R.bench_step(what, fwd, precision=prec, batch=bs, device=dev, steps=args.bench_steps,
+                                     unit=unit))
     return rows
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1210,7 +1207,8 @@ DEMO_RECIPES = {  # tiny models on 600 demo images: short, larger steps, a narro
 def recipe(args, task: str):
     """A copy of args with the flags not typed on the command line filled from the task's recipe."""
     a = argparse.Namespace(**vars(args))
-    key = task if task != "classify" or args.data == "demo" else f"classify-{'rsna' if args.data == 'rsna' else 'covidx'}"
+    key = task if task != "classify" or args.data == "demo" else \
+        f"classify-{'rsna' if args.data == 'rsna' else 'covidx'}"
     for k, v in (DEMO_RECIPES if args.data == "demo" else RECIPES)[key].items():
         if k not in args.given:
             setattr(a, k, v)
@@ -1221,8 +1219,8 @@ def demo_backbones(args, world):
     """The demo's tiny DINOv2 and BERT play *pretrained* frozen backbones. Frozen random ones give nearly the same
     global feature for every input, and the adaptor then learns nothing (pre-training loss pinned at ln B), so
     they are pre-trained once, CLIP-style, on the demo's training pairs and cached in --cache-dir (200 steps, ~4
-    min on a busy 2-core CPU; fixed seeds, independent of --seed, so they are the same "pretrained model" for every run). The
-    tokenizer's vocabulary is the demo's training captions."""
+    min on a busy 2-core CPU; fixed seeds, independent of --seed, so they are the same "pretrained model" for every
+    run). The tokenizer's vocabulary is the demo's training captions."""
     from common.demo import ensure_demo
     root = Path(args.data_dir) if args.data_dir else REPO / "data" / "demo"
     if world.is_main:
@@ -1235,14 +1233,14 @@ def demo_backbones(args, world):
     steps = args.backbone_pretrain_steps
     if steps == 0:  # frozen random towers: the pipeline runs, the adaptor's pre-training has little to learn
         return vision, bert, tok
-    path = Path(args.cache_dir) / "adaptor" / f"demo_backbones_{steps}steps.safetensors"
-    if not path.is_file() and world.is_main:
+
+    def compute():
         with torch.random.fork_rng():  # a cold cache must not shift the run's random numbers
             pretrain_demo_backbones(vision, bert, tok, Images(root, ids, PadCrop(112, train=False)), caps, steps)
-        R.save_tensors(path, {"vision." + k: v for k, v in vision.state_dict().items()} |
-                       {"text." + k: v for k, v in bert.state_dict().items()})
-    R.barrier(world)
-    tensors = load_file(str(path))
+        return {"vision." + k: v for k, v in vision.state_dict().items()} | \
+            {"text." + k: v for k, v in bert.state_dict().items()}
+    tensors = R.cached_tensors(Path(args.cache_dir) / "adaptor" / f"demo_backbones_{steps}steps.safetensors", world,
+                               compute)
     vision.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("vision.")})
     bert.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("text.")})
     return vision, bert, tok
@@ -1296,16 +1294,13 @@ def load_adaptor(path: Path, device) -> Adaptor:
     """A finished pre-training (RUN or RUN/pretrain) -> the Adaptor, frozen."""
     folder = init_folder(path)
     model = Adaptor(AdaptorConfig(**json.loads((folder / "model.json").read_text())["adaptor"]))
-    tensors = load_file(str(folder / "weights.safetensors"))
-    check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()},
-               {k: tuple(v.shape) for k, v in tensors.items()}, source=str(folder))
-    model.load_state_dict(tensors)
+    R.load_final(model, folder, "cpu", required=list(model.state_dict()), name=STAGE)  # every tensor, checked
     return model.requires_grad_(False).eval().to(device)
 
 
 def init_folder(path: Path) -> Path:
     for folder in (path, path / "pretrain"):
-        if (folder / "model.json").is_file() and (folder / "weights.safetensors").is_file():
+        if (folder / "model.json").is_file() and (folder / STAGE).is_file():
             if "adaptor" in json.loads((folder / "model.json").read_text()):
                 return folder
     raise DataError(f"--init {path}: no finished pre-training there (model.json + weights.safetensors in it or in "
@@ -1321,10 +1316,8 @@ def preflight(args):
         if args.task != "pretrain" and not d.get(args.task):
             problems.append(f"--data {args.data} has no {args.task} split; use one of "
                             f"{[k for k, v in DATASETS.items() if v.get(args.task)]}")
-        for w in filter(None, wanted):
-            if not (root / w).is_file():
-                problems.append(f"data for --data {args.data} not found: {root / w}\n  get it: "
-                                f"{PREPARE.format(args.data)}\n  details: data/README.md")
+        missing = (missing_dataset(args.data, d, root, w) for w in wanted if w)
+        problems += [m for m in missing if m]
         for name, presets in (("vision", VISION_PRESETS), ("text", TEXT_PRESETS)):
             repo = getattr(args, f"{name}_path") or presets[getattr(args, name)]["repo"]
             if repo and (name == "vision" or args.task == "pretrain"):
@@ -1352,20 +1345,24 @@ def run(args, world) -> dict:
     size = args.size or DATASETS[args.data]["size"]
     tasks = ["pretrain", "classify", "segment"] if args.data == "demo" and args.task == "all" else [args.task]
     out, adaptor = {}, load_adaptor(Path(args.init), world.device) if args.init else None
-    for task in tasks:
-        folder = run_dir / task
-        folder.mkdir(parents=True, exist_ok=True)
-        a = recipe(args, task)
-        R.seed_everything(args.seed, world.rank)
-        if task == "pretrain":
-            if (folder / "weights.safetensors").is_file() or args.eval_only:
-                adaptor = load_adaptor(folder if not args.init else Path(args.init), world.device)
-                continue
-            adaptor = pretrain(a, world, folder, vision, bert, tok, size).requires_grad_(False).eval()
-        elif task == "classify":
-            out[task] = classify(a, world, folder, vision, adaptor, size)
-        else:
-            out[task] = segment(a, world, folder, vision, adaptor)
+    folder = run_dir / tasks[0]
+    try:  # from here a non-finite loss or Ctrl-C exits 3 / 2 (R.Stopped), naming the task's last checkpoint
+        for task in tasks:
+            folder = run_dir / task
+            folder.mkdir(parents=True, exist_ok=True)
+            a = recipe(args, task)
+            R.seed_everything(args.seed, world.rank)
+            if task == "pretrain":
+                if (folder / STAGE).is_file() or args.eval_only:
+                    adaptor = load_adaptor(folder if not args.init else Path(args.init), world.device)
+                    continue
+                adaptor = pretrain(a, world, folder, vision, bert, tok, size).requires_grad_(False).eval()
+            elif task == "classify":
+                out[task] = classify(a, world, folder, vision, adaptor, size)
+            else:
+                out[task] = segment(a, world, folder, vision, adaptor)
+    except (R.NonFiniteLoss, KeyboardInterrupt) as e:
+        raise R.Stopped(e, run_dir, "python adaptor.py", folder / "ckpt") from None
     if world.is_main:
         print(f"run folder: {run_dir}")
     return out
@@ -1377,6 +1374,7 @@ def parse_args(argv=None):
                                 "pre-training; other tasks and the demo fill untyped flags from their recipe "
                                 "(RECIPES / DEMO_RECIPES).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     R.add_common_args(p, datasets=DATASETS, data="demo", epochs=50, steps=0, batch_size=1024, lr=2e-5, seed=42,
+                      eval_batch_size=64, ckpt_every=500,
                       help={"epochs": "paper: 50 pre-training, 100 RSNA, 50 COVIDx, 50 seg; demo: 40 / 60 / 8",
                             "batch_size": "paper: 1024 / 512 RSNA / 128 COVIDx / 4 seg; demo: 100 / 100 / 16",
                             "lr": "paper: 2e-5 / 5e-5 RSNA / 5e-4 COVIDx and seg; demo: 1e-3 / 3e-3 / 3e-3"})
@@ -1387,8 +1385,6 @@ def parse_args(argv=None):
     p.add_argument("--init", default=None, metavar="RUN", help="a finished pre-training run (classify / segment)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW (paper: 0.01 / 1e-4 RSNA / 0.05 COVIDx)")
     p.add_argument("--warmup-frac", type=float, default=0.02, help="pre-training linear warm-up, fraction of steps")
-    p.add_argument("--eval-batch-size", type=int, default=64, help="feature extraction and evaluation batch")
-    p.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     p.add_argument("--cache-dir", default=str(REPO / "cache"), help="frozen feature cache")
     p.add_argument("--backbone-pretrain-steps", type=int, default=200, help="demo only: steps of InfoNCE that make "
                    "the tiny random DINOv2 + BERT play pretrained backbones (once, cached)")
@@ -1413,10 +1409,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     given = R.given_flags(p, argv)
     if args.resume:
-        try:
-            R.restore_run_args(args, given)
-        except R.RunError as e:
-            p.error(str(e))
+        R.restore_run_args_or_exit(p, args, given)
         given |= set(json.loads((Path(args.resume) / "args.json").read_text()).get("given", []))
     demo = args.data == "demo"
     for k, v in (dict(vision="tiny", text="tiny") if demo else dict(task="pretrain")).items():
@@ -1426,30 +1419,15 @@ def parse_args(argv=None):
     R.finish_common_args(p, args)
     if args.task == "all" and not demo:
         p.error("--task all is the demo's; on real data run pretrain, then classify / segment with --init")
-    if not 0 < args.data_pct <= 1:
-        p.error(f"--data-pct {args.data_pct}: must be in (0, 1]")
-    if args.backbone_pretrain_steps < 0:
-        p.error("--backbone-pretrain-steps must be >= 0")
+    R.check_flags(p, args, [("data_pct", 0 < args.data_pct <= 1, "in (0, 1]"),
+                            ("backbone_pretrain_steps", args.backbone_pretrain_steps >= 0, "0 or more")])
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    world = R.setup_distributed(args.device)
-    try:
-        if args.bench:
-            run_bench(args, world)
-        else:
-            run(args, world)
-        return 0
-    except R.USER_ERRORS as e:  # user-fixable: a message, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (R.NonFiniteLoss, KeyboardInterrupt) as e:
-        print(R.stop_message(e, args.resume or args.out or "runs/adaptor"), file=sys.stderr)
-        return 3
-    finally:
-        R.cleanup_distributed()
+    # a user mistake or a run stopped early (R.Stopped) is a message and its exit code, not a traceback
+    return R.run_main(lambda world: run_bench(args, world) if args.bench else run(args, world), args.device)
 
 
 if __name__ == "__main__":
