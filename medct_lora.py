@@ -54,7 +54,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from common import run as R
 from common.ct import (CTPairs, CTVolumeDataset, choose_thresholds, format_report, split_validation,
@@ -1170,10 +1169,7 @@ def run(args, world) -> dict:
             n = sum(p.numel() for p in model.parameters() if p.requires_grad)
             print(f"LoRA r {args.lora_rank}, alpha {args.lora_alpha} on {','.join(args.lora_targets)}: {n:,} trainable")
         if args.eval_only:
-            final = run_dir / "trainable.safetensors"
-            if not final.exists():
-                raise R.RunError(f"{final} not found: the run in {run_dir} has not finished (resume it first)")
-            R.load_tensors(model, load_file(str(final), device=str(dev)), str(final), required=lora_state(model))
+            R.load_final(model, run_dir, dev, required=lora_state(model))
         else:
             try:
                 train(args, world, run_dir, model, train_ds, tok)
@@ -1232,10 +1228,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     given = R.given_flags(p, argv)
     if args.resume:
-        try:
-            R.restore_run_args(args, given, free=("cache_dir", "eval_before", "n_boot", "threshold_on_test"))
-        except R.RunError as e:
-            p.error(str(e))
+        R.restore_run_args_or_exit(p, args, given, free=("cache_dir", "eval_before", "n_boot", "threshold_on_test"))
     if args.data == "demo" and not args.bench and not args.count_params:
         # --resume restored the recipe from args.json, except the runtime flags, which take today's value: for the
         # demo that is the recipe's, not the real-data default (an eval batch of 2 instead of 16 alone changes
@@ -1266,20 +1259,7 @@ def main(argv=None):
     if args.count_params:
         count_params(args)
         return 0
-    world = R.setup_distributed(args.device)
-    if world.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
-        run_bench(args, world) if args.bench else run(args, world)
-        return 0
-    except R.USER_ERRORS as e:  # user-fixable, or a run stopped early (R.Stopped): a message, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        return getattr(e, "code", 2)
-    except KeyboardInterrupt:
-        print("error: interrupted before training started", file=sys.stderr)
-        return 2
-    finally:
-        R.cleanup_distributed()
+    return R.run_main(lambda world: run_bench(args, world) if args.bench else run(args, world), args.device, tf32=True)
 
 
 if __name__ == "__main__":
