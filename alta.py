@@ -78,14 +78,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 from common import metrics as M
 from common import retrieval as RV
 from common import run as R
 from common.augment import AffineJitter
-from common.data import DataError, ImageReportDataset, load_image
+from common.data import DataError, ImageReportDataset, dataset_root, load_image, missing_dataset
 from common.text import SPECIALS, gloria_clean, shuffle_sentences, tokenize, wordpiece_tokenizer
 from common.transforms import CenterCrop, Compose, Normalize, Resize, ToGray, ToRGB, ToTensor
 from common.weights import WeightsError, load_config, load_mapped, map_key, resolve, tensor_index
@@ -933,10 +932,12 @@ def build_model(vit_cfg: ViTConfig, bert_cfg: BertConfig, cfg: ALTAConfig, init=
 
 
 CXR_MEAN, CXR_STD = (0.4785,) * 3, (0.2834,) * 3      # the official Normalize(0.4785, 0.2834) on grayscale x 3
-DATASETS = {  # what --data means: folder, the reports CSVs, the text length, grayscale or not
-    "demo": dict(dir="data/demo", train="reports_train.csv", test="reports_test.csv", max_len=64, gray=False),
-    "mimic-cxr": dict(dir="data/mimic-cxr", train="reports_train.csv", test=None, max_len=128, gray=True,
-                      prepare="python -m common.prepare mimic-cxr --src <MIMIC-CXR-JPG folder>"),
+DATASETS = {  # what --data means: folder under data/, the reports CSVs, the text length, grayscale or not, where to
+    # download it (common.data.missing_dataset adds the `python -m common.prepare <dir>` step)
+    "demo": dict(dir="demo", train="reports_train.csv", test="reports_test.csv", max_len=64, gray=False,
+                 get="built in: python -m common.demo"),
+    "mimic-cxr": dict(dir="mimic-cxr", train="reports_train.csv", test=None, max_len=128, gray=True,
+                      get="MIMIC-CXR-JPG 2.0.0 + the MIMIC-CXR 2.0.0 reports (PhysioNet, credentialed)"),
 }
 
 
@@ -1257,14 +1258,8 @@ def run_bench(args, world, vit_cfg: ViTConfig = ViTConfig(), bert_cfg: BertConfi
              ("4 views one at a time, fwd", forward_only(lambda: [model.encode_views(
                  views[:, v:v + 1], batch["present"][:, v:v + 1], slice(v, v + 1)) for v in range(4)]))]
     print(R.BENCH_COLUMNS)
-    rows = []
-    for what, fn in cases:
-        r = R.bench(fn, items=B, flops_per_step=R.flops_of(fn), device=dev, dtype=R.PRECISIONS[prec],
-                    steps=args.bench_steps)
-        rows.append((what, r))
-        print(R.bench_row(what, prec, B, r, "study"))
-    return rows
-    return rows
+    return [R.bench_step(what, fn, precision=prec, batch=B, device=dev, steps=args.bench_steps, unit="study")
+            for what, fn in cases]
 
 # ----------------------------------------------------------------------------------------------------------
 # The demo's stand-ins for MRM and CXR-BERT: the tiny towers, pre-trained once (demo only, never real weights)
@@ -1365,10 +1360,7 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args, given = p.parse_args(argv), R.given_flags(p, argv)
     if args.resume:
-        try:
-            R.restore_run_args(args, given, free=("steps",))   # a longer --steps only runs further
-        except R.RunError as e:
-            p.error(str(e))
+        R.restore_run_args_or_exit(p, args, given, free=("steps",))   # a longer --steps only runs further
     elif args.data == "demo" and not args.eval:
         for k, v in DEMO_RECIPE.items():
             if k not in given:
@@ -1376,6 +1368,10 @@ def parse_args(argv=None):
     elif "lr" not in given:              # official: lr = blr x effective batch / 256
         args.lr = 1.5e-4 * args.batch_size * int(os.environ.get("WORLD_SIZE", "1")) / 256
     args.max_len = DATASETS[args.data]["max_len"]
+    R.check_flags(p, args, [("mask_ratio", 0 <= args.mask_ratio < 1, "in [0, 1)"),
+                            ("warmup_epochs", args.warmup_epochs >= 0, "0 or more"),
+                            ("sched_epochs", args.sched_epochs > 0, "above 0"),
+                            ("tower_pretrain_steps", args.tower_pretrain_steps >= 0, "0 or more")])
     return R.finish_common_args(p, args)
 
 
@@ -1395,11 +1391,8 @@ def build(args, world, corpus=None, root=None):
     if args.vit == "tiny" and not args.text and not args.init_vision and corpus is not None and init is None:
         demo_towers(args, world, model, tok, root)   # the demo's MRM + CXR-BERT; --init / checkpoints load over
     if args.init and init is None:          # a run folder of this script: its best (or last) trained tensors
-        run = Path(args.init)
-        f = run / "best.safetensors" if (run / "best.safetensors").is_file() else run / "trainable.safetensors"
-        if not f.is_file():
-            raise R.RunError(f"--init {run}: neither best.safetensors nor trainable.safetensors there")
-        R.load_tensors(model, load_file(str(f)), str(f))
+        best = Path(args.init) / "best.safetensors"
+        R.load_final(model, args.init, "cpu", name=best.name if best.is_file() else "trainable.safetensors")
     mark_trainable(model, cfg)
     if args.train_all:                       # everything but the fixed sin-cos tables
         for name, p in model.named_parameters():
@@ -1410,9 +1403,9 @@ def build(args, world, corpus=None, root=None):
 def preflight(args):
     """Everything missing, said at once, before any work."""
     problems, d = [], DATASETS[args.data]
-    root = Path(args.data_dir or REPO / d["dir"])
-    if args.data != "demo" and not args.eval and not (root / d["train"]).is_file():
-        problems.append(f"{root / d['train']} not found: prepare it with `{d['prepare']}`")
+    root = dataset_root(args.data, d, args.data_dir)
+    missing = args.data != "demo" and not args.eval and missing_dataset(args.data, d, root, d["train"])
+    problems += [missing] if missing else []
     for flag, path in (("--init-vision", args.init_vision), ("--text", args.text), ("--init", args.init)):
         if path and not Path(path).exists():
             problems.append(f"{flag} {path}: not found (download: see data/README.md and `python -m common.weights`)")
@@ -1428,7 +1421,7 @@ def preflight(args):
         if not folder.is_dir():
             problems.append(f"--eval {args.eval}: {folder} not found; prepare it with `{EVALS[args.eval][1]}`")
     if problems:
-        raise DataError("cannot start:\n  " + "\n  ".join(problems))
+        raise DataError("cannot start:\n  " + "\n  ".join(p.replace("\n", "\n  ") for p in problems))
     return root
 
 
@@ -1470,9 +1463,8 @@ def run(args, world) -> dict:
             raise R.Stopped(e, run_dir, "python alta.py") from None
         if world.is_main and best["value"] is not None:
             print(f"model selection: best {best['value']:.4f} at epoch {best['epoch']}; evaluating those weights")
-    best_file = run_dir / "best.safetensors"
-    if best_file.is_file():                        # as the official best_auroc checkpoint
-        R.load_tensors(model, load_file(str(best_file)), str(best_file))
+    if (run_dir / "best.safetensors").is_file():   # as the official best_auroc checkpoint
+        R.load_final(model, run_dir, world.device, name="best.safetensors")
     results = {}
     if world.is_main and args.data == "demo" and not args.no_eval:
         results = evaluate("demo", model, tok, args, root)
@@ -1484,18 +1476,8 @@ def run(args, world) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    world = R.setup_distributed(args.device)
-    try:
-        if args.bench:
-            run_bench(args, world)
-        else:
-            run(args, world)
-        return 0
-    except R.USER_ERRORS as e:  # user-fixable, or a run stopped early (R.Stopped): a message, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        return getattr(e, "code", 2)
-    finally:
-        R.cleanup_distributed()
+    # a user mistake or a run stopped early (R.Stopped) is a message and its exit code, not a traceback
+    return R.run_main(lambda world: run_bench(args, world) if args.bench else run(args, world), args.device)
 
 
 if __name__ == "__main__":

@@ -431,6 +431,11 @@ def test_bad_input_gives_a_message_not_a_traceback(tmp_path, capsys):
     assert alta.main(["--eval", "rsna-zeroshot", "--init", str(tmp_path / "ALTA.safetensors"), "--text", str(tmp_path),
                       "--out", str(tmp_path / "r")]) == 2                       # a mistyped --init: said before any work
     assert f"--init {tmp_path / 'ALTA.safetensors'}: not found" in capsys.readouterr().err
+    for bad in (["--mask-ratio", "1"], ["--warmup-epochs", "-1"], ["--tower-pretrain-steps", "-5"]):
+        with pytest.raises(SystemExit) as e:      # usage + message, exit 2, before anything is built
+            alta.parse_args(bad)
+        assert e.value.code == 2
+    assert "--mask-ratio 1.0: must be in [0, 1)" in capsys.readouterr().err
 
 
 def test_official_evaluations_run_on_mock_layouts(tmp_path):
@@ -491,8 +496,8 @@ def test_bench_reports_every_figure_at_a_tiny_size(monkeypatch):
     monkeypatch.setattr(alta.R, "matmul_peak_flops", lambda *a, **k: 1e12)   # measuring it takes ~10 s per row here
     args = argparse.Namespace(precision="fp32", batch_size=2, bench_steps=1)
     rows = alta.run_bench(args, alta.R.World(), TINY_VIT, TINY_BERT)
-    assert [w for w, _ in rows][0].startswith("pre-train step") and len(rows) == 4
-    for _, r in rows:
+    assert rows[0]["what"].startswith("pre-train step") and len(rows) == 4
+    for r in rows:
         assert r["step_ms"] > 0 and r["items_per_s"] > 0 and r["tflops"] > 0 and r["peak_mem_mb"] > 0
 
 
