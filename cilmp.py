@@ -488,17 +488,14 @@ class Intervention(nn.Module):
         """h (C, n, D) raw LLM states of n positions, v (B, d_img) normalised image features -> (B, C, n, D)."""
         D = h.shape[-1]
         s = h @ self.W_s.weight[:, :D].T + self.W_s.bias                     # (C, n, r)
-        if self.mode == "conditional":
-            u = self.W2(self.W1(v))                                           # (B, D)
-            # W_rd (u (.) h) without materialising rd (B, C, n, D): fold u into the weight instead
-            s = s + torch.einsum("cnd,brd->bcnr", h, u[:, None, :] * self.W_s.weight[None, :, D:])
-        elif self.mode == "no-rd":
-            u = self.W2(self.W1(v))
-            s = s + (u @ self.W_s.weight[:, D:].T)[:, None, None, :]          # (B, 1, 1, r)
-        else:  # plain LoReFT does not see the image: compute once per class, share across the batch
+        if self.mode == "plain":  # plain LoReFT does not see the image: compute once per class, share across the batch
             return self.dropout(h + (s - h @ self.R) @ self.R.T).expand(v.shape[0], -1, -1, -1)
-        delta = (s - h @ self.R) @ self.R.T                                   # (B, C, n, D)
-        return self.dropout(h + delta)
+        u = self.W2(self.W1(v))                                               # (B, D)
+        if self.mode == "conditional":  # W_rd (u (.) h) without materialising rd (B, C, n, D): fold u into the weight
+            s = s + torch.einsum("cnd,brd->bcnr", h, u[:, None, :] * self.W_s.weight[None, :, D:])
+        else:  # no-rd: u in place of rd
+            s = s + (u @ self.W_s.weight[:, D:].T)[:, None, None, :]          # (B, 1, 1, r)
+        return self.dropout(h + (s - h @ self.R) @ self.R.T)                  # (B, C, n, D)
 
 
 class LowRankProj(nn.Module):
