@@ -1267,10 +1267,7 @@ def pretrain_demo_backbones(vision, bert, tok, images, caps, steps: int = 200, b
         logits = f @ t.T / 0.07
         labels = torch.arange(batch)
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        prog.update(1, loss=loss.item())
+        prog.update(1, loss=R.optimizer_step(loss, opt, None, R.World(), step))  # rank 0 alone, no scaler
 
 
 def backbones(args, world):

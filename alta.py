@@ -932,8 +932,9 @@ def build_model(vit_cfg: ViTConfig, bert_cfg: BertConfig, cfg: ALTAConfig, init=
 
 
 CXR_MEAN, CXR_STD = (0.4785,) * 3, (0.2834,) * 3      # the official Normalize(0.4785, 0.2834) on grayscale x 3
-DATASETS = {  # what --data means: folder under data/, the reports CSVs, the text length, grayscale or not, where to
-    # download it (common.data.missing_dataset adds the `python -m common.prepare <dir>` step)
+# what --data means: folder under data/, the reports CSVs, the text length, grayscale or not, where to download it
+# (common.data.missing_dataset adds the `python -m common.prepare <dir>` step)
+DATASETS = {
     "demo": dict(dir="demo", train="reports_train.csv", test="reports_test.csv", max_len=64, gray=False,
                  get="built in: python -m common.demo"),
     "mimic-cxr": dict(dir="mimic-cxr", train="reports_train.csv", test=None, max_len=128, gray=True,
@@ -1315,10 +1316,7 @@ def pretrain_demo_towers(model: ALTA, tok, root: Path, steps: int = 200, max_len
             g["lr"] = 3e-4 * min(1.0, (step + 1) / 20)
         idx = torch.randint(0, len(rows), (batch,))
         loss = global_loss(model.encode_image(pixels(idx)), model.encode_text(ids[idx], am[idx]), 1 / 0.07)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        prog.update(1, loss=loss.item())
+        prog.update(1, loss=R.optimizer_step(loss, opt, None, R.World(), step))  # rank 0 alone, no scaler
     return model.eval()
 
 # ----------------------------------------------------------------------------------------------------------
