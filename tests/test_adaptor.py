@@ -327,6 +327,7 @@ def test_bad_input_is_a_message_not_a_traceback(tmp_path, capsys):
     assert run_main(["--data", "rsna", "--task", "classify", "--data-dir", tmp_path, "--out", tmp_path / "x"]) == 2
     err = capsys.readouterr().err
     assert "split_rsna.json" in err and "common.prepare rsna" in err and "--init RUN" in err
+    assert "download: RSNA Pneumonia Detection" in err  # what to download, then the command that prepares it
     for bad in (["--batch-size", "0"], ["--data-pct", "2"], ["--precision", "fp16", "--device", "cpu"],
                 ["--data", "rsna", "--task", "all"]):
         with pytest.raises(SystemExit) as e:

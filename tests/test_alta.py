@@ -427,6 +427,7 @@ def test_bad_input_gives_a_message_not_a_traceback(tmp_path, capsys):
     assert alta.main(["--data", "mimic-cxr", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "common.prepare mimic-cxr" in err and "MRM.safetensors" in err and "Traceback" not in err
+    assert "download: MIMIC-CXR-JPG" in err
     assert not (tmp_path / "r").exists()
     assert alta.main(["--eval", "rsna-zeroshot", "--init", str(tmp_path / "ALTA.safetensors"), "--text", str(tmp_path),
                       "--out", str(tmp_path / "r")]) == 2                       # a mistyped --init: said before any work
