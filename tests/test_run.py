@@ -395,3 +395,70 @@ def test_ci_gpu_reads_the_rows_bench_row_prints():
     m = gpu.ROW.match(R.bench_row("CLIP ViT-B/16 vision + deep VPT", "fp16", 64, r, unit="vol"))
     assert m and (m["what"].strip(), m["prec"], m["batch"], m["ms"], m["unit"], m["mfu"], m["mem"]) == (
         "CLIP ViT-B/16 vision + deep VPT", "fp16", "64", "812.2", "vol", "43.2", "20480")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# main() around a script's work, the final tensors, the bench step, resume errors as usage errors
+
+
+def test_run_main_turns_user_errors_and_an_early_ctrl_c_into_messages(tmp_path, capsys):
+    seen = []
+    assert R.run_main(lambda world: seen.append(world.device.type), "cpu") == 0 and seen == ["cpu"]
+
+    def bad(world):
+        raise R.RunError("no such run")
+    assert R.run_main(bad, "cpu") == 2 and "error: no such run" in capsys.readouterr().err
+
+    def stopped(world):
+        raise R.Stopped(R.NonFiniteLoss(3, float("nan")), tmp_path, "python x.py")
+    assert R.run_main(stopped, "cpu") == 3
+
+    def interrupted(world):
+        raise KeyboardInterrupt
+    assert R.run_main(interrupted, "cpu") == 2
+    assert "interrupted before training started" in capsys.readouterr().err
+
+    def bug(world):  # a programming error is not a user error: it keeps its traceback
+        raise ZeroDivisionError
+    with pytest.raises(ZeroDivisionError):
+        R.run_main(bug, "cpu")
+
+
+def test_load_final_refuses_an_unfinished_run_and_loads_a_finished_one(tmp_path):
+    model = _model()
+    with pytest.raises(R.RunError, match="has not finished"):
+        R.load_final(model, tmp_path, "cpu")
+    w = {"0.weight": torch.full((4, 3), 2.0)}
+    R.save_tensors(tmp_path / "trainable.safetensors", w)
+    R.load_final(model, tmp_path, "cpu", required=w)
+    assert torch.equal(model[0].weight, w["0.weight"])
+    with pytest.raises(Exception, match="2.weight"):     # a tensor the model needs is not in the file
+        R.load_final(_model(), tmp_path, "cpu", required={**w, "2.weight": torch.zeros(2, 4)})
+
+
+def test_bench_step_times_a_step_and_counts_its_flops(capsys):
+    model = nn.Linear(64, 32)
+    x = torch.randn(8, 64)
+    calls = []
+
+    def step():
+        calls.append(1)
+        model(x).sum().backward()
+    row = R.bench_step("linear", step, precision="fp32", batch=8, device="cpu", steps=2)
+    assert row["what"] == "linear" and row["batch"] == 8 and row["step_ms"] > 0 and row["items_per_s"] > 0
+    assert row["tflops"] > 0 and len(calls) >= 3            # flop count + warm-up + the timed steps
+    assert "linear" in capsys.readouterr().out
+
+
+def test_restore_run_args_or_exit_is_a_usage_error(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.json").write_text(json.dumps({"lr": 0.1, "seed": 0}))
+    p = argparse.ArgumentParser()
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume")
+    args = p.parse_args(["--resume", str(run), "--lr", "0.5"])
+    with pytest.raises(SystemExit) as e:
+        R.restore_run_args_or_exit(p, args, {"lr", "resume"})
+    assert e.value.code == 2 and "--lr" in capsys.readouterr().err
