@@ -434,7 +434,8 @@ class CosineVQ(nn.Module):
 
 class CTViT(nn.Module):
     """forward(volume (B, C, D, H, W)) -> quantised tokens (B, t, h, w, dim), equal to the official
-    CTViT(..., return_encoded_tokens=True). Shapes below for CT-CLIP v2: (B, 1, 240, 480, 480) -> (B, 24, 24, 24, 512)."""
+    CTViT(..., return_encoded_tokens=True). Shapes below for CT-CLIP v2:
+    (B, 1, 240, 480, 480) -> (B, 24, 24, 24, 512)."""
 
     def __init__(self, cfg: CTViTConfig):
         super().__init__()
@@ -591,7 +592,8 @@ CTCLIP_MAP = {  # CT-CLIP_v2 state-dict keys -> ours; "{}" = one dotted componen
     _VIT + "enc_temporal_transformer.norm_out.gamma": "visual.temporal_norm.weight",
     _VIT + "enc_temporal_transformer.norm_out.beta": None,
 }
-CTCLIP_MAP |= {"text_transformer." + k: v and "text." + v for k, v in BERT_MAP.items() if not k.startswith(("bert.", "cls"))}
+CTCLIP_MAP |= {"text_transformer." + k: v and "text." + v for k, v in BERT_MAP.items()
+               if not k.startswith(("bert.", "cls"))}
 CTCLIP_MAP["text_transformer.pooler.dense.{}"] = None   # in the checkpoint (randomly initialised by BertModel), unused
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1089,8 +1091,8 @@ def run_bench(args, world):
     n = 1000  # volumes per evaluation run, for the once-per-run prompt cost
     official, ours = 18 * (t_vol + t_pair), t_vol + t_prompts / n
     print(f"zero-shot per volume: official protocol {official * 1e3:.1f} ms (18 x ({t_vol * 1e3:.1f} ms vision + "
-          f"{t_pair * 1e3:.1f} ms for 2 prompts at {spec['max_len']} tokens)), ours {ours * 1e3:.1f} ms (1 vision pass + the 36 "
-          f"prompts once per {n} volumes: {t_prompts * 1e3:.1f} ms) -> {official / ours:.1f}x faster")
+          f"{t_pair * 1e3:.1f} ms for 2 prompts at {spec['max_len']} tokens)), ours {ours * 1e3:.1f} ms "
+          f"(1 vision pass + the 36 prompts once per {n} volumes: {t_prompts * 1e3:.1f} ms) -> {official / ours:.1f}x faster")
     if dev.type == "cpu" and args.model != "tiny":
         memory_estimate(args)
     return r
@@ -1128,10 +1130,12 @@ def preflight(args):
     problems = []
     root = data_root(args)
     if args.data != "demo":
-        need = [root / DATASETS[args.data][s][i] for s in ("train", "test") for i in (0, 1, 2)] + [root / "metadata.csv"]
+        need = [root / DATASETS[args.data][s][i] for s in ("train", "test") for i in (0, 1, 2)]
+        need.append(root / "metadata.csv")
         missing = [str(p) for p in need if not p.exists()]
         if missing:
-            problems.append(f"{args.data} data not found ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); "
+            more = " ..." if len(missing) > 3 else ""
+            problems.append(f"{args.data} data not found ({', '.join(missing[:3])}{more}); "
                             f"prepare it with:\n    {PREPARE}")
     if args.model != "tiny":
         if not args.weights or not Path(args.weights).is_file():
@@ -1145,7 +1149,8 @@ def preflight(args):
     shape = (spec.image_size, spec.image_size, spec.frames)
     if tuple(DATASETS[args.data]["shape"]) != shape:
         problems.append(f"--model {args.model} takes volumes of {shape} (x, y, z) voxels; --data {args.data} gives "
-                        f"{DATASETS[args.data]['shape']}: use --model {'tiny' if args.data == 'demo' else 'ct-clip-v2'}")
+                        f"{DATASETS[args.data]['shape']}: "
+                        f"use --model {'tiny' if args.data == 'demo' else 'ct-clip-v2'}")
     problems += [f"--cache-dir {p}" for p in [R.check_writable(args.cache_dir)] if p and args.model == "tiny"]
     if problems:
         raise DataError("\n\n".join(problems))
@@ -1252,7 +1257,8 @@ def parse_args(argv=None):
     unknown = [t for t in args.lora_targets if t not in LORA_TARGETS]
     R.check_flags(p, args, (
         ("lora_rank", args.lora_rank >= 1, "at least 1"), ("lora_alpha", args.lora_alpha > 0, "above 0"),
-        ("lora_dropout", 0 <= args.lora_dropout < 1, "in [0, 1)"), ("warmup_steps", args.warmup_steps >= 0, "0 or more"),
+        ("lora_dropout", 0 <= args.lora_dropout < 1, "in [0, 1)"),
+        ("warmup_steps", args.warmup_steps >= 0, "0 or more"),
         ("lora_targets", args.lora_targets and not unknown, f"a list of {', '.join(LORA_TARGETS)}"),
         ("clip_grad", args.clip_grad > 0, "above 0"), ("ckpt_every", args.ckpt_every >= 1, "at least 1"),
         ("val_frac", 0 < args.val_frac < 1, "in (0, 1)"), ("n_boot", args.n_boot >= 1, "at least 1"),
