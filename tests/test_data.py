@@ -403,6 +403,10 @@ def test_dataset_root_and_the_missing_dataset_message(tmp_path):
     assert str(tmp_path / "train.csv") in missing_dataset("chexpert", entry, tmp_path, "train.csv")
     (tmp_path / "train.csv").write_text("Path\n")
     assert missing_dataset("chexpert", entry, tmp_path, "train.csv") is None
+    from common.data import dataset_file
+    assert dataset_file("chexpert", entry, tmp_path, "train.csv") == tmp_path / "train.csv"
+    with pytest.raises(DataError, match="download: CheXpert v1.0"):   # the split file is not there
+        dataset_file("chexpert5x200", entry, tmp_path)
 
 
 def test_stratified_subset_keeps_a_ratio_of_every_class():

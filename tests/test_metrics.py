@@ -330,3 +330,11 @@ def test_mean_std_over_seeds_by_hand():
                                                                   "std": pytest.approx(0.1)}}
     line = metrics.format_mean_std(s)
     assert line.startswith("acc 60.00 +- 10.00  f1_macro 50.00 +- 10.00") and line.count("+-") == 5
+
+
+def test_report_from_probs_predicts_the_argmax():
+    y = np.array([0, 1, 1, 2])
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])
+    rep = metrics.report_from_probs(y, probs, ["a", "b", "c"])
+    assert rep == classification_report(y, np.array([0, 1, 0, 2]), probs, ["a", "b", "c"])
+    assert rep["acc"] == pytest.approx(0.75) and rep["confusion"][0] == [1, 0, 0] and rep["confusion"][1] == [1, 1, 0]
