@@ -1117,9 +1117,12 @@ def run_bench(args, world):
 # LoRA then -40 to +1.5 pp), a 64-code VQ, LoRA lr 1e-3 to 6e-3 and 8 to 80 epochs, a source/target split with the
 # target shifted (intensity, gamma, blur, noise: no baseline drop, the patch LayerNorm removes them; an anterior-
 # posterior flip: baseline 0.57, LoRA +/-0.02 vision-only), two findings' sentences kept out of pre-training so LoRA
-# has them to learn (+0.10 / +0.11 / +0.10 on one pre-training seed, -0.09 to +0.085 on two others), and a text-only
-# report <-> sentence pre-training on 4,000 synthetic reports (at chance for 300 steps). In a real run CXR-BERT's
-# language pre-training supplies the binding. Open: a tiny text tower that binds findings to negation.
+# has them to learn (+0.10 / +0.11 / +0.10 on one pre-training seed, -0.09 to +0.085 on two others). A text-only
+# pre-training whose loss is the zero-shot rule itself (each report against its finding's two prompts; init std
+# 0.18, else the CLS barely depends on the input) stalls at 70-80% accuracy for 3,000 steps with every "{p} is
+# present." at cosine 1.00 to every other, the names ignored (4 layers x 64 wide, 800 steps: at chance, cosines
+# 0.95-1.00). In a real run CXR-BERT's language pre-training supplies the binding. Open: a tiny text tower that
+# binds findings to negation.
 DEMO_RECIPE = dict(model="tiny", epochs=40, batch_size=8, lr=3e-3, warmup_steps=20, lora_rank=8, lora_alpha=16.0,
                    val_frac=0.25, n_boot=200, ckpt_every=50, eval_before=True, eval_batch_size=16)
 PREPARE = "python -m common.prepare ct-rate --src /path/to/CT-RATE  (the Hugging Face dataset ibrahimhamamci/CT-RATE)"
