@@ -1103,24 +1103,25 @@ def run_bench(args, world):
 
 # NOTE measured on the demo (30 test volumes, 45 training pairs), fresh cache (the tiny CT-CLIP pre-trained anew,
 # as in a fresh clone): the zero-shot mean AUROC is 0.490 before LoRA and 0.385 / 0.622 / 0.609 after, for --seed
-# 0 / 1 / 2: no reliable gain. The cause, measured on bases pre-trained better (300 pairs, 400 steps at lr 5e-3, 60
-# test volumes) with four report styles: the tiny text tower does not bind a finding's name to "not". Across test
-# volumes, every finding's score <v, t("{p} is present.") - t("{p} is not present.")> correlates 0.97-1.00 with
-# the score of the neutral pair "Trachea is present." / "Trachea is not present.": one global "not" (and length)
-# direction, so a finding's AUROC is only how well overall abnormality ranks it, and the sign follows how report
-# length goes with abnormality (the demo's reports: 0.83 correlation between word count and findings, so a weak
-# vision tower scores effusion and cardiomegaly at 0.10 / 0.13). LoRA on whole reports cannot create that binding:
+# 0 / 1 / 2: no reliable gain. The cause, measured on 13 tiny bases (four report styles, 240-300 pairs, 100-400
+# pre-training steps at lr 5e-3, some after a text-only pre-training): the text tower does not bind a finding's
+# name to "not". Across test volumes, a finding's score <v, t("{p} is present.") - t("{p} is not present.")>
+# follows the score of the neutral pair "Trachea is present." / "Trachea is not present." (|r| > 0.9 for 59 of the
+# 65 finding x base pairs): one global "not" (and length) direction, so a finding's AUROC is mostly how well
+# overall abnormality ranks it, and the sign follows how report length goes with abnormality (word count and
+# number of findings correlate 0.79 in the demo's reports; with the vision tower frozen in pre-training, a base
+# scores pleural effusion at 0.10-0.16). LoRA on whole reports cannot create that binding:
 # on a base at mean 0.689 (cardiomegaly 1.0), LoRA in both towers turned cardiomegaly to 0.0 in 5 of 6 runs (batch
 # 8 and 32), LoRA in the vision tower alone kept it at 1.0 (mean 0.680 / 0.685 / 0.692). Also tried, 3 LoRA seeds
 # each, without a reliable rise: reports in the prompts' words (with and without equal lengths), brief 1-2 sentence
 # reports, a report <-> one-of-its-sentences loss in pre-training (baseline above 0.5 for 3 of 3 pre-training seeds,
 # LoRA then -40 to +1.5 pp), a 64-code VQ, LoRA lr 1e-3 to 6e-3 and 8 to 80 epochs, a source/target split with the
 # target shifted (intensity, gamma, blur, noise: no baseline drop, the patch LayerNorm removes them; an anterior-
-# posterior flip: baseline 0.57, LoRA +/-0.02 vision-only), two findings' sentences kept out of pre-training so LoRA
-# has them to learn (+0.10 / +0.11 / +0.10 on one pre-training seed, -0.09 to +0.085 on two others). A text-only
+# posterior flip: baseline 0.52-0.57, LoRA +/-0.02 vision-only), two findings' sentences kept out of pre-training so
+# LoRA has them to learn (+0.10 / +0.11 / +0.10 on one pre-training seed, -0.09 to +0.085 on two others). A text-only
 # pre-training whose loss is the zero-shot rule itself (each report against its finding's two prompts; init std
 # 0.18, else the CLS barely depends on the input) stalls at 70-80% accuracy for 3,000 steps with every "{p} is
-# present." at cosine 1.00 to every other, the names ignored (4 layers x 64 wide, 800 steps: at chance, cosines
+# present." at cosine 0.99-1.00 to the others, the names ignored (4 layers x 64 wide, 800 steps: at chance, cosines
 # 0.95-1.00). In a real run CXR-BERT's language pre-training supplies the binding. Open: a tiny text tower that
 # binds findings to negation.
 DEMO_RECIPE = dict(model="tiny", epochs=40, batch_size=8, lr=3e-3, warmup_steps=20, lora_rank=8, lora_alpha=16.0,
