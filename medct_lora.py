@@ -1103,29 +1103,16 @@ def run_bench(args, world):
 
 # NOTE measured on the demo (30 test volumes, 45 training pairs), fresh cache (the tiny CT-CLIP pre-trained anew,
 # as in a fresh clone): the zero-shot mean AUROC is 0.490 before LoRA and 0.385 / 0.622 / 0.609 after, for --seed
-# 0 / 1 / 2: no reliable gain. The cause, measured on 13 tiny bases (four report styles, 240-300 pairs, 100-400
-# pre-training steps at lr 5e-3, some after a text-only pre-training): the text tower does not bind a finding's
-# name to "not". Across test volumes, a finding's score <v, t("{p} is present.") - t("{p} is not present.")>
-# follows the score of the neutral pair "Trachea is present." / "Trachea is not present." (|r| > 0.9 for 59 of the
-# 65 finding x base pairs): one global "not" (and length) direction, so a finding's AUROC is mostly how well
-# overall abnormality ranks it, and the sign follows how report length goes with abnormality (word count and
-# number of findings correlate 0.79 in the demo's reports; with the vision tower frozen in pre-training, a base
-# scores pleural effusion at 0.10-0.16). LoRA on whole reports cannot create that binding:
-# on a base at mean 0.689 (cardiomegaly 1.0), LoRA in both towers turned cardiomegaly to 0.0 in 5 of 6 runs (batch
-# 8 and 32), LoRA in the vision tower alone kept it at 1.0 (mean 0.680 / 0.685 / 0.692). Also tried, 3 LoRA seeds
-# each, without a reliable rise: reports in the prompts' words (with and without equal lengths), brief 1-2 sentence
-# reports, a report <-> one-of-its-sentences loss in pre-training (baseline above 0.5 for 3 of 3 pre-training seeds,
-# LoRA then -40 to +1.5 pp), a 64-code VQ, LoRA lr 1e-3 to 6e-3 and 8 to 80 epochs, a source/target split with the
-# target shifted (intensity, gamma, blur, noise: no baseline drop, the patch LayerNorm removes them; an anterior-
-# posterior flip: baseline 0.52-0.57, LoRA +/-0.02 vision-only), two findings' sentences kept out of pre-training so
-# LoRA has them to learn (+0.10 / +0.11 / +0.10 on one pre-training seed, -0.09 to +0.085 on two others). A text-only
-# pre-training whose loss is the zero-shot rule itself (each report against its finding's two prompts; init std
-# 0.18, else the CLS barely depends on the input) stalls at 70-80% accuracy for 3,000 steps with every "{p} is
-# present." at cosine 0.99-1.00 to the others, the names ignored. Even reading the five statuses off a report's CLS
-# with a supervised linear head stays at ~70% per finding for 1,500 steps (what counting "not" gives); HF's
-# BertModel with the same config follows the same curve (not a bug of ours); 4 layers x 64 wide: 78% at 1,400. So the
-# binding is out of reach of a minutes-long CPU pre-training. In a real run CXR-BERT's language pre-training
-# supplies it; for the demo, the next step is a tiny text tower pre-trained once, offline, and committed.
+# 0 / 1 / 2: no reliable gain. The cause: the tiny random text tower does not bind a finding's name to "not". On 13
+# tiny bases (four report styles), a finding's score <v, t("{p} is present.") - t("{p} is not present.")> follows
+# that of the neutral pair "Trachea is present." / "Trachea is not present." (|r| > 0.9 for 59 of 65 finding x base
+# pairs): one global "not" / report-length direction, whose sign follows how report length goes with abnormality
+# (correlation 0.79 in the demo's reports). LoRA on whole reports cannot teach the binding: on a base at mean 0.689
+# (cardiomegaly 1.0), LoRA in both towers turned cardiomegaly to 0.0 in 5 of 6 runs; in the vision tower alone it
+# kept 1.0. Even a supervised readout of the five findings from this BERT's CLS (HF's BertModel of the same config
+# alike) stays at ~70% per finding for 1,500 steps, what counting "not" gives. CXR-BERT's language pre-training
+# supplies the binding in a real run; for the demo, the next step is a tiny text tower pre-trained offline and
+# committed. Everything else tried (report styles, data sizes, source/target shifts, recipes) is in issue 10.
 DEMO_RECIPE = dict(model="tiny", epochs=40, batch_size=8, lr=3e-3, warmup_steps=20, lora_rank=8, lora_alpha=16.0,
                    val_frac=0.25, n_boot=200, ckpt_every=50, eval_before=True, eval_batch_size=16)
 PREPARE = "python -m common.prepare ct-rate --src /path/to/CT-RATE  (the Hugging Face dataset ibrahimhamamci/CT-RATE)"
