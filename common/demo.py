@@ -37,7 +37,7 @@ It is a real learning problem stored in exactly the on-disk formats of the real 
     ct/labels_{train,test}.csv        VolumeName + CT_FINDINGS (0/1), CT-RATE's multi-abnormality layout
     ct/reports_{train,test}.csv       VolumeName, Findings_EN, Impressions_EN
     ct/metadata.csv                   VolumeName, RescaleSlope, RescaleIntercept, XYSpacing ("[0.75, 0.75]"), ZSpacing
-  60 train / 30 test volumes at scale 1. A third of the volumes store raw = HU + 1024 (slope 1, intercept -1024)
+  300 train / 150 test volumes at scale 1. A third of the volumes store raw = HU + 1024 (slope 1, intercept -1024)
   and a third raw = 2 * (HU + 1000) (slope 0.5, intercept -1000): scl_slope/scl_inter in the header and the
   metadata CSV agree, so both rescale paths of CTVolumeDataset give the same HU. Spacing varies (xy 0.7-0.8 mm,
   z 1.25-2 mm) so the resampling step matters. The test split is named "valid" in file names, as in CT-RATE.
@@ -60,13 +60,13 @@ from PIL import Image
 
 from common.ct import write_nifti
 
-VERSION = 2  # 2: lesion masks + split_seg_demo.json
+VERSION = 3  # 2: lesion masks + split_seg_demo.json; 3: 300 / 150 CT volumes (were 60 / 30)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ROOT = "data/demo"
 SIZE = 112                    # image side in pixels
 MM_PER_PX = 0.12              # so a lesion of radius 25 px is 6 mm across
 PER_CLASS = {"train": 100, "val": 20, "test": 40}
-CT_COUNTS = {"train": 60, "test": 30}
+CT_COUNTS = {"train": 300, "test": 150}  # 60 / 30 left medct_lora's demo AUROC at +-8 pp seed noise
 CT_SHAPE = (64, 64, 32)       # (X, Y, Z) voxels
 CT_TARGET_SPACING = (0.75, 0.75, 1.5)
 
@@ -472,32 +472,32 @@ def ct_report(labels, info, rng):
     if cardiomegaly:
         f.append("The heart is enlarged. Cardiomegaly is present.")
         imp.append("Cardiomegaly.")
-    elif rng.random() < 0.7:
-        f.append("Heart size is normal.")
+    elif (r := rng.random()) < 0.7:  # some negatives in the zero-shot prompts' words, most in a radiologist's
+        f.append("Heart size is normal." if r < 0.5 else "Cardiomegaly is not present.")
     if emphysema:
         f.append("Emphysematous changes with small bullae are seen in both lungs.")
         imp.append("Emphysema.")
-    elif rng.random() < 0.5:
-        f.append("No emphysema.")
+    elif (r := rng.random()) < 0.5:
+        f.append("No emphysema." if r < 0.3 else "Emphysema is not present.")
     if nodule:
         for side, lobe, mm in info["nodules"]:
             f.append(f"A {mm:.0f} mm solid nodule is seen in the {lobe} lobe of the {side} lung.")
         imp.append("Lung nodule." if len(info["nodules"]) == 1 else "Lung nodules.")
-    elif rng.random() < 0.6:
-        f.append("No mass or nodule was detected in either lung.")
+    elif (r := rng.random()) < 0.6:
+        f.append("No mass or nodule was detected in either lung." if r < 0.4 else "Lung nodule is not present.")
     if consolidation:
         side, lobe = info["consolidation"]
         f.append(f"There is an area of consolidation in the {lobe} lobe of the {side} lung.")
         imp.append(f"Consolidation in the {side} lung, pneumonia?")
-    elif rng.random() < 0.5:
-        f.append("No consolidation.")
+    elif (r := rng.random()) < 0.5:
+        f.append("No consolidation." if r < 0.3 else "Consolidation is not present.")
     if effusion:
         sides, mm = info["effusion"]
         where = "Bilateral pleural effusion" if sides == "bilateral" else f"{sides.capitalize()} pleural effusion"
         f.append(f"{where} is present, about {mm:.0f} mm thick.")
         imp.append(f"{where}.")
-    elif rng.random() < 0.6:
-        f.append("No pleural effusion.")
+    elif (r := rng.random()) < 0.6:
+        f.append("No pleural effusion." if r < 0.4 else "Pleural effusion is not present.")
     return " ".join(f), " ".join(imp) if imp else "No acute cardiopulmonary abnormality."
 
 
