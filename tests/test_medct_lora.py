@@ -411,6 +411,31 @@ def test_a_corrupt_volume_stops_the_run_with_its_name(tmp_path, capsys):
     assert code == 2 and "Traceback" not in err, err[-2000:]
     assert bad.name in err and "corrupt or truncated" in err
 
+def test_the_committed_demo_text_tower_reads_each_findings_status():
+    """common/demo_weights/medct_text_tower.safetensors (made by make_medct_text_tower.py) links each finding's
+    name to "not" (a random one does not: the cause of issue 10): its saved read-out gets every zero-shot prompt
+    and the demo's phrasings right."""
+    from common.demo import CT_FINDINGS, ct_report
+    spec = mc.PRESETS["tiny"]
+    tensors = load_file(str(mc.DEMO_TEXT_TOWER))
+    tok = mc.load_tokenizer(spec["tokenizer"])
+    info = dict(nodules=[("left", "upper", 6.0)], consolidation=("right", "lower"), effusion=("bilateral", 12.0))
+    reports = [ct_report(labels, info, np.random.default_rng(7))[0] for labels in ([1, 0, 1, 0, 1], [0, 1, 0, 1, 0])]
+    texts = mc.prompts_for(CT_FINDINGS) + reports
+    want = [(k, 1.0 - j) for k in range(5) for j in range(2)]                  # the named finding, present / not
+    want += [(k, float(y)) for labels in ([1, 0, 1, 0, 1], [0, 1, 0, 1, 0]) for k, y in enumerate(labels)]
+    ids, mask = mc.tokenize(tok, texts, spec["max_len"])
+    readout = torch.nn.Linear(spec["text"].dim, len(CT_FINDINGS))
+    readout.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("readout.")})
+    trained = mc.BERT(spec["text"])
+    trained.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("text.")})
+    with torch.no_grad():
+        logits = readout(trained.eval()(ids, mask)[0][:, 0])                              # (N, 5)
+    rows = [*range(10), *[10] * 5, *[11] * 5]
+    right = [float(logits[i, k] > 0) == y for i, (k, y) in zip(rows, want)]
+    assert all(right), right
+
+
 # ----------------------------------------------------------------------------------------------------------
 # end to end on the demo CT data (shortened schedules), resume, DDP, user mistakes
 
@@ -429,13 +454,13 @@ def cache(tmp_path_factory):
     rounding gives other tensors, so nothing below depends on their values; CI has no cache/)."""
     import shutil
     folder = tmp_path_factory.mktemp("medct_cache")
-    made = REPO / "cache" / "ctclip_tiny_demo_v2_200.safetensors"
+    made = REPO / "cache" / "ctclip_tiny_demo_v3_200.safetensors"
     if made.exists():
         shutil.copy(made, folder / made.name)
     return folder
 
 
-E2E = ["--epochs", "6", "--ckpt-every", "4", *FAST]   # a shortened demo schedule, shared by the tests below
+E2E = ["--ckpt-every", "100", *FAST]   # the demo's own schedule (40 epochs, ~40 s), shared by the tests below
 
 
 @pytest.fixture(scope="session")
@@ -452,9 +477,14 @@ def test_demo_end_to_end(demo_run, cache):
     out, stdout = demo_run
     m = json.loads((out / "metrics.json").read_text())
     before, after = m["before"]["overall"]["mean_auroc"], m["after"]["overall"]["mean_auroc"]
-    # NOTE not asserted: that LoRA raises the mean AUROC. On the demo's 45 training pairs it does not reliably
-    # (medct_lora.py, NOTE above DEMO_RECIPE); issue 10 keeps that point open. Asserted: the pipeline.
-    assert 0.0 < before < 1.0 and 0.0 < after < 1.0 and before != after, (before, after)
+    # NOTE not asserted: that LoRA raises the mean AUROC. It did for --seed 0-4 on one thread (0.700 -> 0.705-0.722)
+    # but not at seed 0 on two threads (-> 0.673): three findings sit near chance in the tiny CTViT and move the mean
+    # by rounding noise (medct_lora.py, NOTE above DEMO_RECIPE; issue 10). Asserted: the pre-trained tiny CT-CLIP
+    # reads the two findings its CTViT resolves, and LoRA training keeps them (the text LoRA can unlearn them).
+    assert 0.6 < before < 1.0 and 0.6 < after < 1.0 and before != after, (before, after)
+    for when in ("before", "after"):
+        per = {f["finding"]: f["auroc"] for f in m[when]["per_finding"]}
+        assert per["Pleural effusion"] > 0.9 and per["Cardiomegaly"] > 0.9, (when, per)
     assert [f["finding"] for f in m["after"]["per_finding"]] == ["Lung nodule", "Pleural effusion", "Emphysema",
                                                                  "Consolidation", "Cardiomegaly"]
     assert "Pleural effusion" in stdout and "mean AUROC:" in stdout
@@ -553,7 +583,7 @@ def test_torchrun_two_cpu_processes(cache, tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "train 3/3" in r.stdout
     m = json.loads((out / "metrics.json").read_text())
-    assert m["after"]["n"] == 30                              # rank 0 evaluated the whole test split, once
+    assert m["after"]["n"] == 150                              # rank 0 evaluated the whole test split, once
 
 
 def _main(argv, capsys):
