@@ -570,7 +570,7 @@ def ensure_demo(root=DEFAULT_ROOT, seed=0, force=False, scale=1.0):
     root = resolve_root(root)
     if not force and _is_current(root, seed, scale):
         return root
-    print(f"building the synthetic demo data in {root} (seed {seed}, scale {scale}; ~15 s, once)")
+    print(f"building the synthetic demo data in {root} (seed {seed}, scale {scale}; ~35 s, once)")
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
