@@ -44,6 +44,7 @@ Where this file departs from the official code (each is also noted where it happ
     official per-finding weighted F1.
 """
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -807,7 +808,8 @@ def build_ctclip(args, world, train_ds, tok) -> CTCLIP:
     spec = PRESETS[args.model]
     if args.model != "tiny":
         return CTCLIP.from_pretrained(args.weights, spec["vision"], spec["text"], spec["latent"])
-    path = Path(args.cache_dir) / f"ctclip_tiny_demo_v3_{args.pretrain_steps}.safetensors"
+    tower_id = hashlib.sha256(DEMO_TEXT_TOWER.read_bytes()).hexdigest()[:8]  # a remade tower gets a new cache entry
+    path = Path(args.cache_dir) / f"ctclip_tiny_demo_v3_{args.pretrain_steps}_{tower_id}.safetensors"
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = CTCLIP(spec["vision"], spec["text"], spec["latent"])
@@ -1150,6 +1152,10 @@ def preflight(args):
                         f"{DATASETS[args.data]['shape']}: "
                         f"use --model {'tiny' if args.data == 'demo' else 'ct-clip-v2'}")
     problems += [f"--cache-dir {p}" for p in [R.check_writable(args.cache_dir)] if p and args.model == "tiny"]
+    if args.model == "tiny" and not DEMO_TEXT_TOWER.is_file():  # e.g. medct_lora.py copied without common/demo_weights
+        problems.append(f"{DEMO_TEXT_TOWER}: the demo's pre-trained tiny text tower is missing; copy "
+                        "common/demo_weights/ with this file, or remake it: "
+                        "python -m common.demo_weights.make_medct_text_tower")
     if problems:
         raise DataError("\n\n".join(problems))
 

@@ -454,8 +454,7 @@ def cache(tmp_path_factory):
     rounding gives other tensors, so nothing below depends on their values; CI has no cache/)."""
     import shutil
     folder = tmp_path_factory.mktemp("medct_cache")
-    made = REPO / "cache" / "ctclip_tiny_demo_v3_200.safetensors"
-    if made.exists():
+    for made in (REPO / "cache").glob("ctclip_tiny_demo_v3_200_*.safetensors"):
         shutil.copy(made, folder / made.name)
     return folder
 
@@ -602,6 +601,13 @@ def test_missing_data_and_weights_are_one_message(tmp_path, capsys):
     assert "python -m common.prepare ct-rate" in err
     assert "CT-CLIP_v2.pt" in err and "python -m common.weights convert" in err
     assert not (tmp_path / "run").exists()                    # nothing written before the checks
+
+
+def test_a_missing_demo_text_tower_is_one_message(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(mc, "DEMO_TEXT_TOWER", tmp_path / "medct_text_tower.safetensors")
+    code, err = _main(["--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert "make_medct_text_tower" in err and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("argv,msg", [(["--lora-rank", "0"], "--lora-rank"), (["--lora-targets", "qkv"], "--lora-targets"),
