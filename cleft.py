@@ -370,11 +370,9 @@ class GPT2(nn.Module):
                 keys[:, P:] = attention_mask.bool()
             causal = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)      # query t sees keys <= P+t
             mask = causal[None, None] & keys[:, None, None, :]
+        recompute = self.grad_ckpt and self.training and torch.is_grad_enabled()
         for blk, layer_past in zip(self.h, past if past is not None else [None] * len(self.h)):
-            if self.grad_ckpt and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, mask, layer_past, use_reentrant=False)
-            else:
-                x = blk(x, mask, layer_past)
+            x = checkpoint(blk, x, mask, layer_past, use_reentrant=False) if recompute else blk(x, mask, layer_past)
         return self.ln_f(x)
 
 # ----------------------------------------------------------------------------------------------------------
@@ -545,8 +543,7 @@ class CLEFT(nn.Module):
 
     def add_context(self, init_ids: torch.Tensor):
         """Stage 2: learnable context embeddings initialised from the LLM's embeddings of init_ids (n_ctx,)."""
-        with torch.no_grad():
-            self.ctx = nn.Parameter(self.llm.wte.weight[init_ids].float().clone())         # (n_ctx, D)
+        self.ctx = nn.Parameter(self.llm.wte.weight.detach()[init_ids].float().clone())     # (n_ctx, D)
 
     def image_features(self, pixels):
         """CLEFT's --pool_feat: the mean of ALL tokens (CLS, registers, patches) before the final LayerNorm.
@@ -720,12 +717,10 @@ def gpt2_config_from_hf(hf: dict) -> GPT2Config:
         raise WeightsError(f"config.json has model_type {kind!r}: cleft.py implements GPT-2 (model_type gpt2)")
 
     def field(*names, default=None):
-        for n in names:
-            if hf.get(n) is not None:
-                return hf[n]
-        if default is None:
+        value = next((hf[n] for n in names if hf.get(n) is not None), default)
+        if value is None:
             raise WeightsError(f"GPT-2 config.json has none of {names}")
-        return default
+        return value
 
     dim, heads = field("n_embd", "hidden_size"), field("n_head", "num_attention_heads")
     act = hf.get("activation_function", "gelu_new")
@@ -740,9 +735,9 @@ def gpt2_config_from_hf(hf: dict) -> GPT2Config:
     if refused:
         raise WeightsError("this GPT-2 config is not supported by cleft.py: " + "; ".join(refused))
     eos = hf.get("eos_token_id", hf.get("vocab_size", 50257) - 1)
-    return GPT2Config(vocab_size=field("vocab_size"), n_positions=field("n_positions", "max_position_embeddings",
-                                                                        "n_ctx"),
-                      dim=dim, n_layers=field("n_layer", "num_hidden_layers"), n_heads=heads,
+    vocab, n_positions = field("vocab_size"), field("n_positions", "max_position_embeddings", "n_ctx")
+    return GPT2Config(vocab_size=vocab, n_positions=n_positions, dim=dim,
+                      n_layers=field("n_layer", "num_hidden_layers"), n_heads=heads,
                       eps=field("layer_norm_epsilon", "layer_norm_eps", default=1e-5),
                       scale_by_inverse_layer=bool(hf.get("scale_attn_by_inverse_layer_idx", False)),
                       upcast_attn=bool(hf.get("reorder_and_upcast_attn", False)),
@@ -923,16 +918,12 @@ def stage1_trainable(model: CLEFT, args):
     set_trainable(model, ([] if args.freeze_vit else ["vit."]) + ["adapter", "img_proj", "txt_proj", "logit_scale"])
 
 
-def batches_per_epoch(args, n_items: int, world) -> int:
-    return len(R.epoch_batches(n_items, args.batch_size, args.seed, 0, world))
-
-
 def train_steps(args, world, stage_dir: Path, model, opt, ds, loss_fn, warmup: int, after_step=None, desc="train"):
     """Run --steps optimizer steps (or --epochs over `ds` when --steps is 0) with lr_at from args.lr to
     args.min_lr, resuming from stage_dir/ckpt if a checkpoint is there. Checkpoints every --ckpt-every steps and
     at the end hold the trainable tensors, optimizer, scaler, RNG and step: a killed run continues exactly where
     it stopped."""
-    n_batches = batches_per_epoch(args, len(ds), world)
+    n_batches = len(R.epoch_batches(len(ds), args.batch_size, args.seed, 0, world))
     total = args.steps or args.epochs * n_batches
     net = R.wrap_model(model, world, compile=args.compile)
     scaler = R.make_scaler(args.precision, world.device)
@@ -988,7 +979,7 @@ def stage_contrastive(args, world, stage_dir: Path, model: CLEFT, tok, size: int
         ids, mask = tokenize(tok, captions, args.max_len, model.llm.cfg.eos_id)
         return contrastive_loss(*net(*to_device(world, x, ids, mask)), gather)
 
-    def clamp():
+    def clamp():  # CLIP's cap on the temperature, after every step
         with torch.no_grad():
             model.logit_scale.clamp_(max=math.log(100))
 
@@ -1119,7 +1110,7 @@ def finetune(args, world, model: CLEFT, train, test, run_dir: Path) -> dict:
         x, y = to_device(world, *batch)
         return F.cross_entropy(net(x), y)
 
-    total = args.steps or args.epochs * batches_per_epoch(args, len(train), world)
+    total = args.steps or args.epochs * len(R.epoch_batches(len(train), args.batch_size, args.seed, 0, world))
     train_steps(args, world, run_dir / "finetune", clf, opt, train, loss_fn, min(args.warmup, total // 10),
                 desc="fine-tune")
     clf.eval()
@@ -1151,8 +1142,7 @@ def count_params(args):
     rows.append(("total", sum(r[1] for r in rows), sum(r[2] for r in rows)))
     print(f"CLEFT stage 1, --vit {spec['vit']} --llm {spec['llm']} --peft {spec['peft']['method']}")
     print(f"{'component':<22}{'total':>16}{'trainable':>14}")
-    for name, total, trainable in rows:
-        print(f"{name:<22}{total:>16,}{trainable:>14,}")
+    print("\n".join(f"{name:<22}{total:>16,}{trainable:>14,}" for name, total, trainable in rows))
     trained = {r[0]: r[2] for r in rows}
     ours, adapter = trained["total"], trained["text: PEFT adapter"]
     same_vit_bert = trained["vision: DINOv2"] + trained["image projection"] + BERT_BASE + 768 * 512 + 512
@@ -1245,12 +1235,9 @@ def evaluate(args, world, model: CLEFT, tok, run_dir: Path, what: str, size: int
     """Zero-shot, linear probe or fine-tune on the test set of --data -> run_dir/metrics_<what><tag>.json."""
     a = recipe(args, what) if what != "zero-shot" else args
     train, val, test = class_sets(a, size, train_transform=what == "finetune")
-    if what == "zero-shot":
-        result = zero_shot(a, world, model, tok, test)
-    elif what == "linear-probe":
-        result = linear_probe(a, world, model, train, test)
-    else:
-        result = finetune(a, world, model, train, test, run_dir)
+    result = (zero_shot(a, world, model, tok, test) if what == "zero-shot" else
+              linear_probe(a, world, model, train, test) if what == "linear-probe" else
+              finetune(a, world, model, train, test, run_dir))
     if world.is_main:
         name = f"{what}{tag}" + (f"_{args.data_pct:g}" if args.data_pct < 1 else "")
         (run_dir / f"metrics_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -1280,64 +1267,56 @@ def preflight(args):
         raise DataError("\n\n".join(problems + ([f"--out {problem}"] if problem else [])))
 
 
-def run(args, world):
-    """Preflight, the run folder, then training and evaluation; a non-finite loss (exit 3) or Ctrl-C (exit 2)
-    ends with a message saying what is on disk and how to continue."""
+def run(args, world) -> dict:
+    """Preflight, the run folder, then --eval: that evaluation of the --init (or --resume) model; else the stages
+    of --stage in order, each followed by a zero-shot evaluation (a stage a resumed run had finished is loaded, not
+    trained again). A non-finite loss (exit 3) or Ctrl-C (exit 2) ends with a message saying what is on disk and
+    how to continue."""
     preflight(args)
     if args.data == "demo":  # the built-in demo data is made once, here (a few seconds)
         ensure_demo(data_root(args))
     run_dir = Path(args.resume) if args.resume else R.new_run_dir("cleft", args.data, args.out, vars(args), world)
-    try:
-        train_and_evaluate(args, world, run_dir)
-    except (R.NonFiniteLoss, KeyboardInterrupt) as e:
-        ckpts = [run_dir / s / "ckpt" for s in ("stage1", "stage2", "finetune") if (run_dir / s / "ckpt").is_dir()]
-        newest = max(ckpts, key=lambda p: p.stat().st_mtime, default=run_dir / "stage1" / "ckpt")
-        raise R.Stopped(e, run_dir, "python cleft.py", newest) from None
-
-
-def train_and_evaluate(args, world, run_dir: Path) -> dict:
-    """--eval: that evaluation of the --init (or --resume) model. Else the stages of --stage in order, each
-    followed by a zero-shot evaluation; a stage a resumed run had finished is loaded, not trained again."""
     if args.eval_only or (args.resume and args.eval):  # evaluate what --resume RUN_DIR trained
         args.eval = args.eval or "zero-shot"
         if any((run_dir / s / "trainable.safetensors").is_file() for s in ("stage1", "stage2")):
             args.init = str(run_dir)  # (a resumed --eval run keeps the --init it evaluates)
-    spec = model_spec(args)
-    R.seed_everything(args.seed, world.rank)
-    model = build_model(spec, llm_dtype=R.PRECISIONS[args.precision]).to(world.device)
-    model.llm.grad_ckpt = args.grad_ckpt
-    tok, size = load_tokenizer(spec), 224 if spec["vit"] != "tiny" else 64
-    if args.init:
-        load_stage(model, R.find_stage(args.init, ("stage2", "stage1")), world)
-    if args.eval:
-        return evaluate(args, world, model, tok, run_dir, args.eval, size)
-    results = {}
-    has_classes = (data_root(args) / DATASETS[args.data]["split"]).is_file()
-    for stage in (["contrastive", "prompt"] if args.stage == "all" else [args.stage]):
-        folder = run_dir / ("stage1" if stage == "contrastive" else "stage2")
-        if (folder / "trainable.safetensors").is_file():  # finished before a --resume
-            load_stage(model, folder, world, f"{stage}: already finished in {folder}, loaded")
-        else:
-            folder.mkdir(exist_ok=True)  # inside this run's own folder
-            R.seed_everything(args.seed, world.rank)
-            train_stage = stage_contrastive if stage == "contrastive" else stage_prompt
-            train_stage(recipe(args, stage), world, folder, model, tok, size)
-            spec = spec | ({"n_ctx": int(model.ctx.shape[0])} if model.ctx is not None else {})
-            # what the stage changed (all but the frozen pretrained LLM) + model.json: what --init / --resume read
-            R.save_stage(folder, {k: v.float() for k, v in model.state_dict().items()
-                                  if not k.startswith("llm.") or is_adapter(k)}, spec, world)
-        if has_classes and world.is_main:  # the other ranks wait at the barrier
-            results[stage] = evaluate(args, world, model, tok, run_dir, "zero-shot", size, tag=f"_after_{stage}")
-        elif world.is_main:
-            print(f"(no class split {DATASETS[args.data]['split']} for --data {args.data}: zero-shot skipped)")
-        R.barrier(world)
+    try:
+        spec = model_spec(args)
+        R.seed_everything(args.seed, world.rank)
+        model = build_model(spec, llm_dtype=R.PRECISIONS[args.precision]).to(world.device)
+        model.llm.grad_ckpt = args.grad_ckpt
+        tok, size = load_tokenizer(spec), 224 if spec["vit"] != "tiny" else 64
+        if args.init:
+            load_stage(model, R.find_stage(args.init, ("stage2", "stage1")), world)
+        if args.eval:
+            return evaluate(args, world, model, tok, run_dir, args.eval, size)
+        results = {}
+        has_classes = (data_root(args) / DATASETS[args.data]["split"]).is_file()
+        for stage in (["contrastive", "prompt"] if args.stage == "all" else [args.stage]):
+            folder = run_dir / ("stage1" if stage == "contrastive" else "stage2")
+            if (folder / "trainable.safetensors").is_file():  # finished before a --resume
+                load_stage(model, folder, world, f"{stage}: already finished in {folder}, loaded")
+            else:
+                folder.mkdir(exist_ok=True)  # inside this run's own folder
+                R.seed_everything(args.seed, world.rank)
+                train_stage = stage_contrastive if stage == "contrastive" else stage_prompt
+                train_stage(recipe(args, stage), world, folder, model, tok, size)
+                spec = spec | ({"n_ctx": int(model.ctx.shape[0])} if model.ctx is not None else {})
+                # what the stage changed (all but the frozen LLM) + model.json: what --init / --resume read
+                R.save_stage(folder, {k: v.float() for k, v in model.state_dict().items()
+                                      if not k.startswith("llm.") or is_adapter(k)}, spec, world)
+            if has_classes and world.is_main:  # the other ranks wait at the barrier
+                results[stage] = evaluate(args, world, model, tok, run_dir, "zero-shot", size, tag=f"_after_{stage}")
+            elif world.is_main:
+                print(f"(no class split {DATASETS[args.data]['split']} for --data {args.data}: zero-shot skipped)")
+            R.barrier(world)
+    except (R.NonFiniteLoss, KeyboardInterrupt) as e:
+        ckpts = [run_dir / s / "ckpt" for s in ("stage1", "stage2", "finetune") if (run_dir / s / "ckpt").is_dir()]
+        newest = max(ckpts, key=lambda p: p.stat().st_mtime, default=run_dir / "stage1" / "ckpt")
+        raise R.Stopped(e, run_dir, "python cleft.py", newest) from None
     if world.is_main:
         print(f"run folder: {run_dir}")
     return results
-
-
-# flags a resumed run may take with a new value although they are not runtime flags (what to do, not what)
-RESUME_FREE = ("eval", "bench_batch", "count_params")
 
 
 def parse_args(argv=None):
@@ -1392,10 +1371,8 @@ def parse_args(argv=None):
     given = R.given_flags(p, argv)
     args.typed = sorted(given)  # saved in args.json: --resume applies the recipes exactly as the run did
     if args.resume:
-        try:
-            R.restore_run_args(args, given, free=RESUME_FREE)
-        except R.RunError as e:
-            p.error(str(e))
+        # flags a resumed run may take with a new value although they are not runtime flags: what to do, not what
+        R.restore_run_args_or_exit(p, args, given, free=("eval", "bench_batch", "count_params"))
         args.typed = sorted(set(args.typed) | given)
     if args.data == "demo":
         vars(args).update({k: v for k, v in DEMO_DEFAULTS.items() if k not in args.typed})
@@ -1413,15 +1390,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-
-    def work(world: R.World):
-        if args.count_params:
-            count_params(args)
-        else:
-            run_bench(args, world) if args.bench else run(args, world)
-
+    work = run_bench if args.bench else run
     # a user mistake or a run stopped early (R.Stopped) is a message and its exit code, not a traceback
-    return R.run_main(work, args.device)
+    return R.run_main(lambda world: count_params(args) if args.count_params else work(args, world), args.device)
 
 
 if __name__ == "__main__":
