@@ -55,8 +55,7 @@ temporal tokens are decayed), lr = 1.5e-4 x global batch / 256, per-step warm-up
 half-cosine defined over 100 epochs but stopped at 30 (the lr is still ~88% of its peak at the end), logit
 scales clamped to [0, ln 100] after each step, model selection by RSNA validation zero-shot AUROC each epoch.
 The demo has no MRM or CXR-BERT to adapt, and frozen random towers carry almost no class signal (zero-shot ACC
-0.17-0.25 by seed, chance 0.167). So, as cilmp.py and adaptor.py do for theirs, the tiny ViT + BERT are
-pre-trained once (fixed seed 0, independent of --seed; --tower-pretrain-steps 200 of symmetric InfoNCE on the
+0.17-0.25 by seed, chance 0.167). So, as adaptor.py does for its own, the tiny ViT + BERT are pre-trained once (fixed seed 0, independent of --seed; --tower-pretrain-steps 200 of symmetric InfoNCE on the
 current images and reports of reports_train.csv, every tower weight trained) and cached in --cache-dir, keyed by
 the configs and vocabulary: they play MRM and CXR-BERT, frozen by the same rule as the real ones; only the
 adapters, norms, heads and tokens learn. Never done for real weights. The demo recipe (DEMO_RECIPE: lr 3e-4,
@@ -1292,7 +1291,8 @@ def demo_towers(args, world, model: ALTA, tok, root: Path):
 def pretrain_demo_towers(model: ALTA, tok, root: Path, steps: int = 200, max_len: int = 64, batch: int = 32):
     """Demo only: symmetric InfoNCE between encode_image (current frontal) and encode_text (projected CLS) on
     reports_train.csv, every tower weight trained (adapters stay at zero, outside it). NOTE lr 3e-4 with a short
-    warm-up, as cilmp.py's tiny CLIP: higher rates collapse both towers to one feature."""
+    warm-up, as for cilmp.py's tiny CLIP (common/demo_weights/make_cilmp_clip.py): higher rates collapse both
+    towers to one feature."""
     print(f"pre-training the demo's tiny ViT + BERT on {root / 'reports_train.csv'} ({steps} steps, once; cached)",
           flush=True)
     torch.manual_seed(0)

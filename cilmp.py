@@ -47,7 +47,6 @@ the rest of "a photo of a" as fixed words, above 4 starts the whole context at N
 """
 import argparse
 import hashlib
-import itertools
 import json
 import math
 import sys
@@ -61,9 +60,9 @@ import torch.nn.functional as F
 
 from common import metrics as M
 from common import run as R
-from common.data import DataError, bpe_tokenizer, dataset_root, make_loader, missing_dataset, train_test_sets
+from common.data import DataError, bpe_tokenizer, dataset_root, missing_dataset, train_test_sets
 from common.transforms import CLIP_MEAN, CLIP_STD, eval_transform, train_transform
-from common.weights import WeightsError, load_config, load_mapped, resolve, tensor_index
+from common.weights import WeightsError, load_config, load_mapped, read_safetensors, resolve, tensor_index
 
 REPO = Path(__file__).resolve().parent
 
@@ -119,10 +118,11 @@ class CILMPConfig:
 
 CLIP_PRESETS = {
     "vit-b16": dict(repo="openai/clip-vit-base-patch16", config=CLIPConfig()),
-    "tiny": dict(repo=None, config=CLIPConfig(embed_dim=128, image_size=64, patch_size=8, vision_width=128,
-                                              vision_layers=4, vision_heads=4, vision_mlp=512, vocab_size=None,
-                                              text_width=128, text_layers=4, text_heads=4, text_mlp=512)),
+    "tiny": dict(repo=None, config=CLIPConfig(embed_dim=48, image_size=64, patch_size=8, vision_width=48,
+                                              vision_layers=4, vision_heads=4, vision_mlp=96, vocab_size=None,
+                                              text_width=48, text_layers=4, text_heads=4, text_mlp=96)),
 }
+DEMO_CLIP = REPO / "common" / "demo_weights" / "cilmp_clip.safetensors"  # the tiny preset's pre-trained weights
 
 LLM_PRESETS = {  # the four LLMs of the paper's LLM table, plus a random tiny one for the demo
     "llama3-8b": dict(repo="meta-llama/Meta-Llama-3-8B-Instruct", chat="llama3"),
@@ -445,8 +445,7 @@ class Llama(nn.Module):
                                "states but cannot generate the class descriptions; use the LlamaForCausalLM "
                                "checkpoint (e.g. meta-llama/Meta-Llama-3-8B-Instruct)")
         shape = (1, self.cfg.n_kv_heads, T + max_new_tokens, self.cfg.head_dim)
-        cache = [(torch.zeros(shape, dtype=p.dtype, device=p.device),
-                  torch.zeros(shape, dtype=p.dtype, device=p.device)) for _ in self.layers]
+        cache = [torch.zeros(2, *shape, dtype=p.dtype, device=p.device) for _ in self.layers]   # (k, v) per layer
         out, pos, x = [], 0, ids
         for _ in range(max_new_tokens):
             h = self(x, cache=cache, pos=pos)
@@ -897,7 +896,7 @@ def prompt_tokens(tok, classnames, n_ctx: int, L: int, context_length: int, desc
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data
+# Data, the frozen CLIP and the model
 
 
 def preflight(args):
@@ -917,6 +916,9 @@ def preflight(args):
         except WeightsError as e:
             problems.append(f"LLM weights ({args.llm}, needed once to compute the class representations): {e}")
     problems += [f"--cache-dir {p}" for p in [R.check_writable(args.cache_dir)] if p]
+    if args.clip == "tiny" and not DEMO_CLIP.is_file():  # e.g. cilmp.py copied without common/demo_weights
+        problems.append(f"{DEMO_CLIP}: the demo's pre-trained tiny CLIP is missing; copy common/demo_weights/ with "
+                        "this file, or remake it: python -m common.demo_weights.make_cilmp_clip")
     if problems:
         raise DataError("\n\n".join(problems))
 
@@ -933,68 +935,17 @@ def build_data(args, image_size: int):
                            seed=args.seed)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The frozen CLIP
-
-
-def build_clip(args, world: R.World):
+def build_clip(args):
     """-> (frozen CLIP, CLIP tokenizer). Real runs load HF weights. The demo's tiny CLIP must play a *pretrained*
-    CLIP (prompt tuning a frozen random network learns nothing: its image features all point the same way, mean
-    cosine 0.999), so it is pre-trained contrastively on the demo's image-report pairs once (~30 s on a CPU) and
-    cached. Fixed seed: it is the "pretrained model", so it must not change with --seed."""
+    CLIP (prompt tuning a frozen random network learns nothing: a random ViT maps every image to nearly the same
+    feature), so it loads DEMO_CLIP, pre-trained offline on the demo's image-report pairs (make_cilmp_clip.py)."""
     if args.clip != "tiny":  # the file, not the folder: bpe_tokenizer(folder) would fall back to GPT-2's rules
         folder = resolve(args.clip_path or CLIP_PRESETS[args.clip]["repo"])
         return CLIP.from_pretrained(folder), bpe_tokenizer(folder / "tokenizer.json")
     tok = bpe_tokenizer(REPO / "common" / "tokenizers" / "clip_tiny.json")
-    clip = CLIP(replace(CLIP_PRESETS["tiny"]["config"], vocab_size=tok.get_vocab_size())).init_random(seed=0)
-    demo = Path(args.data_dir) if args.data == "demo" and args.data_dir else REPO / "data" / "demo"
-    path = Path(args.cache_dir) / f"clip_tiny_demo-{args.clip_pretrain_steps}.safetensors"
-    pretrain = lambda: pretrain_tiny_clip(clip, tok, demo, args.clip_pretrain_steps).state_dict()  # noqa: E731
-    clip.load_state_dict(R.cached_tensors(path, world, pretrain))
+    clip = CLIP(replace(CLIP_PRESETS["tiny"]["config"], vocab_size=tok.get_vocab_size()))
+    R.load_tensors(clip, read_safetensors(DEMO_CLIP, dtype=torch.float32), str(DEMO_CLIP), required=clip.state_dict())
     return clip, tok
-
-
-def tokenize(tok, texts, context_length: int = 77):
-    """CLIP-style: [SOS] ... [EOT], truncated to context_length (EOT kept last), zero-padded -> (N, T)."""
-    ids = [e.ids[:context_length - 1] + e.ids[-1:] if len(e.ids) > context_length else e.ids
-           for e in tok.encode_batch(list(texts))]
-    out = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)
-    for i, x in enumerate(ids):
-        out[i, :len(x)] = torch.tensor(x)
-    return out
-
-
-def pretrain_tiny_clip(clip: CLIP, tok, root: Path, steps: int = 150, batch: int = 64):
-    """Demo only: `steps` (150) steps of CLIP's own symmetric InfoNCE on data/demo/reports_train.csv, so the
-    frozen tiny CLIP knows that "dark, irregular" looks dark and irregular, as a real CLIP roughly does."""
-    from common.data import ImageReportDataset
-    from common.demo import ensure_demo
-    ensure_demo(root)
-    print(f"pre-training the tiny demo CLIP on {root / 'reports_train.csv'} ({steps} steps, once; cached)")
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        ds = ImageReportDataset(root, root / "reports_train.csv",
-                                train_transform(clip.cfg.image_size, CLIP_MEAN, CLIP_STD))
-        loader = make_loader(ds, batch, shuffle=True, drop_last=True, seed=0)
-        clip.logit_scale.data.fill_(math.log(1 / 0.07))
-        # NOTE lr 1e-3 without warm-up collapses both towers to one constant feature within 5 steps (loss pinned
-        # at ln B); 3e-4 with a short warm-up does not.
-        opt = torch.optim.AdamW(clip.parameters(), lr=3e-4, weight_decay=0.1)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-4, total_steps=steps, pct_start=0.1)
-        progress = R.Progress(steps, "clip pretrain", every=10.0)
-        batches = (b for _ in itertools.count() for b in loader)  # epochs back to back, `steps` batches in all
-        for step, b in zip(range(steps), batches):
-            f = F.normalize(clip.encode_image(b["image"]), dim=-1)                          # (B, E)
-            t = F.normalize(clip.encode_text(tokenize(tok, b["report"], 48)), dim=-1)       # (B, E)
-            logits = clip.logit_scale.exp() * f @ t.T
-            labels = torch.arange(len(f))
-            loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-            loss_value = R.optimizer_step(loss, opt, None, R.World(), step)
-            sched.step()
-            clip.logit_scale.data.clamp_(max=math.log(100))
-            progress.update(1, loss=loss_value)
-    clip.logit_scale.data.fill_(math.log(100))  # what real CLIP ends at; CILMP keeps it frozen
-    return clip
 
 
 def build_model(args, clip, tok, classnames, reps, descriptions) -> CILMP:
@@ -1171,8 +1122,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--llm-dtype", choices=["bf16", "fp32"], default="bf16", help="LLM weights dtype on CPU")
     p.add_argument("--max-new-tokens", type=int, default=128, help="LLM answer length (ours; demo: 24)")
     p.add_argument("--cache-dir", default=str(REPO / "cache"), help="where LLM representations are cached")
-    p.add_argument("--clip-pretrain-steps", type=int, default=150,
-                   help="tiny preset only: contrastive steps that make the demo CLIP a 'pretrained' one (cached)")
     # method
     p.add_argument("--prompt-mode", choices=["representations", "text"], default="representations",
                    help="text: the paper's Sec. 4.5.2 baseline, the LLM's description + class name as a text prompt")
@@ -1195,7 +1144,7 @@ def parse_args(argv=None):
     given = R.given_flags(p, argv)
     for preset, path in (("clip", "clip_path"), ("llm", "llm_path")):
         if path in given and getattr(args, preset) == "tiny" and preset in given:
-            p.error(f"--{path.replace('_', '-')} is for a real model; the tiny {preset} preset has no weights to load")
+            p.error(f"--{path.replace('_', '-')} is for a real model; the tiny {preset} preset takes no weights path")
     if args.resume:
         if args.seeds:
             p.error("--seeds starts new runs; --resume continues one")
@@ -1215,7 +1164,6 @@ def parse_args(argv=None):
         ("rank", args.rank >= 1, "at least 1"), ("dropout", 0 <= args.dropout < 1, "in [0, 1)"),
         ("label_ratio", 0 < args.label_ratio <= 1, "in (0, 1]"), ("warmup_lr", args.warmup_lr > 0, "above 0"),
         ("warmup_epochs", args.warmup_epochs >= 0, "0 or more"), ("n_ctx", args.n_ctx >= 1, "at least 1"),
-        ("clip_pretrain_steps", args.clip_pretrain_steps >= 1, "at least 1"),
         ("seeds", not args.seeds or all(x.strip().lstrip("-").isdigit() for x in args.seeds.split(",")),
          "comma-separated integers, e.g. 1,2,3")])
     if args.prompt_mode == "text" and args.llm == "none":
@@ -1229,7 +1177,7 @@ def run_one(args, world: R.World) -> dict:
     run_dir = Path(args.resume) if args.resume else R.new_run_dir("cilmp", args.data, args.out, vars(args), world)
     try:  # from here a non-finite loss or Ctrl-C exits 3 / 2 (R.Stopped), saying which checkpoint is on disk
         R.seed_everything(args.seed, world.rank)
-        clip, tok = build_clip(args, world)
+        clip, tok = build_clip(args)
         train_ds, test_ds = build_data(args, clip.cfg.image_size)
         reps, descriptions = get_representations(args, train_ds.classnames, world)       # (C, L, D_L)
         model = build_model(args, clip, tok, train_ds.classnames, reps, descriptions).to(world.device)
@@ -1252,20 +1200,6 @@ def run_one(args, world: R.World) -> dict:
     return report
 
 
-def run_seeds(args, world: R.World):
-    """--seeds 1,2,3: one run per seed (in --out/seed<k> when --out is given), then mean +- std, as reported."""
-    seeds, reports = [int(s) for s in args.seeds.split(",")], []
-    base = Path(args.out) if args.out else None
-    for seed in seeds:
-        args.seed, args.out = seed, str(base / f"seed{seed}") if base else None
-        reports.append(run_one(args, world))
-    if world.is_main:
-        summary = M.mean_std(reports)
-        print(f"over seeds {', '.join(map(str, seeds))}: {M.format_mean_std(summary)}")
-        if base:
-            (base / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-
-
 def main(argv=None):
     args = parse_args(argv)
 
@@ -1275,7 +1209,7 @@ def main(argv=None):
             run_bench(args, world, [args.precision] if "precision" in given else
                       ["bf16"] if world.device.type == "cuda" else ["fp32", "bf16"])
         else:
-            run_seeds(args, world) if args.seeds else run_one(args, world)
+            R.run_seeds(run_one, args, world) if args.seeds else run_one(args, world)  # mean +- std, as reported
 
     # a user mistake or a run stopped early (R.Stopped) is a message and its exit code, not a traceback
     return R.run_main(work, args.device, tf32=True)

@@ -544,6 +544,24 @@ def new_run_dir(script: str, data: str, out=None, args: dict | None = None, worl
     return Path(result)
 
 
+def run_seeds(run_one, args, world: World) -> list:
+    """--seeds 1,2,3: run_one(args, world) -> report, once per seed (args.seed set; args.out = --out/seed<k> when
+    --out is given, else each run gets a new folder), then the mean +- std of the reports' headline figures
+    (metrics.mean_std), as papers report them: printed by rank 0 and, with --out, written to --out/summary.json."""
+    from common import metrics as M
+    seeds, reports = [int(s) for s in args.seeds.split(",")], []
+    base = Path(args.out) if args.out else None
+    for seed in seeds:
+        args.seed, args.out = seed, str(base / f"seed{seed}") if base else None
+        reports.append(run_one(args, world))
+    if world.is_main:
+        summary = M.mean_std(reports)
+        print(f"over seeds {', '.join(map(str, seeds))}: {M.format_mean_std(summary)}")
+        if base:
+            (base / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return reports
+
+
 class JsonlLog:
     """Append-only metrics log, one JSON object per line (rank 0 only; other ranks get a no-op)."""
 

@@ -313,6 +313,18 @@ def test_cached_tensors_compute_once_and_stages_are_found(tmp_path):
         R.find_stage(tmp_path / "run", subfolders=("stage2",))
 
 
+def test_run_seeds_runs_each_seed_in_its_folder_and_writes_mean_and_std(tmp_path, capsys):
+    report = lambda acc: {"acc": acc, "f1_macro": acc, "auroc": acc, "kappa": acc, "kappa_quadratic": acc}
+    seen = []
+    run_one = lambda args, world: seen.append((args.seed, args.out)) or report(0.1 * args.seed)
+    args = argparse.Namespace(seeds="1,3", seed=0, out=str(tmp_path))
+    assert [r["acc"] for r in R.run_seeds(run_one, args, R.World())] == pytest.approx([0.1, 0.3])
+    assert seen == [(1, str(tmp_path / "seed1")), (3, str(tmp_path / "seed3"))]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["acc"] == pytest.approx({"mean": 0.2, "std": 0.1})
+    assert "over seeds 1, 3: acc 20.00 +- 10.00" in capsys.readouterr().out
+
+
 def test_stopped_says_what_is_on_disk_and_picks_the_exit_code(tmp_path):
     nan = R.Stopped(R.NonFiniteLoss(7, float("nan")), tmp_path, command="python x.py")
     assert nan.code == 3 and "No checkpoint was written yet" in str(nan) and isinstance(nan, R.USER_ERRORS)
