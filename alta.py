@@ -55,7 +55,8 @@ temporal tokens are decayed), lr = 1.5e-4 x global batch / 256, per-step warm-up
 half-cosine defined over 100 epochs but stopped at 30 (the lr is still ~88% of its peak at the end), logit
 scales clamped to [0, ln 100] after each step, model selection by RSNA validation zero-shot AUROC each epoch.
 The demo has no MRM or CXR-BERT to adapt, and frozen random towers carry almost no class signal (zero-shot ACC
-0.17-0.25 by seed, chance 0.167). So, as adaptor.py does for its own, the tiny ViT + BERT are pre-trained once (fixed seed 0, independent of --seed; --tower-pretrain-steps 200 of symmetric InfoNCE on the
+0.17-0.25 by seed, chance 0.167). So, as adaptor.py does for its own, the tiny ViT + BERT are pre-trained
+once (fixed seed 0, independent of --seed; --tower-pretrain-steps 200 of symmetric InfoNCE on the
 current images and reports of reports_train.csv, every tower weight trained) and cached in --cache-dir, keyed by
 the configs and vocabulary: they play MRM and CXR-BERT, frozen by the same rule as the real ones; only the
 adapters, norms, heads and tokens learn. Never done for real weights. The demo recipe (DEMO_RECIPE: lr 3e-4,
