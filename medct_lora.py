@@ -48,7 +48,6 @@ import hashlib
 import json
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -982,38 +981,15 @@ def count_params(args) -> dict:
 
 
 def saved_activation_bytes(model: CTCLIP, vol, ids, mask, precision: str) -> dict:
-    """What autograd keeps for backward in one training forward, in bytes, on any device: every saved tensor
-    still held by the graph at the end (a branch the graph drops, like the VQ's similarity matrix, frees its own),
-    once per storage, weights and buffers left out. "all" is the no --grad-ckpt figure; with --grad-ckpt each
-    layer keeps only its input ("kept": that + everything outside the layers) and backward recomputes one layer
-    at a time, adding the largest one ("vision_layer" or "text_layer")."""
-    import weakref
-    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    packed, spans, inputs = [], [], []                 # (weakref, storage address, storage bytes) per saved tensor
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in skip:
-            packed.append((weakref.ref(t), t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
-        return t
-    layers = [*model.visual.spatial, *model.visual.temporal, *model.text.encoder.layer]
-    hooks = [h for m in layers for h in (
-        m.register_forward_pre_hook(lambda m, a: spans.append([len(packed)]) or inputs.append(a[0].nbytes)),
-        m.register_forward_hook(lambda m, a, out: spans[-1].append(len(packed))))]
+    """What autograd keeps for backward in one training forward (R.saved_activation_bytes), in bytes: "all" is the
+    no --grad-ckpt figure, "kept" what --grad-ckpt keeps; backward then recomputes one layer at a time, adding the
+    largest one ("vision_layer" or "text_layer")."""
+    vision = [*model.visual.spatial, *model.visual.temporal]
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), R.autocast(vol.device, precision):
-        out = model(vol, ids, mask)                    # held, so is the graph
-    for h in hooks:
-        h.remove()
-    first = {}                                          # storage address -> (index of its first saver, bytes)
-    for i, (ref, ptr, n) in enumerate(packed):
-        if ref() is not None:
-            first.setdefault(ptr, (i, n))
-    span = lambda lo, hi: sum(n for i, n in first.values() if lo <= i < hi)
-    per_layer, n_vis = [span(lo, hi) for lo, hi in spans], len(model.visual.spatial) + len(model.visual.temporal)
-    total = span(0, len(packed))
-    del out
-    return {"all": total, "kept": total - sum(per_layer) + sum(inputs),
-            "vision_layer": max(per_layer[:n_vis]), "text_layer": max(per_layer[n_vis:])}
+    with R.autocast(vol.device, precision):
+        r = R.saved_activation_bytes(lambda: model(vol, ids, mask), model, [*vision, *model.text.encoder.layer])
+    return {"all": r["all"], "kept": r["kept"], "vision_layer": max(r["per_layer"][:len(vision)]),
+            "text_layer": max(r["per_layer"][len(vision):])}
 
 
 def memory_estimate(args, batch: int = 8) -> dict:
@@ -1089,19 +1065,10 @@ def run_bench(args, world):
     p512 = torch.randint(5, V, (2, spec["max_len"]), device=dev)              # official: padded to 512
     p8 = torch.randint(5, V, (36, 8), device=dev)                             # ours: 18 x 2 prompts, ~8 tokens
 
-    def timed(fn, reps=args.bench_steps):
-        with torch.no_grad(), R.autocast(dev, args.precision):
-            fn()
-            R._sync(dev)
-            t = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            R._sync(dev)
-        return (time.perf_counter() - t) / reps
-
-    t_vol = timed(lambda: model.encode_volume(one))
-    t_pair = timed(lambda: model.encode_text(p512, torch.ones_like(p512)))
-    t_prompts = timed(lambda: model.encode_text(p8, torch.ones_like(p8)))
+    with R.autocast(dev, args.precision):
+        t_vol = R.time_call(lambda: model.encode_volume(one), dev, args.bench_steps)
+        t_pair = R.time_call(lambda: model.encode_text(p512, torch.ones_like(p512)), dev, args.bench_steps)
+        t_prompts = R.time_call(lambda: model.encode_text(p8, torch.ones_like(p8)), dev, args.bench_steps)
     n = 1000  # volumes per evaluation run, for the once-per-run prompt cost
     official, ours = 18 * (t_vol + t_pair), t_vol + t_prompts / n
     print(f"zero-shot per volume: official protocol {official * 1e3:.1f} ms (18 x ({t_vol * 1e3:.1f} ms vision + "

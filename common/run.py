@@ -876,6 +876,51 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, r
     return 2 * n**3 / float(np.median(times))
 
 
+def time_call(fn, device: torch.device, reps: int = 3) -> float:
+    """Seconds per call of fn (no autograd), after one warm-up call: for inference timings beside bench()."""
+    with torch.no_grad():
+        fn()
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        _sync(device)
+    return (time.perf_counter() - t) / reps
+
+
+def saved_activation_bytes(forward, module: torch.nn.Module, layers) -> dict:
+    """What autograd keeps for backward after `forward()` (one training forward of `module`), in bytes, counted on
+    any device: every tensor the graph saved and still holds at the end (a branch the graph drops frees its own),
+    once per storage, module's weights and buffers left out. -> {"all": that total, "per_layer": what each of
+    `layers` saved inside it, "kept": the total with gradient checkpointing over `layers` (each keeps only its
+    input; backward then recomputes one layer at a time, adding that layer's share once)}."""
+    import weakref
+    skip = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
+    packed, spans, inputs = [], [], []                 # (weakref, storage address, storage bytes) per saved tensor
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            packed.append((weakref.ref(t), t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
+        return t
+    hooks = [h for m in layers for h in (
+        m.register_forward_pre_hook(lambda m, a: spans.append([len(packed)]) or inputs.append(a[0].nbytes)),
+        m.register_forward_hook(lambda m, a, out: spans[-1].append(len(packed))))]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = forward()                            # held, so is the graph
+    finally:
+        for h in hooks:
+            h.remove()
+    first = {}                                          # storage address -> (index of its first saver, bytes)
+    for i, (ref, ptr, n) in enumerate(packed):
+        if ref() is not None:
+            first.setdefault(ptr, (i, n))
+    del out
+    span = lambda lo, hi: sum(n for i, n in first.values() if lo <= i < hi)  # noqa: E731
+    per_layer, total = [span(lo, hi) for lo, hi in spans], span(0, len(packed))
+    return {"all": total, "per_layer": per_layer, "kept": total - sum(per_layer) + sum(inputs)}
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this process: CUDA allocator peak on GPU, max resident set size on CPU."""
     if device.type == "cuda":

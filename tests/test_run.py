@@ -5,6 +5,7 @@ import json
 import os
 import random
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -474,3 +475,22 @@ def test_restore_run_args_or_exit_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         R.restore_run_args_or_exit(p, args, {"lr", "resume"})
     assert e.value.code == 2 and "--lr" in capsys.readouterr().err
+
+
+def test_saved_activation_bytes_counts_each_saved_storage_once_and_leaves_the_weights_out():
+    # Linear saves its input (5 x 8), ReLU its output (5 x 16), which the next Linear saves again: one storage
+    torch.manual_seed(0)
+    first, last = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU()), torch.nn.Linear(16, 4)
+    model = torch.nn.Sequential(first, last)
+    x = torch.randn(5, 8)
+    r = R.saved_activation_bytes(lambda: model(x), model, [first, last])
+    assert r["all"] == 4 * (5 * 8 + 5 * 16) and r["per_layer"] == [r["all"], 0]
+    assert r["kept"] == 4 * (5 * 8 + 5 * 16)                  # each layer's input: x, and the ReLU output
+    with torch.no_grad():
+        assert R.saved_activation_bytes(lambda: model(x), model, [first, last])["all"] == 0
+
+
+def test_time_call_gives_seconds_per_call_after_a_warm_up():
+    calls = []
+    t = R.time_call(lambda: calls.append(time.sleep(0.01)), torch.device("cpu"), reps=3)
+    assert len(calls) == 4 and 0.009 < t < 0.5
