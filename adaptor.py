@@ -32,9 +32,9 @@ position (the official extraction sorts each batch by caption length, so two tok
 
 Run it:
     python adaptor.py                              # demo: pre-train, classify, segment; tiny models, CPU
-        (measured on a 2-core CPU shared by ~10 processes, 6 min + 12 min once for the demo backbones:
-        pre-training val loss 3.78 vs ln 120 = 4.79, text->image top-1 0.067 vs chance 0.008; 6-class accuracy
-        0.45 vs 0.17; Dice 0.65)
+        (its tiny DINOv2 + BERT load weights pre-trained offline, common/demo_weights/make_adaptor_backbones.py;
+        measured on a shared 2-core CPU, 30 s: pre-training val loss 3.77 vs ln 120 = 4.79, text->image top-1
+        0.058 vs chance 0.008; 6-class accuracy 0.47 vs 0.17; Dice 0.68)
     python adaptor.py --data mimic-cxr --vision dinov2-b --text biobert           # pre-training, paper setting
     python adaptor.py --task classify --data rsna --data-pct 0.01 --init runs/adaptor/mimic-cxr/<run>
     python adaptor.py --task classify --data covidx --data-pct 0.1 --init RUN
@@ -74,6 +74,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
 
 from common import metrics as M
 from common import run as R
@@ -82,7 +83,7 @@ from common.data import (ClassificationDataset, DataError, Images, SegmentationD
 from common.features import (bert_tokenizer, cached, dice_per_image, extract, fingerprint, paired, tokenize,
                              word_tokenizer)
 from common.transforms import PadCrop
-from common.weights import WeightsError, load_config, load_mapped, resolve, tensor_index
+from common.weights import WeightsError, load_config, load_mapped, read_safetensors, resolve, tensor_index
 
 REPO = Path(__file__).resolve().parent
 
@@ -151,6 +152,7 @@ TEXT_PRESETS = {
 }
 TINY_BERT = dict(dim=64, n_layers=2, n_heads=4, mlp_dim=128, max_positions=128)  # vocab: the demo's (word_tokenizer)
 MAX_WORDS = 112  # official caption length in tokens
+DEMO_BACKBONES = REPO / "common" / "demo_weights" / "adaptor_backbones.safetensors"  # both tiny presets, pre-trained
 
 # ----------------------------------------------------------------------------------------------------------
 # Attention helper and DINOv2 (copied from cleft.py)
@@ -877,7 +879,7 @@ def pretrain(args, world, folder: Path, vision, bert, tok, size: int) -> Adaptor
         print(f"pre-training: {val_split} loss {val:.4f} (one batch of {len(x)}), text->image top-1 {top1:.3f}")
         R.JsonlLog(folder / "metrics.jsonl").log(split=val_split, val_loss=val, t2i_top1=top1)
     spec = dict(adaptor=asdict(cfg), vision=args.vision, vision_path=args.vision_path, text=args.text,
-                text_path=args.text_path, backbone_pretrain_steps=args.backbone_pretrain_steps)
+                text_path=args.text_path)
     R.save_stage(folder, fp32_state(model), spec, world, STAGE)  # what --init reads
     return model
 
@@ -1218,56 +1220,22 @@ def recipe(args, task: str):
 def demo_backbones(args, world):
     """The demo's tiny DINOv2 and BERT play *pretrained* frozen backbones. Frozen random ones give nearly the same
     global feature for every input, and the adaptor then learns nothing (pre-training loss pinned at ln B), so
-    they are pre-trained once, CLIP-style, on the demo's training pairs and cached in --cache-dir (200 steps, ~4
-    min on a busy 2-core CPU; fixed seeds, independent of --seed, so they are the same "pretrained model" for every
-    run). The tokenizer's vocabulary is the demo's training captions."""
+    they load DEMO_BACKBONES, pre-trained offline CLIP-style on the demo's training pairs
+    (common/demo_weights/make_adaptor_backbones.py). The tokenizer's vocabulary, the words of the demo's training
+    captions, is stored with them."""
     from common.demo import ensure_demo
-    root = Path(args.data_dir) if args.data_dir else REPO / "data" / "demo"
     if world.is_main:
-        ensure_demo(root)
+        ensure_demo(Path(args.data_dir) if args.data_dir else REPO / "data" / "demo")
     R.barrier(world)
-    ids, caps = read_pairs(root / "reports_train.csv")
-    tok = word_tokenizer(caps, MAX_WORDS)
-    vision = DINOv2(VISION_PRESETS["tiny"]["config"]).init_random(seed=0)
-    bert = BERT(BertConfig(vocab_size=tok.get_vocab_size(), **TINY_BERT), add_pooler=True).init_random(seed=1)
-    steps = args.backbone_pretrain_steps
-    if steps == 0:  # frozen random towers: the pipeline runs, the adaptor's pre-training has little to learn
-        return vision, bert, tok
-
-    def compute():
-        with torch.random.fork_rng():  # a cold cache must not shift the run's random numbers
-            pretrain_demo_backbones(vision, bert, tok, Images(root, ids, PadCrop(112, train=False)), caps, steps)
-        return {"vision." + k: v for k, v in vision.state_dict().items()} | \
-            {"text." + k: v for k, v in bert.state_dict().items()}
-    tensors = R.cached_tensors(Path(args.cache_dir) / "adaptor" / f"demo_backbones_{steps}steps.safetensors", world,
-                               compute)
-    vision.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("vision.")})
-    bert.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("text.")})
+    with safe_open(str(DEMO_BACKBONES), "pt") as f:
+        tok = word_tokenizer([f.metadata()["words"]], MAX_WORDS)
+    tensors = read_safetensors(DEMO_BACKBONES, dtype=torch.float32)
+    vision = DINOv2(VISION_PRESETS["tiny"]["config"])
+    bert = BERT(BertConfig(vocab_size=tok.get_vocab_size(), **TINY_BERT), add_pooler=True)
+    for prefix, model in (("vision.", vision), ("text.", bert)):
+        R.load_tensors(model, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                       str(DEMO_BACKBONES), required=model.state_dict())
     return vision, bert, tok
-
-
-def pretrain_demo_backbones(vision, bert, tok, images, caps, steps: int = 200, batch: int = 64):
-    """Demo only: symmetric InfoNCE between the tiny DINOv2's CLS and the tiny BERT's pooler output (both towers
-    trained, linear heads thrown away). NOTE it sits at ln(batch) for ~90 steps before the collapsed random
-    features separate; lr 1e-3 never leaves that plateau."""
-    print(f"pre-training the demo's tiny DINOv2 + BERT on {len(caps)} pairs ({steps} steps, once; cached)", flush=True)
-    torch.manual_seed(0)
-    pixels = images.batch(0, len(images))                                                # (N, 3, 112, 112)
-    ids, mask = tokenize(tok, caps)
-    heads = nn.ModuleList([nn.Linear(vision.cfg.dim, 64), nn.Linear(bert.cfg.dim, 64)])
-    opt = torch.optim.AdamW([*vision.parameters(), *bert.parameters(), *heads.parameters()], lr=3e-4,
-                            weight_decay=0.1)
-    prog = R.Progress(steps, "demo backbones", every=10.0)
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = 3e-4 * min(1.0, (step + 1) / 10)
-        idx = torch.randint(0, len(caps), (batch,))
-        f = F.normalize(heads[0](image_features(vision, pixels[idx])[0]), dim=-1)
-        t = F.normalize(heads[1](text_features(bert, ids[idx], mask[idx])[0]), dim=-1)
-        logits = f @ t.T / 0.07
-        labels = torch.arange(batch)
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-        prog.update(1, loss=R.optimizer_step(loss, opt, None, R.World(), step))  # rank 0 alone, no scaler
 
 
 def backbones(args, world):
@@ -1324,6 +1292,10 @@ def preflight(args):
                     problems.append(f"--{name} {getattr(args, name)} weights: {e}")
     if args.task != "pretrain" and not args.init and args.data != "demo":
         problems.append(f"--task {args.task} needs --init RUN (a finished pre-training run)")
+    if "tiny" in (args.vision, args.text) and not DEMO_BACKBONES.is_file():  # e.g. adaptor.py copied alone
+        problems.append(f"{DEMO_BACKBONES}: the demo's pre-trained tiny DINOv2 + BERT are missing; copy "
+                        "common/demo_weights/ with this file, or remake it: "
+                        "python -m common.demo_weights.make_adaptor_backbones")
     if problems:
         raise DataError("\n\n".join(problems))
 
@@ -1336,7 +1308,7 @@ def run(args, world) -> dict:
     R.seed_everything(args.seed, world.rank)
     if args.init:  # the backbones the adaptor was pre-trained on, whatever today's defaults say
         spec = json.loads(init_folder(Path(args.init)).joinpath("model.json").read_text())
-        for k in ("vision", "vision_path", "text", "text_path", "backbone_pretrain_steps"):
+        for k in ("vision", "vision_path", "text", "text_path"):
             setattr(args, k, spec.get(k, getattr(args, k)))
     vision, bert, tok = backbones(args, world)
     size = args.size or DATASETS[args.data]["size"]
@@ -1372,7 +1344,7 @@ def parse_args(argv=None):
                                 "(RECIPES / DEMO_RECIPES).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     R.add_common_args(p, datasets=DATASETS, data="demo", epochs=50, steps=0, batch_size=1024, lr=2e-5, seed=42,
                       eval_batch_size=64, ckpt_every=500,
-                      help={"epochs": "paper: 50 pre-training, 100 RSNA, 50 COVIDx, 50 seg; demo: 40 / 60 / 8",
+                      help={"epochs": "paper: 50 pre-training, 100 RSNA, 50 COVIDx, 50 seg; demo: 30 / 60 / 5",
                             "batch_size": "paper: 1024 / 512 RSNA / 128 COVIDx / 4 seg; demo: 100 / 100 / 16",
                             "lr": "paper: 2e-5 / 5e-5 RSNA / 5e-4 COVIDx and seg; demo: 1e-3 / 3e-3 / 3e-3"})
     p.add_argument("--task", choices=["all", "pretrain", "classify", "segment"], default="all",
@@ -1383,8 +1355,6 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW (paper: 0.01 / 1e-4 RSNA / 0.05 COVIDx)")
     p.add_argument("--warmup-frac", type=float, default=0.02, help="pre-training linear warm-up, fraction of steps")
     p.add_argument("--cache-dir", default=str(REPO / "cache"), help="frozen feature cache")
-    p.add_argument("--backbone-pretrain-steps", type=int, default=200, help="demo only: steps of InfoNCE that make "
-                   "the tiny random DINOv2 + BERT play pretrained backbones (once, cached)")
     p.add_argument("--vision", choices=list(VISION_PRESETS), default="dinov2-b", help="vision backbone (demo: tiny)")
     p.add_argument("--vision-path", default=None, help="HF DINOv2 folder or repo id (overrides the preset's)")
     p.add_argument("--text", choices=list(TEXT_PRESETS), default="biobert", help="text backbone (demo: tiny)")
@@ -1416,8 +1386,7 @@ def parse_args(argv=None):
     R.finish_common_args(p, args)
     if args.task == "all" and not demo:
         p.error("--task all is the demo's; on real data run pretrain, then classify / segment with --init")
-    R.check_flags(p, args, [("data_pct", 0 < args.data_pct <= 1, "in (0, 1]"),
-                            ("backbone_pretrain_steps", args.backbone_pretrain_steps >= 0, "0 or more")])
+    R.check_flags(p, args, [("data_pct", 0 < args.data_pct <= 1, "in (0, 1]")])
     return args
 
 
