@@ -23,9 +23,9 @@ parameters, 7.57%) with four losses, on studies of up to four radiographs (curre
 Run it:
     python alta.py                                            # demo: tiny ViT + BERT, multi-view demo data, CPU
         # 8 epochs; 6 classes, chance 0.167 for zero-shot ACC and image->report P@5 (AUROC: 0.5). Measured,
-        #   --seed 0 / 1 / 2: ACC 0.429 / 0.421 / 0.446, AUROC 0.779 / 0.770 / 0.755, P@5 0.419 / 0.403 / 0.422;
-        #   the frozen pre-trained towers alone: ACC 0.392, AUROC 0.724, P@5 0.442. With --threads 1: ~2.4
-        #   CPU-minutes, ~0.6 more once for the towers (14-18 min wall on this project's overloaded 2-core box).
+        #   --seed 0 / 1 / 2: ACC 0.421 / 0.417 / 0.446, AUROC 0.779 / 0.771 / 0.755, P@5 0.415 / 0.404 / 0.420;
+        #   the frozen pre-trained towers alone (measured when they were made at run time, same recipe): ACC 0.392,
+        #   AUROC 0.724, P@5 0.442. With OMP_NUM_THREADS=1: ~1 CPU-minute (66 s wall on a 2-core box).
     python -m common.weights convert MRM.pth MRM.safetensors --key model      # (and ALTA.pth alike)
     python alta.py --data mimic-cxr --init-vision MRM.safetensors --text <BiomedVLP-CXR-BERT-specialized folder>
     torchrun --nproc_per_node 4 alta.py --data mimic-cxr ...  # the paper's 4 x 24 studies
@@ -55,29 +55,29 @@ temporal tokens are decayed), lr = 1.5e-4 x global batch / 256, per-step warm-up
 half-cosine defined over 100 epochs but stopped at 30 (the lr is still ~88% of its peak at the end), logit
 scales clamped to [0, ln 100] after each step, model selection by RSNA validation zero-shot AUROC each epoch.
 The demo has no MRM or CXR-BERT to adapt, and frozen random towers carry almost no class signal (zero-shot ACC
-0.17-0.25 by seed, chance 0.167). So, as adaptor.py does for its own, the tiny ViT + BERT are pre-trained
-once (fixed seed 0, independent of --seed; --tower-pretrain-steps 200 of symmetric InfoNCE on the
-current images and reports of reports_train.csv, every tower weight trained) and cached in --cache-dir, keyed by
-the configs and vocabulary: they play MRM and CXR-BERT, frozen by the same rule as the real ones; only the
-adapters, norms, heads and tokens learn. Never done for real weights. The demo recipe (DEMO_RECIPE: lr 3e-4,
-1 warm-up epoch, cosine over the 8 epochs) is demo-only. There the adapters raise zero-shot ACC and AUROC over
-the frozen towers but not image->report P@5 (above): they are trained on the four-view mean against shuffled
-reports, and evaluated on one frontal image against the whole report.
+0.17-0.25 by seed, chance 0.167). So, as cilmp.py does for its CLIP, the tiny ViT + BERT come pre-trained in
+common/demo_weights/alta_towers.safetensors (fp16, 1.2 MB; made by make_alta_towers.py there: 200 steps of
+symmetric InfoNCE on the current images and reports of reports_train.csv, every tower weight trained, seed 0):
+they play MRM and CXR-BERT, frozen by the same rule as the real ones; only the adapters, norms, heads and tokens
+learn. Never used with real weights. The demo recipe (DEMO_RECIPE: lr 3e-4, 1 warm-up epoch, cosine over the 8
+epochs) is demo-only. There the adapters raise zero-shot ACC and AUROC over the frozen towers but not
+image->report P@5 (above): they are trained on the four-view mean against shuffled reports, and evaluated on one
+frontal image against the whole report.
 """
 import argparse
-import hashlib
 import json
 import math
 import os
 import re
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch.utils.data import Dataset
 
 from common import metrics as M
@@ -87,9 +87,10 @@ from common.augment import AffineJitter
 from common.data import DataError, ImageReportDataset, dataset_root, load_image, missing_dataset
 from common.text import SPECIALS, gloria_clean, shuffle_sentences, tokenize, wordpiece_tokenizer
 from common.transforms import CenterCrop, Compose, Normalize, Resize, ToGray, ToRGB, ToTensor
-from common.weights import WeightsError, load_config, load_mapped, map_key, resolve, tensor_index
+from common.weights import WeightsError, load_config, load_mapped, map_key, read_safetensors, resolve, tensor_index
 
 REPO = Path(__file__).resolve().parent
+DEMO_TOWERS = REPO / "common" / "demo_weights" / "alta_towers.safetensors"   # the demo's pre-trained tiny towers
 
 # ----------------------------------------------------------------------------------------------------------
 # Configs and presets
@@ -927,6 +928,28 @@ def build_model(vit_cfg: ViTConfig, bert_cfg: BertConfig, cfg: ALTAConfig, init=
         load_part(model, init, ALTA_MAP, lambda name: True)
     return model
 
+
+def is_tower_key(name: str) -> bool:
+    """What DEMO_TOWERS holds: what MRM and CXR-BERT would give, plus the image head; not the MAE decoder (the
+    demo's pre-training never reaches it) nor the fixed sin-cos tables (fp16 would round them)."""
+    return ((is_vision_key(name) or is_cxrbert_key(name) or name.startswith("projection_head."))
+            and not name.startswith(("decoder_", "mask_token", "pos_embed")))
+
+
+def load_demo_towers(model: ALTA, tok):
+    """The demo's stand-ins for MRM and CXR-BERT: DEMO_TOWERS, the tiny ViT + BERT pre-trained offline by
+    common/demo_weights/make_alta_towers.py (frozen random towers carry almost no class signal: nothing for the
+    adapters to adapt). Never used with real weights. The MAE decoder keeps its random init: the contrastive
+    pre-training never reaches it. The file names the vocabulary it was made with, which must be the demo's."""
+    with safe_open(str(DEMO_TOWERS), "pt") as f:
+        made_for = f.metadata().get("vocab")
+    if made_for != json.dumps(tok.get_vocab(), sort_keys=True):
+        raise R.RunError(f"{DEMO_TOWERS}: made for another demo vocabulary (has data/demo changed?); remake it: "
+                         "python -m common.demo_weights.make_alta_towers")
+    R.load_tensors(model, read_safetensors(DEMO_TOWERS, dtype=torch.float32), str(DEMO_TOWERS),
+                   required=[k for k in model.state_dict() if is_tower_key(k)])
+    model.bert_encoder.local_projection_head.load_state_dict(model.bert_encoder.cls_projection_head.state_dict())
+
 # ----------------------------------------------------------------------------------------------------------
 # Data: studies of up to four views + a report (common.data reads the CSV, common.text the words); MLM masking
 
@@ -940,6 +963,14 @@ DATASETS = {
     "mimic-cxr": dict(dir="mimic-cxr", train="reports_train.csv", test=None, max_len=128, gray=True,
                       get="MIMIC-CXR-JPG 2.0.0 + the MIMIC-CXR 2.0.0 reports (PhysioNet, credentialed)"),
 }
+
+
+def demo_tokenizer(root: Path):
+    """The demo's WordPiece vocabulary: the words of its reports (both splits) and class descriptions."""
+    corpus = [r["report"] for csv in ("reports_train.csv", "reports_test.csv")
+              for r in RV.read_rows(root / csv, ["report"])]
+    descriptions = json.loads((root / "classes.json").read_text())["descriptions"]
+    return wordpiece_tokenizer(corpus=corpus + [t for ts in descriptions.values() for t in ts])
 
 
 def mlm_mask(ids, tok, g: torch.Generator, prob: float = 0.5, mode_8010: bool = False):
@@ -1263,64 +1294,6 @@ def run_bench(args, world, vit_cfg: ViTConfig = ViTConfig(), bert_cfg: BertConfi
             for what, fn in cases]
 
 # ----------------------------------------------------------------------------------------------------------
-# The demo's stand-ins for MRM and CXR-BERT: the tiny towers, pre-trained once (demo only, never real weights)
-
-
-def demo_towers(args, world, model: ALTA, tok, root: Path):
-    """Load the demo's "pretrained" tiny towers into `model` (the tensors MRM and CXR-BERT would provide, plus
-    the image head). Frozen random towers carry almost no class signal (zero-shot ACC at chance for some seeds),
-    so a tiny ViT + BERT, built with a fixed seed (0, independent of --seed), is trained once on the demo's
-    current images and reports and cached under --cache-dir, keyed by the configs, vocabulary and steps."""
-    key = json.dumps([asdict(model.cfg), asdict(model.bert_encoder.bert.cfg), sorted(tok.get_vocab().items()),
-                      args.tower_pretrain_steps])
-    path = Path(args.cache_dir) / f"alta_tiny_towers-{hashlib.sha1(key.encode()).hexdigest()[:10]}.safetensors"
-    wanted = lambda k: is_vision_key(k) or is_cxrbert_key(k) or k.startswith("projection_head.")
-
-    def compute():
-        with torch.random.fork_rng():       # a cold cache must not shift the run's random numbers
-            towers = ALTA(model.cfg, model.bert_encoder.bert.cfg, model.alta_cfg).init_weights(0)
-            pretrain_demo_towers(towers, tok, root, args.tower_pretrain_steps, args.max_len)
-        return {k: v for k, v in towers.state_dict().items() if wanted(k)}
-
-    tensors = R.cached_tensors(path, world, compute)
-    if set(tensors) != {k for k in model.state_dict() if wanted(k)}:
-        raise R.RunError(f"{path}: not the demo towers of this configuration (delete it to rebuild)")
-    model.load_state_dict(tensors, strict=False)
-    model.bert_encoder.local_projection_head.load_state_dict(model.bert_encoder.cls_projection_head.state_dict())
-
-
-def pretrain_demo_towers(model: ALTA, tok, root: Path, steps: int = 200, max_len: int = 64, batch: int = 32):
-    """Demo only: symmetric InfoNCE between encode_image (current frontal) and encode_text (projected CLS) on
-    reports_train.csv, every tower weight trained (adapters stay at zero, outside it). NOTE lr 3e-4 with a short
-    warm-up, as for cilmp.py's tiny CLIP (common/demo_weights/make_cilmp_clip.py): higher rates collapse both
-    towers to one feature."""
-    print(f"pre-training the demo's tiny ViT + BERT on {root / 'reports_train.csv'} ({steps} steps, once; cached)",
-          flush=True)
-    torch.manual_seed(0)
-    rows = RV.read_rows(root / "reports_train.csv", ["image_path", "report"])
-    geo, to_tensor = image_transform(model.cfg.img_size, False)
-    loaded = {}
-
-    def pixels(idx):                        # (n, 3, H, W); each image loaded the first time a step draws it
-        for i in idx.tolist():
-            if i not in loaded:
-                loaded[i] = to_tensor(geo(load_image(root / rows[i]["image_path"])))
-        return torch.stack([loaded[i] for i in idx.tolist()])
-
-    ids, am = tokenize(tok, [r["report"] for r in rows], max_len)                             # (N, T)
-    params = [p for k, p in model.named_parameters() if "adapter" not in k and "pos_embed" not in k]
-    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.1)
-    prog = R.Progress(steps, "demo towers", every=10.0)
-    model.train()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = 3e-4 * min(1.0, (step + 1) / 20)
-        idx = torch.randint(0, len(rows), (batch,))
-        loss = global_loss(model.encode_image(pixels(idx)), model.encode_text(ids[idx], am[idx]), 1 / 0.07)
-        prog.update(1, loss=R.optimizer_step(loss, opt, None, R.World(), step))  # rank 0 alone, no scaler
-    return model.eval()
-
-# ----------------------------------------------------------------------------------------------------------
 # main
 
 
@@ -1353,9 +1326,6 @@ def parse_args(argv=None):
     p.add_argument("--fix-missing", action="store_true", help="train the missing token, leave missing views out")
     p.add_argument("--train-bert-embed", action="store_true", help="train bert_embed (official: frozen random)")
     p.add_argument("--train-all", action="store_true", help="train the towers too (random towers: no MRM to adapt)")
-    p.add_argument("--tower-pretrain-steps", type=int, default=200,
-                   help="demo only: contrastive steps that make the tiny towers 'pretrained' ones (cached)")
-    p.add_argument("--cache-dir", default=str(REPO / "cache"), help="where the demo's pre-trained towers are cached")
     argv = sys.argv[1:] if argv is None else argv
     args, given = p.parse_args(argv), R.given_flags(p, argv)
     if args.resume:
@@ -1369,16 +1339,18 @@ def parse_args(argv=None):
     args.max_len = DATASETS[args.data]["max_len"]
     R.check_flags(p, args, [("mask_ratio", 0 <= args.mask_ratio < 1, "in [0, 1)"),
                             ("warmup_epochs", args.warmup_epochs >= 0, "0 or more"),
-                            ("sched_epochs", args.sched_epochs > 0, "above 0"),
-                            ("tower_pretrain_steps", args.tower_pretrain_steps >= 0, "0 or more")])
+                            ("sched_epochs", args.sched_epochs > 0, "above 0")])
     return R.finish_common_args(p, args)
 
 
-def build(args, world, corpus=None, root=None):
-    """Model + tokenizer for these flags: the demo's tiny pair, or ViT-B/16 + CXR-BERT (random unless loaded)."""
+def uses_demo_towers(args) -> bool:   # the tiny pair with no real or ALTA weights: the demo's MRM + CXR-BERT
+    return args.vit == "tiny" and not args.text and not args.init_vision and not str(args.init).endswith(".safetensors")
+
+
+def build(args, world, tok):
+    """Model for these flags: the demo's tiny pair, or ViT-B/16 + CXR-BERT (random unless loaded)."""
     vit_cfg = VIT_PRESETS[args.vit]
     cfg = ALTAConfig(mask_ratio=args.mask_ratio, fix_missing=args.fix_missing, train_bert_embed=args.train_bert_embed)
-    tok = wordpiece_tokenizer(args.text, corpus) if (args.text or corpus) else None
     if args.text:
         bert_cfg = bert_config_from_hf(load_config(resolve(args.text)))
     elif args.vit == "tiny":
@@ -1387,8 +1359,8 @@ def build(args, world, corpus=None, root=None):
         bert_cfg = CXR_BERT
     init = args.init if args.init and str(args.init).endswith(".safetensors") else None
     model = build_model(vit_cfg, bert_cfg, cfg, init=init, vision=args.init_vision, text=args.text, seed=args.seed)
-    if args.vit == "tiny" and not args.text and not args.init_vision and corpus is not None and init is None:
-        demo_towers(args, world, model, tok, root)   # the demo's MRM + CXR-BERT; --init / checkpoints load over
+    if uses_demo_towers(args):
+        load_demo_towers(model, tok)         # the demo's MRM + CXR-BERT; a run's --init / checkpoints load over
     if args.init and init is None:          # a run folder of this script: its best (or last) trained tensors
         best = Path(args.init) / "best.safetensors"
         R.load_final(model, args.init, "cpu", name=best.name if best.is_file() else "trainable.safetensors")
@@ -1396,7 +1368,7 @@ def build(args, world, corpus=None, root=None):
     if args.train_all:                       # everything but the fixed sin-cos tables
         for name, p in model.named_parameters():
             p.requires_grad = "pos_embed" not in name
-    return model.to(world.device), tok
+    return model.to(world.device)
 
 
 def preflight(args):
@@ -1419,6 +1391,9 @@ def preflight(args):
             problems.append(f"--eval {args.eval} needs --init ALTA.safetensors or --init RUN_DIR")
         if not folder.is_dir():
             problems.append(f"--eval {args.eval}: {folder} not found; prepare it with `{EVALS[args.eval][1]}`")
+    if uses_demo_towers(args) and not DEMO_TOWERS.is_file():   # e.g. alta.py copied without common/demo_weights
+        problems.append(f"{DEMO_TOWERS}: the demo's pre-trained tiny ViT + BERT are missing; copy common/demo_weights/ "
+                        "with this file, or remake it: python -m common.demo_weights.make_alta_towers")
     if problems:
         raise DataError("cannot start:\n  " + "\n  ".join(p.replace("\n", "\n  ") for p in problems))
     return root
@@ -1432,14 +1407,8 @@ def run(args, world) -> dict:
         from common.demo import ensure_demo
         ensure_demo(root)
     R.seed_everything(args.seed, world.rank)
-    corpus = None
-    if args.text is None:   # the demo's WordPiece vocabulary: the words of its reports and class descriptions
-        classes = json.loads((root / "classes.json").read_text()) if (root / "classes.json").is_file() else {}
-        corpus = [r["report"] for r in RV.read_rows(root / DATASETS[args.data]["train"], ["report"])]
-        corpus += [t for ts in classes.get("descriptions", {}).values() for t in ts]
-        corpus += [r["report"] for r in RV.read_rows(root / DATASETS[args.data]["test"], ["report"])] \
-            if DATASETS[args.data]["test"] else []
-    model, tok = build(args, world, corpus, root)
+    tok = wordpiece_tokenizer(args.text) if args.text else demo_tokenizer(root)   # without --text: the demo only
+    model = build(args, world, tok)
     R.cast_frozen(model, R.PRECISIONS[args.precision])    # frozen Linear / Conv / Embedding weights in bf16 / fp16
     if args.eval:
         res = evaluate(args.eval, model, tok, args, Path(args.data_dir or REPO / EVALS[args.eval][0]))

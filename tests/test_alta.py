@@ -370,18 +370,7 @@ def test_demo_end_to_end_and_resume_is_bit_identical(tmp_path, monkeypatch, caps
     """4 steps straight vs a run whose loss turns NaN at step 3 (it stops, keeping the step-2 checkpoint), then
     --resume to 4: the same trainable tensors, bit for bit."""
     a, b = tmp_path / "a", tmp_path / "b"
-    fast = [*FAST, "--cache-dir", str(tmp_path / "cache"), "--tower-pretrain-steps", "2"]
-    assert alta.main([*fast, "--steps", "4", "--out", str(a)]) == 0
-    cached = list((tmp_path / "cache").glob("alta_tiny_towers-*.safetensors"))
-    assert len(cached) == 1     # the demo's pre-trained towers, built once and reused by the runs below
-    towers = load_file(str(cached[0]))
-    vocab = towers["bert_encoder.bert.embeddings.word_embeddings.weight"].shape[0]
-    bert = alta.BertConfig(vocab_size=vocab, **alta.DEMO_BERT)
-    init = alta.ALTA(alta.VIT_PRESETS["tiny"], bert, alta.ALTAConfig()).init_weights(0).state_dict()
-    assert not any("adapter" in k for k in towers) and torch.equal(init["pos_embed"], towers["pos_embed"])
-    for k in ("blocks.0.attn.qkv.weight", "bert_encoder.bert.encoder.layer.0.attention.self.query.weight",
-              "projection_head.dense_to_hidden.weight", "bert_encoder.cls_projection_head.dense_to_hidden.weight"):
-        assert not torch.equal(init[k], towers[k]), k                     # the contrastive steps moved them
+    assert alta.main([*FAST, "--steps", "4", "--out", str(a)]) == 0
     metrics = __import__("json").loads((a / "metrics.json").read_text())
     assert {"demo-zeroshot", "demo-retrieval"} <= set(metrics)
     assert 0 <= metrics["demo-zeroshot"]["ACC"] <= 1 and 0 <= metrics["demo-retrieval"]["P@5"] <= 1
@@ -395,14 +384,59 @@ def test_demo_end_to_end_and_resume_is_bit_identical(tmp_path, monkeypatch, caps
 
     monkeypatch.setattr(alta, "recon_loss", nan_at_step_3)
     capsys.readouterr()
-    assert alta.main([*fast, "--steps", "4", "--ckpt-every", "2", "--no-eval", "--out", str(b)]) == 3
+    assert alta.main([*FAST, "--steps", "4", "--ckpt-every", "2", "--no-eval", "--out", str(b)]) == 3
     err = capsys.readouterr().err
     assert re.search(r"last good checkpoint is \S*step_0*2\b", err) and f"python alta.py --resume {b}" in err
     monkeypatch.undo()
-    assert list((tmp_path / "cache").glob("alta_tiny_towers-*.safetensors")) == cached
     assert alta.main(["--resume", str(b)]) == 0   # --no-eval comes from the run's args.json
     x, y = load_file(str(a / "trainable.safetensors")), load_file(str(b / "trainable.safetensors"))
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_the_committed_demo_towers_are_the_tiny_presets_pretrained():
+    """common/demo_weights/alta_towers.safetensors (made by make_alta_towers.py): fp16, small enough to commit,
+    every tower tensor of the tiny presets (R.load_tensors checks keys and shapes) and nothing of the adapters or the
+    decoder, made for the demo's vocabulary, and pre-trained: the demo's test images no longer share one feature,
+    and each finds its own report among 64 far above chance."""
+    from safetensors import safe_open
+    from common.data import load_image
+    from common.demo import ensure_demo
+    assert alta.DEMO_TOWERS.stat().st_size < 1_400_000                                # 1.23 MB
+    with safe_open(str(alta.DEMO_TOWERS), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+        assert not any("adapter" in k or k.startswith(("decoder_", "pos_embed")) for k in f.keys())
+    root = ensure_demo(alta.REPO / "data" / "demo")
+    tok = alta.demo_tokenizer(root)
+    bert = alta.BertConfig(vocab_size=tok.get_vocab_size(), **alta.DEMO_BERT)
+    init = alta.ALTA(alta.VIT_PRESETS["tiny"], bert, alta.ALTAConfig()).init_weights(0)
+    model = copy.deepcopy(init)
+    alta.load_demo_towers(model, tok)
+    towers, init = model.state_dict(), init.state_dict()
+    assert torch.equal(init["pos_embed"], towers["pos_embed"])
+    for k in ("blocks.0.attn.qkv.weight", "bert_encoder.bert.encoder.layer.0.attention.self.query.weight",
+              "projection_head.dense_to_hidden.weight", "bert_encoder.cls_projection_head.dense_to_hidden.weight"):
+        assert not torch.equal(init[k], towers[k]), k                     # the contrastive steps moved them
+    assert torch.equal(towers["bert_encoder.local_projection_head.dense_to_output.weight"],
+                       towers["bert_encoder.cls_projection_head.dense_to_output.weight"])
+    rows = RV.read_rows(root / "reports_test.csv", ["image_path", "report"])[:64]
+    geo, to_tensor = alta.image_transform(model.cfg.img_size, False)
+    ids, am = tokenize(tok, [r["report"] for r in rows], 64)
+    with torch.no_grad():
+        f = model.eval().encode_image(torch.stack([to_tensor(geo(load_image(root / r["image_path"]))) for r in rows]))
+        t = model.encode_text(ids, am)                                                   # (64, E) both
+    assert (f @ f.T)[~torch.eye(64, dtype=torch.bool)].mean() < 0.6       # measured 0.44; the random init 0.72
+    top5 = ((f @ t.T).topk(5, 1).indices == torch.arange(64)[:, None]).any(1).float().mean()
+    assert top5 > 0.25                        # measured 0.375; the random init 0.09; chance 5/64 = 0.08
+    with pytest.raises(alta.R.RunError, match="another demo vocabulary.*make_alta_towers"):
+        alta.load_demo_towers(model, wordpiece_tokenizer(corpus=[r["report"] for r in rows[:3]]))
+
+
+def test_a_missing_demo_towers_file_is_one_message_naming_the_command_that_remakes_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(alta, "DEMO_TOWERS", tmp_path / "alta_towers.safetensors")
+    assert alta.main(["--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "python -m common.demo_weights.make_alta_towers" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_bad_input_gives_a_message_not_a_traceback(tmp_path, capsys):
@@ -432,7 +466,7 @@ def test_bad_input_gives_a_message_not_a_traceback(tmp_path, capsys):
     assert alta.main(["--eval", "rsna-zeroshot", "--init", str(tmp_path / "ALTA.safetensors"), "--text", str(tmp_path),
                       "--out", str(tmp_path / "r")]) == 2                       # a mistyped --init: said before any work
     assert f"--init {tmp_path / 'ALTA.safetensors'}: not found" in capsys.readouterr().err
-    for bad in (["--mask-ratio", "1"], ["--warmup-epochs", "-1"], ["--tower-pretrain-steps", "-5"]):
+    for bad in (["--mask-ratio", "1"], ["--warmup-epochs", "-1"], ["--sched-epochs", "0"]):
         with pytest.raises(SystemExit) as e:      # usage + message, exit 2, before anything is built
             alta.parse_args(bad)
         assert e.value.code == 2
