@@ -44,7 +44,6 @@ Where this file departs from the official code (each is also noted where it happ
     official per-finding weighted F1.
 """
 import argparse
-import hashlib
 import json
 import math
 import sys
@@ -418,20 +417,6 @@ class CosineVQ(nn.Module):
             q = xf + (q - xf).detach()                                                   # straight-through
         return q.to(x.dtype), ids
 
-    @torch.no_grad()
-    def ema_update_(self, x, ids, decay: float = 0.8):
-        """The official train-mode codebook update (used here ONLY to pre-train the demo's tiny CT-CLIP, as CT-CLIP
-        itself was trained): each used code moves toward the normalised mean of its vectors, e <- lerp(e, mean,
-        1 - decay); codes no vector chose are replaced by random batch vectors (the official dead-code expiry)."""
-        flat = F.normalize(x.reshape(-1, x.shape[-1]).float(), dim=-1)                 # (n, D)
-        onehot = F.one_hot(ids.reshape(-1), self.embed.shape[1]).float()                 # (n, K)
-        bins = onehot.sum(0)
-        mean = F.normalize(onehot.T @ flat / bins.clamp(min=1)[:, None], dim=-1)       # (K, D)
-        embed = self.embed[0]
-        embed.lerp_(torch.where((bins == 0)[:, None], embed, mean), 1 - decay)
-        dead = bins == 0
-        embed[dead] = flat[torch.randint(0, len(flat), (int(dead.sum()),), device=flat.device)]
-
 
 class CTViT(nn.Module):
     """forward(volume (B, C, D, H, W)) -> quantised tokens (B, t, h, w, dim), equal to the official
@@ -740,7 +725,7 @@ PRESETS = {
         latent=32, max_len=128, tokenizer=str(REPO / "common" / "tokenizers" / "bert_tiny_vocab.txt")),
 }
 DEFAULT_TARGETS = "query,key,value,attn_out,to_q,to_kv,to_out"
-DEMO_TEXT_TOWER = REPO / "common" / "demo_weights" / "medct_text_tower.safetensors"  # the tiny preset's BERT
+DEMO_CTCLIP = REPO / "common" / "demo_weights" / "medct_ctclip.safetensors"  # the tiny preset, pre-trained
 
 # ----------------------------------------------------------------------------------------------------------
 # Data: CT-RATE's layout (common/ct.py reads it, with CT-CLIP's preprocessing), reports, the tokenizer
@@ -800,65 +785,15 @@ def tokenize(tok, texts, max_len: int):
 # Building the model: pretrained CT-CLIP (or the demo's tiny one), then LoRA
 
 
-def build_ctclip(args, world, train_ds, tok) -> CTCLIP:
+def build_ctclip(args) -> CTCLIP:
     """Real runs load CT-CLIP v2. The demo's tiny CT-CLIP must play a *pretrained* one (LoRA on a frozen random
-    network has nothing to adapt), so it is pre-trained contrastively on the demo's training pairs once and
-    cached; fixed seed, so it does not change with --seed."""
+    network has nothing to adapt): it loads DEMO_CTCLIP, pre-trained offline on the demo's training pairs with a
+    language-pretrained text tower locked (common/demo_weights/make_medct_ctclip.py, which says why)."""
     spec = PRESETS[args.model]
     if args.model != "tiny":
         return CTCLIP.from_pretrained(args.weights, spec["vision"], spec["text"], spec["latent"])
-    tower_id = hashlib.sha256(DEMO_TEXT_TOWER.read_bytes()).hexdigest()[:8]  # a remade tower gets a new cache entry
-    path = Path(args.cache_dir) / f"ctclip_tiny_demo_v4_{args.pretrain_steps}_{tower_id}.safetensors"
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = CTCLIP(spec["vision"], spec["text"], spec["latent"])
-        model.visual.init_random(0)
-        # the text tower starts language-pretrained, as CXR-BERT does: a random one never learns that "is not
-        # present" negates the finding it follows (see common/demo_weights/make_medct_text_tower.py)
-        tower = load_file(str(DEMO_TEXT_TOWER))
-        R.load_tensors(model.text, {k[5:]: v for k, v in tower.items() if k.startswith("text.")}, str(DEMO_TEXT_TOWER),
-                       required=model.text.state_dict())
-        tensors = R.cached_tensors(path, world, lambda: pretrain_tiny_ctclip(
-            model, tok, train_ds, spec["max_len"], args.pretrain_steps).state_dict())
-    R.load_tensors(model, tensors, str(path), required=model.state_dict())
-    return model
-
-
-def pretrain_tiny_ctclip(model: CTCLIP, tok, train_ds, max_len: int, steps: int, batch: int = 16, lr: float = 2e-3):
-    """Demo only: a short CT-CLIP training (Adam, warm-up + cosine, CLIP's initial temperature 1/0.07, the
-    codebook moved by the official EMA rule) on the demo's training pairs; brief on purpose, so that the zero-shot
-    baseline leaves room for LoRA. Everything trains except the language-pretrained text tower, which stays locked
-    (as LiT locks its pretrained tower): trained along, 200 steps of report-level contrast pull the findings'
-    prompt directions together again (largest cosine between two findings 0.93 instead of 0.29) and the baseline
-    reads less (zero-shot mean AUROC 0.616 instead of 0.731, cardiomegaly 0.59 instead of 1.00; issue 10)."""
-    print(f"pre-training the tiny demo CT-CLIP on {len(train_ds)} volume-report pairs ({steps} steps, once; cached)")
-    model.temperature.data.fill_(math.log(1 / 0.07))
-    model.text.requires_grad_(False)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    world, step = R.World(), 0
-    progress = R.Progress(steps, "ct-clip pretrain", every=10.0)
-    model.train()
-    model.text.eval()                                                   # locked: no dropout either
-    while step < steps:
-        for idx in R.epoch_batches(len(train_ds), batch, 0, step, world):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, steps, steps // 10, lr)
-            items = [train_ds[i] for i in idx]
-            ids, mask = tokenize(tok, [it["report"] for it in items], max_len)
-            vol = torch.stack([it["volume"] for it in items])
-            tokens = model.visual.encode(model.visual.patch_embed(vol))                  # (B, t, h, w, D)
-            q, codes = model.visual.vq(tokens)
-            img = F.normalize(model.to_visual_latent(q.mean(1).flatten(1)), dim=-1)
-            loss = contrastive_loss(img, model.encode_text(ids, mask), model.temperature.exp(), gather=False)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            model.visual.vq.ema_update_(tokens.detach(), codes)
-            step += 1
-            progress.update(1, loss=loss.item())
-            if step == steps:
-                break
-    model.eval().requires_grad_(True)
+    model = CTCLIP(spec["vision"], spec["text"], spec["latent"])
+    R.load_tensors(model, load_file(str(DEMO_CTCLIP)), str(DEMO_CTCLIP), required=model.state_dict())
     return model
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1084,16 +1019,15 @@ def run_bench(args, world):
 
 # NOTE the demo's values are ours. Zero-shot scores finding c along t("c is present.") - t("c is not present."),
 # so the demo needs a text tower whose five prompt pairs differ along five directions of their own: a random tiny
-# BERT gives one shared "not" direction (every finding scored alike). Its tower comes from
-# common/demo_weights/medct_text_tower.safetensors (pre-trained offline: largest cosine between two findings'
-# prompt directions 0.24, random 0.99) and stays locked in the tiny CT-CLIP pre-training (pretrain_tiny_ctclip).
-# Measured with a fresh cache (225 training pairs, 150 test volumes): mean AUROC 0.731 before LoRA (pleural
-# effusion and cardiomegaly 1.00, consolidation 0.67, nodule and emphysema ~0.5), after it 0.789 / 0.761 / 0.761 /
-# 0.759 for --seed 0-3 on one thread; on two 0.716 before (the pre-training's rounding differs with the threads),
-# 0.778 / 0.768 / 0.769 after for --seed 0-2. LoRA lifts nodule (0.47 -> 0.53-0.61) and emphysema (0.48 -> 0.54-0.69).
-# Issue 10's other tries, for the record: this tower trained along in the pre-training (0.616 before, 0.664 after
-# at seed 0, nodule and emphysema lowered: its prompt directions drew together, largest cosine 0.93); a tower
-# trained with a 5-logit read-out instead of status codes (prompt directions cosine 0.97-0.99, LoRA traded
+# BERT gives one shared "not" direction (every finding scored alike). The demo's CT-CLIP (DEMO_CTCLIP) starts from
+# such a tower (common/demo_weights/make_medct_text_tower.py: largest cosine between two findings' prompt
+# directions 0.24, random 0.99), locked while the rest was pre-trained (make_medct_ctclip.py). Measured (225
+# training pairs, 150 test volumes): mean AUROC 0.731 before LoRA (pleural effusion and cardiomegaly 1.00,
+# consolidation 0.67, nodule and emphysema ~0.5), after it 0.793 / 0.759 / 0.769 for --seed 0-2 with two threads,
+# 0.789 / 0.761 / 0.761 / 0.759 for --seed 0-3 with one; LoRA lifts nodule (0.47 -> 0.53-0.61) and emphysema (0.51
+# -> 0.54-0.69). Issue 10's other tries, for the record: the tower trained along in the pre-training (0.616 before,
+# 0.664 after at seed 0, nodule and emphysema lowered: its prompt directions drew together, largest cosine 0.93); a
+# tower trained with a 5-logit read-out instead of status codes (prompt directions cosine 0.97-0.99, LoRA traded
 # findings); lr 3e-3 (unlearned cardiomegaly).
 DEMO_RECIPE = dict(model="tiny", epochs=40, batch_size=8, lr=1e-3, warmup_steps=20, lora_rank=8, lora_alpha=16.0,
                    val_frac=0.25, n_boot=200, ckpt_every=50, eval_before=True, eval_batch_size=16)
@@ -1129,11 +1063,9 @@ def preflight(args):
         problems.append(f"--model {args.model} takes volumes of {shape} (x, y, z) voxels; --data {args.data} gives "
                         f"{DATASETS[args.data]['shape']}: "
                         f"use --model {'tiny' if args.data == 'demo' else 'ct-clip-v2'}")
-    problems += [f"--cache-dir {p}" for p in [R.check_writable(args.cache_dir)] if p and args.model == "tiny"]
-    if args.model == "tiny" and not DEMO_TEXT_TOWER.is_file():  # e.g. medct_lora.py copied without common/demo_weights
-        problems.append(f"{DEMO_TEXT_TOWER}: the demo's pre-trained tiny text tower is missing; copy "
-                        "common/demo_weights/ with this file, or remake it: "
-                        "python -m common.demo_weights.make_medct_text_tower")
+    if args.model == "tiny" and not DEMO_CTCLIP.is_file():  # e.g. medct_lora.py copied without common/demo_weights
+        problems.append(f"{DEMO_CTCLIP}: the demo's pre-trained tiny CT-CLIP is missing; copy common/demo_weights/ "
+                        "with this file, or remake it: python -m common.demo_weights.make_medct_ctclip")
     if problems:
         raise DataError("\n\n".join(problems))
 
@@ -1145,7 +1077,7 @@ def run(args, world) -> dict:
     R.seed_everything(args.seed, world.rank)
     tok = load_tokenizer(args.tokenizer or PRESETS[args.model]["tokenizer"])
     train_ds, val_ds, test_ds = build_data(args)
-    model = build_ctclip(args, world, train_ds, tok)
+    model = build_ctclip(args)
     if world.is_main:
         print(f"data: {len(train_ds)} training, {len(val_ds)} validation (thresholds), {len(test_ds)} test volumes; "
               f"{len(test_ds.findings)} findings")
@@ -1192,8 +1124,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="CT-CLIP v2 safetensors (converted from CT-CLIP_v2.pt)")
     p.add_argument("--tokenizer", default=None, help="CXR-BERT vocab.txt, its folder or HF repo id "
                                                      "(default: the preset's)")
-    p.add_argument("--cache-dir", default=str(REPO / "cache"), help="where the demo's pre-trained tiny CT-CLIP is kept")
-    p.add_argument("--pretrain-steps", type=int, default=200, help="demo only: steps of the tiny CT-CLIP pre-training")
     p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r (ours, the paper does not give it; demo: 8)")
     p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha: scaling alpha / r (ours; demo: 16)")
     p.add_argument("--lora-dropout", type=float, default=0.1, help="dropout on the LoRA input (ours)")
@@ -1223,7 +1153,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     given = R.given_flags(p, argv)
     if args.resume:
-        R.restore_run_args_or_exit(p, args, given, free=("cache_dir", "eval_before", "n_boot", "threshold_on_test"))
+        R.restore_run_args_or_exit(p, args, given, free=("eval_before", "n_boot", "threshold_on_test"))
     if args.data == "demo" and not args.bench and not args.count_params:
         # --resume restored the recipe from args.json, except the runtime flags, which take today's value: for the
         # demo that is the recipe's, not the real-data default (an eval batch of 2 instead of 16 alone changes

@@ -23,7 +23,8 @@ minus "c is not present." is E[c, 1] - E[c, 0], a direction of finding c's own. 
 
 Mean squared error (summed over the D dimensions); AdamW, lr 2e-3, 100 warm-up steps then cosine, batch 64,
 1200 steps, one CPU thread, seed 0 (about two minutes). The codes are saved beside the tower (key "status_codes")
-so that tests/test_medct_lora.py can check what the tower reads; medct_lora.py loads only the "text.*" tensors.
+so that tests/test_medct_lora.py can check what the tower reads; make_medct_ctclip.py, the next step, loads only
+the "text.*" tensors into the demo's tiny CT-CLIP.
 
     python -m common.demo_weights.make_medct_text_tower      # rewrites common/demo_weights/medct_text_tower.safetensors
 """
