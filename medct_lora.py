@@ -18,7 +18,7 @@ The idea:
      cos(v, t("{p} is not present."))])_0; AUROC per finding, accuracy / F1 at thresholds from validation volumes.
 
 Run it:
-    python medct_lora.py                                   # demo: synthetic CT, tiny CT-CLIP, CPU, a few minutes
+    python medct_lora.py                                   # demo: synthetic CT, tiny CT-CLIP, CPU, under a minute
     python medct_lora.py --data ct-rate --weights ct_clip_v2.safetensors            # the paper's setting
     python medct_lora.py --data ct-rate --weights ct_clip_v2.safetensors --eval zero-shot   # baseline column
     python medct_lora.py --eval-only --resume runs/medct_lora/ct-rate/<run>         # the LoRA column again

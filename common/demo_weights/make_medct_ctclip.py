@@ -17,7 +17,7 @@ demo's tiny CT-CLIP (medct_lora.py's "tiny" preset) gets a short CT-CLIP trainin
     baseline leaves LoRA room (mean AUROC 0.731 before LoRA; pleural effusion and cardiomegaly 1.00, the other
     three 0.47-0.67).
 
-One CPU thread, seed 0, about 20 s; stored in fp32 (the VQ's argmax is sensitive to rounding). Committing the
+One CPU thread, seed 0, about 15 s; stored in fp32 (the VQ's argmax is sensitive to rounding). Committing the
 result, rather than pre-training at run time, gives every machine the same "pretrained" model: with two threads
 instead of one the same recipe gave a baseline of 0.716 instead of 0.731.
 
