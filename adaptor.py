@@ -705,20 +705,16 @@ def load_bert(path, missing_pooler: str = "error", seed: int = 42, dtype=None) -
 # ----------------------------------------------------------------------------------------------------------
 # Data (readers: common/data.py, PadCrop: common/transforms.py, feature cache: common/features.py), frozen features
 
-# folder under data/; pairs = image-report CSVs per split; classify / segment = split JSONs; get = where to download
-# it (common.data.missing_dataset adds the `python -m common.prepare <dir>` step)
-RSNA = "RSNA Pneumonia Detection, stage 2 (kaggle.com/c/rsna-pneumonia-detection-challenge)"
+# folder under data/; pairs = image-report CSVs per split; classify / segment = split JSONs (common.data's
+# missing_dataset says where to download each and that `python -m common.prepare <dir>` writes it)
 DATASETS = {
     "demo": dict(dir="demo", pairs="reports_{}.csv", splits=("train", "val"), classify="split_demo.json",
-                 segment="split_seg_demo.json", size=112, get="built in: python -m common.demo"),
-    "mimic-cxr": dict(dir="mimic-cxr", pairs="reports_{}.csv", splits=("train", "validate"), size=224,
-                      get="MIMIC-CXR-JPG 2.0.0 + the MIMIC-CXR 2.0.0 reports (PhysioNet, credentialed)"),
-    "rsna": dict(dir="rsna", classify="split_rsna.json", size=224, get=RSNA),
-    "covidx": dict(dir="covidx", classify="split_covidx.json", size=224,
-                   get="COVIDx 9A (github.com/lindawangg/COVID-Net, docs/COVIDx.md)"),
-    "siim": dict(dir="siim", segment="split_seg_siim.json", size=896,
-                 get="SIIM-ACR Pneumothorax Segmentation, stage-1 train (Kaggle, 2019)"),
-    "rsna-seg": dict(dir="rsna-seg", segment="split_seg_rsna.json", size=224, get=RSNA),
+                 segment="split_seg_demo.json", size=112),
+    "mimic-cxr": dict(dir="mimic-cxr", pairs="reports_{}.csv", splits=("train", "validate"), size=224),
+    "rsna": dict(dir="rsna", classify="split_rsna.json", size=224),
+    "covidx": dict(dir="covidx", classify="split_covidx.json", size=224),
+    "siim": dict(dir="siim", segment="split_seg_siim.json", size=896),
+    "rsna-seg": dict(dir="rsna-seg", segment="split_seg_rsna.json", size=224),
 }
 
 

@@ -955,13 +955,11 @@ def load_demo_towers(model: ALTA, tok):
 
 
 CXR_MEAN, CXR_STD = (0.4785,) * 3, (0.2834,) * 3      # the official Normalize(0.4785, 0.2834) on grayscale x 3
-# what --data means: folder under data/, the reports CSVs, the text length, grayscale or not, where to download it
-# (common.data.missing_dataset adds the `python -m common.prepare <dir>` step)
+# what --data means: folder under data/, the reports CSVs, the text length, grayscale or not (common.data's
+# missing_dataset says where to download each and that `python -m common.prepare <dir>` writes it)
 DATASETS = {
-    "demo": dict(dir="demo", train="reports_train.csv", test="reports_test.csv", max_len=64, gray=False,
-                 get="built in: python -m common.demo"),
-    "mimic-cxr": dict(dir="mimic-cxr", train="reports_train.csv", test=None, max_len=128, gray=True,
-                      get="MIMIC-CXR-JPG 2.0.0 + the MIMIC-CXR 2.0.0 reports (PhysioNet, credentialed)"),
+    "demo": dict(dir="demo", train="reports_train.csv", test="reports_test.csv", max_len=64, gray=False),
+    "mimic-cxr": dict(dir="mimic-cxr", train="reports_train.csv", test=None, max_len=128, gray=True),
 }
 
 

@@ -134,39 +134,19 @@ LLM_PRESETS = {  # the four LLMs of the paper's LLM table, plus a random tiny on
                                                               max_seq_len=512)),
 }
 
-# Class names are the prompts' words: they must match the split file (its third column) and name the cached
-# LLM representations. Lists from the official code's dataset classes (usr922/cilmp cilmp/datasets/*.py).
+# --data NAME reads data/NAME/split_NAME.json, written by `python -m common.prepare NAME` (common.data.SOURCES says
+# where to download it). The file's class names (its third column) are the prompts' words and name the cached LLM
+# representations: the converters spell them as the official code's dataset classes (usr922/cilmp
+# cilmp/datasets/*.py; common.prepare.CLASSNAMES), and a file that differs is used with a note.
 DATASETS = {
-    "demo": dict(split="split_demo.json", classes=None, get="built in: python -m common.demo"),
-    "isic": dict(split="split_isic.json", get="ISIC 2018 Task 3 (challenge.isic-archive.com)", classes=[
-        "Melanoma", "Melanocytic nevus", "Basal cell carcinoma", "Actinic keratosis", "Benign keratosis",
-        "Dermatofibroma", "Vascular lesion"]),
-    "dermamnist": dict(split="split_dermamnist.json", get="MedMNIST v2 dermamnist.npz (medmnist.com)", classes=[
-        "actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma", "benign keratosis-like lesions",
-        "dermatofibroma", "melanoma", "melanocytic nevi", "vascular lesions"]),
-    "derm7pt": dict(split="split_derm7pt.json", get="Derm7pt release_v0 (derm.cs.sfu.ca)",
-                    classes=["carcinoma", "keratosis", "melanoma", "miscellaneous", "nevus"]),
-    "adam": dict(split="split_adam.json", get="ADAM challenge (amd.grand-challenge.org)",
-                 classes=["normal fundus", "fundus with age-related macular degeneration"]),
-    "aptos2019": dict(split="split_aptos2019.json", get="APTOS 2019 Blindness Detection (kaggle)", classes=[
-        "no diabetic retinopathy", "mild diabetic retinopathy", "moderate diabetic retinopathy",
-        "severe diabetic retinopathy", "proliferative diabetic retinopathy"]),
-    "odir": dict(split="split_odir.json", get="ODIR-5K (kaggle / odir2019.grand-challenge.org)", classes=[
-        "normal", "diabetes", "glaucoma", "cataract", "age related macular degeneration", "hypertension",
-        "pathological myopia", "other diseases or abnormalities"]),
-    "kvasir": dict(split="split_kvasir.json", get="Kvasir v2 (datasets.simula.no/kvasir)", classes=[
-        "dyed lifted polyps", "dyed resection margins", "esophagitis", "normal cecum", "normal pylorus",
-        "normal z-line", "polyps", "ulcerative colitis"]),
-    "pneumonia": dict(split="split_pneumonia.json", get="Kermany chest_xray (data.mendeley.com/datasets/rscbjbr9sj)",
-                      classes=["normal", "bacteria pneumonia", "virus pneumonia"]),
-    "pneumonia2": dict(dir="pneumonia", split="split_pneumonia2.json", classes=["normal", "pneumonia"],
-                       get="Kermany chest_xray (data.mendeley.com/datasets/rscbjbr9sj)"),  # official 2-class
-    "cpn-x-ray": dict(split="split_cpn-x-ray.json", get="CPN-X-ray (data.mendeley.com/datasets/dvntn9yhd2)",
-                      classes=["normal", "covid", "pneumonia"]),
-    "chaoyang": dict(split="split_chaoyang.json", get="Chaoyang (bupt-ai-cz.github.io/HSA-NRL)",
-                     classes=["normal", "serrated", "adenocarcinoma", "adenoma"]),
-    "fetal-us": dict(split="split_fetal-us.json", get="FETAL_PLANES_DB (zenodo.org/record/3904280)", classes=[
-        "Fetal brain", "Fetal femur", "Fetal abdomen", "Fetal thorax", "Maternal cervix", "Other planes"]),
+    "demo": dict(split="split_demo.json"), "isic": dict(split="split_isic.json"),
+    "dermamnist": dict(split="split_dermamnist.json"), "derm7pt": dict(split="split_derm7pt.json"),
+    "adam": dict(split="split_adam.json"), "aptos2019": dict(split="split_aptos2019.json"),
+    "odir": dict(split="split_odir.json"), "kvasir": dict(split="split_kvasir.json"),
+    "pneumonia": dict(split="split_pneumonia.json"),
+    "pneumonia2": dict(dir="pneumonia", split="split_pneumonia2.json"),  # the official 2-class split
+    "cpn-x-ray": dict(split="split_cpn-x-ray.json"), "chaoyang": dict(split="split_chaoyang.json"),
+    "fetal-us": dict(split="split_fetal-us.json"),
 }
 
 QUESTION = "In an image, describe the distinctive visual features of {}."

@@ -765,19 +765,16 @@ BIRADS = ["additional imaging required", "negative", "benign finding", "probably
 DENSITY = ["almost entirely fat", "scattered fibroglandular densities", "heterogeneously dense", "extremely dense"]
 # folder under data/; image-text CSVs (stage 1); class split (stage 2 / evaluation); CheXpert CSVs whose
 # one-positive rows train stage 2 / the probes; the zero-shot prompts; the official image pipeline or the demo's;
-# where to download it (common.data.missing_dataset adds the `python -m common.prepare <dir>` step)
+# (common.data.missing_dataset says where to download it and that `python -m common.prepare <dir>` writes it)
 CXR = dict(prompts="cxr", prefix=CXR_PREFIX, pipeline="official")
-CHEXPERT = dict(CXR, dir="chexpert", split="split_chexpert5x200.json", class_csvs=("train.csv", "valid.csv"),
-                get="CheXpert v1.0 (stanfordmlgroup.github.io/competitions/chexpert)")
-EMBED = dict(dir="embed", prefix=MAMMO_PREFIX, pipeline="official",
-             get="EMBED (Emory, by application: github.com/Emory-HITI/EMBED_Open_Data)")
+CHEXPERT = dict(CXR, dir="chexpert", split="split_chexpert5x200.json", class_csvs=("train.csv", "valid.csv"))
+EMBED = dict(dir="embed", prefix=MAMMO_PREFIX, pipeline="official")
 DATASETS = {
     "demo": dict(dir="demo", pairs=("reports_train.csv", "reports_val.csv"), split="split_demo.json",
-                 prompts="demo", prefix="", pipeline="demo", get="built in: python -m common.demo"),
+                 prompts="demo", prefix="", pipeline="demo"),
     "chexpert": dict(CHEXPERT, pairs=("train.csv", "valid.csv")),
     "chexpert5x200": CHEXPERT,
-    "rsna": dict(CXR, dir="rsna", split="split_rsna.json",
-                 get="RSNA Pneumonia Detection (kaggle.com/c/rsna-pneumonia-detection-challenge)"),
+    "rsna": dict(CXR, dir="rsna", split="split_rsna.json"),
     "embed": dict(EMBED, pairs=("captions_train.csv", "captions_valid.csv"), split="split_embed-birads.json",
                   prompts="birads", classes=7),
     "embed-birads": dict(EMBED, split="split_embed-birads.json", prompts="birads", classes=7),

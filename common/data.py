@@ -110,6 +110,30 @@ def load_image(path):
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# Where to download each dataset folder under data/ (missing_dataset's message; `python -m common.prepare <folder>`
+# then writes it). A method file's DATASETS entry may override it with its own "get".
+SOURCES = {
+    "demo": "built in: python -m common.demo",
+    "isic": "ISIC 2018 Task 3 (challenge.isic-archive.com)",
+    "dermamnist": "MedMNIST v2 dermamnist.npz (medmnist.com)",
+    "derm7pt": "Derm7pt release_v0 (derm.cs.sfu.ca)",
+    "adam": "ADAM challenge (amd.grand-challenge.org)",
+    "aptos2019": "APTOS 2019 Blindness Detection (kaggle)",
+    "odir": "ODIR-5K (kaggle / odir2019.grand-challenge.org)",
+    "kvasir": "Kvasir v2 (datasets.simula.no/kvasir)",
+    "pneumonia": "Kermany chest_xray (data.mendeley.com/datasets/rscbjbr9sj)",
+    "cpn-x-ray": "CPN-X-ray (data.mendeley.com/datasets/dvntn9yhd2)",
+    "chaoyang": "Chaoyang (bupt-ai-cz.github.io/HSA-NRL)",
+    "fetal-us": "FETAL_PLANES_DB (zenodo.org/record/3904280)",
+    "chexpert": "CheXpert v1.0 (stanfordmlgroup.github.io/competitions/chexpert)",
+    "rsna": "RSNA Pneumonia Detection, stage 2 (kaggle.com/c/rsna-pneumonia-detection-challenge)",
+    "rsna-seg": "RSNA Pneumonia Detection, stage 2 (kaggle.com/c/rsna-pneumonia-detection-challenge)",
+    "embed": "EMBED (Emory, by application: github.com/Emory-HITI/EMBED_Open_Data)",
+    "mimic-cxr": "MIMIC-CXR-JPG 2.0.0 + the MIMIC-CXR 2.0.0 reports (PhysioNet, credentialed)",
+    "covidx": "COVIDx 9A (github.com/lindawangg/COVID-Net, docs/COVIDx.md)",
+    "siim": "SIIM-ACR Pneumothorax Segmentation, stage-1 train (Kaggle, 2019)",
+}
+
 
 def dataset_root(name: str, entry: dict, data_dir=None) -> Path:
     """--data-dir, else data/<entry["dir"] or name> (two split files may share one folder)."""
@@ -118,13 +142,13 @@ def dataset_root(name: str, entry: dict, data_dir=None) -> Path:
 
 def missing_dataset(name: str, entry: dict, root: Path, file=None) -> str | None:
     """None when root holds `file` (default: the split file, entry["split"]), else what to download
-    (entry["get"]) and which command prepares it."""
+    (entry["get"], else SOURCES[folder]) and which command prepares it."""
     path = Path(root) / (file or entry["split"])
     if path.exists():
         return None
     folder = entry.get("dir", name)
     return (f"dataset {name!r} not found: expected {path}.\n"
-            f"  1. download: {entry['get']}\n"
+            f"  1. download: {entry.get('get') or SOURCES.get(folder, 'see data/README.md')}\n"
             f"  2. prepare:  python -m common.prepare {folder} --src /path/to/the/download   (writes {root})\n"
             f"  details: data/README.md, section '{folder}'")
 
@@ -692,7 +716,8 @@ def train_test_sets(name: str, entry: dict, root: Path, train_transform, eval_tr
                     label_ratio: float = 1.0, seed: int = 0, log=print):
     """(train, test) ClassificationDatasets of root / entry["split"] (DataError: missing_dataset's message);
     with label_ratio < 1 the training set keeps a stratified_subset. Class names come from the file (they are
-    what a prompt says); a file whose names differ from entry["classes"] (the paper's) is used, with a note."""
+    what a prompt says); a file whose names differ from the paper's (entry["classes"], else those the converter
+    writes, common.prepare.CLASSNAMES[name]) is used, with a note."""
     problem = missing_dataset(name, entry, root)
     if problem:
         raise DataError(problem)
@@ -703,7 +728,8 @@ def train_test_sets(name: str, entry: dict, root: Path, train_transform, eval_tr
         keep = stratified_subset(train.labels, label_ratio, seed)
         train.items, train.labels = [train.items[i] for i in keep], train.labels[keep]
         log(f"label ratio {label_ratio}: {len(keep)} training images (stratified, seed {seed})")
-    want = entry.get("classes")
+    from common.prepare import CLASSNAMES  # (here: common.prepare imports this module)
+    want = entry.get("classes", CLASSNAMES.get(name))
     if want is not None and [c.lower() for c in train.classnames] != [c.lower() for c in want]:
         log(f"note: class names in {split_file} differ from the paper's: {train.classnames} vs {want}; "
             "using the file's (they are the prompt words)")

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import cilmp  # noqa: E402
-from common.data import missing_dataset, stratified_subset  # noqa: E402
+from common import prepare  # noqa: E402
+from common.data import SOURCES, missing_dataset, stratified_subset  # noqa: E402
 from common.weights import WeightsError  # noqa: E402
 
 G = REPO / "tests" / "goldens"
@@ -334,7 +335,7 @@ def test_label_ratio_subset_is_stratified_and_seeded():
 def test_a_missing_dataset_names_its_download_and_the_prepare_command_of_its_folder(tmp_path):
     entry = cilmp.DATASETS["pneumonia2"]
     msg = missing_dataset("pneumonia2", entry, tmp_path)
-    assert str(tmp_path / "split_pneumonia2.json") in msg and entry["get"] in msg
+    assert str(tmp_path / "split_pneumonia2.json") in msg and SOURCES["pneumonia"] in msg
     assert "python -m common.prepare pneumonia --src" in msg      # its split file lives in data/pneumonia
     (tmp_path / "split_pneumonia2.json").write_text("{}")
     assert missing_dataset("pneumonia2", entry, tmp_path) is None
@@ -549,7 +550,7 @@ def test_runs_on_a_mock_converted_isic_in_text_prompt_mode(cache, tmp_path):
                    "--epochs", "2", "--batch-size", "8", "--out", str(tmp_path / "run")))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert [c["class"] for c in m["per_class"]] == cilmp.DATASETS["isic"]["classes"]
+    assert [c["class"] for c in m["per_class"]] == prepare.CLASSNAMES["isic"]
     assert sum(c["n"] for c in m["per_class"]) == 14
     w = load_file(str(tmp_path / "run" / "trainable.safetensors"))
     assert w["ctx"].shape == (2, 48) and w["vpt"].shape == (2, 48) and not any("llm" in k for k in w)

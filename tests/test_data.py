@@ -431,6 +431,11 @@ def test_train_test_sets_label_ratio_and_class_name_note(cls_dir):
     assert "label ratio 0.5: 2 training images" in notes[0] and "differ from the paper's" in notes[1]
     assert_data_error(lambda: train_test_sets("isic", entry | {"split": "none.json"}, root, None, None),
                       "dataset 'isic' not found", "none.json", "common.prepare isic")
+    # without "classes" / "get" the entry falls back on the converter's class names and common.data.SOURCES
+    train_test_sets("isic", {"split": "split.json"}, root, None, None, log=notes.append)
+    assert "differ from the paper's" in notes[-1] and "Melanocytic nevus" in notes[-1]
+    assert_data_error(lambda: train_test_sets("isic", {"split": "none.json"}, root, None, None),
+                      "download: ISIC 2018 Task 3 (challenge.isic-archive.com)", "common.prepare isic")
 
 
 def test_fraction_is_stratified_and_seeded():
