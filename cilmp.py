@@ -1,9 +1,8 @@
 """CILMP: Conditional Intervention of Large Language Models for Prompt tuning, in one file.
 
 Paper: Du, Yu, Wang. "Conditional Intervention of Large Language Models for Prompt Tuning" (IEEE TMI 2025,
-arXiv 2511.12639). Official code: github.com/usr922/cilmp (a PromptSRC/Dassl fork). This file re-implements it
-from the paper plus the facts of the official code, hand-written in PyTorch: CLIP ViT-B/16, a Llama decoder,
-LoReFT.
+arXiv 2511.12639). Official code: github.com/usr922/cilmp (a PromptSRC/Dassl fork). Re-implemented from the paper
+plus the facts of the official code, hand-written in PyTorch: CLIP ViT-B/16, a Llama decoder, LoReFT.
 
 The idea in four lines:
   1. Ask an LLM "In an image, describe the distinctive visual features of {class}." and keep, for every layer,
@@ -33,14 +32,13 @@ Ablations and the paper's other experiments: --no-rd, --no-conditional (plain Lo
 Where this file departs from the paper or the official code (each also noted where it happens):
   - loss: the paper's Eq. (14) is a supervised contrastive loss with a learned temperature; the official code
     (and this file) use cross-entropy over CLIP's frozen logit scale.
-  - the LLM representations are computed here (the official repo ships neither them nor the code). The
-    extraction choices are ours, not the paper's: the Instruct checkpoint, its chat template, greedy decoding,
-    at most 128 new tokens, the end-of-turn token appended when the answer is cut.
+  - the LLM representations are computed here (the official repo ships neither them nor the code), with our
+    choices (the paper gives none): the Instruct checkpoint, its chat template, greedy decoding, at most 128 new
+    tokens, the end-of-turn token appended when the answer is cut.
   - frozen CLIP runs under bf16 autocast on CUDA with fp32 trainables; the official code is pure fp16 SGD without
     loss scaling (its fp32/amp paths crash). fp16 + GradScaler is offered with --precision fp16.
   - Gaussian prompt aggregation (GPA) averages the prompt tensors only; the official code also scales and sums
-    the frozen fp16 CLIP weights every epoch (a no-op up to rounding) and keeps interventions at the last epoch,
-    which we keep too.
+    the frozen fp16 CLIP weights every epoch (a no-op up to rounding). Both keep the last epoch's interventions.
   - text sequences are cut at the longest EOT + 1 instead of padded to 77 (exact: the text tower is causal).
 As the official code (Dassl): the last partial training batch of an epoch is dropped; --n-ctx below 4 keeps
 the rest of "a photo of a" as fixed words, above 4 starts the whole context at N(0, 0.02).
@@ -227,7 +225,7 @@ class CLIP(nn.Module):
             if name == "logit_scale":
                 continue
             width = p.shape[-1] if p.ndim > 1 else p.shape[0]
-            if name.endswith("bias"):
+            if name.endswith("bias") or name == "class_embedding":  # a zero CLS starts as pure image content (NOTE)
                 p.data.zero_()
             elif ("ln" in name or "norm" in name) and p.ndim == 1:
                 p.data.fill_(1.0)
@@ -236,16 +234,13 @@ class CLIP(nn.Module):
                 p.data.normal_(0, width ** -0.5 * (2 * layers) ** -0.5, generator=g)
             elif name == "conv1.weight":
                 p.data.normal_(0, (p[0].numel()) ** -0.5, generator=g)
-            elif name == "class_embedding":  # a zero CLS starts as pure image content (see NOTE above)
-                p.data.zero_()
             else:
                 p.data.normal_(0, width ** -0.5 if name != "token_embedding.weight" else 0.02, generator=g)
         return self
 
     def embed_image(self, pixels):
         """pixels (B, 3, H, W) -> (B, 1 + N, W): [CLS] + patch tokens, position embedding added (before ln_pre)."""
-        x = self.conv1(pixels.to(self.conv1.weight.dtype))                # (B, W, g, g)
-        x = x.flatten(2).transpose(1, 2)                                  # (B, N, W)
+        x = self.conv1(pixels.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)  # (B, W, g, g) -> (B, N, W)
         cls = self.class_embedding.expand(x.shape[0], 1, -1).to(x.dtype)
         return torch.cat([cls, x], 1) + self.vision_pos.to(x.dtype)       # (B, 1 + N, W)
 
@@ -324,12 +319,10 @@ class LlamaBlock(nn.Module):
         self.nh, self.nkv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.wq = nn.Linear(cfg.dim, self.nh * self.hd, bias=False)
-        self.wk = nn.Linear(cfg.dim, self.nkv * self.hd, bias=False)
-        self.wv = nn.Linear(cfg.dim, self.nkv * self.hd, bias=False)
+        self.wk, self.wv = (nn.Linear(cfg.dim, self.nkv * self.hd, bias=False) for _ in range(2))
         self.wo = nn.Linear(self.nh * self.hd, cfg.dim, bias=False)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.w_gate = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.w_up = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w_gate, self.w_up = (nn.Linear(cfg.dim, cfg.ffn_dim, bias=False) for _ in range(2))
         self.w_down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, cache=None, pos=0):
@@ -343,8 +336,7 @@ class LlamaBlock(nn.Module):
             cache[0][:, :, pos:pos + T], cache[1][:, :, pos:pos + T] = k, v
             k, v = cache[0][:, :, :pos + T], cache[1][:, :, :pos + T]
         rep = self.nh // self.nkv  # grouped-query attention: each kv head serves `rep` query heads
-        k = k[:, :, None].expand(-1, -1, rep, -1, -1).reshape(B, self.nh, -1, self.hd)
-        v = v[:, :, None].expand(-1, -1, rep, -1, -1).reshape(B, self.nh, -1, self.hd)
+        k, v = (t[:, :, None].expand(-1, -1, rep, -1, -1).reshape(B, self.nh, -1, self.hd) for t in (k, v))
         # with a cache and T > 1 (prefill at pos > 0) is_causal would align wrongly; we only prefill at pos 0
         y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
         x = x + self.wo(y.transpose(1, 2).reshape(B, T, -1))
@@ -372,8 +364,7 @@ class Llama(nn.Module):
         copy in memory (meta + assign). A bare LlamaModel (keys without "model.", no lm_head) loads too: hidden
         states only, generate() refuses."""
         folder = resolve(path)
-        cfg = llama_config_from_hf(load_config(folder))
-        keys = tensor_index(folder)
+        cfg, keys = llama_config_from_hf(load_config(folder)), tensor_index(folder)
         bare = not any(k.startswith("model.") for k in keys)
         key_map = {k.removeprefix("model."): v for k, v in LLAMA_MAP.items()} if bare else dict(LLAMA_MAP)
         if cfg.tie_embeddings:  # some exports still write lm_head.weight (a copy of the embedding): drop it
@@ -389,8 +380,7 @@ class Llama(nn.Module):
         return model.to(device).eval()
 
     def setup_rope(self, device=None):
-        # NOTE footgun: built under torch.device("meta") these buffers hold no data; from_pretrained calls this
-        # again on the real device after loading.
+        # NOTE footgun: built on the meta device this buffer holds no data; from_pretrained re-runs this after loading
         self.register_buffer("inv_freq", rope_frequencies(self.cfg, device), persistent=False)
 
     def rope(self, pos: int, T: int, dtype):
@@ -406,9 +396,8 @@ class Llama(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, None if cache is None else cache[i], pos)
             hidden.append(x)
-        x = self.norm(x)
-        hidden[-1] = x  # HF convention: the last entry of hidden_states is AFTER the final norm
-        return (torch.stack(hidden) if all_hidden else x)
+        hidden[-1] = x = self.norm(x)  # HF convention: the last entry of hidden_states is AFTER the final norm
+        return torch.stack(hidden) if all_hidden else x
 
     @torch.no_grad()
     def hidden_states(self, ids):
@@ -418,18 +407,15 @@ class Llama(nn.Module):
     @torch.no_grad()
     def generate(self, ids, max_new_tokens: int, stop_ids=()):
         """Greedy decoding of one prompt (1, T) with a KV cache. Returns the new token ids (list)."""
-        T = ids.shape[1]
-        p = self.embed.weight
         if self.lm_head is None:
             raise WeightsError("this Llama checkpoint is a bare LlamaModel (no lm_head.weight): it gives hidden "
                                "states but cannot generate the class descriptions; use the LlamaForCausalLM "
                                "checkpoint (e.g. meta-llama/Meta-Llama-3-8B-Instruct)")
-        shape = (1, self.cfg.n_kv_heads, T + max_new_tokens, self.cfg.head_dim)
+        p, shape = self.embed.weight, (1, self.cfg.n_kv_heads, ids.shape[1] + max_new_tokens, self.cfg.head_dim)
         cache = [torch.zeros(2, *shape, dtype=p.dtype, device=p.device) for _ in self.layers]   # (k, v) per layer
         out, pos, x = [], 0, ids
         for _ in range(max_new_tokens):
-            h = self(x, cache=cache, pos=pos)
-            nxt = int(self.lm_head(h[:, -1]).argmax(-1))
+            nxt = int(self.lm_head(self(x, cache=cache, pos=pos)[:, -1]).argmax(-1))
             pos += x.shape[1]
             out.append(nxt)
             if nxt in stop_ids:
@@ -496,51 +482,45 @@ class LLMTokens(nn.Module):
         super().__init__()
         self.p, self.s = cfg.prefix_len, cfg.suffix_len
         if cfg.mode != "none":
-            self.prefix = Intervention(d_llm, d_img, cfg.rank, cfg.dropout, cfg.mode)
-            self.suffix = Intervention(d_llm, d_img, cfg.rank, cfg.dropout, cfg.mode)
+            self.prefix, self.suffix = (Intervention(d_llm, d_img, cfg.rank, cfg.dropout, cfg.mode) for _ in range(2))
         self.proj = LowRankProj(d_llm, d_txt, cfg.rank)
 
     def forward(self, P, v):
         """P (C, L, D_L) raw representations, v (B, d_img) -> (B, C, L, d) prompt tokens."""
-        B, L = v.shape[0], P.shape[1]
+        B, L, p, s = v.shape[0], P.shape[1], self.p, self.s
         if not hasattr(self, "prefix"):  # --no-intervention: projection only, the same for every image
             return self.proj(P).expand(B, -1, -1, -1)
-        p, s = self.p, self.s
         mid = self.proj(P[:, p:L - s]).expand(B, -1, -1, -1)                 # untouched positions (B, C, m, d)
         return torch.cat([self.proj(self.prefix(P[:, :p], v)), mid, self.proj(self.suffix(P[:, L - s:], v))], 2)
 
 
 class CILMP(nn.Module):
-    """Frozen CLIP + the trainable prompt learner. forward(pixels) -> logits (B, C).
-
-    Text prompt per class: [SOS] [ctx x n_ctx] [LLM x L] [leftover init words] {class} . [EOT]. reps None gives
-    L = 0: the deep vision-language prompting baseline (--llm none) and the plain-text prompts (--prompt-mode
-    text, whose description tokens sit in suffix_ids)."""
+    """Frozen CLIP + the trainable prompt learner. forward(pixels) -> logits (B, C). Text prompt per class:
+    [SOS] [ctx x n_ctx] [LLM x L] [leftover init words] {class} . [EOT]. reps None gives L = 0: the deep
+    vision-language prompting baseline (--llm none) and the plain-text prompts (--prompt-mode text, whose
+    description tokens sit in suffix_ids)."""
 
     def __init__(self, clip: CLIP, reps: torch.Tensor | None, suffix_ids: torch.Tensor, eot: torch.Tensor,
                  ctx_init_ids: torch.Tensor, cfg: CILMPConfig):
         super().__init__()
         self.clip, self.cfg = clip, cfg
         clip.requires_grad_(False)  # frozen: no weight grads, no optimizer state (activations still backprop)
-        L = 0 if reps is None else reps.shape[1]
+        self.L = L = 0 if reps is None else reps.shape[1]
         assert reps is None or L >= cfg.prefix_len + cfg.suffix_len, \
             f"LLM representations have {L} positions < prefix + suffix"
         # deep prompts go into every block of both towers (paper: depth 12 = all of ViT-B/16's blocks)
         assert cfg.depth == clip.cfg.text_layers == clip.cfg.vision_layers, "prompt depth must equal both towers' depth"
         d, W, E = clip.cfg.text_width, clip.cfg.vision_width, clip.cfg.embed_dim
-        self.L = L
         # fixed inputs as buffers (so .to(device) moves them and checkpoints don't need them)
         self.register_buffer("reps", None if reps is None else reps.float(), persistent=False)  # (C, L, D_L)
-        with torch.no_grad():
-            emb = clip.token_embedding.weight
-            self.register_buffer("sos", emb[ctx_init_ids[:1]].float().clone(), persistent=False)   # (1, d)
-            self.register_buffer("suffix", emb[suffix_ids].float().clone(), persistent=False)      # (C, S, d)
-            words = emb[ctx_init_ids[1:]].float().clone()                                          # (4, d)
-        self.register_buffer("eot", eot, persistent=False)                                    # (C,)
-        # text context of layer 0 (official rule): n_ctx <= 4 takes the first n_ctx words of "a photo of a" (the
-        # rest stay as fixed words in suffix_ids), more than 4 are all N(0, 0.02); deeper layers N(0, 0.02)
-        ctx = words[:cfg.n_ctx] if cfg.n_ctx <= len(words) else torch.randn(cfg.n_ctx, d) * 0.02
-        self.ctx = nn.Parameter(ctx)                                                          # (n_ctx, d)
+        emb = clip.token_embedding.weight  # frozen above; indexing copies the rows
+        self.register_buffer("sos", emb[ctx_init_ids[:1]].float(), persistent=False)              # (1, d)
+        self.register_buffer("suffix", emb[suffix_ids].float(), persistent=False)                 # (C, S, d)
+        words = emb[ctx_init_ids[1:]].float()                                                     # (4, d)
+        self.register_buffer("eot", eot, persistent=False)                                        # (C,)
+        # layer-0 text context (n_ctx, d), official rule: n_ctx <= 4 takes the first n_ctx words of "a photo of a"
+        # (the rest stay as fixed words in suffix_ids), more than 4 are all N(0, 0.02); deeper layers N(0, 0.02)
+        self.ctx = nn.Parameter(words[:cfg.n_ctx] if cfg.n_ctx <= len(words) else torch.randn(cfg.n_ctx, d) * 0.02)
         self.deep_ctx = nn.Parameter(torch.randn(cfg.depth - 1, cfg.n_ctx, d) * 0.02)
         self.vpt = nn.Parameter(torch.randn(cfg.n_vpt, W) * 0.02)
         self.deep_vpt = nn.Parameter(torch.randn(cfg.depth - 1, cfg.n_vpt, W) * 0.02)
@@ -589,8 +569,7 @@ class CILMP(nn.Module):
 
     def forward(self, pixels):
         v = F.normalize(self.encode_image(pixels).float(), dim=-1)                          # (B, E)
-        # Every image gets its own C prompts: B*C text sequences. The text tower is causal, so everything after
-        # the longest EOT is dead weight: cut there (exact; at the paper's size 45 of 77 tokens remain).
+        # every image gets its own C prompts: B*C sequences, cut after the longest EOT (45 of 77 at the paper's size)
         x = self.text_inputs(v, int(self.eot.max()) + 1)
         t = F.normalize(self.encode_text(x, v).float(), dim=-1).view(v.shape[0], -1, v.shape[1])  # (B, C, E)
         return self.clip.logit_scale.exp() * torch.einsum("be,bce->bc", v, t)               # (B, C)
@@ -713,7 +692,7 @@ def clip_config_from_hf(hf: dict) -> CLIPConfig:
 def rope_from_hf(hf: dict, problems: list) -> tuple[float, dict | None]:
     """-> (theta, scaling). transformers 5 writes rope_parameters = {rope_type, rope_theta, factor, ...}; 4.x
     writes top-level rope_theta and rope_scaling = {type | rope_type, factor, ...} (or null)."""
-    if "rope_parameters" in hf and hf["rope_parameters"] is not None:
+    if hf.get("rope_parameters") is not None:
         rope = dict(hf["rope_parameters"])
         if any(isinstance(x, dict) for x in rope.values()):  # one set per layer type (sliding / full attention)
             problems.append(f"per-layer-type rope_parameters {sorted(rope)}")
@@ -733,8 +712,7 @@ def rope_from_hf(hf: dict, problems: list) -> tuple[float, dict | None]:
 
 def llama_config_from_hf(hf: dict) -> LlamaConfig:
     """HF Llama config.json (transformers 4.x or 5.x) -> LlamaConfig, refusing what LlamaBlock does not compute."""
-    hf = HF_LLAMA | hf
-    problems = []
+    hf, problems = HF_LLAMA | hf, []
     if hf.get("model_type", "llama") != "llama":
         problems.append(f"model_type {hf['model_type']!r} (this file implements Llama)")
     if hf["hidden_act"] != "silu":
@@ -754,14 +732,12 @@ def llama_config_from_hf(hf: dict) -> LlamaConfig:
     # pretraining_tp > 1 only slices the same matmuls in transformers 4.x (no change to the result): ignored
     return LlamaConfig(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads, n_kv_heads=kv,
                        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, ffn_dim=hf["intermediate_size"],
-                       vocab_size=hf["vocab_size"], norm_eps=hf["rms_norm_eps"], rope_theta=theta,
-                       rope_scaling=scaling, max_seq_len=hf["max_position_embeddings"],
-                       tie_embeddings=hf["tie_word_embeddings"])
+                       vocab_size=hf["vocab_size"], norm_eps=hf["rms_norm_eps"], rope_theta=theta, rope_scaling=scaling,
+                       max_seq_len=hf["max_position_embeddings"], tie_embeddings=hf["tie_word_embeddings"])
 
 
 # ----------------------------------------------------------------------------------------------------------
-# LLM representations (paper Sec. 3.2.1): ask, answer greedily, keep the last token of every layer. The
-# extraction details are ours (the paper gives none): see the departures in the module docstring.
+# LLM representations (paper Sec. 3.2.1): ask, answer greedily, keep every layer's last token; details ours (departures)
 
 
 def chat_ids(tok, question: str, chat: str) -> list[int]:
@@ -782,14 +758,12 @@ def stop_ids(tok, chat: str) -> list[int]:
 
 @torch.no_grad()
 def llm_representations(llm: Llama, tok, classnames, chat: str, max_new_tokens: int = 128, verbose=True):
-    """-> (C, n_layers, D) float32 tensor and the C generated descriptions.
-
-    For each class: chat-format the question, generate greedily, append the end-of-turn token if the answer was
-    cut at max_new_tokens, re-run the whole sequence and keep the last token's hidden state after every layer
-    (hidden_states[1:], the last one after the final norm as HF returns it). One class at a time: C is small and
-    this runs once per (LLM, dataset, prompt), never during training."""
-    dev, stops = llm.embed.weight.device, stop_ids(tok, chat)
-    reps, texts = [], []
+    """-> (C, n_layers, D) float32 tensor and the C generated descriptions. For each class: chat-format the
+    question, generate greedily, append the end-of-turn token if the answer was cut at max_new_tokens, re-run the
+    whole sequence and keep the last token's hidden state after every layer (hidden_states[1:], the last one after
+    the final norm as HF returns it). One class at a time: C is small and this runs once per (LLM, dataset,
+    prompt), never during training."""
+    dev, stops, reps, texts = llm.embed.weight.device, stop_ids(tok, chat), [], []
     progress = R.Progress(len(classnames), "  LLM answers", verbose, every=0.0)  # a line per class, with an ETA
     for name in classnames:
         ids = torch.tensor([chat_ids(tok, QUESTION.format(name), chat)], device=dev)
@@ -804,7 +778,7 @@ def llm_representations(llm: Llama, tok, classnames, chat: str, max_new_tokens: 
 
 
 def tiny_llm() -> tuple[Llama, object]:
-    """The demo's "LLM": a fixed random tiny Llama (seed 0, wide init so it says different things per class)."""
+    """The demo's "LLM": a fixed random tiny Llama (seed 0, weight matrices N(0, 0.5))."""
     tok = bpe_tokenizer(REPO / "common" / "tokenizers" / "llama_tiny.json")
     with torch.random.fork_rng():  # a cold cache must not shift the run's RNG
         torch.manual_seed(0)
@@ -848,17 +822,14 @@ def get_representations(args, classnames, world: R.World):
 
 
 def prompt_tokens(tok, classnames, n_ctx: int, L: int, context_length: int, descriptions=None):
-    """Token ids for the fixed parts of "[SOS] [ctx x n_ctx] [LLM x L] [leftover] {class}. [description] [EOT]".
-
-    -> ctx_init_ids: [SOS] + the ids of CTX_INIT (the context's initial words),
-       suffix_ids (C, S): the init words the context does not cover (n_ctx < 4: the official code keeps "a photo
-       of a" whole in the text and overwrites only its first n_ctx words), "{class}.", then with descriptions
-       (--prompt-mode text) the LLM's description, cut to fit CLIP's context, and [EOT]; padded with EOT,
-       eot (C,): the EOT position in the full sequence."""
+    """Token ids of the fixed parts of "[SOS] [ctx x n_ctx] [LLM x L] [leftover] {class}. [description] [EOT]":
+    ctx_init_ids = [SOS] + the ids of CTX_INIT; suffix_ids (C, S) = the init words the context does not cover
+    (n_ctx < 4: the official code keeps "a photo of a" whole in the text and overwrites only its first n_ctx
+    words), "{class}.", with descriptions (--prompt-mode text) the LLM's description cut to fit CLIP's context,
+    [EOT], padded with EOT; eot (C,) = the EOT position in the full sequence."""
     init = tok.encode(CTX_INIT).ids                             # [SOS] a photo of a [EOT]
     words, eot_id = init[1:-1], init[-1]
-    leftover = words[n_ctx:]
-    suffix = []
+    leftover, suffix = words[n_ctx:], []
     for i, name in enumerate(classnames):
         body = leftover + tok.encode(name.replace("_", " ") + ".").ids[1:-1]
         if descriptions is not None:  # ours: the paper (Sec. 4.5.2) does not give the template
@@ -868,9 +839,8 @@ def prompt_tokens(tok, classnames, n_ctx: int, L: int, context_length: int, desc
     S = max(len(s) for s in suffix)
     eot = torch.tensor([n_ctx + L + len(s) for s in suffix])
     if int(eot.max()) + 1 > context_length:
-        longest = classnames[int(eot.argmax())]
-        raise DataError(f"prompt for class {longest!r} needs {int(eot.max()) + 1} tokens > CLIP's {context_length}: "
-                        f"shorten the class name or use fewer LLM positions")
+        raise DataError(f"prompt for class {classnames[int(eot.argmax())]!r} needs {int(eot.max()) + 1} tokens > "
+                        f"CLIP's {context_length}: shorten the class name or use fewer LLM positions")
     suffix_ids = torch.tensor([s + [eot_id] * (S - len(s)) for s in suffix])
     return torch.tensor(init[:-1]), suffix_ids, eot
 
@@ -961,19 +931,16 @@ def train(args, world: R.World, run_dir: Path, model: CILMP, train_ds):
     params = [p for p in model.parameters() if p.requires_grad]
     # SGD on every trainable tensor with the same weight decay (Dassl's defaults: momentum 0.9, wd 5e-4)
     opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=5e-4)
-    scaler = R.make_scaler(args.precision, world.device)
-    net = R.wrap_model(model, world, compile=args.compile)
+    scaler, net = R.make_scaler(args.precision, world.device), R.wrap_model(model, world, compile=args.compile)
     n_batches = len(R.epoch_batches(len(train_ds), args.batch_size, args.seed, 0, world))  # last partial dropped
-    gpa_w = gpa_weights(args.epochs)
-    gpa = {k: torch.zeros_like(getattr(model, k)) for k in GPA_KEYS}
+    gpa_w, gpa = gpa_weights(args.epochs), {k: torch.zeros_like(getattr(model, k)) for k in GPA_KEYS}
     ckpts = R.Checkpoints(run_dir / "ckpt", world)
-    step = 0
     ck = ckpts.load(optimizer=opt, scaler=scaler, resuming=bool(args.resume))
     if ck is not None:
         R.load_tensors(model, {k: v for k, v in ck.tensors.items() if not k.startswith("gpa.")}, str(ck.path),
                        required=model.trainable_state())
         gpa = {k: ck.tensors["gpa." + k].to(world.device) for k in GPA_KEYS}
-        step = ck.step
+    step = 0 if ck is None else ck.step
     total = args.epochs * n_batches if not args.steps else min(args.steps, args.epochs * n_batches)
     log = R.JsonlLog(run_dir / "metrics.jsonl", world.is_main)
     progress = R.Progress(total, "train", world.is_main, every=args.print_every, start=step)
@@ -987,8 +954,7 @@ def train(args, world: R.World, run_dir: Path, model: CILMP, train_ds):
             x, y = x.to(world.device, non_blocking=True), y.to(world.device, non_blocking=True)
             with R.autocast(world.device, args.precision):
                 logits = net(x)                                                          # (B, C)
-            # the paper's Eq. (14) is a supervised contrastive loss with a learned temperature; the official
-            # code trains with this cross-entropy over CLIP's frozen logit scale, and so do we
+            # the official cross-entropy, not the paper's supervised contrastive Eq. (14): see the departures
             loss = F.cross_entropy(logits.float(), y)
             loss_value = R.optimizer_step(loss, opt, scaler, world, step)
             step += 1
@@ -998,15 +964,13 @@ def train(args, world: R.World, run_dir: Path, model: CILMP, train_ds):
             if step >= total:
                 break
         if step % n_batches == 0:  # a whole epoch: Gaussian prompt aggregation, then a checkpoint
-            with torch.no_grad():
-                for k in GPA_KEYS:
-                    gpa[k] += gpa_w[epoch] * getattr(model, k).detach()
+            for k in GPA_KEYS:
+                gpa[k] += gpa_w[epoch] * getattr(model, k).detach()
             ckpts.save(step, model.trainable_state() | {"gpa." + k: v for k, v in gpa.items()},
                        optimizer=opt, scaler=scaler, extra={"epoch": epoch + 1})
     if step == args.epochs * n_batches:  # GPA only for a complete schedule (its weights sum to 1)
-        with torch.no_grad():
-            for k in GPA_KEYS:
-                getattr(model, k).copy_(gpa[k])
+        for k in GPA_KEYS:
+            getattr(model, k).data.copy_(gpa[k])
     if world.is_main:
         R.save_tensors(run_dir / "trainable.safetensors", model.trainable_state())
     return model
@@ -1047,8 +1011,7 @@ def run_bench(args, world: R.World, precisions):
     ctx_ids = torch.tensor([49406, 320, 1125, 539, 320])                  # SOS "a photo of a" in CLIP's vocab
     suffix_ids = torch.randint(1000, 40000, (C, 6))
     suffix_ids[:, 4:] = 49407                                             # "{3-token name} ." then EOT
-    eot = torch.full((C,), 4 + L + 4)
-    rows = []
+    eot, rows = torch.full((C,), 4 + L + 4), []
     for precision in precisions:
         torch.manual_seed(0)
         clip = CLIP(size["clip"]).init_random(0)
@@ -1120,8 +1083,7 @@ def parser() -> argparse.ArgumentParser:
 def parse_args(argv=None):
     """Flags -> args: --resume fills what is not typed from the run; else the demo recipe fills --data demo."""
     p = parser()
-    args = p.parse_args(argv)
-    given = R.given_flags(p, argv)
+    args, given = p.parse_args(argv), R.given_flags(p, argv)
     for preset, path in (("clip", "clip_path"), ("llm", "llm_path")):
         if path in given and getattr(args, preset) == "tiny" and preset in given:
             p.error(f"--{path.replace('_', '-')} is for a real model; the tiny {preset} preset takes no weights path")
