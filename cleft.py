@@ -94,7 +94,7 @@ class GPT2Config:
     n_layers: int = 12
     n_heads: int = 12
     eps: float = 1e-5
-    scale_by_inverse_layer: bool = False  # HF scale_attn_by_inverse_layer_idx: scores also / (layer + 1)
+    scale_by_inverse_layer: bool = False  # HF scale_attn_by_inverse_layer_idx (BioMedLM): scores also / (layer + 1)
     upcast_attn: bool = False             # HF reorder_and_upcast_attn: attention in fp32 under bf16 / fp16
     dropout: float = 0.1                   # embd / attn / resid pdrop, all 0.1 in gpt2 and BioMedLM
     eos_id: int = 50256                    # bos = eos = pad in GPT-2 and BioMedLM
@@ -119,9 +119,8 @@ LLM_PRESETS = {  # real sizes written out so --count-params / --bench need no do
         vocab_size=28896, dim=2560, n_layers=32, n_heads=20, scale_by_inverse_layer=True, eos_id=28895)),
     "gpt2": dict(repo="openai-community/gpt2", config=GPT2Config()),
     "gpt2-medium": dict(repo="openai-community/gpt2-medium", config=GPT2Config(dim=1024, n_layers=24, n_heads=16)),
-    "tiny": dict(repo=None, tokenizer=REPO / "common" / "tokenizers" / "gpt2_tiny.json",
-                 config=GPT2Config(vocab_size=726, n_positions=128, dim=64, n_layers=4, n_heads=4, dropout=0.0,
-                                   eos_id=725)),
+    "tiny": dict(repo=None, tokenizer=REPO / "common" / "tokenizers" / "gpt2_tiny.json", config=GPT2Config(
+        vocab_size=726, n_positions=128, dim=64, n_layers=4, n_heads=4, dropout=0.0, eos_id=725)),
 }
 
 # ----------------------------------------------------------------------------------------------------------
@@ -136,8 +135,7 @@ def attention(q, k, v, scale: float, mask=None, causal: bool = False, dropout: f
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scale)
 
 # ----------------------------------------------------------------------------------------------------------
-# DINOv2 ViT, with or without registers (module names as in the official torch.hub model; HF checkpoints go
-# through DINOV2_MAP)
+# DINOv2 ViT, with or without registers: the official torch.hub model's module names (HF checkpoints: DINOV2_MAP)
 
 
 class LayerScale(nn.Module):
@@ -260,20 +258,17 @@ class DINOv2(nn.Module):
         return self.norm(x), x
 
 # ----------------------------------------------------------------------------------------------------------
-# GPT-2 (pre-LN decoder, learned positions). Weights are nn.Linear (out, in): HF's Conv1D (in, out) is
-# transposed once at load time. Module names follow HF so peft adapter keys map one to one.
+# GPT-2 (pre-LN decoder, learned positions) with HF's module names; nn.Linear (out, in) for HF's Conv1D (in, out)
 
 
 class GPT2Attention(nn.Module):
     def __init__(self, cfg: GPT2Config, layer: int):
         super().__init__()
-        self.nh, self.dropout = cfg.n_heads, cfg.dropout
+        self.nh, self.dropout, self.upcast = cfg.n_heads, cfg.dropout, cfg.upcast_attn
         self.c_attn = nn.Linear(cfg.dim, 3 * cfg.dim)   # fused q, k, v: LoRA and IA3 attach here, as in peft
         self.c_proj = nn.Linear(cfg.dim, cfg.dim)
         self.resid_dropout = nn.Dropout(cfg.dropout)
-        # BioMedLM sets scale_attn_by_inverse_layer_idx: scores are divided by sqrt(hs) AND by (layer + 1)
         self.scale = (cfg.dim // cfg.n_heads) ** -0.5 / ((layer + 1) if cfg.scale_by_inverse_layer else 1)
-        self.upcast = cfg.upcast_attn
 
     def forward(self, x, mask, past=None):
         """x (B, T, D); mask (B, 1, T, P + T) bool or None for plain causal; past = (k, v), each (B, nh, P, hs),
@@ -285,10 +280,9 @@ class GPT2Attention(nn.Module):
         p = self.dropout if self.training else 0.0
         if self.upcast:  # HF reorder_and_upcast_attn: scores and softmax in fp32 even under bf16 / fp16 autocast
             with torch.autocast(x.device.type, enabled=False):
-                y = attention(q.float(), k.float(), v.float(), self.scale, mask=mask, causal=mask is None,
-                              dropout=p).to(v.dtype)                                     # (B, nh, T, hs)
+                y = attention(q.float(), k.float(), v.float(), self.scale, mask, mask is None, p).to(v.dtype)
         else:
-            y = attention(q, k, v, self.scale, mask=mask, causal=mask is None, dropout=p)      # (B, nh, T, hs)
+            y = attention(q, k, v, self.scale, mask, mask is None, p)                        # (B, nh, T, hs)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -343,20 +337,17 @@ class GPT2(nn.Module):
         """Random weights for the demo / bench: N(0, std), residual projections / sqrt(2 n_layers) (GPT-2)."""
         g = torch.Generator().manual_seed(seed)
         for name, p in self.named_parameters():
-            if "ln" in name:
-                p.data.fill_(1.0 if name.endswith("weight") else 0.0)
-            elif name.endswith("bias"):
-                p.data.zero_()
+            if "ln" in name or name.endswith("bias"):  # LayerNorms at 1 / 0, biases at 0
+                p.data.fill_(1.0 if "ln" in name and name.endswith("weight") else 0.0)
             else:
                 s = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith("c_proj.weight") else std
                 p.data.copy_(torch.randn(p.shape, generator=g) * s)
         return self
 
     def forward(self, ids=None, attention_mask=None, embeds=None, past=None):
-        """ids (B, T) or embeds (B, T, D) (stage-2 prompts), attention_mask (B, T) 1 = real token; past: one
-        (k, v) per layer, each (B, nh, P, hs), that every query also attends to (HF's past_key_values). Right
-        padding assumed (pad = eos), so position ids are simply 0..T-1, shifted by P when there is a past (HF
-        GPT-2 starts positions at the past length)."""
+        """ids (B, T) or embeds (B, T, D) (stage-2 prompts), attention_mask (B, T) 1 = real token; past: one (k, v)
+        per layer, as GPT2Attention.forward takes it. Right padding assumed (pad = eos), so position ids are 0..T-1,
+        shifted by P when there is a past (HF GPT-2 starts positions at the past length)."""
         x = self.wte(ids) if embeds is None else embeds                                  # (B, T, D)
         B, T = x.shape[:2]
         P = past[0][0].shape[2] if past is not None else 0
@@ -392,7 +383,7 @@ class LoRALinear(nn.Linear):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)  # adapters stay fp32 under bf16
-        self.lora_A = nn.Linear(base.in_features, r, **kw)                     # nn.Linear init = kaiming-uniform(a=sqrt 5)
+        self.lora_A = nn.Linear(base.in_features, r, **kw)                     # init kaiming-uniform(a=sqrt 5)
         self.lora_B = nn.Linear(r, base.out_features, **kw)
         nn.init.zeros_(self.lora_B.weight)
         self.lora_dropout = nn.Dropout(dropout)
@@ -425,21 +416,18 @@ class LoRALinear(nn.Linear):
 
 
 class IA3Linear(nn.Linear):
-    """(IA)^3 (Liu et al. 2022) on a frozen linear layer, as peft does it:
-
+    """(IA)^3 (Liu et al. 2022) on a frozen linear layer, as peft does it, l initialised to ones (the layer equals
+    the pretrained one at step 0):
         attention (c_attn):        y = (W x + b) * l,   l (out, 1)   -- q, k AND v are scaled (the paper: k, v)
-        feed-forward (mlp.c_proj): y = W (x * l) + b,   l (1, in)
-
-    with l initialised to ones (the layer equals the pretrained one at step 0)."""
+        feed-forward (mlp.c_proj): y = W (x * l) + b,   l (1, in)"""
 
     def __init__(self, base: nn.Linear, feedforward: bool):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
-        self.feedforward = feedforward
+        self.feedforward, self.merged = feedforward, False
         shape = (1, base.in_features) if feedforward else (base.out_features, 1)
         self.ia3_l = nn.Parameter(torch.ones(shape, device=base.weight.device))
-        self.merged = False
 
     def forward(self, x):
         if self.merged:
@@ -469,12 +457,10 @@ class IA3Linear(nn.Linear):
 
 class PrefixKV(nn.Module):
     """Prefix tuning (Li & Liang 2021) without the reparametrisation MLP (peft prefix_projection=False):
-
         every layer i attends to [K_i^prefix ; K_i] and [V_i^prefix ; V_i],  K/V^prefix learned (P, D) each
-
     stored as one embedding table (P, n_layers * 2 * D) laid out [layer0 k, layer0 v, layer1 k, ...], peft's
-    layout; N(0, 1) init like peft's nn.Embedding. forward(B) is GPT2's `past` argument (positions of the real
-    tokens then start at P). add_peft puts it on the LLM as llm.prefix; run_llm passes it."""
+    layout; N(0, 1) init like peft's nn.Embedding. forward(B) is GPT2's `past` argument (the real tokens' positions
+    then start at P); add_peft puts it on the LLM as llm.prefix, run_llm passes it."""
 
     def __init__(self, n: int, cfg: GPT2Config, device=None):
         super().__init__()
@@ -554,10 +540,9 @@ class CLEFT(nn.Module):
         return F.normalize(self.img_proj(self.image_features(pixels)).float(), dim=-1)   # (B, E)
 
     def encode_text(self, ids, mask):
-        """ids, mask (N, T), right-padded with eos. The text embedding is the hidden state at the first pad, i.e.
-        the position right after the last real token (pad = eos, and its query sees exactly the real tokens).
-        NOTE the official code takes index -k for k trailing pads, so a caption filling all T tokens pools token 0;
-        we pool the last real token instead."""
+        """ids, mask (N, T), right-padded with eos. The text embedding is the hidden state at the first pad, right
+        after the last real token (pad = eos: its query sees exactly the real tokens); a caption filling all T
+        tokens pools its last token (official: index -k for k trailing pads, so token 0)."""
         emb = None
         if self.ctx is not None:  # [ctx_1 .. ctx_n, name tokens, pads]: positions run over the whole sequence
             N = ids.shape[0]
@@ -573,10 +558,9 @@ class CLEFT(nn.Module):
 
 
 def contrastive_loss(img, txt, scale, gather: bool = True):
-    """Symmetric InfoNCE over the batch of ALL ranks: features are gathered with gradient (the official code uses
-    only the per-GPU batch of 72 as negatives; DDP here gives the same loss and update as one process on the
-    whole batch). Summed, not averaged, as in the official code (CLIP averages: only the scale differs).
-        logits = scale * img @ txt^T,   L = CE(logits, arange) + CE(logits^T, arange)"""
+    """Symmetric InfoNCE (the module docstring's L) over the batch of ALL ranks: features are gathered with gradient,
+    so DDP gives the loss and update of one process on the whole batch (official: the per-GPU batch of 72 only).
+    Summed, not averaged, as officially (CLIP averages: only the scale differs)."""
     if gather:
         img, txt = R.gather_with_grad(img), R.gather_with_grad(txt)                      # (N, E) all ranks
     logits = scale * img @ txt.t()                                                        # (N, N)
@@ -638,18 +622,13 @@ DINOV2_MAP = {
 }
 
 GPT2_MAP = {  # keys of `gpt2` files (GPT2Model names)
-    "wte.weight": "wte.weight",
-    "wpe.weight": "wpe.weight",
+    "wte.weight": "wte.weight", "wpe.weight": "wpe.weight",
     "h.{}.ln_1.{}": "h.{}.ln_1.{}",
-    "h.{}.attn.c_attn.weight": ("h.{}.attn.c_attn.weight", "T"),
-    "h.{}.attn.c_attn.bias": "h.{}.attn.c_attn.bias",
-    "h.{}.attn.c_proj.weight": ("h.{}.attn.c_proj.weight", "T"),
-    "h.{}.attn.c_proj.bias": "h.{}.attn.c_proj.bias",
+    "h.{}.attn.c_attn.weight": ("h.{}.attn.c_attn.weight", "T"), "h.{}.attn.c_attn.bias": "h.{}.attn.c_attn.bias",
+    "h.{}.attn.c_proj.weight": ("h.{}.attn.c_proj.weight", "T"), "h.{}.attn.c_proj.bias": "h.{}.attn.c_proj.bias",
     "h.{}.ln_2.{}": "h.{}.ln_2.{}",
-    "h.{}.mlp.c_fc.weight": ("h.{}.mlp.c_fc.weight", "T"),
-    "h.{}.mlp.c_fc.bias": "h.{}.mlp.c_fc.bias",
-    "h.{}.mlp.c_proj.weight": ("h.{}.mlp.c_proj.weight", "T"),
-    "h.{}.mlp.c_proj.bias": "h.{}.mlp.c_proj.bias",
+    "h.{}.mlp.c_fc.weight": ("h.{}.mlp.c_fc.weight", "T"), "h.{}.mlp.c_fc.bias": "h.{}.mlp.c_fc.bias",
+    "h.{}.mlp.c_proj.weight": ("h.{}.mlp.c_proj.weight", "T"), "h.{}.mlp.c_proj.bias": "h.{}.mlp.c_proj.bias",
     "ln_f.{}": "ln_f.{}",
     "h.{}.attn.bias": None,                          # the causal-mask buffer old checkpoints saved
     "h.{}.attn.masked_bias": None,
@@ -792,17 +771,17 @@ def data_file(args, name: str) -> Path:
 
 
 def image_transform(args, size: int, train: bool):
-    """The official CLEFT pipeline (datasets/utils.py get_imgs + datasets/transforms.py Moco2Transform) for
-    CheXpert, RSNA and EMBED, scaled to `size` (224 at real size; 256 below is size * 256 / 224):
-        gray; longest side to 256, zero padding to 256 x 256 (centred); Otsu foreground crop; resize to
-        size x size (bilinear, the aspect ratio is not kept); train only: colour jitter (brightness, contrast
-        0.2, p 0.4), Gaussian blur (7 x 7, sigma 0.1-2, p 0.4), random affine (10 degrees, scale 0.8-1.1,
-        translate 1/16), horizontal flip; grey RGB; Normalize(0.5, 0.5).
-    What remains different: images are read with PIL (a colour file -> luma) rather than cv2.imread, and
-    PIL's box filter stands in for cv2 INTER_AREA when shrinking to 256 (both average areas; pixel values can
-    differ by a rounding step); the official RandomGrayscale(p=1) and RandomCrop(224) of a 224 image change
-    nothing and are left out. --simple-transforms, and --data demo (colour pictures, tiny ViT), use a plain
-    resize + centre crop, and a mild random resized crop + flip in training."""
+    """The official CLEFT pipeline (datasets/utils.py get_imgs + datasets/transforms.py Moco2Transform) for CheXpert,
+    RSNA and EMBED, scaled to `size` (224 at real size; 256 below is size * 256 / 224):
+        gray; longest side to 256, zero padding to 256 x 256 (centred); Otsu foreground crop; resize to size x size
+        (bilinear, the aspect ratio is not kept); train only: colour jitter (brightness, contrast 0.2, p 0.4),
+        Gaussian blur (7 x 7, sigma 0.1-2, p 0.4), random affine (10 degrees, scale 0.8-1.1, translate 1/16),
+        horizontal flip; grey RGB; Normalize(0.5, 0.5).
+    Still different: PIL reads the images (a colour file -> luma), not cv2.imread, and its box filter stands in for
+    cv2 INTER_AREA when shrinking to 256 (both average areas; pixel values can differ by a rounding step); the
+    official RandomGrayscale(p=1) and RandomCrop(224) of a 224 image change nothing and are left out.
+    --simple-transforms, and --data demo (colour pictures, tiny ViT): a plain resize + centre crop, and a mild
+    random resized crop + flip in training."""
     if DATASETS[args.data]["pipeline"] == "official" and not args.simple_transforms:
         return T.official_cleft_transform(size, train)
     if not train:
@@ -840,10 +819,9 @@ def class_sets(args, size: int, train_transform=True):
 
 
 def class_texts(args, classnames, root: Path):
-    """-> (zero-shot prompts, class words). The prompts are the official ones, lower-cased and tokenised as they
-    are (punctuation kept, as the official EMBED dataset does), except RSNA's, whose official positive prompt
-    says "pneumothorax" for a pneumonia dataset: we say "pneumonia". The class words are what stage 2 puts
-    after its learned context (the prompts without their fixed prefix)."""
+    """-> (zero-shot prompts, class words). The prompts are the official ones (but RSNA's positive one says "pneumonia",
+    not "pneumothorax", for a pneumonia dataset), lower-cased and tokenised as they are (punctuation kept, as the
+    official EMBED dataset does); the class words, what stage 2 puts after its context, lack their fixed prefix."""
     d = DATASETS[args.data]
     if d["prompts"] == "birads":
         words = [f"birads score {k}: {desc}." for k, desc in enumerate(BIRADS)]
@@ -872,10 +850,9 @@ def clean(text: str) -> str:
 
 
 def tokenize(tok, texts, length: int, eos: int, space: bool = False, as_captions: bool = True):
-    """texts -> ids, mask (N, length): no bos, no eos appended, right-padded with eos = pad (GPT-2 / BioMedLM);
-    an empty text is just eos. as_captions cleans the text as the official code cleans captions; prompts (False)
-    are only lower-cased. space=True puts a leading space so words get their mid-sentence tokens (stage 2: they
-    follow the context)."""
+    """texts -> ids, mask (N, length): no bos, no eos appended, right-padded with eos = pad; an empty text is just
+    eos. as_captions cleans the text as the official code cleans captions; prompts (False) are only lower-cased.
+    space=True puts a leading space so words get their mid-sentence tokens (stage 2: they follow the context)."""
     texts = [(" " if space else "") + (clean(t) if as_captions else t.lower()) for t in texts]
     return right_padded(tok, texts, length, eos)
 
@@ -916,10 +893,9 @@ def stage1_trainable(model: CLEFT, args):
 
 
 def train_steps(args, world, stage_dir: Path, model, opt, ds, loss_fn, warmup: int, after_step=None, desc="train"):
-    """Run --steps optimizer steps (or --epochs over `ds` when --steps is 0) with lr_at from args.lr to
-    args.min_lr, resuming from stage_dir/ckpt if a checkpoint is there. Checkpoints every --ckpt-every steps and
-    at the end hold the trainable tensors, optimizer, scaler, RNG and step: a killed run continues exactly where
-    it stopped."""
+    """Run --steps optimizer steps (or --epochs over `ds` when --steps is 0) with lr_at from args.lr to args.min_lr,
+    resuming from stage_dir/ckpt if a checkpoint is there. Checkpoints every --ckpt-every steps and at the end hold
+    the trainable tensors, optimizer, scaler, RNG and step: a killed run continues exactly where it stopped."""
     n_batches = len(R.epoch_batches(len(ds), args.batch_size, args.seed, 0, world))
     total = args.steps or args.epochs * n_batches
     net = R.wrap_model(model, world, compile=args.compile)
@@ -976,12 +952,8 @@ def stage_contrastive(args, world, stage_dir: Path, model: CLEFT, tok, size: int
         ids, mask = tokenize(tok, captions, args.max_len, model.llm.cfg.eos_id)
         return contrastive_loss(*net(*to_device(world, x, ids, mask)), gather)
 
-    def clamp():  # CLIP's cap on the temperature, after every step
-        with torch.no_grad():
-            model.logit_scale.clamp_(max=math.log(100))
-
-    step = train_steps(args, world, stage_dir, model, opt, train_ds, loss_fn, args.warmup, clamp,
-                       desc="stage 1 (contrastive)")
+    step = train_steps(args, world, stage_dir, model, opt, train_ds, loss_fn, args.warmup, desc="stage 1 (contrastive)",
+                       after_step=lambda: model.logit_scale.data.clamp_(max=math.log(100)))  # CLIP's cap, every step
     if world.is_main:
         model.eval()
         with torch.no_grad(), R.autocast(world.device, args.precision):
@@ -994,15 +966,13 @@ def stage_contrastive(args, world, stage_dir: Path, model: CLEFT, tok, size: int
 
 
 def stage_prompt(args, world, stage_dir: Path, model: CLEFT, tok, size: int):
-    """Stage 2: learn n_ctx context embeddings in front of the class words. Paper: frozen encoders, zero-shot
-    cross-entropy over the class prompts (--prompt-objective ce, the default). Official code: InfoNCE on the
-    captions with the ViT trained too (--prompt-objective infonce --train-vit). SGD + warm-up + cosine. As in
-    the official code the temperature restarts at 1/0.07 (its --pretrained_encoder loads the encoders only)."""
+    """Stage 2: learn n_ctx context embeddings in front of the class words with SGD + warm-up + cosine, by the
+    paper's objective (--prompt-objective ce) or the official code's (infonce --train-vit; module docstring). As
+    officially, the temperature restarts at 1/0.07 (its --pretrained_encoder loads the encoders only)."""
     if model.ctx is None:  # peft PromptTuningInit.TEXT: the init text's tokens, repeated then cut to n_ctx
         e = tok.encode(args.ctx_init or DATASETS[args.data]["prefix"] or "a photo of a").ids or [0]
         model.add_context(torch.tensor((e * (args.n_ctx // len(e) + 1))[:args.n_ctx]).to(model.llm.wte.weight.device))
-    with torch.no_grad():
-        model.logit_scale.fill_(math.log(1 / 0.07))
+    model.logit_scale.data.fill_(math.log(1 / 0.07))
     set_trainable(model, ["ctx"] + (["vit.", "img_proj", "logit_scale"] if args.train_vit else []))
     R.cast_frozen(model, R.PRECISIONS[args.precision])
     opt = torch.optim.SGD(param_groups(model, args.weight_decay), lr=args.lr, momentum=0.9)
@@ -1053,8 +1023,7 @@ def predict(args, world, fn, ds):
 
 @torch.no_grad()
 def zero_shot(args, world, model: CLEFT, tok, ds) -> dict:
-    """Classify by the most similar class prompt. With a stage-2 context: context + class words, else the
-    dataset's fixed prompts."""
+    """Classify by the most similar class prompt: stage-2 context + class words, else the dataset's fixed prompts."""
     model.eval()
     prompts, words = class_texts(args, ds.classnames, data_root(args))
     texts, space = (words, True) if model.ctx is not None else (prompts, False)
@@ -1067,8 +1036,7 @@ def zero_shot(args, world, model: CLEFT, tok, ds) -> dict:
 
 
 class Classifier(nn.Module):
-    """The ViT's pooled feature -> Linear(D, K): the official fine-tune / linear probe head (it replaces the
-    image projection)."""
+    """The ViT's pooled feature -> Linear(D, K): the official fine-tune / linear probe head, replacing img_proj."""
 
     def __init__(self, model: CLEFT, k: int):
         super().__init__()
@@ -1089,9 +1057,8 @@ def linear_probe(args, world, model: CLEFT, train, test) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     for epoch in range(args.epochs):
         for idx in torch.randperm(len(X), generator=g).split(args.batch_size):
-            loss = F.cross_entropy(head(X[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            F.cross_entropy(head(X[idx]), y[idx]).backward()
             opt.step()
     with torch.no_grad():
         return M.report_from_probs(y_test, head(X_test.to(world.device)).softmax(-1).cpu(), test.classnames)
@@ -1151,9 +1118,8 @@ def count_params(args):
 
 
 def run_bench(args, world):
-    """Train-step time at real size with random weights: GPT-2 124M + LoRA r8 on c_attn (B 8, T 64, dropout
-    0.1 on, LoRA dropout 0, AdamW, loss = mean square of the hidden states) and the DINOv2-B/14 tower trained in
-    full as CLEFT does (B 8, 224 px)."""
+    """Train-step time at real size with random weights: GPT-2 124M + LoRA r8 on c_attn (B 8, T 64, dropout 0.1 on,
+    LoRA dropout 0, AdamW, loss = mean square of the hidden states), DINOv2-B/14 trained in full (B 8, 224 px)."""
     dev, B = world.device, args.bench_batch
     torch.manual_seed(0)
     llm = add_peft(GPT2(LLM_PRESETS["gpt2"]["config"]).init_random(0), PEFTConfig("lora", dropout=0.0)).to(dev)
@@ -1181,9 +1147,8 @@ def run_bench(args, world):
 # ----------------------------------------------------------------------------------------------------------
 # main
 
-# What each part trains with, where a flag is not typed. Stage 1 and 2 are the official README recipes; the
-# linear-probe and fine-tune recipes are OURS (the official README gives no commands for them). The demo
-# shortens and speeds them up for tiny random models.
+# What each part trains with, where a flag is not typed: stages 1 and 2 the official README's, the linear probe and
+# fine-tune OURS (module docstring); the demo shortens and speeds them up for tiny random models.
 RECIPES = {
     "contrastive": dict(steps=40000, batch_size=72, lr=4e-5, weight_decay=0.1, warmup=4000, min_lr=1e-8),
     "prompt": dict(steps=8000, batch_size=72, lr=1e-4, weight_decay=1e-3, warmup=100, min_lr=1e-5),
@@ -1202,8 +1167,7 @@ DEMO_DEFAULTS = dict(vit="tiny", llm="tiny", stage="all", threads=1)
 
 
 def recipe(args, what: str):
-    """A copy of args with the flags the user did not type filled from the recipe of `what` (typed flags
-    apply to every stage that runs)."""
+    """A copy of args, untyped flags filled from the recipe of `what` (typed flags apply to every stage that runs)."""
     chosen = (DEMO_RECIPES if args.data == "demo" else RECIPES)[what]
     return argparse.Namespace(**vars(args) | {k: v for k, v in chosen.items() if k not in args.typed})
 
@@ -1265,10 +1229,9 @@ def preflight(args):
 
 
 def run(args, world) -> dict:
-    """Preflight, the run folder, then --eval: that evaluation of the --init (or --resume) model; else the stages
-    of --stage in order, each followed by a zero-shot evaluation (a stage a resumed run had finished is loaded, not
-    trained again). A non-finite loss (exit 3) or Ctrl-C (exit 2) ends with a message saying what is on disk and
-    how to continue."""
+    """Preflight, the run folder, then --eval: that evaluation of the --init (or --resume) model; else the stages of
+    --stage in order, each followed by a zero-shot evaluation (a stage a resumed run had finished is loaded, not
+    trained again). A non-finite loss (exit 3) or Ctrl-C (exit 2) ends saying what is on disk and how to continue."""
     preflight(args)
     if args.data == "demo":  # the built-in demo data is made once, here (a few seconds)
         ensure_demo(data_root(args))
@@ -1368,7 +1331,8 @@ def parse_args(argv=None):
     given = R.given_flags(p, argv)
     args.typed = sorted(given)  # saved in args.json: --resume applies the recipes exactly as the run did
     if args.resume:
-        # flags a resumed run may take with a new value although they are not runtime flags: what to do, not what
+        # flags a resumed run may change although they are not runtime flags: they say what to do with the run,
+        # not what it computes
         R.restore_run_args_or_exit(p, args, given, free=("eval", "bench_batch", "count_params"))
         args.typed = sorted(set(args.typed) | given)
     if args.data == "demo":

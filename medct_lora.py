@@ -38,7 +38,7 @@ Where this file departs from the official code (each is also noted where it happ
   - the VQ codebook never changes (the official VQ in train mode updates it by EMA on every forward); training
     passes gradients through it straight-through, as the official train-mode forward does;
   - each volume is encoded once and each prompt once (official: the volume again for every finding), texts are
-    padded to the longest instead of 512 (same result: padding is masked);
+    padded to the longest instead of 512 (the same CLS state, padding being masked, at a fraction of the work);
   - thresholds come from validation volumes (official: the test set, --threshold-on-test); the bootstrap really
     resamples (official: 1000 copies of the same rows); F1 is reported as macro, weighted, samples and the
     official per-finding weighted F1.
@@ -56,8 +56,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from common import run as R
-from common.ct import (CTPairs, CTVolumeDataset, choose_thresholds, format_report, split_validation,
-                       zero_shot_report)
+from common.ct import CTPairs, CTVolumeDataset, choose_thresholds, format_report, split_validation, zero_shot_report
 from common.data import DataError
 from common.weights import WeightsError, load_config, load_mapped, resolve, tensor_index
 
@@ -287,19 +286,13 @@ class CTViTConfig:
     codebook_size: int = 8192
     channels: int = 1
 
-    @property
-    def grid(self):                # token grid (t, h, w) = (24, 24, 24) for CT-CLIP v2
-        return self.frames // self.temporal_patch_size, *(self.image_size // self.patch_size,) * 2
-
 
 class PEG(nn.Module):
     """Position-generating conv: depthwise Conv3d(3) over the token volume, zero padding (2, 0) on its first axis
-    (causal) and (1, 1) on the other two; added to x by the layer.
-
-    FOOTGUN (reproduced on purpose): the official PEG reshapes its input to (b, t, h, w, d) with a plain reshape.
-    In the temporal stage the input is laid out (b h w, t, d), so the "t, h, w" axes the conv sees are really
-    (h, w, t): the causal padding runs along image rows, and the kernel's last axis along z. The pretrained
-    kernels were learned that way, so we do the very same reshape."""
+    (causal) and (1, 1) on the other two; added to x by the layer. FOOTGUN (reproduced on purpose): the official
+    PEG reshapes its input to (b, t, h, w, d) with a plain reshape; the temporal stage's input is laid out
+    (b h w, t, d), so the conv's "t, h, w" axes are really (h, w, t): the causal padding runs along image rows, the
+    kernel's last axis along z. The pretrained kernels learned it that way, so we do the very same reshape."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -319,22 +312,19 @@ class CTAttention(nn.Module):
 
     def __init__(self, cfg: CTViTConfig):
         super().__init__()
-        inner = cfg.heads * cfg.dim_head
-        self.nh = cfg.heads
+        inner, self.nh = cfg.heads * cfg.dim_head, cfg.heads
         self.norm = nn.LayerNorm(cfg.dim, bias=False)     # official LayerNorm: gamma, beta a zero buffer
         self.to_q = nn.Linear(cfg.dim, inner, bias=False)
         self.to_kv = nn.Linear(cfg.dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, cfg.dim, bias=False)
-        self.q_scale = nn.Parameter(torch.ones(cfg.dim_head))
-        self.k_scale = nn.Parameter(torch.ones(cfg.dim_head))
+        self.q_scale, self.k_scale = nn.Parameter(torch.ones(cfg.dim_head)), nn.Parameter(torch.ones(cfg.dim_head))
 
     def forward(self, x, bias=None):
         """x (N, L, D), bias (nh, L, L) or None -> (N, L, D)."""
         N, L, _ = x.shape
         k, v = self.to_kv(x).chunk(2, -1)                  # before the norm, as the official code
         q, k, v = (t.view(N, L, self.nh, -1).transpose(1, 2) for t in (self.to_q(self.norm(x)), k, v))  # (N, nh, L, hs)
-        q = F.normalize(q, dim=-1) * self.q_scale
-        k = F.normalize(k, dim=-1) * self.k_scale
+        q, k = F.normalize(q, dim=-1) * self.q_scale, F.normalize(k, dim=-1) * self.k_scale
         mask = None if bias is None else bias.to(q.dtype)[None]   # (1, nh, L, L): 4-D, so CPU too takes a fused kernel
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=8.0)
         return self.to_out(y.transpose(1, 2).reshape(N, L, -1))
@@ -374,9 +364,7 @@ class RelPosBias(nn.Module):
 
     def __init__(self, cfg: CTViTConfig):
         super().__init__()
-        self.fc1 = nn.Linear(2, cfg.dim)
-        self.fc2 = nn.Linear(cfg.dim, cfg.dim)
-        self.fc3 = nn.Linear(cfg.dim, cfg.heads)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(2, cfg.dim), nn.Linear(cfg.dim, cfg.dim), nn.Linear(cfg.dim, cfg.heads)
 
     def forward(self, h: int, w: int):
         dev = self.fc1.weight.device
@@ -395,11 +383,10 @@ class CosineVQ(nn.Module):
     """The frozen cosine-similarity codebook lookup of vector-quantize-pytorch 1.1.2 (VectorQuantize with
     use_cosine_sim=True), in eval semantics: code c* = argmax_c cos(x, e_c), output = e_c* (the stored row).
     Training uses the straight-through estimator x + (e_c* - x).detach() (as the official train-mode forward),
-    so the encoder below gets gradients; without it no gradient reaches the CTViT's LoRA at all.
-
-    FOOTGUN: the official module in train mode ALSO moves its codebook by EMA (decay 0.8) on every forward, and
-    replaces "dead" codes with random batch vectors. Fine-tuning with it in train mode silently rewrites the
-    pretrained codebook. Here the codebook is a buffer that no forward ever changes."""
+    so the encoder below gets gradients; without it no gradient reaches the CTViT's LoRA at all. FOOTGUN: the
+    official module in train mode ALSO moves its codebook by EMA (decay 0.8) on every forward and replaces "dead"
+    codes with random batch vectors: fine-tuning with it in train mode silently rewrites the pretrained codebook.
+    Here the codebook is a buffer that no forward ever changes."""
 
     def __init__(self, cfg: CTViTConfig):
         super().__init__()
@@ -408,10 +395,8 @@ class CosineVQ(nn.Module):
     def forward(self, x):
         """x (..., D) -> (quantised (..., D), code ids (...)), computed in fp32 as the official (autocast off)."""
         with torch.autocast(x.device.type, enabled=False):
-            xf = x.float()
-            codes = self.embed[0].float()                                                # (K, D)
-            sim = F.normalize(xf, dim=-1) @ F.normalize(codes, dim=-1).T                 # (..., K)
-            ids = sim.argmax(-1)
+            xf, codes = x.float(), self.embed[0].float()                                 # (..., D), (K, D)
+            ids = (F.normalize(xf, dim=-1) @ F.normalize(codes, dim=-1).T).argmax(-1)    # argmax over (..., K)
             q = codes[ids]                                                               # (..., D)
         if self.training and torch.is_grad_enabled():
             q = xf + (q - xf).detach()                                                   # straight-through
@@ -419,9 +404,8 @@ class CosineVQ(nn.Module):
 
 
 class CTViT(nn.Module):
-    """forward(volume (B, C, D, H, W)) -> quantised tokens (B, t, h, w, dim), equal to the official
-    CTViT(..., return_encoded_tokens=True). Shapes below for CT-CLIP v2:
-    (B, 1, 240, 480, 480) -> (B, 24, 24, 24, 512)."""
+    """forward(volume (B, C, D, H, W)) -> quantised tokens (B, t, h, w, dim), equal to the official CTViT(...,
+    return_encoded_tokens=True); for CT-CLIP v2, as the shapes below: (B, 1, 240, 480, 480) -> (B, 24, 24, 24, 512)."""
 
     def __init__(self, cfg: CTViTConfig):
         super().__init__()
@@ -497,7 +481,7 @@ class CTCLIP(nn.Module):
 
     def __init__(self, vcfg: CTViTConfig, tcfg: BertConfig, dim_latent: int = 512):
         super().__init__()
-        _, h, w = vcfg.grid
+        h = w = vcfg.image_size // vcfg.patch_size        # the token grid (t, h, w): (24, 24, 24) for CT-CLIP v2
         self.visual = CTViT(vcfg)
         self.text = BERT(tcfg)
         self.to_visual_latent = nn.Linear(h * w * vcfg.dim, dim_latent, bias=False)  # 151M of CT-CLIP's 438M
@@ -529,8 +513,7 @@ class CTCLIP(nn.Module):
 
 _VIT = "visual_transformer."
 CTCLIP_MAP = {  # CT-CLIP_v2 state-dict keys -> ours; "{}" = one dotted component, None = dropped on purpose
-    "temperature": "temperature",
-    "to_visual_latent.weight": "to_visual_latent.weight",
+    "temperature": "temperature", "to_visual_latent.weight": "to_visual_latent.weight",
     "to_text_latent.weight": "to_text_latent.weight",
     "to_visual_latent_extra.weight": None,            # CLOOB copies, unused (extra_latent_projection=False)
     "to_text_latent_extra.weight": None,
@@ -538,8 +521,7 @@ CTCLIP_MAP = {  # CT-CLIP_v2 state-dict keys -> ours; "{}" = one dotted componen
     _VIT + "to_patch_emb.2.{}": "visual.patch_proj.{}",
     _VIT + "to_patch_emb.3.{}": "visual.patch_norm_out.{}",
     _VIT + "to_patch_emb_first_frame.{}.{}": None,    # first-frame path, commented out in the official forward
-    _VIT + "to_pixels.0.{}": None,                    # VQ-VAE decoder heads
-    _VIT + "to_pixels_first_frame.0.{}": None,
+    _VIT + "to_pixels.0.{}": None, _VIT + "to_pixels_first_frame.0.{}": None,       # VQ-VAE decoder heads
     _VIT + "spatial_rel_pos_bias.net.0.0.{}": "visual.rel_pos_bias.fc1.{}",
     _VIT + "spatial_rel_pos_bias.net.1.0.{}": "visual.rel_pos_bias.fc2.{}",
     _VIT + "spatial_rel_pos_bias.net.2.{}": "visual.rel_pos_bias.fc3.{}",
@@ -599,7 +581,7 @@ class LoRALinear(nn.Linear):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)  # adapters stay fp32 under bf16
-        self.lora_A = nn.Linear(base.in_features, r, **kw)                     # nn.Linear init = kaiming-uniform(a=sqrt 5)
+        self.lora_A = nn.Linear(base.in_features, r, **kw)                     # init kaiming-uniform(a=sqrt 5)
         self.lora_B = nn.Linear(r, base.out_features, **kw)
         nn.init.zeros_(self.lora_B.weight)
         self.lora_dropout = nn.Dropout(dropout)
@@ -651,8 +633,7 @@ def add_lora(model: CTCLIP, targets, r: int, alpha: float, dropout: float) -> CT
     for name in targets:
         tower, path = LORA_TARGETS[name]
         parent_path, attr = path.rsplit(".", 1)
-        for layer in lora_layers(model, tower):
-            parent = layer.get_submodule(parent_path)
+        for parent in (layer.get_submodule(parent_path) for layer in lora_layers(model, tower)):
             setattr(parent, attr, LoRALinear(getattr(parent, attr), r, alpha, dropout))
     return model
 
@@ -668,28 +649,13 @@ def set_merged(model: nn.Module, merged: bool):
         if isinstance(m, LoRALinear) and m.merged != merged:
             m.merge() if merged else m.unmerge()
 
-
-def lora_arithmetic(model: CTCLIP, targets, r: int) -> list:
-    """[(target, layers, d_in, d_out, r * (d_in + d_out) * layers)] for --count-params."""
-    rows = []
-    for name in targets:
-        tower, path = LORA_TARGETS[name]
-        layers = lora_layers(model, tower)
-        lin = layers[0].get_submodule(path)
-        rows.append((name, len(layers), lin.in_features, lin.out_features,
-                     r * (lin.in_features + lin.out_features) * len(layers)))
-    return rows
-
 # ----------------------------------------------------------------------------------------------------------
 # The method: CT-CLIP's contrastive loss for training, its two-prompt zero-shot score for evaluation
 
 
 def contrastive_loss(img, txt, scale, gather: bool = True):
-    """Symmetric InfoNCE of CT-CLIP (its forward with return_loss=True), over the batch of all ranks:
-
-        S = exp(T) txt img^T,    L = (CE(S, arange) + CE(S^T, arange)) / 2
-
-    img, txt (B, L) unit vectors; scale = exp(T), T learned in CT-CLIP and frozen here."""
+    """Symmetric InfoNCE of CT-CLIP (its forward with return_loss=True; S and L in the module docstring's step 3)
+    over the batch of all ranks. img, txt (B, L) unit vectors; scale = exp(T), T learned in CT-CLIP, frozen here."""
     if gather:  # negatives from every rank, with gradients back to the rank that made them
         img, txt = R.gather_with_grad(img), R.gather_with_grad(txt)
     logits = scale * txt @ img.T                                                        # (N_text, N_img)
@@ -749,13 +715,11 @@ def build_data(args) -> tuple:
     if args.data == "demo" and not args.data_dir:
         from common.demo import ensure_demo
         ensure_demo(root.parent)                      # data/demo/ct -> builds data/demo once
-    meta = root / "metadata.csv"
     sets = {}
     for split in ("train", "test"):
         vols, labels, reports = spec[split]
-        vol_root = root if args.data == "demo" else root / vols
-        sets[split] = CTVolumeDataset(vol_root, root / labels, root / reports, metadata_csv=meta,
-                                      target_shape=spec["shape"])
+        sets[split] = CTVolumeDataset(root if args.data == "demo" else root / vols, root / labels, root / reports,
+                                      metadata_csv=root / "metadata.csv", target_shape=spec["shape"])
     tr, va = split_validation(sets["train"].names, args.val_frac)
     return (CTPairs(sets["train"], tr, args.augment), CTPairs(sets["train"], va),
             CTPairs(sets["test"], range(len(sets["test"]))))
@@ -765,20 +729,16 @@ def load_tokenizer(path):
     """CXR-BERT's tokenizer: lower-cased WordPiece from its vocab.txt (BertTokenizer(do_lower_case=True) in
     CT-CLIP), through `tokenizers`. `path` is the vocab file or a folder (HF repo id or local) holding it."""
     from tokenizers import BertWordPieceTokenizer
-    p = Path(path)
-    vocab = p if p.is_file() else resolve(path) / "vocab.txt"
+    vocab = Path(path) if Path(path).is_file() else resolve(path) / "vocab.txt"
     if not vocab.is_file():
         raise WeightsError(f"{vocab}: the tokenizer's vocab.txt is not there")
     return BertWordPieceTokenizer(str(vocab), lowercase=True)
 
 
 def tokenize(tok, texts, max_len: int):
-    """[CLS] ... [SEP], truncated to max_len (CT-CLIP: 512), padded with 0 to the longest -> ids, mask (B, T).
-    CT-CLIP pads every text to 512; with the mask that gives the same CLS state at a fraction of the work."""
+    """[CLS] ... [SEP] truncated to max_len (CT-CLIP: 512), 0-padded to the longest (departures) -> ids, mask (B, T)."""
     enc = [e.ids[:max_len - 1] + e.ids[-1:] if len(e.ids) > max_len else e.ids for e in tok.encode_batch(list(texts))]
-    ids = torch.zeros(len(enc), max(map(len, enc)), dtype=torch.long)
-    for i, e in enumerate(enc):
-        ids[i, :len(e)] = torch.tensor(e)
+    ids = nn.utils.rnn.pad_sequence([torch.tensor(e, dtype=torch.long) for e in enc], batch_first=True)  # 0-padded
     return ids, (ids != 0).long()
 
 # ----------------------------------------------------------------------------------------------------------
@@ -810,27 +770,24 @@ def train(args, world, run_dir: Path, model: CTCLIP, train_ds, tok) -> CTCLIP:
     params = [p for p in model.parameters() if p.requires_grad]
     # ours: AdamW + weight decay on LoRA; CT-CLIP trained with Adam (0.9, 0.99), eps 1e-8, wd 0, lr 1.25e-6
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), eps=1e-8, weight_decay=args.weight_decay)
-    scaler = R.make_scaler(args.precision, world.device)
+    dev, scaler = world.device, R.make_scaler(args.precision, world.device)
     net = R.wrap_model(model, world, compile=args.compile)
     n_batches = len(R.epoch_batches(len(train_ds), args.batch_size, args.seed, 0, world))
     total = args.epochs * n_batches if not args.steps else min(args.steps, args.epochs * n_batches)
     ckpts = R.Checkpoints(run_dir / "ckpt", world)
-    step = 0
     ck = ckpts.load(optimizer=opt, scaler=scaler, resuming=bool(args.resume))
     if ck is not None:
         R.load_tensors(model, ck.tensors, str(ck.path), required=lora_state(model))
-        step = ck.step
+    step = 0 if ck is None else ck.step
     scale = model.temperature.detach().float().exp()                                   # exp(T), frozen
     log = R.JsonlLog(run_dir / "metrics.jsonl", world.is_main)
     progress = R.Progress(total, "train", world.is_main, every=args.print_every, start=step)
-    dev = world.device
     while step < total:
         epoch, skip = divmod(step, n_batches)
         batches = R.epoch_batches(len(train_ds), args.batch_size, args.seed, epoch, world)[skip:]
         net.train()                 # dropout as CT-CLIP trains (BERT 0.25); the VQ stays frozen (CosineVQ)
         for b in R.epoch_loader(train_ds, batches, world, args.num_workers, args.seed, epoch):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, args.warmup_steps, args.lr)
+            opt.param_groups[0]["lr"] = lr = lr_at(step, total, args.warmup_steps, args.lr)  # the one group: LoRA
             ids, mask = tokenize(tok, b["report"], PRESETS[args.model]["max_len"])
             with R.autocast(dev, args.precision):
                 img, txt = net(b["volume"].to(dev, non_blocking=True), ids.to(dev), mask.to(dev))  # (B, L) each
@@ -838,8 +795,8 @@ def train(args, world, run_dir: Path, model: CTCLIP, train_ds, tok) -> CTCLIP:
             loss_value = R.optimizer_step(loss, opt, scaler, world, step, clip_grad=args.clip_grad, params=params)
             step += 1
             if step % args.log_every == 0 or step == total:
-                log.log(step=step, epoch=epoch, loss=loss_value, lr=opt.param_groups[0]["lr"])
-            progress.update(1, epoch=epoch, loss=loss_value, lr=opt.param_groups[0]["lr"])
+                log.log(step=step, epoch=epoch, loss=loss_value, lr=lr)
+            progress.update(1, epoch=epoch, loss=loss_value, lr=lr)
             if step % args.ckpt_every == 0 or step == total:
                 ckpts.save(step, lora_state(model), optimizer=opt, scaler=scaler, extra={"epoch": epoch})
             if step >= total:
@@ -849,16 +806,14 @@ def train(args, world, run_dir: Path, model: CTCLIP, train_ds, tok) -> CTCLIP:
     return model
 
 # ----------------------------------------------------------------------------------------------------------
-# Evaluation: each volume encoded once, each prompt once (the official script encodes the volume again for
-# every finding: 18 vision passes per volume), thresholds from the validation split, a real bootstrap
+# Evaluation (departures list): each volume and each prompt encoded once, validation thresholds, a real bootstrap
 
 
 @torch.no_grad()
 def encode_volumes(model: CTCLIP, ds, args, device) -> torch.Tensor:
     model.eval()
     loader = torch.utils.data.DataLoader(ds, args.eval_batch_size, shuffle=False, num_workers=args.num_workers)
-    out = []
-    progress = R.Progress(len(ds), "encode volumes", every=args.print_every)
+    out, progress = [], R.Progress(len(ds), "encode volumes", every=args.print_every)
     for b in loader:
         with R.autocast(device, args.precision):
             out.append(model.encode_volume(b["volume"].to(device)).float().cpu())      # (b, L)
@@ -887,8 +842,7 @@ def evaluate(args, model: CTCLIP, tok, val_ds, test_ds, device) -> dict:
         val_p = zero_shot_probs(encode_volumes(model, val_ds, args, device), prompts, scale).numpy()
         thresholds, source = choose_thresholds(val_ds.labels, val_p), f"{len(val_ds)} validation volumes"
     rep = zero_shot_report(test_ds.labels, test_p, thresholds, findings, args.n_boot, args.seed)
-    rep["thresholds_from"] = source
-    return rep
+    return rep | {"thresholds_from": source}
 
 # ----------------------------------------------------------------------------------------------------------
 # Parameter counts and the benchmark (real sizes, random weights)
@@ -906,12 +860,18 @@ def count_params(args) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{args.model}: {total - trainable:,} frozen parameters (CT-CLIP v2 has {CT_CLIP_V2_TOTAL:,} with the "
           f"decoder heads, pooler and unused *_extra copies this file does not build)")
-    for name, n, d_in, d_out, cnt in lora_arithmetic(model, args.lora_targets, args.lora_rank):
-        print(f"  LoRA {name:9s} {n:2d} layers x r {args.lora_rank} x ({d_in} + {d_out}) = {cnt:,}")
+    per_rank = 0  # trainable parameters per unit of rank, over the targets
+    for name in args.lora_targets:
+        tower, path = LORA_TARGETS[name]
+        layers = lora_layers(model, tower)
+        lin = layers[0].get_submodule(path)
+        d_in, d_out = lin.in_features, lin.out_features
+        per_rank += len(layers) * (d_in + d_out)
+        print(f"  LoRA {name:9s} {len(layers):2d} layers x r {args.lora_rank} x ({d_in} + {d_out}) = "
+              f"{args.lora_rank * (d_in + d_out) * len(layers):,}")
     base = CT_CLIP_V2_TOTAL if args.model == "ct-clip-v2" else total - trainable
     print(f"  trainable {trainable:,} = {100 * trainable / base:.3f}% of {base:,} "
-          f"(paper: 1.67M = 0.38%; r 18 on the same targets would give "
-          f"{sum(r[4] for r in lora_arithmetic(model, args.lora_targets, 18)):,})")
+          f"(paper: 1.67M = 0.38%; r 18 on the same targets would give {18 * per_rank:,})")
     return {"total": total, "trainable": trainable}
 
 
@@ -939,9 +899,8 @@ def memory_estimate(args, batch: int = 8) -> dict:
         model = add_lora(CTCLIP(CTViTConfig(frames=10 * t), spec["text"], spec["latent"]), args.lora_targets,
                          args.lora_rank, args.lora_alpha, args.lora_dropout)
         R.cast_frozen(model, torch.bfloat16)
-        for m in model.modules():  # CUDA's fused SDPA applies attention dropout without storing a matrix
-            if isinstance(m, BertSelfAttention):
-                m.p = 0.0
+        for layer in model.text.encoder.layer:  # CUDA's fused SDPA applies attention dropout without storing a matrix
+            layer.attention.self.p = 0.0
         ids = torch.randint(5, spec["text"].vocab_size, (1, spec["max_len"]))
         at[t] = saved_activation_bytes(model, torch.randn(1, 1, 10 * t, 480, 480), ids, torch.ones_like(ids), "bf16")
     fit, worst = {}, 0.0
@@ -963,20 +922,17 @@ def run_bench(args, world):
     the real widths and depths on 80 x 160 x 160 voxels = 8 x 8 x 8 tokens). The eval speed-up compares the
     official protocol (18 vision passes per volume, 2 prompts padded to 512 tokens per finding) with ours
     (1 vision pass per volume, the 36 prompts once per run)."""
-    dev, dtype = world.device, R.PRECISIONS[args.precision]
-    spec = PRESETS[args.model]
+    dev, spec = world.device, PRESETS[args.model]
     vcfg = spec["vision"] if dev.type == "cuda" or args.model == "tiny" else CTViTConfig(image_size=160, frames=80)
     torch.manual_seed(0)
     model = CTCLIP(vcfg, spec["text"], spec["latent"])
     model.visual.init_random(0), model.text.init_random(1)
     add_lora(model, args.lora_targets, args.lora_rank, args.lora_alpha, args.lora_dropout).to(dev)
-    R.cast_frozen(model, dtype)
+    R.cast_frozen(model, R.PRECISIONS[args.precision])
     model.visual.grad_ckpt = model.text.grad_ckpt = args.grad_ckpt
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    B = args.batch_size
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    B, V = args.batch_size, spec["text"].vocab_size
     vol = torch.randn(B, 1, vcfg.frames, vcfg.image_size, vcfg.image_size, device=dev)
-    V = spec["text"].vocab_size
     ids = torch.randint(5, V, (B, min(256, spec["max_len"])), device=dev)
     mask = torch.ones_like(ids)
 
@@ -988,28 +944,22 @@ def run_bench(args, world):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-
-    flops = R.flops_of(step)
-    r = R.bench(step, items=B, flops_per_step=flops, device=dev, dtype=dtype, steps=args.bench_steps)
-    size = "x".join(map(str, (vcfg.frames, vcfg.image_size, vcfg.image_size)))
     print(R.BENCH_COLUMNS)
-    print(R.bench_row(f"train LoRA r{args.lora_rank}, {size}" + (", grad-ckpt" if args.grad_ckpt else ""),
-                      args.precision, B, r, unit="vol"))
+    size = "x".join(map(str, (vcfg.frames, vcfg.image_size, vcfg.image_size)))
+    r = R.bench_step(f"train LoRA r{args.lora_rank}, {size}" + (", grad-ckpt" if args.grad_ckpt else ""), step,
+                     precision=args.precision, batch=B, device=dev, steps=args.bench_steps, unit="vol")
     model.eval()
-    one = vol[:1]
     p512 = torch.randint(5, V, (2, spec["max_len"]), device=dev)              # official: padded to 512
     p8 = torch.randint(5, V, (36, 8), device=dev)                             # ours: 18 x 2 prompts, ~8 tokens
-
     with R.autocast(dev, args.precision):
-        t_vol = R.time_call(lambda: model.encode_volume(one), dev, args.bench_steps)
+        t_vol = R.time_call(lambda: model.encode_volume(vol[:1]), dev, args.bench_steps)
         t_pair = R.time_call(lambda: model.encode_text(p512, torch.ones_like(p512)), dev, args.bench_steps)
         t_prompts = R.time_call(lambda: model.encode_text(p8, torch.ones_like(p8)), dev, args.bench_steps)
     n = 1000  # volumes per evaluation run, for the once-per-run prompt cost
     official, ours = 18 * (t_vol + t_pair), t_vol + t_prompts / n
     print(f"zero-shot per volume: official protocol {official * 1e3:.1f} ms (18 x ({t_vol * 1e3:.1f} ms vision + "
-          f"{t_pair * 1e3:.1f} ms for 2 prompts at {spec['max_len']} tokens)), ours {ours * 1e3:.1f} ms "
-          f"(1 vision pass + the 36 prompts once per {n} volumes: {t_prompts * 1e3:.1f} ms) -> "
-          f"{official / ours:.1f}x faster")
+          f"{t_pair * 1e3:.1f} ms for 2 prompts at {spec['max_len']} tokens)), ours {ours * 1e3:.1f} ms (1 vision "
+          f"pass + the 36 prompts once per {n} volumes: {t_prompts * 1e3:.1f} ms) -> {official / ours:.1f}x faster")
     if dev.type == "cpu" and args.model != "tiny":
         memory_estimate(args)
     return r
@@ -1017,18 +967,17 @@ def run_bench(args, world):
 # ----------------------------------------------------------------------------------------------------------
 # main
 
-# NOTE the demo's values are ours. Zero-shot scores finding c along t("c is present.") - t("c is not present."),
-# so the demo needs a text tower whose five prompt pairs differ along five directions of their own: a random tiny
-# BERT gives one shared "not" direction (every finding scored alike). The demo's CT-CLIP (DEMO_CTCLIP) starts from
-# such a tower (common/demo_weights/make_medct_text_tower.py: largest cosine between two findings' prompt
-# directions 0.24, random 0.99), locked while the rest was pre-trained (make_medct_ctclip.py). Measured (225
-# training pairs, 150 test volumes): mean AUROC 0.731 before LoRA (pleural effusion and cardiomegaly 1.00,
-# consolidation 0.67, nodule and emphysema ~0.5), after it 0.793 / 0.759 / 0.769 for --seed 0-2 with two threads,
-# 0.789 / 0.761 / 0.761 / 0.759 for --seed 0-3 with one; LoRA lifts nodule (0.47 -> 0.53-0.61) and emphysema (0.51
-# -> 0.54-0.69). Issue 10's other tries, for the record: the tower trained along in the pre-training (0.616 before,
-# 0.664 after at seed 0, nodule and emphysema lowered: its prompt directions drew together, largest cosine 0.93); a
-# tower trained with a 5-logit read-out instead of status codes (prompt directions cosine 0.97-0.99, LoRA traded
-# findings); lr 3e-3 (unlearned cardiomegaly).
+# NOTE the demo's values are ours. Zero-shot scores finding c along t("c is present.") - t("c is not present."), so the
+# demo needs a text tower whose five prompt pairs differ along directions of their own (a random tiny BERT gives one
+# shared "not" direction: every finding scored alike). DEMO_CTCLIP starts from such a tower
+# (common/demo_weights/make_medct_text_tower.py: largest cosine between two findings' prompt directions 0.24, random
+# 0.99), locked while the rest was pre-trained (make_medct_ctclip.py). Measured (225 training pairs, 150 test volumes):
+# mean AUROC 0.731 before LoRA (pleural effusion and cardiomegaly 1.00, consolidation 0.67, nodule and emphysema ~0.5),
+# after it 0.793 / 0.759 / 0.769 for --seed 0-2 with two threads, 0.789 / 0.761 / 0.761 / 0.759 for --seed 0-3 with one;
+# LoRA lifts nodule (0.47 -> 0.53-0.61) and emphysema (0.51 -> 0.54-0.69). Also tried (issue 10): the tower trained
+# along in the pre-training (0.616 before, 0.664 after at seed 0, nodule and emphysema lowered: its prompt directions
+# drew together, largest cosine 0.93); a tower trained with a 5-logit read-out instead of status codes (prompt
+# directions cosine 0.97-0.99, LoRA traded findings); lr 3e-3 (unlearned cardiomegaly).
 DEMO_RECIPE = dict(model="tiny", epochs=40, batch_size=8, lr=1e-3, warmup_steps=20, lora_rank=8, lora_alpha=16.0,
                    val_frac=0.25, n_boot=200, ckpt_every=50, eval_before=True, eval_batch_size=16)
 PREPARE = "python -m common.prepare ct-rate --src /path/to/CT-RATE  (the Hugging Face dataset ibrahimhamamci/CT-RATE)"
@@ -1039,13 +988,10 @@ CONVERT = ("download models/CT-CLIP-Related/CT-CLIP_v2.pt from ibrahimhamamci/CT
 
 def preflight(args):
     """Data, weights, tokenizer and the places we write, checked before any work: every problem in one message."""
-    problems = []
-    root = data_root(args)
+    problems, root = [], data_root(args)
     if args.data != "demo":
-        need = [root / DATASETS[args.data][s][i] for s in ("train", "test") for i in (0, 1, 2)]
-        need.append(root / "metadata.csv")
-        missing = [str(p) for p in need if not p.exists()]
-        if missing:
+        need = [root / f for s in ("train", "test") for f in DATASETS[args.data][s]] + [root / "metadata.csv"]
+        if missing := [str(p) for p in need if not p.exists()]:
             more = " ..." if len(missing) > 3 else ""
             problems.append(f"{args.data} data not found ({', '.join(missing[:3])}{more}); "
                             f"prepare it with:\n    {PREPARE}")
@@ -1057,12 +1003,10 @@ def preflight(args):
             load_tokenizer(args.tokenizer or PRESETS[args.model]["tokenizer"])
         except WeightsError as e:
             problems.append(f"CXR-BERT tokenizer: {e}")
-    spec = PRESETS[args.model]["vision"]
-    shape = (spec.image_size, spec.image_size, spec.frames)
-    if tuple(DATASETS[args.data]["shape"]) != shape:
+    v, given = PRESETS[args.model]["vision"], DATASETS[args.data]["shape"]
+    if tuple(given) != (shape := (v.image_size, v.image_size, v.frames)):
         problems.append(f"--model {args.model} takes volumes of {shape} (x, y, z) voxels; --data {args.data} gives "
-                        f"{DATASETS[args.data]['shape']}: "
-                        f"use --model {'tiny' if args.data == 'demo' else 'ct-clip-v2'}")
+                        f"{given}: use --model {'tiny' if args.data == 'demo' else 'ct-clip-v2'}")
     if args.model == "tiny" and not DEMO_CTCLIP.is_file():  # e.g. medct_lora.py copied without common/demo_weights
         problems.append(f"{DEMO_CTCLIP}: the demo's pre-trained tiny CT-CLIP is missing; copy common/demo_weights/ "
                         "with this file, or remake it: python -m common.demo_weights.make_medct_ctclip")
@@ -1122,8 +1066,7 @@ def parser() -> argparse.ArgumentParser:
         "lr": "AdamW on LoRA, ours; CT-CLIP trained everything at 1.25e-6; demo: 1e-3"})
     p.add_argument("--model", choices=list(PRESETS), default="ct-clip-v2", help="model preset (demo: tiny)")
     p.add_argument("--weights", default=None, help="CT-CLIP v2 safetensors (converted from CT-CLIP_v2.pt)")
-    p.add_argument("--tokenizer", default=None, help="CXR-BERT vocab.txt, its folder or HF repo id "
-                                                     "(default: the preset's)")
+    p.add_argument("--tokenizer", help="CXR-BERT vocab.txt, its folder or HF repo id (default: the preset's)")
     p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r (ours, the paper does not give it; demo: 8)")
     p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha: scaling alpha / r (ours; demo: 16)")
     p.add_argument("--lora-dropout", type=float, default=0.1, help="dropout on the LoRA input (ours)")
@@ -1150,8 +1093,7 @@ def parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None):
     p = parser()
-    args = p.parse_args(argv)
-    given = R.given_flags(p, argv)
+    args, given = p.parse_args(argv), R.given_flags(p, argv)
     if args.resume:
         R.restore_run_args_or_exit(p, args, given, free=("eval_before", "n_boot", "threshold_on_test"))
     if args.data == "demo" and not args.bench and not args.count_params:
