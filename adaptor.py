@@ -16,25 +16,23 @@ The model (12,207,617 trainable parameters with DINOv2-B, 11,912,705 with DINOv2
   Eq. (4)  L = 0.25 CE_dim0(S) + 0.75 CE_dim1(S)   (over texts for each image, over images for each text)
   Downstream the text is absent and each layer is self-attention: v <- layer(v; v).
 
-What the official model really computes, said plainly: it feeds ONE pooled token per modality, and attention over
-a single key has weight 1 whatever the query, so MHA(q=u, k=v, v=v) = out_proj(v_proj(v)) exactly (a test proves
-it). The "cross-attention" therefore fuses nothing: each modality goes through the same residual linear + FFN
-blocks on its own, and the only cross-modal signal is the contrastive loss. Its query and key projections get a
-zero gradient and stay at their random initialisation (apart from weight decay, and float noise that Adam's
-normalisation turns into lr-sized steps). `--tokens` is the version the paper's figure describes:
-the query is still the other modality's global vector, but the keys and values are the frozen patch / word tokens
-(projected and normalised like the global ones), so which tokens are read depends on the other modality. With
---tokens, features are computed on the fly under no_grad (a token cache for MIMIC-CXR would be ~80 GB).
+What the official model really computes: ONE pooled token per modality, and attention over a single key has weight
+1 whatever the query, so MHA(q=u, k=v, v=v) = out_proj(v_proj(v)) exactly (a test proves it). The "cross-attention"
+fuses nothing: each modality goes through the same residual linear + FFN blocks on its own; the only cross-modal
+signal is the contrastive loss. The query and key projections get a zero gradient and stay at their random init
+(apart from weight decay, and float noise that Adam's normalisation turns into lr-sized steps). `--tokens` is the
+paper's figure: the query is still the other modality's global vector, but the keys and values are the frozen patch
+/ word tokens (projected and normalised like the global ones), so which tokens are read depends on the other
+modality; they are computed on the fly under no_grad (a token cache for MIMIC-CXR would be ~80 GB).
 
 Frozen features are computed once per (backbone, dataset, split), cached as safetensors with a manifest of ids
 (cache/adaptor/<backbone>/<data>-<split>.{safetensors,json}); image and text rows are paired by id, never by
 position (the official extraction sorts each batch by caption length, so two tokenizers can misalign the pairs).
 
 Run it:
-    python adaptor.py                              # demo: pre-train, classify, segment; tiny models, CPU
-        (its tiny DINOv2 + BERT load weights pre-trained offline, common/demo_weights/make_adaptor_backbones.py;
-        measured on a shared 2-core CPU, 30 s: pre-training val loss 3.77 vs ln 120 = 4.79, text->image top-1
-        0.058 vs chance 0.008; 6-class accuracy 0.47 vs 0.17; Dice 0.68)
+    python adaptor.py       # demo: pre-train, classify, segment; tiny models (pre-trained offline: demo_backbones),
+        CPU; measured on a shared 2-core CPU, 30 s: pre-training val loss 3.77 vs ln 120 = 4.79, text->image top-1
+        0.058 vs chance 0.008; 6-class accuracy 0.47 vs 0.17; Dice 0.68
     python adaptor.py --data mimic-cxr --vision dinov2-b --text biobert           # pre-training, paper setting
     python adaptor.py --task classify --data rsna --data-pct 0.01 --init runs/adaptor/mimic-cxr/<run>
     python adaptor.py --task classify --data covidx --data-pct 0.1 --init RUN
@@ -61,7 +59,6 @@ Where this file departs from the official code (each is also noted where it happ
     error unless --missing-pooler random (the official behaviour, seeded) or cls (the CLS hidden state).
 """
 import argparse
-import functools
 import json
 import math
 import sys
@@ -143,12 +140,10 @@ VISION_PRESETS = {  # real sizes written out so the parameter count and --bench 
                                                 n_registers=0, pos_antialias=False)),
 }
 TEXT_PRESETS = {
-    "bert": dict(repo="bert-base-uncased"),
-    "biobert": dict(repo="dmis-lab/biobert-v1.1"),
+    "bert": dict(repo="bert-base-uncased"), "biobert": dict(repo="dmis-lab/biobert-v1.1"),
     "pubmedbert": dict(repo="microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext"),
     "cxrbert": dict(repo="microsoft/BiomedVLP-CXR-BERT-general"),
-    "clinicalbert": dict(repo="emilyalsentzer/Bio_ClinicalBERT"),
-    "tiny": dict(repo=None),
+    "clinicalbert": dict(repo="emilyalsentzer/Bio_ClinicalBERT"), "tiny": dict(repo=None),
 }
 TINY_BERT = dict(dim=64, n_layers=2, n_heads=4, mlp_dim=128, max_positions=128)  # vocab: the demo's (word_tokenizer)
 MAX_WORDS = 112  # official caption length in tokens
@@ -474,15 +469,13 @@ class AdaptorLayer(nn.Module):
 
     query=None is self-attention (downstream). memory (B, Tk, D) replaces src as keys/values (--tokens: src is
     the global vector (B, 1, D), memory its modality's token sequence). With a single key (Tk = 1, the official
-    setting) the attention weight is exactly 1, so MHA(query, src, src) = out_proj(v_proj(src)) for ANY query."""
+    setting) MHA(query, src, src) = out_proj(v_proj(src)) for ANY query (module docstring)."""
 
     def __init__(self, cfg: AdaptorConfig):
         super().__init__()
         self.attn = AdaptorAttention(cfg.dim, cfg.n_heads, cfg.dropout)
-        self.linear1 = nn.Linear(cfg.dim, cfg.ff)
-        self.linear2 = nn.Linear(cfg.ff, cfg.dim)
-        self.norm1 = nn.LayerNorm(cfg.dim)
-        self.norm2 = nn.LayerNorm(cfg.dim)
+        self.linear1, self.linear2 = nn.Linear(cfg.dim, cfg.ff), nn.Linear(cfg.ff, cfg.dim)
+        self.norm1, self.norm2 = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
         self.drop = nn.Dropout(cfg.dropout)  # one module for the three dropouts of the official layer (same p)
 
     def forward(self, src, query=None, memory=None, pad=None):
@@ -536,20 +529,16 @@ class Adaptor(nn.Module):
 
 
 def adaptor_loss(x_hat, t_hat, logit_scale, image_weight: float = 0.75, gather: bool = False):
-    """Eq. (3)-(4). logits_per_text (Bt, Bi) = exp(tau) t_hat x_hat^T; CE over texts for each image (dim 0) and
-    over images for each text (dim 1). gather=False is the official per-rank batch; True gathers both sides
-    from every rank, with gradients (R.gather_with_grad), so DDP = one big batch."""
+    """Eq. (3)-(4) on logits_per_text (Bt, Bi) = exp(tau) t_hat x_hat^T. gather=False is the official per-rank batch;
+    True gathers both sides from every rank, with gradients (R.gather_with_grad), so DDP = one big batch."""
     if gather:
         x_hat, t_hat = R.gather_with_grad(x_hat), R.gather_with_grad(t_hat)
     logits = logit_scale.exp() * t_hat @ x_hat.T                                          # (B, B)
     labels = torch.arange(len(logits), device=logits.device)
-    caption_loss = F.cross_entropy(logits.T, labels)   # softmax over texts (dim 0 of logits_per_text)
-    image_loss = F.cross_entropy(logits, labels)       # softmax over images (dim 1)
-    return (1 - image_weight) * caption_loss + image_weight * image_loss
+    return (1 - image_weight) * F.cross_entropy(logits.T, labels) + image_weight * F.cross_entropy(logits, labels)
 
 # ----------------------------------------------------------------------------------------------------------
-# Weight loading: HF safetensors -> our modules through literal key maps ("{}" = one dotted component; None
-# drops a key; "q"/"k"/"v" are stacked on dim 0 into one fused qkv tensor)
+# Weight loading: HF safetensors -> our modules through literal key maps ("q"/"k"/"v": stacked on dim 0 into qkv)
 
 
 # Copied from cleft.py: DINOV2_MAP
@@ -682,10 +671,9 @@ def bert_config_from_hf(hf: dict) -> BertConfig:
 
 
 def load_bert(path, missing_pooler: str = "error", seed: int = 42, dtype=None) -> BERT:
-    """An HF BERT folder -> BERT with its pooler (the official global text feature is pooler_output). Without
-    trained pooler weights (CXR-BERT, MLM-only files) that is an error unless missing_pooler is "random" (the
-    official behaviour: transformers initialises it randomly; seeded here, normal(0, 0.02) as transformers) or
-    "cls" (no pooler: the CLS hidden state is the global feature)."""
+    """An HF BERT folder -> BERT with its pooler (the official global text feature is pooler_output). Without trained
+    pooler weights (CXR-BERT, MLM-only files): an error unless missing_pooler is "random" (official, seeded here:
+    normal(0, 0.02) as transformers) or "cls" (the CLS hidden state is the global feature)."""
     folder = resolve(path)
     has_pooler = any(k.endswith("pooler.dense.weight") for k in tensor_index(folder))
     if not has_pooler and missing_pooler == "error":
@@ -725,10 +713,8 @@ def data_root(args) -> Path:
 def image_features(vision, pixels):
     """-> global (B, d_v) = CLS after the final norm, tokens (B, 1 + N, d_v) = all tokens after it (no registers
     in plain DINOv2; with registers they are dropped)."""
-    out, _ = vision(pixels)
-    R_ = vision.cfg.n_registers
-    tokens = torch.cat([out[:, :1], out[:, 1 + R_:]], 1) if R_ else out
-    return out[:, 0], tokens
+    out, R_ = vision(pixels)[0], vision.cfg.n_registers
+    return out[:, 0], torch.cat([out[:, :1], out[:, 1 + R_:]], 1) if R_ else out
 
 
 def text_features(bert, ids, mask):
@@ -755,9 +741,7 @@ def frozen(args, world, which: str, model, ids: list, split: str, batch) -> torc
 def linear_lr(step: int, total: int, warmup: int, lr: float) -> float:
     """get_linear_schedule_with_warmup (the official pre-training schedule): 0 -> lr over `warmup` steps, then
     linearly to 0 at `total`."""
-    if step < warmup:
-        return lr * step / max(1, warmup)
-    return lr * max(0.0, (total - step) / max(1, total - warmup))
+    return lr * step / max(1, warmup) if step < warmup else lr * max(0.0, (total - step) / max(1, total - warmup))
 
 
 def cosine_lr(step: int, total: int, lr: float, min_lr: float = 1e-8) -> float:
@@ -770,8 +754,7 @@ def train_loop(args, world, folder: Path, model, opt, n: int, step_fn, lr_fn, to
     -> loss, where batch is an index list, or the collated items of `ds` (a DataLoader with workers) when given.
     best (a Best) is evaluated at the end of every epoch and kept in the checkpoint with the trainable tensors,
     optimizer, RNG and step, so a killed run continues exactly where it stopped."""
-    net = R.wrap_model(model, world, compile=args.compile)
-    ckpts = R.Checkpoints(folder / "ckpt", world)
+    net, ckpts = R.wrap_model(model, world, compile=args.compile), R.Checkpoints(folder / "ckpt", world)
     scaler = R.make_scaler(args.precision, world.device)  # fp16 only; a no-op otherwise
     ck, step = ckpts.load(optimizer=opt, scaler=scaler, resuming=bool(args.resume)), 0
     trainable = lambda: {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
@@ -807,7 +790,6 @@ def train_loop(args, world, folder: Path, model, opt, n: int, step_fn, lr_fn, to
                            extra=best.state() if best is not None else None)
             if step >= total:
                 break
-    return step
 
 
 def total_steps(args, n: int, world) -> int:
@@ -826,8 +808,7 @@ def fp32_state(model: nn.Module) -> dict:
 
 
 def pretrain(args, world, folder: Path, vision, bert, tok, size: int) -> Adaptor:
-    """Eq. (4) over the MIMIC-CXR (or demo) pairs. Cached pooled features by default; --tokens runs the frozen
-    backbones on the fly (no_grad) for their token sequences."""
+    """Eq. (4) over the MIMIC-CXR (or demo) pairs: cached pooled features, or with --tokens the token sequences."""
     root, (train_split, val_split), dev = data_root(args), DATASETS[args.data]["splits"], world.device
     cfg = AdaptorConfig(vision_dim=vision.cfg.dim, text_dim=bert.cfg.dim, n_layers=args.layers, dim=args.dim,
                         n_heads=args.heads, ff=args.ff, dropout=args.dropout, tokens=args.tokens)
@@ -911,12 +892,10 @@ class SegDecoder(nn.Module):
         stage0 = conv_bn_relu(dim, dim, padding=0 if valid else 1)
         if not valid:
             stage0.append(nn.Upsample(size=(size // 16, size // 16)))
-        blocks, cin = [nn.Sequential(*stage0)], dim
-        for f in features:
-            blocks.append(nn.Sequential(*conv_bn_relu(cin, f), nn.Upsample(scale_factor=2)))
-            cin = f
-        self.stages = nn.Sequential(*blocks)
-        self.out = nn.Conv2d(cin, 1, 3, padding=1)
+        ups = [nn.Sequential(*conv_bn_relu(cin, f), nn.Upsample(scale_factor=2))
+               for cin, f in zip((dim, *features), features)]
+        self.stages = nn.Sequential(nn.Sequential(*stage0), *ups)
+        self.out = nn.Conv2d(features[-1], 1, 3, padding=1)
         for m in self.modules():  # the official init
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -1035,8 +1014,8 @@ def classify(args, world, folder: Path, vision, adaptor: Adaptor, size: int) -> 
                 z[split] = adaptor.encode_image(g.to(dev))                                  # (N, D)
         y[split] = torch.as_tensor(ds.labels, device=dev)
     keep = torch.as_tensor(fraction(y["train"].cpu().numpy(), args.data_pct, args.seed), device=dev)
-    binary, n_classes = len(ds.classnames) == 2, len(ds.classnames)
-    head = ClassifierHead(adaptor.cfg.dim, 1 if binary else n_classes).to(dev)
+    binary = len(ds.classnames) == 2
+    head = ClassifierHead(adaptor.cfg.dim, 1 if binary else len(ds.classnames)).to(dev)
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
     def probs_of(split):
@@ -1051,15 +1030,12 @@ def classify(args, world, folder: Path, vision, adaptor: Adaptor, size: int) -> 
 
     def step_fn(net, batch):
         idx = keep[batch]
-        out = net(z["train"][idx])
-        if binary:
-            return F.binary_cross_entropy_with_logits(out[:, 0], y["train"][idx].float())
-        return F.cross_entropy(out, y["train"][idx])
+        out, t = net(z["train"][idx]), y["train"][idx]
+        return F.binary_cross_entropy_with_logits(out[:, 0], t.float()) if binary else F.cross_entropy(out, t)
     metric = "auroc" if binary else "accuracy"
     best = Best(head, lambda: score("val"), metric)
     fit_head(args, world, folder, head, head, opt, len(keep), step_fn, best, "classify")
-    p = probs_of("test").cpu().numpy()
-    rep = M.report_from_probs(y["test"].cpu().numpy(), p, ds.classnames)
+    rep = M.report_from_probs(y["test"].cpu().numpy(), probs_of("test").cpu().numpy(), ds.classnames)
     rep |= {"metric": metric, "test": score("test"), "train_items": len(keep)}
     return report(args, world, folder, rep, best, head, dict(head=dict(classes=ds.classnames)))
 
@@ -1124,15 +1100,6 @@ class TorchLayer(nn.Module):
         return self.norm2(h + self.drop(self.linear2(self.drop(F.relu(self.linear1(h))))))
 
 
-def adaptor_step(model, opt, img, txt, prec: str):
-    """One pre-training step on pooled features (what --bench times)."""
-    with R.autocast(img.device, prec):
-        loss = adaptor_loss(*model(img, txt), model.logit_scale)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-
-
 def run_bench(args, world):
     """Real sizes, random weights: the adaptor's training step on pooled features at --batch-size (1024), ours and
     the same layers built from torch.nn (TorchLayer) timed in alternation (torch.nn, ours, ours, torch.nn, ...) so
@@ -1153,7 +1120,14 @@ def run_bench(args, world):
             model.layers = nn.ModuleList(layer_cls(cfg) for _ in range(cfg.n_layers))
             model = model.to(dev).train()
             opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01)
-            steps[name], wall[name], cpu[name] = functools.partial(adaptor_step, model, opt, img, txt, prec), [], []
+
+            def step(model=model, opt=opt, prec=prec):  # one pre-training step on pooled features
+                with R.autocast(img.device, prec):
+                    loss = adaptor_loss(*model(img, txt), model.logit_scale)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            steps[name], wall[name], cpu[name] = step, [], []
         for i in range(1 + args.bench_steps):  # round 0 warms up; the order flips every round (ABBA...)
             for name in list(steps)[::1 if i % 2 else -1]:
                 t, c = time.perf_counter(), time.process_time()
@@ -1204,21 +1178,17 @@ DEMO_RECIPES = {  # tiny models on 600 demo images: short, larger steps, a narro
 
 def recipe(args, task: str):
     """A copy of args with the flags not typed on the command line filled from the task's recipe."""
-    a = argparse.Namespace(**vars(args))
     key = task if task != "classify" or args.data == "demo" else \
         f"classify-{'rsna' if args.data == 'rsna' else 'covidx'}"
-    for k, v in (DEMO_RECIPES if args.data == "demo" else RECIPES)[key].items():
-        if k not in args.given:
-            setattr(a, k, v)
-    return a
+    fill = (DEMO_RECIPES if args.data == "demo" else RECIPES)[key].items()
+    return argparse.Namespace(**vars(args) | {k: v for k, v in fill if k not in args.given})
 
 
 def demo_backbones(args, world):
-    """The demo's tiny DINOv2 and BERT play *pretrained* frozen backbones. Frozen random ones give nearly the same
-    global feature for every input, and the adaptor then learns nothing (pre-training loss pinned at ln B), so
-    they load DEMO_BACKBONES, pre-trained offline CLIP-style on the demo's training pairs
-    (common/demo_weights/make_adaptor_backbones.py). The tokenizer's vocabulary, the words of the demo's training
-    captions, is stored with them."""
+    """The demo's tiny DINOv2 and BERT play *pretrained* frozen backbones: frozen random ones give nearly the same
+    global feature for every input, and the adaptor then learns nothing (pre-training loss pinned at ln B). They
+    load DEMO_BACKBONES, pre-trained offline CLIP-style on the demo's training pairs (made by
+    common/demo_weights/make_adaptor_backbones.py), with the tokenizer's vocabulary: the training captions' words."""
     from common.demo import ensure_demo
     if world.is_main:
         ensure_demo(Path(args.data_dir) if args.data_dir else REPO / "data" / "demo")
@@ -1246,7 +1216,7 @@ def backbones(args, world):
         bert, tok = load_bert(folder, args.missing_pooler, args.seed), bert_tokenizer(folder, MAX_WORDS)
     for m in (vision, bert):
         m.requires_grad_(False).eval()
-        if world.device.type == "cuda" and args.precision != "fp32":  # frozen weights stored in the compute dtype
+        if world.device.type == "cuda" and args.precision != "fp32":
             R.cast_frozen(m, R.PRECISIONS[args.precision])
     return vision.to(world.device), bert.to(world.device), tok
 
@@ -1270,8 +1240,7 @@ def init_folder(path: Path) -> Path:
 
 def preflight(args):
     """Before any work or run folder: every missing dataset file and weight folder, in one message."""
-    problems, d = [], DATASETS[args.data]
-    root = data_root(args)
+    problems, d, root = [], DATASETS[args.data], data_root(args)
     if args.data != "demo":
         wanted = [d["pairs"].format(s) for s in d["splits"]] if args.task == "pretrain" else [d.get(args.task)]
         if args.task != "pretrain" and not d.get(args.task):

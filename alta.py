@@ -2,18 +2,16 @@
 
 Paper: Lian, Zhou, Liang, Qin, Wang. "Efficient Medical Vision-Language Alignment Through Adapting Masked Vision
 Models" (arXiv 2506.08990). Official code: DopamineLcy/ALTA (commit 0f474b8), on top of RL4M/MRM-pytorch's MRM
-checkpoint and microsoft/BiomedVLP-CXR-BERT-specialized. Hand-written here in plain PyTorch and tested equal to
-timm (the ViT), the official ALTA code (multi-view encoder, decoder, heads, losses), GLoRIA (the local loss) and
-transformers (BERT + the official adapter formula): tests/goldens/make_alta_goldens.py.
+checkpoint and microsoft/BiomedVLP-CXR-BERT-specialized. Hand-written in plain PyTorch, tested equal to timm (the
+ViT), the official ALTA code (multi-view encoder, decoder, heads, losses), GLoRIA (the local loss) and transformers
+(BERT + the official adapter formula): tests/goldens/make_alta_goldens.py.
 
 The idea: an MRM ViT-B/16 is good at images but not aligned with text. Freeze it and CXR-BERT, put small
 AIM-style adapters in every layer of both, train the adapters, norms, heads and a few tokens (18.3M of 242.2M
 parameters, 7.57%) with four losses, on studies of up to four radiographs (current / prior x frontal / lateral):
   global  L_g = (CE(s v t^T) + CE(s t v^T)) / 2, v = norm(head(mean of the 4 CLS)), t = norm(head(text CLS)),
           s = exp(logit_scale) <= 100, features gathered over ranks with gradients;
-  local   GLoRIA's word-region loss: per caption and image, a = softmax_words(regions . words), context_w =
-          softmax_regions(t1 a^T) regions, score = log sum_w exp(t2 cos(word_w, context_w)); CE over t3 score;
-          t1, t2, t3 learned (exp of logit scales initialised at 1/0.07);
+  local   GLoRIA's word-region loss (local_loss), temperatures t1, t2, t3 learned (exp of logit scales, init 1/0.07);
   recon   MAE with 75% masking of each view; the decoder predicts the 448-px current frontal at p = 32 from the
           224-px input (super-resolution), per-patch normalised targets, MSE on the masked patches;
   MLM     a second copy of the report, 50% of its tokens masked, with bert_embed(image feature) added to every
@@ -35,8 +33,7 @@ Run it:
 
 Official behaviour kept so numbers are comparable, with the fix behind a flag (bugs that change results):
   - missing_token is created in fp16, zeros, and never trained; a missing view's CLS still enters the 4-way
-    mean and its tokens enter the local loss: --fix-missing trains the token and leaves missing views out of
-    both;
+    mean and its tokens enter the local loss: --fix-missing trains the token and leaves missing views out of both;
   - bert_embed (image feature -> BERT space for MLM) is neither loaded (MRM calls its own bert_mlp, 768 -> 384)
     nor trainable (no pattern of the training rule matches it): a frozen random projection. --train-bert-embed;
   - MLM turns every selected token into [MASK] although its docstring says 80/10/10: --mlm-8010.
@@ -56,15 +53,15 @@ half-cosine defined over 100 epochs but stopped at 30 (the lr is still ~88% of i
 scales clamped to [0, ln 100] after each step, model selection by RSNA validation zero-shot AUROC each epoch.
 The demo has no MRM or CXR-BERT to adapt, and frozen random towers carry almost no class signal (zero-shot ACC
 0.17-0.25 by seed, chance 0.167). So, as cilmp.py does for its CLIP, the tiny ViT + BERT come pre-trained in
-common/demo_weights/alta_towers.safetensors (fp16, 1.2 MB; made by make_alta_towers.py there: 200 steps of
-symmetric InfoNCE on the current images and reports of reports_train.csv, every tower weight trained, seed 0):
-they play MRM and CXR-BERT, frozen by the same rule as the real ones; only the adapters, norms, heads and tokens
-learn. Never used with real weights. The demo recipe (DEMO_RECIPE: lr 3e-4, 1 warm-up epoch, cosine over the 8
-epochs) is demo-only. There the adapters raise zero-shot ACC and AUROC over the frozen towers but not
-image->report P@5 (above): they are trained on the four-view mean against shuffled reports, and evaluated on one
-frontal image against the whole report.
+DEMO_TOWERS (fp16, 1.2 MB; made by common/demo_weights/make_alta_towers.py: 200 steps of symmetric InfoNCE on the
+current images and reports of reports_train.csv, every tower weight trained, seed 0): they play MRM and CXR-BERT,
+frozen by the same rule as the real ones; only the adapters, norms, heads and tokens learn. Never used with real
+weights; DEMO_RECIPE is demo-only. There the adapters raise zero-shot ACC and AUROC over the frozen towers but
+not image->report P@5 (above): they are trained on the four-view mean against shuffled reports, and evaluated on
+one frontal image against the whole report.
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -140,14 +137,9 @@ def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
     NOTE omega_i = 10000^(-i / dim) here (their `omega / embed_dim / 2.`), not MAE's 10000^(-4i / dim): the
     checkpoints store this table, so it is what the weights were trained with."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / dim)           # (dim/4,)
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                            indexing="ij")
-
-    def one(pos):  # (grid^2,) -> (grid^2, dim/2)
-        out = pos.reshape(-1, 1) * omega
-        return torch.cat([out.sin(), out.cos()], 1)
-
-    table = torch.cat([one(xs), one(ys)], 1)                                                # (grid^2, dim)
+    ys, xs = torch.meshgrid(*[torch.arange(grid, dtype=torch.float64)] * 2, indexing="ij")
+    x, y = (pos.reshape(-1, 1) * omega for pos in (xs, ys))                              # 2 x (grid^2, dim/4)
+    table = torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], 1)                            # (grid^2, dim)
     return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float()
 
 
@@ -207,13 +199,12 @@ class MAEViT(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.cfg = cfg
-        D, N = cfg.dim, cfg.grid ** 2
+        D, Dd = cfg.dim, cfg.decoder_dim
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(sincos_pos_embed(D, cfg.grid)[None], requires_grad=False)   # (1, 1 + N, D)
         self.blocks = nn.ModuleList(Block(D, cfg.n_heads, cfg.mlp_ratio, cfg.eps) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(D, eps=cfg.eps)
-        Dd = cfg.decoder_dim
         self.decoder_embed = nn.Linear(D, Dd)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
         self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(Dd, cfg.grid)[None], requires_grad=False)
@@ -222,10 +213,11 @@ class MAEViT(nn.Module):
         self.decoder_norm = nn.LayerNorm(Dd, eps=cfg.eps)
         self.decoder_pred = nn.Linear(Dd, (2 * cfg.patch_size) ** 2 * 3)
 
-    def encode(self, x):
-        """(B, 3, H, W) -> all tokens after the final norm (B, 1 + N, D), no masking (MAE's plain forward)."""
+    def encode(self, x, *add):
+        """(B, 3, H, W) -> all tokens after the final norm (B, 1 + N, D), no masking (MAE's plain forward). `add`:
+        tensors added to every token, CLS included, before the blocks (ALTA's view and temporal embeddings)."""
         x = self.patch_embed(x) + self.pos_embed[:, 1:]
-        x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(len(x), -1, -1), x], 1)
+        x = sum(add, torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(len(x), -1, -1), x], 1))
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
@@ -256,9 +248,7 @@ def random_masking(n_items: int, n_tokens: int, ratio: float, device):
     n_keep = int(n_tokens * (1 - ratio))
     ids_shuffle = torch.rand(n_items, n_tokens, device=device).argsort(1)   # ascending: small noise is kept
     ids_restore = ids_shuffle.argsort(1)
-    mask = torch.ones(n_items, n_tokens, device=device)
-    mask[:, :n_keep] = 0
-    return ids_shuffle[:, :n_keep], ids_restore, torch.gather(mask, 1, ids_restore)
+    return ids_shuffle[:, :n_keep], ids_restore, (ids_restore >= n_keep).float()   # removed: shuffled past n_keep
 
 # ----------------------------------------------------------------------------------------------------------
 # CXR-BERT: the BERT encoder copied from medct_lora.py (HF module names), plus the two heads CXR-BERT and ALTA
@@ -563,8 +553,7 @@ class AdaptedBlock(nn.Module):
         super().__init__()
         self.norm1, self.attn, self.norm2, self.mlp = block.norm1, block.attn, block.norm2, block.mlp
         dim = block.norm1.normalized_shape[0]
-        self.attn_adapter = Adapter(dim, ratio, skip=True)
-        self.mlp_adapter = Adapter(dim, ratio, skip=False)
+        self.attn_adapter, self.mlp_adapter = Adapter(dim, ratio, skip=True), Adapter(dim, ratio, skip=False)
         self.scale = scale
 
     def forward(self, x):
@@ -581,26 +570,12 @@ class AdaptedBertLayer(nn.Module):
         super().__init__()
         self.attention, self.intermediate, self.output = layer.attention, layer.intermediate, layer.output
         dim = layer.output.dense.out_features
-        self.attn_adapter = Adapter(dim, ratio, skip=True)
-        self.mlp_adapter = Adapter(dim, ratio, skip=False)
+        self.attn_adapter, self.mlp_adapter = Adapter(dim, ratio, skip=True), Adapter(dim, ratio, skip=False)
         self.scale = scale
 
     def forward(self, x, mask=None):
         h = self.attn_adapter(self.attention(x, mask))
         return self.output(self.intermediate(h), h) + self.scale * self.mlp_adapter(h)
-
-
-def add_adapters(model: "ALTA", cfg: ALTAConfig):
-    """Swap every encoder block of the ViT (not the decoder) and every BERT layer for its adapted version."""
-    model.blocks = nn.ModuleList(AdaptedBlock(b, cfg.adapter_ratio, cfg.adapter_scale) for b in model.blocks)
-    layers = model.bert_encoder.bert.encoder.layer
-    model.bert_encoder.bert.encoder.layer = nn.ModuleList(
-        AdaptedBertLayer(l, cfg.adapter_ratio, cfg.adapter_scale) for l in layers)
-    for name, m in model.bert_encoder.named_modules():   # BERT's init for D_fc1 (HF _init_weights: N(0, 0.02))
-        if name.endswith("D_fc1"):
-            nn.init.normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
-    return model
 
 # ----------------------------------------------------------------------------------------------------------
 # The method: four views through the adapted ViT, the report through the adapted BERT, four losses
@@ -623,8 +598,7 @@ class ALTA(MAEViT):
         super().__init__(vit_cfg)
         self.alta_cfg = cfg
         D, N = vit_cfg.dim, vit_cfg.grid ** 2
-        # the official missing token is created in fp16, zeros, and never trained: see fix_missing
-        self.missing_token = nn.Parameter(torch.zeros(1, N, D))
+        self.missing_token = nn.Parameter(torch.zeros(1, N, D))       # official: fp16, zeros, frozen (see top)
         self.temporal_embedding = nn.Parameter(torch.zeros(1, 2, D))
         self.view_embedding = nn.Parameter(torch.zeros(1, 2, D))
         self.bert_embed = nn.Linear(D, bert_cfg.dim)
@@ -633,7 +607,14 @@ class ALTA(MAEViT):
         for name in ("logit_scale", "logit_scale_local1", "logit_scale_local2", "logit_scale_local3"):
             setattr(self, name, nn.Parameter(torch.tensor(math.log(1 / 0.07))))
         self.bert_encoder = CXRBert(bert_cfg, cfg.proj_dim)
-        add_adapters(self, cfg)
+        # every encoder block of the ViT (not the decoder) and every BERT layer becomes its adapted version
+        self.blocks = nn.ModuleList(AdaptedBlock(b, cfg.adapter_ratio, cfg.adapter_scale) for b in self.blocks)
+        enc = self.bert_encoder.bert.encoder
+        enc.layer = nn.ModuleList(AdaptedBertLayer(layer, cfg.adapter_ratio, cfg.adapter_scale) for layer in enc.layer)
+        for name, m in self.bert_encoder.named_modules():   # BERT's init for D_fc1 (HF _init_weights: N(0, 0.02))
+            if name.endswith("D_fc1"):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
         self.register_buffer("view_ids", torch.tensor(VIEW_IDS), persistent=False)
         self.register_buffer("time_ids", torch.tensor(TIME_IDS), persistent=False)
 
@@ -644,17 +625,16 @@ class ALTA(MAEViT):
         files do not hold (adapters, image heads, bert_embed, the extra tokens) keeps these values."""
         g = torch.Generator().manual_seed(seed)
 
-        def xavier_(w, bias=None):        # xavier-uniform from g; fans from the shape (Linear and Conv2d alike)
-            bound = math.sqrt(6 / (w.shape[0] + w[0].numel()))
-            w.copy_(torch.rand(w.shape, generator=g) * 2 * bound - bound)
-            if bias is not None:
-                bias.zero_()
+        def xavier_(m):        # xavier-uniform weight from g, zero bias; fans from the shape (Linear and Conv2d alike)
+            bound = math.sqrt(6 / (m.weight.shape[0] + m.weight[0].numel()))
+            m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 2 * bound - bound)
+            m.bias.zero_()
 
         with torch.no_grad():
             for name, m in self.named_modules():
                 if isinstance(m, nn.Linear) and not name.startswith("bert_encoder"):
-                    xavier_(m.weight, m.bias)
-            xavier_(self.patch_embed.proj.weight, self.patch_embed.proj.bias)
+                    xavier_(m)
+            xavier_(self.patch_embed.proj)
             self.cls_token.copy_(torch.randn(self.cls_token.shape, generator=g) * 0.02)
             self.mask_token.copy_(torch.randn(self.mask_token.shape, generator=g) * 0.02)
             # A random BERT that is a usable frozen tower (the demo pre-trains from it; real runs load CXR-BERT
@@ -668,8 +648,8 @@ class ALTA(MAEViT):
                     p.mul_(0.1)
             for m in self.bert_encoder.modules():
                 if isinstance(m, ProjectionHead):     # the same xavier init as the image heads
-                    xavier_(m.dense_to_hidden.weight, m.dense_to_hidden.bias)
-                    xavier_(m.dense_to_output.weight, m.dense_to_output.bias)
+                    xavier_(m.dense_to_hidden)
+                    xavier_(m.dense_to_output)
                 elif isinstance(m, MLMHead):
                     m.transform.dense.weight.copy_(torch.randn(m.transform.dense.weight.shape, generator=g) * 0.02)
                     m.transform.dense.bias.zero_()
@@ -685,12 +665,8 @@ class ALTA(MAEViT):
     # -- inference -----------------------------------------------------------------------------------------
     def encode_image(self, x, normalize: bool = True):
         """One frontal image per study, no masking (official forward_img_feature): (B, 3, H, W) -> (B, E)."""
-        x = self.patch_embed(x) + self.pos_embed[:, 1:]
-        x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(len(x), -1, -1), x], 1)
-        x = x + self.temporal_embedding[:, :1] + self.view_embedding[:, :1]       # current, frontal
-        for blk in self.blocks:
-            x = blk(x)
-        z = self.projection_head(self.norm(x)[:, 0])
+        x = self.encode(x, self.temporal_embedding[:, :1], self.view_embedding[:, :1])   # current, frontal
+        z = self.projection_head(x[:, 0])
         return F.normalize(z.float(), dim=-1) if normalize else z
 
     def encode_text(self, ids, attention_mask, normalize: bool = True):
@@ -736,9 +712,8 @@ class ALTA(MAEViT):
             img_cls = cls.mean(1)
         img_global = F.normalize(self.projection_head(img_cls).float(), dim=-1)          # (B, E)
         img_local = self.local_projection_head(tokens.flatten(1, 2)).float()             # (B, V*n_keep, E)
-        regions = present[:, :, None].expand(-1, -1, tokens.shape[2]).flatten(1)          # (B, V*n_keep)
-        if not self.alta_cfg.fix_missing:
-            regions = torch.ones_like(regions)
+        regions = present if self.alta_cfg.fix_missing else torch.ones_like(present)    # official: every region
+        regions = regions[:, :, None].expand(-1, -1, tokens.shape[2]).flatten(1)          # (B, V*n_keep)
 
         # text: the report and its MLM copy in one BERT pass; the copy gets bert_embed(image) on every token
         ids, am = batch["ids"], batch["attention_mask"]
@@ -769,16 +744,12 @@ class ALTA(MAEViT):
 
 
 def mark_trainable(model: ALTA, cfg: ALTAConfig) -> list:
-    """The official rule (util/trainable_params.py): a parameter trains iff its name contains one of TRAIN_RULE.
-    Frozen: patch embedding, attention / MLP weights, decoder blocks, BERT embeddings, missing_token, bert_embed
-    (the last two are official bugs, fixed by --fix-missing / --train-bert-embed). Returns the trainable names."""
-    names = []
+    """The official rule (util/trainable_params.py): a parameter trains iff its name holds one of TRAIN_RULE. Frozen:
+    patch embedding, attention / MLP weights, decoder blocks, BERT embeddings, missing_token, bert_embed (see top)."""
     for name, p in model.named_parameters():
         p.requires_grad = (any(s in name for s in TRAIN_RULE) or (cfg.fix_missing and name == "missing_token")
                            or (cfg.train_bert_embed and name.startswith("bert_embed.")))
-        if p.requires_grad:
-            names.append(name)
-    return names
+    return [name for name, p in model.named_parameters() if p.requires_grad]
 
 # ----------------------------------------------------------------------------------------------------------
 # Losses: global InfoNCE, GLoRIA's word-region loss, MAE reconstruction, MLM (inside ALTA.forward)
@@ -810,16 +781,15 @@ def local_loss(img, words, word_mask, t1, t2, t3, regions=None, chunk: int = 16)
         ctx = torch.einsum("nils,ise->nile", a, img)                                     # (n, Ni, L, E)
         # GLoRIA's cosine: w.c / max(|w| |c|, 1e-8)
         cos = (w[:, None] * ctx).sum(-1) / (w.norm(dim=-1)[:, None] * ctx.norm(dim=-1)).clamp(min=1e-8)
-        s = (t2 * cos).masked_fill(~m[:, None, :], float("-inf")).logsumexp(-1)          # (n, Ni)
-        scores.append(s)
+        scores.append((t2 * cos).masked_fill(~m[:, None, :], float("-inf")).logsumexp(-1))  # (n, Ni)
     sim = t3 * torch.cat(scores).T                                                       # (Ni, Nt)
     labels = torch.arange(len(sim), device=sim.device)
     return (F.cross_entropy(sim, labels) + F.cross_entropy(sim.T, labels)) / 2
 
 
 def recon_loss(pred, big, mask, p: int):
-    """MRM's super-resolution target: the 2x-size image patchified at p = 2 x patch, each patch normalised to
-    zero mean / unit variance (norm_pix_loss), MSE averaged per patch, then over the masked patches only."""
+    """MRM's target: the 2x image patchified at p = 2 x patch, each patch to zero mean / unit variance (norm_pix_loss);
+    MSE averaged per patch, then over the masked patches only."""
     target = patchify(big, p)                                                             # (B, N, p*p*3)
     target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
     per_patch = ((pred - target) ** 2).mean(-1)                                          # (B, N)
@@ -827,9 +797,8 @@ def recon_loss(pred, big, mask, p: int):
 
 # ----------------------------------------------------------------------------------------------------------
 # Weight loading: safetensors -> our modules through literal key maps ("{}" = one dotted component, None = drop).
-# Our names ARE the official ones, so the maps are identities that spell out the checkpoint layout; the .pth
-# files convert with `python -m common.weights convert ALTA.pth ALTA.safetensors --key model` (the pickled
-# argparse.Namespace beside the weights is read without running code and dropped).
+# Our names ARE the official ones, so the maps are identities that spell out the checkpoint layout; the .pth files
+# convert as at the top (the pickled argparse.Namespace beside the weights is read without running code, dropped).
 
 VISION_MAP = {  # MRM.pth ["model"] and the vision half of ALTA.pth
     "patch_embed.proj.{}": "patch_embed.proj.{}",
@@ -837,8 +806,7 @@ VISION_MAP = {  # MRM.pth ["model"] and the vision half of ALTA.pth
     "blocks.{}.norm1.{}": "blocks.{}.norm1.{}", "blocks.{}.norm2.{}": "blocks.{}.norm2.{}",
     "blocks.{}.attn.qkv.{}": "blocks.{}.attn.qkv.{}", "blocks.{}.attn.proj.{}": "blocks.{}.attn.proj.{}",
     "blocks.{}.mlp.fc1.{}": "blocks.{}.mlp.fc1.{}", "blocks.{}.mlp.fc2.{}": "blocks.{}.mlp.fc2.{}",
-    "norm.{}": "norm.{}",
-    "decoder_embed.{}": "decoder_embed.{}", "decoder_pos_embed": "decoder_pos_embed",
+    "norm.{}": "norm.{}", "decoder_embed.{}": "decoder_embed.{}", "decoder_pos_embed": "decoder_pos_embed",
     "decoder_blocks.{}.norm1.{}": "decoder_blocks.{}.norm1.{}",
     "decoder_blocks.{}.norm2.{}": "decoder_blocks.{}.norm2.{}",
     "decoder_blocks.{}.attn.qkv.{}": "decoder_blocks.{}.attn.qkv.{}",
@@ -853,8 +821,7 @@ MRM_MAP = VISION_MAP | {  # MRM's own text side (a 6-layer 384-d BERT and its im
     "bert_encoder.model.bert.encoder.layer.{}.attention.self.{}.{}": None,
     "bert_encoder.model.bert.encoder.layer.{}.attention.output.{}.{}": None,
     "bert_encoder.model.bert.encoder.layer.{}.intermediate.dense.{}": None,
-    "bert_encoder.model.bert.encoder.layer.{}.output.{}.{}": None,
-    "bert_encoder.model.bert.pooler.dense.{}": None,
+    "bert_encoder.model.bert.encoder.layer.{}.output.{}.{}": None, "bert_encoder.model.bert.pooler.dense.{}": None,
     "bert_encoder.model.cls.predictions.bias": None, "bert_encoder.model.cls.predictions.transform.{}.{}": None,
     "bert_encoder.model.cls.predictions.decoder.{}": None,
 }
@@ -865,8 +832,7 @@ ALTA_MAP = VISION_MAP | {  # ALTA.pth ["model"]: everything
     "projection_head.{}.{}": "projection_head.{}.{}", "local_projection_head.{}.{}": "local_projection_head.{}.{}",
     "logit_scale": "logit_scale", "logit_scale_local1": "logit_scale_local1",
     "logit_scale_local2": "logit_scale_local2", "logit_scale_local3": "logit_scale_local3",
-    "bert_embed.{}": "bert_embed.{}",
-    "bert_encoder.bert.embeddings.{}.{}": "bert_encoder.bert.embeddings.{}.{}",
+    "bert_embed.{}": "bert_embed.{}", "bert_encoder.bert.embeddings.{}.{}": "bert_encoder.bert.embeddings.{}.{}",
     "bert_encoder.bert.embeddings.position_ids": None,       # a buffer transformers < 4.31 saved
     "bert_encoder.bert.encoder.layer.{}.attention.self.{}.{}":
         "bert_encoder.bert.encoder.layer.{}.attention.self.{}.{}",
@@ -885,8 +851,7 @@ ALTA_MAP = VISION_MAP | {  # ALTA.pth ["model"]: everything
     "bert_encoder.local_projection_head.{}.{}": "bert_encoder.local_projection_head.{}.{}",
 }
 CXRBERT_MAP = {  # microsoft/BiomedVLP-CXR-BERT-specialized (CXRBertModel = BertForMaskedLM + projection head)
-    "bert.embeddings.{}.{}": "bert_encoder.bert.embeddings.{}.{}",
-    "bert.embeddings.position_ids": None,
+    "bert.embeddings.{}.{}": "bert_encoder.bert.embeddings.{}.{}", "bert.embeddings.position_ids": None,
     "bert.encoder.layer.{}.attention.self.{}.{}": "bert_encoder.bert.encoder.layer.{}.attention.self.{}.{}",
     "bert.encoder.layer.{}.attention.output.{}.{}": "bert_encoder.bert.encoder.layer.{}.attention.output.{}.{}",
     "bert.encoder.layer.{}.intermediate.dense.{}": "bert_encoder.bert.encoder.layer.{}.intermediate.dense.{}",
@@ -899,9 +864,8 @@ CXRBERT_MAP = {  # microsoft/BiomedVLP-CXR-BERT-specialized (CXRBertModel = Bert
 
 
 def load_part(model: ALTA, path, key_map: dict, wanted):
-    """Load the model tensors for which wanted(name) is true from a safetensors file or folder, each of them
-    required, every checkpoint key accounted for by key_map; the other tensors keep their values. Floats are
-    read as fp32 (ALTA.pth stores the missing token in fp16)."""
+    """Load the tensors with wanted(name) true from a safetensors file or folder, each required, every checkpoint
+    key accounted for by key_map; the others keep their values. Floats as fp32 (ALTA.pth's missing token is fp16)."""
     others = [k for k in model.state_dict() if not wanted(k)]
     return load_mapped(model, path, key_map, dtype=torch.float32, drop_missing=others)
 
@@ -937,10 +901,8 @@ def is_tower_key(name: str) -> bool:
 
 
 def load_demo_towers(model: ALTA, tok):
-    """The demo's stand-ins for MRM and CXR-BERT: DEMO_TOWERS, the tiny ViT + BERT pre-trained offline by
-    common/demo_weights/make_alta_towers.py (frozen random towers carry almost no class signal: nothing for the
-    adapters to adapt). Never used with real weights. The MAE decoder keeps its random init: the contrastive
-    pre-training never reaches it. The file names the vocabulary it was made with, which must be the demo's."""
+    """The demo's stand-ins for MRM and CXR-BERT (DEMO_TOWERS: module docstring, is_tower_key). The file names the
+    vocabulary it was made with, which must be the demo's."""
     with safe_open(str(DEMO_TOWERS), "pt") as f:
         made_for = f.metadata().get("vocab")
     if made_for != json.dumps(tok.get_vocab(), sort_keys=True):
@@ -973,11 +935,8 @@ def demo_tokenizer(root: Path):
 
 def mlm_mask(ids, tok, g: torch.Generator, prob: float = 0.5, mode_8010: bool = False):
     """-> (masked ids, labels with -100 where nothing is predicted). `prob` of the non-special tokens are
-    selected; officially every selected token becomes [MASK] (the docstring's 80/10/10 is not what the code
-    does); mode_8010 does 80% [MASK], 10% a random token, 10% unchanged."""
-    special = torch.zeros_like(ids, dtype=torch.bool)
-    for s in ("[PAD]", "[CLS]", "[SEP]"):
-        special |= ids == tok.token_to_id(s)
+    selected; each becomes [MASK] (official, see top), or with mode_8010 80% [MASK], 10% random, 10% unchanged."""
+    special = torch.isin(ids, torch.tensor([tok.token_to_id(s) for s in ("[PAD]", "[CLS]", "[SEP]")]))
     sel = (torch.rand(ids.shape, generator=g) < prob) & ~special
     labels = torch.where(sel, ids, torch.full_like(ids, -100))
     out = ids.clone()
@@ -991,10 +950,9 @@ def mlm_mask(ids, tok, g: torch.Generator, prob: float = 0.5, mode_8010: bool = 
 
 
 def image_transform(size: int, gray: bool):
-    """-> (geometry, to_tensor), with the random affine + jitter going between the two when training.
-    Geometry: the shorter side to size x 8/7 (bicubic), centre crop `size` (the official 256 -> 224 and 512 -> 448
-    paths). Then torchvision's Grayscale(3) for X-rays (luma, copied to 3 channels; the demo's colour photographs
-    stay RGB), tensor, Normalize(0.4785, 0.2834)."""
+    """-> (geometry, to_tensor); the random affine + jitter goes between them when training. Geometry: shorter side
+    to size x 8/7 (bicubic), centre crop `size` (the official 256 -> 224 and 512 -> 448). Then torchvision's
+    Grayscale(3) for X-rays (luma, 3 channels; the demo's colour photos stay RGB), tensor, Normalize (CXR_*)."""
     geometry = Compose([ToRGB(), Resize(round(size * 8 / 7)), CenterCrop(size)])
     return geometry, Compose([*([ToGray(), ToRGB()] if gray else []), ToTensor(), Normalize(CXR_MEAN, CXR_STD)])
 
@@ -1009,11 +967,9 @@ class StudyDataset(Dataset):
                  mlm_8010: bool = False):
         self.table = ImageReportDataset(root, csv_path, multiview=True)
         self.tok, self.size, self.max_len, self.train = tok, size, max_len, train
-        self.seed, self.mlm_8010 = seed, mlm_8010
+        self.seed, self.mlm_8010, self.aug, self.epoch = seed, mlm_8010, AffineJitter(), 0
         self.geo_big, self.to_tensor = image_transform(2 * size, gray)
         self.geo_small, _ = image_transform(size, gray)
-        self.aug = AffineJitter()
-        self.epoch = 0
         for it in self.table.items:
             if not re.search(r"\w", it["report"]):
                 raise DataError(f"{self.table.csv_path}: the report of {it['image_path']} is empty: every study needs "
@@ -1040,13 +996,11 @@ class StudyDataset(Dataset):
                 "attention_mask": am[0], "mlm_ids": mlm_ids[0], "mlm_labels": labels[0]}
 
 # ----------------------------------------------------------------------------------------------------------
-# Training: the official recipe (AdamW (0.9, 0.95), wd 0.05 off for biases / 1-D tensors, per-step warm-up +
-# half-cosine defined over --sched-epochs and stopped at --epochs, logit scales clamped to [0, ln 100])
+# Training: the official recipe (module docstring)
 
 
 def lr_at(epoch: float, args) -> float:
-    """util/lr_sched.py: linear warm-up for warmup_epochs, then half-cosine to 0 at sched_epochs (the official
-    run defines it over 100 epochs and stops at 30, where the lr is still ~88% of its peak)."""
+    """util/lr_sched.py: linear warm-up for warmup_epochs, then half-cosine to 0 at sched_epochs (cut at --epochs)."""
     if epoch < args.warmup_epochs:
         return args.lr * epoch / args.warmup_epochs
     t = (epoch - args.warmup_epochs) / max(1e-9, args.sched_epochs - args.warmup_epochs)
@@ -1054,8 +1008,7 @@ def lr_at(epoch: float, args) -> float:
 
 
 def make_optimizer(model: ALTA, lr: float, wd: float = 0.05):
-    """timm's param_groups_weight_decay: no decay on 1-D tensors and biases; the 3-D cls / view / temporal
-    tokens DO get weight decay (the official code never passes model.no_weight_decay())."""
+    """timm's param_groups_weight_decay; the 3-D tokens ARE decayed (the official code never calls no_weight_decay)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -1075,8 +1028,7 @@ def to_device(batch: dict, device) -> dict:
 def train(args, world, model: ALTA, ds: StudyDataset, run_dir: Path, select=None) -> dict:
     """Pre-train with the four losses. select(model) -> a number to maximise (model selection: RSNA validation
     zero-shot AUROC officially) or None; the best weights go to best.safetensors."""
-    opt = make_optimizer(model, args.lr)
-    scaler = R.make_scaler(args.precision, world.device)
+    opt, scaler = make_optimizer(model, args.lr), R.make_scaler(args.precision, world.device)
     net = R.wrap_model(model, world, compile=args.compile)
     per_epoch = len(R.epoch_batches(len(ds), args.batch_size, args.seed, 0, world))
     total = args.epochs * per_epoch if not args.steps else min(args.steps, args.epochs * per_epoch)
@@ -1098,8 +1050,7 @@ def train(args, world, model: ALTA, ds: StudyDataset, run_dir: Path, select=None
                 group["lr"] = lr_at(step / per_epoch, args)
             with R.autocast(world.device, args.precision):
                 losses = net(to_device(batch, world.device))
-            loss = sum(losses.values())
-            value = R.optimizer_step(loss, opt, scaler, world, step)
+            value = R.optimizer_step(sum(losses.values()), opt, scaler, world, step)
             with torch.no_grad():   # official: all four scales clamped to [0, ln 100] after every step
                 for name in ("logit_scale", "logit_scale_local1", "logit_scale_local2", "logit_scale_local3"):
                     getattr(model, name).clamp_(0, math.log(100))
@@ -1190,13 +1141,9 @@ CHEXPERT_CLASS_PROMPTS = {  # GLoRIA's prompt parts (the 5x200 zero-shot script)
 
 
 def chexpert_prompts() -> dict:
-    """All combinations (n = 10000 exceeds every pool, so the official sampling returns them all): 210 / 15 /
-    192 / 18 / 54 prompts."""
-    out = {}
-    for name, parts in CHEXPERT_CLASS_PROMPTS.items():
-        a, b, c = parts.values()
-        out[name] = [gloria_clean(f"{x} {y} {z}".strip()) for x in a for y in b for z in c]
-    return out
+    """All combinations (the official n = 10000 exceeds every pool: it samples them all): 210/15/192/18/54 prompts."""
+    return {name: [gloria_clean(f"{x} {y} {z}".strip()) for x, y, z in itertools.product(*parts.values())]
+            for name, parts in CHEXPERT_CLASS_PROMPTS.items()}
 
 
 def evaluate(what: str, model: ALTA, tok, args, root: Path) -> dict:
@@ -1329,9 +1276,7 @@ def parse_args(argv=None):
     if args.resume:
         R.restore_run_args_or_exit(p, args, given, free=("steps",))   # a longer --steps only runs further
     elif args.data == "demo" and not args.eval:
-        for k, v in DEMO_RECIPE.items():
-            if k not in given:
-                setattr(args, k, v)
+        vars(args).update({k: v for k, v in DEMO_RECIPE.items() if k not in given})
     elif "lr" not in given:              # official: lr = blr x effective batch / 256
         args.lr = 1.5e-4 * args.batch_size * int(os.environ.get("WORLD_SIZE", "1")) / 256
     args.max_len = DATASETS[args.data]["max_len"]
@@ -1349,12 +1294,8 @@ def build(args, world, tok):
     """Model for these flags: the demo's tiny pair, or ViT-B/16 + CXR-BERT (random unless loaded)."""
     vit_cfg = VIT_PRESETS[args.vit]
     cfg = ALTAConfig(mask_ratio=args.mask_ratio, fix_missing=args.fix_missing, train_bert_embed=args.train_bert_embed)
-    if args.text:
-        bert_cfg = bert_config_from_hf(load_config(resolve(args.text)))
-    elif args.vit == "tiny":
-        bert_cfg = BertConfig(vocab_size=tok.get_vocab_size(), **DEMO_BERT)
-    else:
-        bert_cfg = CXR_BERT
+    bert_cfg = (bert_config_from_hf(load_config(resolve(args.text))) if args.text else
+                BertConfig(vocab_size=tok.get_vocab_size(), **DEMO_BERT) if args.vit == "tiny" else CXR_BERT)
     init = args.init if args.init and str(args.init).endswith(".safetensors") else None
     model = build_model(vit_cfg, bert_cfg, cfg, init=init, vision=args.init_vision, text=args.text, seed=args.seed)
     if uses_demo_towers(args):
@@ -1417,11 +1358,9 @@ def run(args, world) -> dict:
     ds = StudyDataset(root / DATASETS[args.data]["train"], root, tok, model.cfg.img_size, args.max_len,
                       DATASETS[args.data]["gray"], train=True, seed=args.seed, mlm_8010=args.mlm_8010)
     rsna = REPO / "data" / "rsna" / "valid.csv"
-    select = None
-    if args.data == "demo":
-        select = lambda m: evaluate("demo-val", m, tok, args, root)["AUROC"] if world.is_main else None
-    elif rsna.is_file():
-        select = lambda m: evaluate("rsna-val", m, tok, args, rsna.parent)["AUROC"] if world.is_main else None
+    val_set, val_root = ("demo-val", root) if args.data == "demo" else ("rsna-val", rsna.parent)
+    select = None if args.data != "demo" and not rsna.is_file() else (
+        lambda m: evaluate(val_set, m, tok, args, val_root)["AUROC"] if world.is_main else None)
     if not args.eval_only:
         try:
             best = train(args, world, model, ds, run_dir, select)
