@@ -973,7 +973,8 @@ def run_bench(args, world):
 # (common/demo_weights/make_medct_text_tower.py: largest cosine between two findings' prompt directions 0.24, random
 # 0.99), locked while the rest was pre-trained (make_medct_ctclip.py). Measured (225 training pairs, 150 test volumes):
 # mean AUROC 0.731 before LoRA (pleural effusion and cardiomegaly 1.00, consolidation 0.67, nodule and emphysema ~0.5),
-# after it 0.793 / 0.759 / 0.769 for --seed 0-2 with two threads, 0.789 / 0.761 / 0.761 / 0.759 for --seed 0-3 with one;
+# after it 0.793 / 0.759 / 0.769 for --seed 0-2 with two threads (seed 0 read 0.798 on another day's CPU: float
+# rounding), 0.789 / 0.761 / 0.761 / 0.759 for --seed 0-3 with one;
 # LoRA lifts nodule (0.47 -> 0.53-0.61) and emphysema (0.51 -> 0.54-0.69). Also tried (issue 10): the tower trained
 # along in the pre-training (0.616 before, 0.664 after at seed 0, nodule and emphysema lowered: its prompt directions
 # drew together, largest cosine 0.93); a tower trained with a 5-logit read-out instead of status codes (prompt
