@@ -31,7 +31,7 @@ position (the official extraction sorts each batch by caption length, so two tok
 
 Run it:
     python adaptor.py       # demo: pre-train, classify, segment; tiny models (pre-trained offline: demo_backbones),
-        CPU; measured on a shared 2-core CPU, 30 s: pre-training val loss 3.77 vs ln 120 = 4.79, text->image top-1
+        CPU; measured on a shared 2-core CPU, 30-54 s: pre-training val loss 3.77 vs ln 120 = 4.79, text->image top-1
         0.058 vs chance 0.008; 6-class accuracy 0.45 vs 0.17; Dice 0.68
     python adaptor.py --data mimic-cxr --vision dinov2-b --text biobert           # pre-training, paper setting
     python adaptor.py --task classify --data rsna --data-pct 0.01 --init runs/adaptor/mimic-cxr/<run>

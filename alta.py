@@ -217,7 +217,9 @@ class MAEViT(nn.Module):
         """(B, 3, H, W) -> all tokens after the final norm (B, 1 + N, D), no masking (MAE's plain forward). `add`:
         tensors added to every token, CLS included, before the blocks (ALTA's view and temporal embeddings)."""
         x = self.patch_embed(x) + self.pos_embed[:, 1:]
-        x = sum(add, torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(len(x), -1, -1), x], 1))
+        x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(len(x), -1, -1), x], 1)   # (B, 1 + N, D)
+        for emb in add:
+            x = x + emb
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
@@ -1358,9 +1360,11 @@ def run(args, world) -> dict:
     ds = StudyDataset(root / DATASETS[args.data]["train"], root, tok, model.cfg.img_size, args.max_len,
                       DATASETS[args.data]["gray"], train=True, seed=args.seed, mlm_8010=args.mlm_8010)
     rsna = REPO / "data" / "rsna" / "valid.csv"
+    # model selection by validation zero-shot AUROC: the demo's own split, else RSNA's when it is prepared
     val_set, val_root = ("demo-val", root) if args.data == "demo" else ("rsna-val", rsna.parent)
-    select = None if args.data != "demo" and not rsna.is_file() else (
-        lambda m: evaluate(val_set, m, tok, args, val_root)["AUROC"] if world.is_main else None)
+    select = None
+    if args.data == "demo" or rsna.is_file():
+        select = lambda m: evaluate(val_set, m, tok, args, val_root)["AUROC"] if world.is_main else None
     if not args.eval_only:
         try:
             best = train(args, world, model, ds, run_dir, select)
