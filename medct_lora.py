@@ -633,7 +633,8 @@ def add_lora(model: CTCLIP, targets, r: int, alpha: float, dropout: float) -> CT
     for name in targets:
         tower, path = LORA_TARGETS[name]
         parent_path, attr = path.rsplit(".", 1)
-        for parent in (layer.get_submodule(parent_path) for layer in lora_layers(model, tower)):
+        for layer in lora_layers(model, tower):
+            parent = layer.get_submodule(parent_path)
             setattr(parent, attr, LoRALinear(getattr(parent, attr), r, alpha, dropout))
     return model
 
