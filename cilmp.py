@@ -136,16 +136,10 @@ LLM_PRESETS = {  # the four LLMs of the paper's LLM table, plus a random tiny on
 # where to download it). The file's class names (its third column) are the prompts' words and name the cached LLM
 # representations: the converters spell them as the official code's dataset classes (usr922/cilmp
 # cilmp/datasets/*.py; common.prepare.CLASSNAMES), and a file that differs is used with a note.
-DATASETS = {
-    "demo": dict(split="split_demo.json"), "isic": dict(split="split_isic.json"),
-    "dermamnist": dict(split="split_dermamnist.json"), "derm7pt": dict(split="split_derm7pt.json"),
-    "adam": dict(split="split_adam.json"), "aptos2019": dict(split="split_aptos2019.json"),
-    "odir": dict(split="split_odir.json"), "kvasir": dict(split="split_kvasir.json"),
-    "pneumonia": dict(split="split_pneumonia.json"),
-    "pneumonia2": dict(dir="pneumonia", split="split_pneumonia2.json"),  # the official 2-class split
-    "cpn-x-ray": dict(split="split_cpn-x-ray.json"), "chaoyang": dict(split="split_chaoyang.json"),
-    "fetal-us": dict(split="split_fetal-us.json"),
-}
+DATASETS = {name: dict(split=f"split_{name}.json") for name in ("demo", "isic", "dermamnist", "derm7pt", "adam",
+                                                                 "aptos2019", "odir", "kvasir", "pneumonia",
+                                                                 "cpn-x-ray", "chaoyang", "fetal-us")}
+DATASETS["pneumonia2"] = dict(dir="pneumonia", split="split_pneumonia2.json")  # the official 2-class split
 
 QUESTION = "In an image, describe the distinctive visual features of {}."
 CTX_INIT = "a photo of a"          # the text context's initial words (paper Sec. 4.2)
@@ -390,6 +384,8 @@ class Llama(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, ids, cache=None, pos=0, all_hidden=False):
+        """ids (B, T) -> the last hidden states (B, T, D); all_hidden: (n_layers + 1, B, T, D), equal to HF
+        LlamaModel(output_hidden_states=True).hidden_states."""
         x = self.embed(ids)                                                 # (B, T, D)
         cos, sin = self.rope(pos, ids.shape[1], x.dtype)
         hidden = [x]
@@ -398,11 +394,6 @@ class Llama(nn.Module):
             hidden.append(x)
         hidden[-1] = x = self.norm(x)  # HF convention: the last entry of hidden_states is AFTER the final norm
         return torch.stack(hidden) if all_hidden else x
-
-    @torch.no_grad()
-    def hidden_states(self, ids):
-        """(B, T) -> (n_layers + 1, B, T, D), equal to HF LlamaModel(output_hidden_states=True).hidden_states."""
-        return self(ids, all_hidden=True)
 
     @torch.no_grad()
     def generate(self, ids, max_new_tokens: int, stop_ids=()):
@@ -771,7 +762,7 @@ def llm_representations(llm: Llama, tok, classnames, chat: str, max_new_tokens: 
         if stops and (not new or new[-1] not in stops):
             new.append(stops[0])
         full = torch.cat([ids, torch.tensor([new], device=dev)], 1)
-        reps.append(llm.hidden_states(full)[1:, 0, -1].float().cpu())          # (n_layers, D)
+        reps.append(llm(full, all_hidden=True)[1:, 0, -1].float().cpu())       # (n_layers, D)
         texts.append(tok.decode(new, skip_special_tokens=True).strip())
         progress.update(1, answered=name, tokens=len(new))
     return torch.stack(reps), texts
@@ -985,16 +976,9 @@ def evaluate(model: CILMP, ds, args, device) -> dict:
     """Test-set logits -> ACC, macro-F1, AUROC (one-vs-rest macro on softmax), Cohen's kappa (unweighted and
     quadratic), per-class table and confusion matrix, all from common/metrics."""
     model.eval()
-    # rank 0 evaluates the whole test set with a plain loader (a DistributedSampler would give it 1/world)
-    loader = torch.utils.data.DataLoader(ds, args.eval_batch_size, shuffle=False, num_workers=args.num_workers)
-    ys, probs = [], []
-    for x, y in loader:
-        with R.autocast(device, args.precision):
-            logits = model(x.to(device))
-        probs.append(logits.float().softmax(-1).cpu())
-        ys.append(y)
-    p, y = torch.cat(probs).numpy(), torch.cat(ys).numpy()
-    return M.classification_report(y, p.argmax(1), p, ds.classnames)
+    logits, y = R.predict(model, ds, args, device)                                      # (N, C), (N,)
+    p = logits.softmax(-1).numpy()
+    return M.classification_report(y.numpy(), p.argmax(1), p, ds.classnames)
 
 
 # ----------------------------------------------------------------------------------------------------------

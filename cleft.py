@@ -957,7 +957,9 @@ def stage_contrastive(args, world, stage_dir: Path, model: CLEFT, tok, size: int
     if world.is_main:
         model.eval()
         with torch.no_grad(), R.autocast(world.device, args.precision):
-            losses = [loss_fn(model, b, gather=False).item() for b in eval_loader(val_ds, args, drop_last=True)]
+            val = torch.utils.data.DataLoader(val_ds, args.eval_batch_size, num_workers=args.num_workers,
+                                              drop_last=True)  # whole batches: the loss's chance level is 2 ln B
+            losses = [loss_fn(model, b, gather=False).item() for b in val]
         if losses:
             B, loss = args.eval_batch_size, float(np.mean(losses))
             print(f"stage 1 validation loss {loss:.4f} ({len(val_ds)} pairs, batches of {B}; chance 2 ln {B} = "
@@ -1004,23 +1006,6 @@ def stage_prompt(args, world, stage_dir: Path, model: CLEFT, tok, size: int):
 # Evaluation: zero-shot, linear probe, fine-tune; ACC / AUROC / macro-F1 / kappa from common/metrics
 
 
-def eval_loader(ds, args, drop_last=False):
-    """The whole set in order, on whichever rank evaluates (no DistributedSampler: it would split it)."""
-    return torch.utils.data.DataLoader(ds, batch_size=args.eval_batch_size, num_workers=args.num_workers,
-                                       drop_last=drop_last)
-
-
-@torch.no_grad()
-def predict(args, world, fn, ds):
-    """-> (fn(x) for the whole set, labels), fp32 on the CPU."""
-    ys, outs = [], []
-    for x, y in eval_loader(ds, args):
-        with R.autocast(world.device, args.precision):
-            outs.append(fn(x.to(world.device)).float().cpu())
-        ys.append(y)
-    return torch.cat(outs), torch.cat(ys)
-
-
 @torch.no_grad()
 def zero_shot(args, world, model: CLEFT, tok, ds) -> dict:
     """Classify by the most similar class prompt: stage-2 context + class words, else the dataset's fixed prompts."""
@@ -1031,8 +1016,8 @@ def zero_shot(args, world, model: CLEFT, tok, ds) -> dict:
     with R.autocast(world.device, args.precision):
         txt = model.encode_text(*to_device(world, ids, mask))                            # (C, E)
     scale = model.logit_scale.exp()
-    probs, y = predict(args, world, lambda x: (scale * model.encode_image(x) @ txt.t()).float().softmax(-1), ds)
-    return M.report_from_probs(y, probs, ds.classnames)                                  # probs (N, C)
+    logits, y = R.predict(lambda x: scale * model.encode_image(x) @ txt.t(), ds, args, world.device)    # (N, C)
+    return M.report_from_probs(y, logits.softmax(-1), ds.classnames)
 
 
 class Classifier(nn.Module):
@@ -1050,8 +1035,8 @@ def linear_probe(args, world, model: CLEFT, train, test) -> dict:
     """Frozen ViT, features computed once (no augmentation), a linear head trained with AdamW on them (the
     official code trains the head with the ViT frozen but recomputes the features every epoch)."""
     model.eval()
-    X, y = to_device(world, *predict(args, world, model.image_features, train))          # (N, Dv), (N,)
-    X_test, y_test = predict(args, world, model.image_features, test)
+    X, y = to_device(world, *R.predict(model.image_features, train, args, world.device))  # (N, Dv), (N,)
+    X_test, y_test = R.predict(model.image_features, test, args, world.device)
     head = nn.Linear(X.shape[1], len(train.classnames)).to(world.device)
     opt = torch.optim.AdamW(param_groups(head, args.weight_decay), lr=args.lr)
     g = torch.Generator().manual_seed(args.seed)
@@ -1078,7 +1063,7 @@ def finetune(args, world, model: CLEFT, train, test, run_dir: Path) -> dict:
     train_steps(args, world, run_dir / "finetune", clf, opt, train, loss_fn, min(args.warmup, total // 10),
                 desc="fine-tune")
     clf.eval()
-    logits, y = predict(args, world, clf, test)
+    logits, y = R.predict(clf, test, args, world.device)
     return M.report_from_probs(y, logits.softmax(-1), test.classnames)
 
 # ----------------------------------------------------------------------------------------------------------

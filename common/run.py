@@ -456,6 +456,19 @@ def epoch_loader(ds, batches, world: World, num_workers: int, seed: int, epoch: 
                                        worker_init_fn=_seed_worker, collate_fn=collate_fn,
                                        pin_memory=world.device.type == "cuda")
 
+
+@torch.no_grad()
+def predict(fn, ds, args, device) -> tuple:
+    """-> (fn(x) for every (x, y) of `ds`, in order, fp32 on the CPU; the labels y). fn runs under --precision's
+    autocast, in batches of --eval-batch-size. A plain loader over the whole set: the rank that evaluates sees all
+    of it (a DistributedSampler would give it 1/world)."""
+    outs, ys = [], []
+    for x, y in torch.utils.data.DataLoader(ds, args.eval_batch_size, num_workers=args.num_workers):
+        with autocast(device, args.precision):
+            outs.append(fn(x.to(device)).float().cpu())
+        ys.append(y)
+    return torch.cat(outs), torch.cat(ys)
+
 # ----------------------------------------------------------------------------------------------------------
 # run folders, logs, progress
 

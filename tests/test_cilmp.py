@@ -52,7 +52,7 @@ def test_clip_tokenizer_matches_golden_ids():
 def test_llama_hidden_states_and_greedy_generation_match_hf(name):
     io = load_file(str(G / name / "io.safetensors"))
     llm = cilmp.Llama.from_pretrained(G / name, dtype=torch.float32)
-    hs = llm.hidden_states(io["input_ids"])
+    hs = llm(io["input_ids"], all_hidden=True)
     assert hs.shape == io["hidden_states"].shape  # (n_layers + 1, B, T, D)
     # the goldens use a wide init (std 0.3) so greedy decoding has no near-ties; activations reach ~80, so
     # compare each layer at 1e-5 of its own scale (fp32 rounding of sums that size is ~1e-5 absolute)
@@ -120,7 +120,7 @@ def test_bare_llama_model_gives_hidden_states_and_refuses_to_generate():
     """A LlamaModel checkpoint (keys without "model.", no lm_head) loads for hidden states only."""
     io = load_file(str(G / "llama_tiny_v5" / "io.safetensors"))
     llm = cilmp.Llama.from_pretrained(G / "llama_tiny_v5_bare", dtype=torch.float32)
-    for ours, ref in zip(llm.hidden_states(io["input_ids"]), io["hidden_states"]):
+    for ours, ref in zip(llm(io["input_ids"], all_hidden=True), io["hidden_states"]):
         scale = ref.abs().max()
         torch.testing.assert_close(ours / scale, ref / scale, atol=1e-5, rtol=0)
     with pytest.raises(WeightsError, match="cannot generate the class descriptions"):
@@ -694,7 +694,7 @@ def test_llm_representations_are_the_last_token_of_every_layer():
     stops = cilmp.stop_ids(tok, "llama3")
     new = llm.generate(torch.tensor([ids]), 6, stops)
     full = torch.tensor([ids + new + ([] if new[-1] in stops else [tok.token_to_id("<|eot_id|>")])])
-    torch.testing.assert_close(reps[1], llm.hidden_states(full)[1:, 0, -1])
+    torch.testing.assert_close(reps[1], llm(full, all_hidden=True)[1:, 0, -1])
     assert not torch.allclose(reps[0], reps[1])
 
 

@@ -376,6 +376,22 @@ def test_epoch_batches_replay_and_split_one_batch_over_ranks():
         R.epoch_batches(3, 4, 0, 0, R.World())
 
 
+def test_predict_covers_the_whole_set_in_order_under_autocast():
+    x, y = torch.randn(10, 3), torch.arange(10)
+    args = argparse.Namespace(eval_batch_size=4, num_workers=0, precision="bf16")
+    dtypes = []
+
+    def fn(batch):  # (b, 3) -> (b, 2), recording the dtype autocast gives the matmul
+        out = batch @ torch.ones(3, 2)
+        dtypes.append(out.dtype)
+        return out
+
+    out, labels = R.predict(fn, torch.utils.data.TensorDataset(x, y), args, torch.device("cpu"))
+    assert dtypes == [torch.bfloat16] * 3                   # batches of 4, 4 and the last 2: nothing dropped
+    assert out.dtype == torch.float32 and out.shape == (10, 2) and labels.tolist() == list(range(10))
+    torch.testing.assert_close(out, (x @ torch.ones(3, 2)).bfloat16().float(), rtol=0, atol=0.05)
+
+
 def test_progress_prints_rate_and_eta(capsys):
     p = R.Progress(10, "train", every=0.0)
     p.update(5, loss=0.5)
