@@ -62,7 +62,6 @@ import argparse
 import json
 import math
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -1105,7 +1104,6 @@ def run_bench(args, world):
     the same layers built from torch.nn (TorchLayer) timed in alternation (torch.nn, ours, ours, torch.nn, ...) so
     that a shared machine's load falls on both alike; then the frozen backbones' feature throughput."""
     dev, rows, B = world.device, [], args.batch_size
-    sync = torch.cuda.synchronize if dev.type == "cuda" else lambda: None
     print(R.BENCH_COLUMNS)
     # CPU: fp32 unless --precision bf16 is typed (bf16 matmuls are very slow on CPUs without bf16 units)
     precisions = [args.precision] if "precision" in args.given else (["bf16"] if dev.type == "cuda" else ["fp32"])
@@ -1113,7 +1111,7 @@ def run_bench(args, world):
     cfg = AdaptorConfig(vision_dim=vcfg.dim)
     img, txt = torch.randn(B, vcfg.dim, device=dev), torch.randn(B, 768, device=dev)
     for prec in precisions:
-        steps, wall, cpu = {}, {}, {}
+        steps = {}
         for name, layer_cls in (("ours", AdaptorLayer), ("torch.nn", TorchLayer)):
             torch.manual_seed(0)
             model = Adaptor(cfg)
@@ -1127,25 +1125,9 @@ def run_bench(args, world):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            steps[name], wall[name], cpu[name] = step, [], []
-        for i in range(1 + args.bench_steps):  # round 0 warms up; the order flips every round (ABBA...)
-            for name in list(steps)[::1 if i % 2 else -1]:
-                t, c = time.perf_counter(), time.process_time()
-                steps[name]()
-                sync()
-                if i:
-                    wall[name].append(time.perf_counter() - t)
-                    cpu[name].append(time.process_time() - c)
-        peak = R.matmul_peak_flops(dev, R.PRECISIONS[prec])
-        for name, step in steps.items():
-            sec, flops = float(np.median(wall[name])), R.flops_of(step)
-            r = dict(step_ms=1000 * sec, items_per_s=B / sec, tflops=flops / sec / 1e12, mfu=flops / sec / peak,
-                     matmul_peak_tflops=peak / 1e12, peak_mem_mb=R.peak_memory_mb(dev))
-            rows.append(dict(what=f"adaptor step, {name}", precision=prec, batch=B, **r))
-            print(R.bench_row(f"adaptor step, {name} ({1 / sec:.3g} steps/s)", prec, B, r, unit="pair"), flush=True)
-        ratio = {k: float(np.median(v["ours"]) / np.median(v["torch.nn"])) for k, v in (("wall", wall), ("cpu", cpu))}
-        print(f"ours / torch.nn step time: wall {ratio['wall']:.3f}, process CPU {ratio['cpu']:.3f} (medians of "
-              f"{args.bench_steps} alternating steps)", flush=True)
+            steps[name] = step
+        rows += R.bench_alternating(steps, precision=prec, batch=B, device=dev, n_steps=args.bench_steps,
+                                    unit="pair", label="adaptor step, {}")
         vision = DINOv2(vcfg).init_random(0).to(dev).eval()
         bert = BERT(BertConfig(), add_pooler=True).init_random(0).to(dev).eval()
         bs = 64 if dev.type == "cuda" else 8

@@ -992,3 +992,32 @@ def bench_step(what: str, step_fn, *, precision: str, batch: int, device, steps:
               dtype=PRECISIONS[precision], warmup=1, steps=steps)
     print(bench_row(label or what, precision, batch, r, unit), flush=True)
     return dict(what=what, precision=precision, batch=batch, **r)
+
+
+def bench_alternating(steps: dict, *, precision: str, batch: int, device, n_steps: int, unit: str = "img",
+                      label: str = "{}") -> list:
+    """Time step functions that do the same work in alternation (round 0 warms up, then the order flips every
+    round: B A, A B, B A, ...) so that the load of a shared machine falls on all of them alike. Prints bench_row
+    per function (its median step time, label.format(name)) and the wall / process-CPU ratio of the first to the
+    second. -> the rows, as bench_step returns them."""
+    device = torch.device(device)
+    wall, cpu = {name: [] for name in steps}, {name: [] for name in steps}
+    for i in range(1 + n_steps):
+        for name in list(steps)[::1 if i % 2 else -1]:
+            t, c = time.perf_counter(), time.process_time()
+            steps[name]()
+            _sync(device)
+            if i:
+                wall[name].append(time.perf_counter() - t)
+                cpu[name].append(time.process_time() - c)
+    peak, rows = matmul_peak_flops(device, PRECISIONS[precision]), []
+    for name, step_fn in steps.items():
+        sec, flops = float(np.median(wall[name])), flops_of(step_fn)
+        r = dict(step_ms=1000 * sec, items_per_s=batch / sec, tflops=flops / sec / 1e12, mfu=flops / sec / peak,
+                 matmul_peak_tflops=peak / 1e12, peak_mem_mb=peak_memory_mb(device))
+        print(bench_row(f"{label.format(name)} ({1 / sec:.3g} steps/s)", precision, batch, r, unit), flush=True)
+        rows.append(dict(what=label.format(name), precision=precision, batch=batch, **r))
+    a, b = list(steps)[:2]
+    print(f"{a} / {b} step time: wall {np.median(wall[a]) / np.median(wall[b]):.3f}, process CPU "
+          f"{np.median(cpu[a]) / np.median(cpu[b]):.3f} (medians of {n_steps} alternating steps)", flush=True)
+    return rows

@@ -375,3 +375,23 @@ def test_a_wrong_size_mask_or_corrupt_image_is_a_message(tmp_path, capsys):
     for i, what in ((0, "size"), (2, "cannot read image")):
         with pytest.raises(A.DataError, match=what):
             ds[i]
+
+
+def test_bench_times_ours_against_torch_nn_in_alternation(monkeypatch, capsys):
+    """--bench with tiny backbones (the real ones take minutes on CPU): the adaptor step, ours and torch.nn timed
+    in alternation with the ratio of their step times, then both backbones' feature throughput, every figure."""
+    from functools import partial
+    monkeypatch.setitem(A.VISION_PRESETS, "dinov2-b", dict(A.VISION_PRESETS["dinov2-b"],
+                                                           config=A.VISION_PRESETS["tiny"]["config"]))
+    monkeypatch.setattr(A, "BertConfig", partial(A.BertConfig, dim=32, n_layers=2, n_heads=2, mlp_dim=64))
+    peak = R.matmul_peak_flops  # the MFU denominator from a 256^3 matmul (2048^3 takes long on a busy CPU)
+    monkeypatch.setattr(R, "matmul_peak_flops", lambda device, dtype: peak(device, dtype, n=256))
+    rows = A.run_bench(A.parse_args(["--bench", "--bench-steps", "2", "--batch-size", "16"]), R.World())
+    assert [r["what"] for r in rows] == ["adaptor step, ours", "adaptor step, torch.nn",
+                                         "DINOv2 (64) features at 224", f"BERT-base features, {A.MAX_WORDS} tokens"]
+    assert all(r["precision"] == "fp32" and r["step_ms"] > 0 and r["items_per_s"] > 0 and r["mfu"] > 0
+               and r["peak_mem_mb"] > 0 for r in rows)
+    assert [r["batch"] for r in rows] == [16, 16, 8, 8]
+    out = capsys.readouterr().out
+    assert "ours / torch.nn step time: wall " in out and "(medians of 2 alternating steps)" in out
+    assert out.count(" | fp32  | B=") == 4

@@ -658,3 +658,21 @@ def test_resume_says_what_it_resumes_from_and_skips_a_damaged_checkpoint(tmp_pat
 def test_gpt2_config_without_its_sizes_is_a_clear_error():
     with pytest.raises(WeightsError, match="none of"):
         cleft.gpt2_config_from_hf({k: v for k, v in GPT2_V4.items() if k != "n_embd"})
+
+
+def test_bench_times_both_towers_and_reports_every_figure(monkeypatch, capsys):
+    """--bench with tiny towers in place of GPT-2 124M and DINOv2-B/14 (minutes on CPU): a LoRA step on the LLM,
+    a full training step of the ViT, each with all the bench figures."""
+    from dataclasses import replace
+    monkeypatch.setitem(cleft.LLM_PRESETS, "gpt2", dict(cleft.LLM_PRESETS["gpt2"], config=replace(
+        cleft.LLM_PRESETS["tiny"]["config"], vocab_size=50257)))
+    monkeypatch.setitem(cleft.VIT_PRESETS, "dinov2-reg-b14", cleft.VIT_PRESETS["tiny"])
+    peak = cleft.R.matmul_peak_flops  # the MFU denominator from a 256^3 matmul (2048^3 takes long on a busy CPU)
+    monkeypatch.setattr(cleft.R, "matmul_peak_flops", lambda device, dtype: peak(device, dtype, n=256))
+    args = cleft.parse_args(["--bench", "--bench-steps", "1", "--bench-batch", "2"])
+    rows = cleft.run_bench(args, cleft.R.World())
+    assert [r["what"] for r in rows] == ["GPT-2 124M + LoRA r8 (c_attn), T=64", "DINOv2-B/14 reg, full training, 224px"]
+    assert all(r["batch"] == 2 and r["step_ms"] > 0 and r["items_per_s"] > 0 and r["mfu"] > 0 for r in rows)
+    assert rows[0]["items_per_s"] > rows[1]["items_per_s"]  # tokens/s (2 x 64 per step) vs images/s (2 per step)
+    out = capsys.readouterr().out
+    assert out.count(" | B=2 ") == 2 and " tok/s " in out and " img/s " in out

@@ -392,6 +392,16 @@ def test_predict_covers_the_whole_set_in_order_under_autocast():
     torch.testing.assert_close(out, (x @ torch.ones(3, 2)).bfloat16().float(), rtol=0, atol=0.05)
 
 
+def test_bench_alternating_flips_the_order_every_round(monkeypatch, capsys):
+    monkeypatch.setattr(R, "matmul_peak_flops", lambda device, dtype: 1e9)
+    calls = []
+    steps = {name: (lambda name=name: calls.append(name) or torch.ones(8, 8) @ torch.ones(8, 8)) for name in "ab"}
+    rows = R.bench_alternating(steps, precision="fp32", batch=4, device="cpu", n_steps=3, label="step {}")
+    assert calls[:8] == ["b", "a", "a", "b", "b", "a", "a", "b"]      # round 0 warms up; the FLOP count runs last
+    assert [r["what"] for r in rows] == ["step a", "step b"] and all(r["step_ms"] > 0 for r in rows)
+    assert "a / b step time: wall " in capsys.readouterr().out
+
+
 def test_progress_prints_rate_and_eta(capsys):
     p = R.Progress(10, "train", every=0.0)
     p.update(5, loss=0.5)
