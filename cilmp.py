@@ -313,10 +313,12 @@ class LlamaBlock(nn.Module):
         self.nh, self.nkv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.wq = nn.Linear(cfg.dim, self.nh * self.hd, bias=False)
-        self.wk, self.wv = (nn.Linear(cfg.dim, self.nkv * self.hd, bias=False) for _ in range(2))
+        self.wk = nn.Linear(cfg.dim, self.nkv * self.hd, bias=False)
+        self.wv = nn.Linear(cfg.dim, self.nkv * self.hd, bias=False)
         self.wo = nn.Linear(self.nh * self.hd, cfg.dim, bias=False)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.w_gate, self.w_up = (nn.Linear(cfg.dim, cfg.ffn_dim, bias=False) for _ in range(2))
+        self.w_gate = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w_up = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.w_down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, cache=None, pos=0):
@@ -560,7 +562,8 @@ class CILMP(nn.Module):
 
     def forward(self, pixels):
         v = F.normalize(self.encode_image(pixels).float(), dim=-1)                          # (B, E)
-        # every image gets its own C prompts: B*C sequences, cut after the longest EOT (45 of 77 at the paper's size)
+        # every image gets its own C prompts: B*C sequences, cut after the longest EOT. Exact, as the text tower is
+        # causal: no token before an EOT sees what follows it (45 of 77 positions remain at the paper's size)
         x = self.text_inputs(v, int(self.eot.max()) + 1)
         t = F.normalize(self.encode_text(x, v).float(), dim=-1).view(v.shape[0], -1, v.shape[1])  # (B, C, E)
         return self.clip.logit_scale.exp() * torch.einsum("be,bce->bc", v, t)               # (B, C)
